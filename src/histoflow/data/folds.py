@@ -1,0 +1,130 @@
+"""Patient-level folds: assign every image's group to one fold, save the split, check it for leaks.
+
+Two kinds of split, both grouped and stratified by class (scikit-learn's StratifiedGroupKFold):
+- `kfold`: folds "1".."k"; within each fold a grouped `val_fraction` is flagged for validation, so
+  training on the other folds can validate on their flagged images without touching the test fold.
+- `fractions`: folds "train", "val", "test" (e.g. 0.4/0.2/0.4, the tissue-tile use case).
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from dataclasses import dataclass, field, fields
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+MANIFEST_COLUMNS = ["index", "image", "label", "group", "fold", "val", "sha256", "width", "height", "note"]
+
+
+@dataclass
+class SplitConfig:
+    """How images are split into folds."""
+
+    kind: str = "kfold"  # kfold | fractions
+    k: int = 5
+    val_fraction: float = 0.1  # kfold: share of each fold's groups held out for validation
+    fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.4, "val": 0.2, "test": 0.4})
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "SplitConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in cfg.items() if k in names})
+
+    def test_folds(self) -> list[str]:
+        """The folds a training run may hold out as its test set (the `fold` option of train.py)."""
+        return [str(i) for i in range(1, self.k + 1)] if self.kind == "kfold" else ["test"]
+
+
+class LeakageError(ValueError):
+    """One patient or one identical image is on both sides of a split."""
+
+
+def _grouped_folds(labels: np.ndarray, groups: np.ndarray, n: int, seed: int, what: str) -> np.ndarray:
+    """Fold index 0..n-1 of every item; every group lands in exactly one fold."""
+    n_groups = len(np.unique(groups))
+    if n_groups < n:
+        raise ValueError(f"{what}: {n_groups} groups cannot fill {n} folds. Fix: add images, lower "
+                         "data.split.k, or use coarser fractions")
+    fold = np.empty(len(labels), dtype=int)
+    splitter = StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed)
+    for i, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+        fold[test] = i
+    return fold
+
+
+def _parts(fractions: Mapping[str, float]) -> tuple[int, list[int]]:
+    """The smallest number of equal folds that realises the fractions, and each split's share."""
+    fr = [Fraction(v).limit_denominator(20) for v in fractions.values()]
+    if sum(fr) != 1:
+        raise ValueError(f"data.split.fractions {dict(fractions)} must add up to 1")
+    n = int(np.lcm.reduce([f.denominator for f in fr]))
+    return n, [int(f * n) for f in fr]
+
+
+def assign_folds(labels: list[str], groups: list[str], cfg: SplitConfig) -> tuple[list[str], list[bool]]:
+    """Fold name and validation flag of every image, grouped and stratified, deterministic for the seed."""
+    y, g = np.asarray(labels), np.asarray(groups)
+    val = np.zeros(len(y), dtype=bool)
+    if cfg.kind == "kfold":
+        idx = _grouped_folds(y, g, cfg.k, cfg.seed, "data.split.k")
+        names = np.array([str(i + 1) for i in idx])
+        if cfg.val_fraction > 0:
+            n_val = max(2, round(1 / cfg.val_fraction))
+            for f in range(cfg.k):
+                members = np.flatnonzero(idx == f)
+                n = min(n_val, len(np.unique(g[members])))
+                if n >= 2:  # a fold of one group cannot spare one for validation
+                    with warnings.catch_warnings():  # small classes per fold are expected here
+                        warnings.simplefilter("ignore", UserWarning)
+                        sub = _grouped_folds(y[members], g[members], n, cfg.seed + 1 + f, "validation split")
+                    val[members[sub == 0]] = True
+        return names.tolist(), val.tolist()
+    if cfg.kind == "fractions":
+        n, shares = _parts(cfg.fractions)
+        idx = _grouped_folds(y, g, n, cfg.seed, "data.split.fractions")
+        fold_to_split = np.repeat(list(cfg.fractions), shares)
+        names = fold_to_split[idx]
+        return names.tolist(), (names == "val").tolist()
+    raise ValueError(f"data.split.kind={cfg.kind!r}: expected kfold or fractions")
+
+
+def check_leakage(rows: list[dict]) -> None:
+    """Fail, naming the files, if a group or an identical image (same hash) is in two splits."""
+    leaks = []
+    for key in ("group", "sha256"):
+        where: dict[str, set] = {}
+        for r in rows:
+            where.setdefault(r[key], set()).add((r["fold"], r["val"]))
+        for value, places in where.items():
+            if len(places) > 1:
+                files = [r["image"] for r in rows if r[key] == value]
+                leaks.append(f"  {key} {value[:16]} is in {sorted(places)}: {', '.join(files)}")
+    if leaks:
+        raise LeakageError("leaky split (the same patient or image on both sides):\n" + "\n".join(leaks)
+                           + "\nFix: delete the manifest so it is made again, or correct the groups.")
+
+
+def write_manifest(rows: list[dict], path: Path) -> None:
+    """Save the split, one row per image, atomically."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Read a saved split back with typed columns."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["index"], r["width"], r["height"] = int(r["index"]), int(r["width"]), int(r["height"])
+        r["val"] = r["val"] in ("True", "true", "1")
+    return rows

@@ -1,0 +1,273 @@
+"""Images on disk -> manifest with folds -> fold-aligned WebDataset shards + training means.
+
+Runs once per source listing and settings: the output folder is named by a hash of both, a
+completion record is written last, and an interrupted run resumes shard by shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from histoflow.data.folds import MANIFEST_COLUMNS, SplitConfig, assign_folds, check_leakage, write_manifest
+from histoflow.data.images import UnreadableImage, read_rgb
+from histoflow.data.patches import PatchConfig
+from histoflow.data.prepared import RECORD, PreparedDataset
+from histoflow.data.problems import BadInputError, Problem, write_problems
+from histoflow.data.shards import ShardJob, empty_stats, write_shard
+from histoflow.data.sources import ImageRecord, SourceConfig, class_names, list_images, resolve_root
+
+log = logging.getLogger(__name__)
+FORMAT = 1  # bump when the shard layout changes, so old folders are not reused
+
+
+def _inspect(path: str) -> tuple[str, int, int, str] | str:
+    """(sha256, width, height, note) of a decodable image, else the reason it is bad."""
+    data = Path(path).read_bytes()
+    try:
+        image, note = read_rgb(path)
+    except UnreadableImage as e:
+        return str(e).split(": ", 1)[-1]
+    return hashlib.sha256(data).hexdigest(), image.shape[1], image.shape[0], note
+
+
+def _map(fn, items: list, workers: int) -> Iterator:
+    """fn over items, in order, in worker processes when there is more than one worker."""
+    if workers <= 1 or len(items) < 2:
+        yield from map(fn, items)
+        return
+    # the platform's default start method: fork on Linux, as DataLoader workers use, so no re-imports
+    with ProcessPoolExecutor(workers) as pool:
+        yield from pool.map(fn, items, chunksize=max(1, len(items) // (workers * 8)))
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
+
+
+def _union_identical(records: list[ImageRecord], hashes: list[str]) -> list[str]:
+    """Groups with identical images merged, so a duplicate can never cross a split."""
+    parent: dict[str, str] = {}
+
+    def find(g: str) -> str:
+        while parent.get(g, g) != g:
+            g = parent[g]
+        return g
+
+    first: dict[str, str] = {}
+    for r, h in zip(records, hashes):
+        if h in first and find(first[h]) != find(r.group):
+            parent[find(r.group)] = find(first[h])
+        first.setdefault(h, r.group)
+    return [find(r.group) for r in records]
+
+
+def build_manifest(records: list[ImageRecord], root: Path, classes: list[str], split: SplitConfig,
+                   patches: PatchConfig, workers: int) -> tuple[list[dict], list[Problem], list[Problem]]:
+    """Decode-check and hash every image, then assign folds; returns rows, problems, notes."""
+    problems, notes, good = [], [], []
+    with _progress() as bar:
+        task = bar.add_task("checking images", total=len(records), rate="")
+        t0 = time.perf_counter()
+        for i, (r, res) in enumerate(zip(records, _map(_inspect, [str(root / r.path) for r in records], workers))):
+            bar.update(task, advance=1, rate=f"{(i + 1) / (time.perf_counter() - t0):.0f} images/s")
+            if isinstance(res, str):
+                problems.append(Problem(str(root / r.path), "corrupt", res))
+                continue
+            sha, w, h, note = res
+            if patches.size and (h < patches.size or w < patches.size):
+                problems.append(Problem(str(root / r.path), "too-small", f"{w}x{h} < patch {patches.size}"))
+                continue
+            if note:
+                notes.append(Problem(str(root / r.path), "note", note))
+            good.append((r, sha, w, h, note))
+    by_hash: dict[str, set] = {}
+    for r, sha, *_ in good:
+        by_hash.setdefault(sha, set()).add(r.label)
+    clashes = {sha for sha, labels in by_hash.items() if len(labels) > 1}
+    problems += [Problem(str(root / r.path), "conflicting-labels", f"same bytes as another image of class "
+                         f"{sorted(by_hash[sha] - {r.label})}") for r, sha, *_ in good if sha in clashes]
+    good = [g for g in good if g[1] not in clashes]
+    if not good:
+        return [], problems, notes
+    groups = _union_identical([g[0] for g in good], [g[1] for g in good])
+    folds, val = assign_folds([g[0].label for g in good], groups, split)
+    rows = [dict(zip(MANIFEST_COLUMNS, (i, r.path, r.label, grp, f, v, sha, w, h, note)))
+            for i, ((r, sha, w, h, note), grp, f, v) in enumerate(zip(good, groups, folds, val))]
+    return rows, problems, notes
+
+
+def plan_shards(rows: list[dict], classes: list[str], root: Path, patches: PatchConfig,
+                samples_per_shard: int, seed: int) -> list[ShardJob]:
+    """Images of each (fold, part) in a seeded random order, cut into runs of about samples_per_shard patches."""
+    jobs: list[ShardJob] = []
+    keys = sorted({(r["fold"], "val" if r["val"] else "fit") for r in rows})
+    for k, (fold, part) in enumerate(keys):
+        members = [r for r in rows if r["fold"] == fold and ("val" if r["val"] else "fit") == part]
+        order = np.random.default_rng([seed, k]).permutation(len(members))
+        chunk: list[tuple[int, str, int]] = []
+        count, n_shards = 0, 0
+        for pos, i in enumerate(order):
+            r = members[i]
+            chunk.append((r["index"], str(root / r["image"]), classes.index(r["label"])))
+            count += patches.count(r["height"], r["width"])
+            if count >= samples_per_shard or pos == len(order) - 1:
+                jobs.append(ShardJob(f"{fold}-{part}-{n_shards:05d}.tar", fold, part, tuple(chunk),
+                                     seed * 1_000_003 + len(jobs)))
+                chunk, count, n_shards = [], 0, n_shards + 1
+    return jobs
+
+
+def _key(name: str, records: list[ImageRecord], root: Path, settings: Mapping[str, Any]) -> str:
+    """Hash of the source listing (path, size, label, group) and every setting that changes the output."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for r in records:
+        h.update(f"{r.path}\0{(root / r.path).stat().st_size}\0{r.label}\0{r.group}\n".encode())
+    return f"{name}-{h.hexdigest()[:12]}"
+
+
+def _writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"{out}: cannot write prepared data here ({e.strerror}). "
+                              "Fix: set data.shards.dir (or paths.data_dir) to a writable folder") from e
+
+
+def _run_jobs(jobs: list[ShardJob], patches: PatchConfig, shard_dir: Path, workers: int) -> None:
+    todo = [j for j in jobs if not (shard_dir / j.name).exists()]
+    for leftover in shard_dir.glob(".*.tmp"):  # half-written by an interrupted run
+        leftover.unlink()
+    for leftover in shard_dir.glob(".*.stats.npz"):
+        leftover.unlink()
+    if len(todo) < len(jobs):
+        log.info("resuming: %d of %d shards already written", len(jobs) - len(todo), len(jobs))
+    n_images = sum(len(j.images) for j in todo)
+    with _progress() as bar:
+        t_img = bar.add_task("images", total=n_images, rate="")
+        t_shard = bar.add_task("shards", total=len(todo), rate="")
+        t0, done_images, done_patches = time.perf_counter(), 0, 0
+        for rec in _map(_ShardWriter(patches, shard_dir), todo, workers):
+            done_images, done_patches = done_images + rec["images"], done_patches + rec["samples"]
+            dt = time.perf_counter() - t0
+            bar.update(t_img, advance=rec["images"], rate=f"{done_images / dt:.0f} images/s")
+            bar.update(t_shard, advance=1, rate=f"{done_patches / dt:.0f} patches/s")
+
+
+class _ShardWriter:
+    """Picklable callable for the worker processes."""
+
+    def __init__(self, patches: PatchConfig, shard_dir: Path):
+        self.patches, self.shard_dir = patches, shard_dir
+
+    def __call__(self, job: ShardJob) -> dict:
+        return write_shard(job, self.patches, self.shard_dir)
+
+
+def _fold_stats(shard_dir: Path, jobs: list[ShardJob], test_folds: list[str], side: int) -> dict[str, dict]:
+    """Training sums for each held-out fold, from the per-shard sums (no second pass over pixels)."""
+    per_shard = {}
+    for j in jobs:
+        with np.load(shard_dir / f"{j.name}.stats.npz") as z:
+            per_shard[j.name] = {k: z[k] for k in z.files}
+    out = {}
+    for t in test_folds:
+        total = empty_stats(side)
+        for j in jobs:
+            if j.fold != t and j.part == "fit":
+                for k in total:
+                    total[k] = total[k] + per_shard[j.name][k]
+        n = max(int(total["count"]), 1)
+        pixels = n * side * side
+        channel_mean = total["pixel_sum"].sum(axis=(0, 1)) / pixels
+        channel_std = np.sqrt(np.maximum(total["channel_sumsq"] / pixels - channel_mean**2, 0))
+        out[t] = {"mean_image": total["pixel_sum"] / n, "channel_mean": channel_mean, "channel_std": channel_std,
+                  "count": total["count"]}
+    return out
+
+
+def prepare_dataset(data: Mapping[str, Any], quiet: bool = False) -> PreparedDataset:
+    """Prepare (or find already prepared) shards for a data config; returns the prepared data set."""
+    source = SourceConfig.from_config(data)
+    split = SplitConfig.from_config(data.get("split", {}))
+    patches = PatchConfig.from_config(data.get("patches", {}))
+    shards_cfg = dict(data.get("shards", {}))
+    on_bad = data.get("on_bad_image", "error")
+    if on_bad not in ("error", "skip"):
+        raise ValueError(f"data.on_bad_image={on_bad!r}: expected error or skip")
+    workers = int(shards_cfg.get("workers", os.cpu_count() or 1))
+    samples_per_shard = int(shards_cfg.get("samples_per_shard", 4096))
+
+    root = resolve_root(source, data.get("cache_dir") or "~/.cache/histoflow")
+    records, problems = list_images(source, root)
+    settings = {"format": FORMAT, "source": {k: v for k, v in asdict(source).items() if k not in ("root", "url", "mirrors")},
+                "split": asdict(split), "patches": asdict(patches), "samples_per_shard": samples_per_shard,
+                "on_bad_image": on_bad}
+    out = Path(shards_cfg.get("dir") or "data/prepared").expanduser() / _key(
+        data.get("name", "data"), records, root, settings)
+    if (out / RECORD).is_file():
+        log.info("prepared data found: %s", out)
+        return PreparedDataset(out)
+    if problems and on_bad == "error":
+        raise BadInputError(problems, str(root))
+    _writable(out)
+    t0 = time.perf_counter()
+
+    classes = class_names(source, records)
+    manifest = out / "manifest.csv"
+    if manifest.is_file():  # an interrupted run made it from the same listing and settings
+        from histoflow.data.folds import read_manifest
+        rows, notes = read_manifest(manifest), []
+    else:
+        rows, bad, notes = build_manifest(records, root, classes, split, patches, workers)
+        problems += bad
+        if problems and on_bad == "error":
+            raise BadInputError(problems, str(root))
+        if not rows:
+            raise BadInputError(problems or [Problem(str(root), "empty-class", "no images at all")], str(root))
+        check_leakage(rows)
+        write_problems(problems, notes, out / "problems.csv")
+        write_manifest(rows, manifest)
+    if problems:
+        log.warning("%d bad input(s) skipped, listed in %s", len(problems), out / "problems.csv")
+
+    shard_dir = out / "shards"
+    shard_dir.mkdir(exist_ok=True)
+    jobs = plan_shards(rows, classes, root, patches, samples_per_shard, split.seed)
+    _run_jobs(jobs, patches, shard_dir, workers)
+
+    side = patches.side(rows[0]["height"], rows[0]["width"])
+    stats_dir = out / "stats"
+    stats_dir.mkdir(exist_ok=True)
+    for t, s in _fold_stats(shard_dir, jobs, split.test_folds(), side).items():
+        np.savez(stats_dir / f"fold-{t}.npz", **s)
+    shard_records = []
+    for j in jobs:
+        with np.load(shard_dir / f"{j.name}.stats.npz") as z:
+            shard_records.append({"file": j.name, "fold": j.fold, "part": j.part, "samples": int(z["count"]),
+                                  "images": len(j.images)})
+    record = {"format": FORMAT, "name": data.get("name", "data"), "root": str(root), "classes": classes,
+              "patch_side": side, "test_folds": split.test_folds(), "settings": settings, "images": len(rows),
+              "samples": sum(s["samples"] for s in shard_records), "shards": shard_records,
+              "skipped": len(problems), "seconds": round(time.perf_counter() - t0, 2)}
+    tmp = out / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(out / RECORD)
+    if not quiet:
+        print(f"prepared {record['images']} images into {record['samples']} patches in {len(jobs)} shards\n"
+              f"  shards:   {shard_dir}\n  manifest: {manifest}\n  means:    {stats_dir}")
+    return PreparedDataset(out)

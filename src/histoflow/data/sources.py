@@ -1,0 +1,144 @@
+"""Where images come from: a folder of class folders, file-name prefixes, a CSV, or an archive URL.
+
+A source yields one record per image: its path relative to the root, its class label and its group
+(the patient or slide; by default each image is its own group, as in the lymphoma tutorial).
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from histoflow.data.images import IMAGE_SUFFIXES
+from histoflow.data.problems import Problem
+
+
+@dataclass
+class SourceConfig:
+    """The part of a data config that says which images there are and what their labels are."""
+
+    root: str | None = None  # local folder; when absent and `url` is set, the archive is fetched
+    url: str | None = None  # archive (.tar.gz/.zip) with the same layout
+    mirrors: list[str] = field(default_factory=list)
+    checksum: str | None = None  # "sha1:<hex>" or "sha256:<hex>"
+    subdir: str | None = None  # folder inside the unpacked archive that holds the classes
+    classes: list[str] | None = None  # None: the class folders (or labels) found, sorted
+    labels: str = "folder"  # folder | prefix | csv
+    label_regex: str = r"^([A-Za-z]+)"  # labels=prefix: first capture group of the file name
+    csv: str | None = None  # labels=csv: columns image,label[,group]; paths relative to root
+    group_regex: str | None = None  # first capture group of the file name names the patient/slide
+    group_block: int | None = None  # with group_regex: group = captured number // block (contiguous blocks)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "SourceConfig":
+        """Take this dataclass's fields from a larger (plain, resolved) data config."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in cfg.items() if k in names})
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of the source: path relative to the root, class label and group."""
+
+    path: str
+    label: str
+    group: str
+
+
+def resolve_root(cfg: SourceConfig, cache_dir: str | Path) -> Path:
+    """The local folder holding the images, fetching and unpacking the archive when needed."""
+    if cfg.root and Path(cfg.root).expanduser().is_dir():
+        return Path(cfg.root).expanduser().resolve()
+    if cfg.url:
+        from histoflow.data.download import fetch_archive
+
+        unpacked = fetch_archive([cfg.url, *cfg.mirrors], cfg.checksum, Path(cache_dir).expanduser())
+        return unpacked / cfg.subdir if cfg.subdir else unpacked
+    where = f"data.root={cfg.root}" if cfg.root else "data.root is not set"
+    raise FileNotFoundError(f"{where}: no such folder. Fix: pass data.root=<folder of class folders> "
+                            "or set data.url to an archive to download.")
+
+
+def _is_listed(path: Path) -> bool:
+    return not any(part.startswith(".") for part in path.parts)
+
+
+def _group(name: str, label: str, cfg: SourceConfig) -> str | None:
+    """The group of an image from its file name; None when the regex does not match."""
+    if not cfg.group_regex:
+        return None
+    m = re.search(cfg.group_regex, name)
+    if not m:
+        return None
+    key = m.group(1) if m.groups() else m.group(0)
+    if cfg.group_block:
+        key = str(int(key) // cfg.group_block)
+    return f"{label}/{key}" if cfg.group_block else key
+
+
+def list_images(cfg: SourceConfig, root: Path) -> tuple[list[ImageRecord], list[Problem]]:
+    """List the images under root with labels and groups, and every problem found in the listing."""
+    problems: list[Problem] = []
+    found: list[tuple[Path, str, str | None]] = []  # path, label, explicit group
+    if cfg.labels == "folder":
+        class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and _is_listed(d.relative_to(root)))
+        for d in class_dirs:
+            files = sorted(p for p in d.rglob("*") if p.is_file() and _is_listed(p.relative_to(root)))
+            if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
+                problems.append(Problem(str(d), "empty-class", "no image files in this class folder"))
+            found += [(p, d.name, None) for p in files]
+        loose = sorted(p for p in root.iterdir() if p.is_file() and _is_listed(p.relative_to(root)))
+        problems += [Problem(str(p), "unknown-class", "file outside any class folder") for p in loose
+                     if p.suffix.lower() in IMAGE_SUFFIXES]
+    elif cfg.labels == "prefix":
+        for p in sorted(p for p in root.rglob("*") if p.is_file() and _is_listed(p.relative_to(root))):
+            m = re.search(cfg.label_regex, p.name)
+            if m is None and p.suffix.lower() in IMAGE_SUFFIXES:
+                problems.append(Problem(str(p), "no-label", f"name does not match label_regex {cfg.label_regex!r}"))
+            elif m is not None:
+                found.append((p, m.group(1) if m.groups() else m.group(0), None))
+            else:
+                found.append((p, "", None))
+    elif cfg.labels == "csv":
+        table = Path(cfg.csv or "")
+        table = table if table.is_absolute() else root / table
+        if not table.is_file():
+            raise FileNotFoundError(f"{table}: label CSV not found. Fix: set data.csv to a file with "
+                                    "columns image,label[,group] (paths relative to data.root)")
+        with open(table, newline="") as f:
+            for row in csv.DictReader(f):
+                p = root / row["image"]
+                if not p.is_file():
+                    problems.append(Problem(str(p), "missing", f"listed in {table}"))
+                    continue
+                found.append((p, row["label"], row.get("group") or None))
+    else:
+        raise ValueError(f"data.labels={cfg.labels!r}: expected folder, prefix or csv")
+
+    classes = set(cfg.classes) if cfg.classes else None
+    records = []
+    for path, label, group in found:
+        rel = path.relative_to(root).as_posix()
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            problems.append(Problem(str(path), "not-an-image", f"extension {path.suffix or '(none)'} is not one of "
+                                    f"{', '.join(IMAGE_SUFFIXES)}"))
+        elif classes is not None and label not in classes:
+            problems.append(Problem(str(path), "unknown-class", f"class {label!r} is not in data.classes"))
+        elif group is None and cfg.group_regex and _group(path.name, label, cfg) is None:
+            problems.append(Problem(str(path), "no-group", f"name does not match group_regex {cfg.group_regex!r}"))
+        else:
+            group = group or _group(path.name, label, cfg) or rel
+            records.append(ImageRecord(rel, label, group))
+    if classes is not None:
+        present = {r.label for r in records}
+        problems += [Problem(f"{root}/{c}", "empty-class", "listed in data.classes but no images found")
+                     for c in sorted(classes - present) if cfg.labels != "folder" or not (root / c).is_dir()]
+    return records, problems
+
+
+def class_names(cfg: SourceConfig, records: list[ImageRecord]) -> list[str]:
+    """The class list: as configured, else the labels found, sorted."""
+    return list(cfg.classes) if cfg.classes else sorted({r.label for r in records})
