@@ -53,8 +53,11 @@ def _grouped_folds(labels: np.ndarray, groups: np.ndarray, n: int, seed: int, wh
                          "data.split.k, or use coarser fractions")
     fold = np.empty(len(labels), dtype=int)
     splitter = StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed)
-    for i, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
-        fold[test] = i
+    try:
+        for i, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+            fold[test] = i
+    except ValueError as e:
+        raise ValueError(f"{what}: cannot make {n} stratified folds ({e}). Fix: add images or use fewer folds") from e
     return fold
 
 
@@ -78,7 +81,8 @@ def assign_folds(labels: list[str], groups: list[str], cfg: SplitConfig) -> tupl
             n_val = max(2, round(1 / cfg.val_fraction))
             for f in range(cfg.k):
                 members = np.flatnonzero(idx == f)
-                n = min(n_val, len(np.unique(g[members])))
+                largest_class = max(np.unique(y[members], return_counts=True)[1])
+                n = min(n_val, len(np.unique(g[members])), largest_class)
                 if n >= 2:  # a fold of one group cannot spare one for validation
                     with warnings.catch_warnings():  # small classes per fold are expected here
                         warnings.simplefilter("ignore", UserWarning)
