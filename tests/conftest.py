@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def shared_data_dir() -> Path:
     """Where the real test data lives: $HISTOFLOW_DATA, else ../shared/data beside the clone."""
-    return Path(os.environ.get("HISTOFLOW_DATA", REPO.parent / "shared" / "data"))
+    return Path(os.environ.get("HISTOFLOW_DATA", REPO.parent / "shared" / "data")).resolve()
 
 
 def _require(sub: str) -> Path:
