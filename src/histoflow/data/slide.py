@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,9 @@ from tifffile import TIFF, TiffPage
 _JPEG2000 = (33003, 33004, 33005, 34712)  # Aperio YCbCr/RGB J2K and the JPEG 2000 TIFF code
 _MPP_RANGE = (0.01, 50.0)  # resolution tags outside this are scanner/software defaults (72 dpi ...)
 _BAND_PIXELS = 1 << 24  # source pixels decoded at a time while making a thumbnail (48 MB RGB)
-_CONVERT_HINT = "convert it to a tiled pyramidal TIFF, e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`"
+_CONVERT_HINT = (
+    "convert it to a tiled pyramidal TIFF, e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`"
+)
 
 
 class SlideError(ValueError):
@@ -76,6 +77,12 @@ def _tag_mpp(page: TiffPage) -> float | None:
     return mpp if _MPP_RANGE[0] <= mpp <= _MPP_RANGE[1] else None
 
 
+def _dtype(page: TiffPage) -> np.dtype:
+    """The sample dtype of a page already checked in Slide._find_pages."""
+    assert page.dtype is not None  # pages without a numpy dtype are rejected on open
+    return page.dtype
+
+
 def _to_rgb8(raw: np.ndarray, page: TiffPage) -> np.ndarray:
     """Convert an (H, W, samples) block of `page` to (H, W, 3) uint8."""
     if raw.dtype != np.uint8:
@@ -102,7 +109,8 @@ class Slide:
             self._tif = tifffile.TiffFile(self.path)
         except (tifffile.TiffFileError, ValueError) as exc:
             raise SlideError(
-                f"{self.path}: not a TIFF/SVS file ({exc}); histoflow reads Aperio SVS, tiled and plain TIFF: {_CONVERT_HINT}"
+                f"{self.path}: not a TIFF/SVS file ({exc}); histoflow reads Aperio SVS, tiled and plain TIFF: "
+                + _CONVERT_HINT
             ) from None
         try:
             self._pages, self._thumb_page = self._find_pages()
@@ -128,7 +136,8 @@ class Slide:
         pages = [level.keyframe for level in series.levels]
         thumb = next((s.keyframe for s in self._tif.series if self._tif.is_svs and s.name == "Thumbnail"), None)
         for page in pages + ([thumb] if thumb is not None else []):
-            if page.imagedepth != 1 or page.photometric not in (0, 1, 2, 6) or page.dtype.kind not in "uf":
+            dtype_ok = page.dtype is not None and page.dtype.kind in "uf"
+            if not dtype_ok or page.imagedepth != 1 or page.photometric not in (0, 1, 2, 6):
                 raise SlideError(
                     f"{self.path}: unsupported image layout (depth {page.imagedepth}, photometric "
                     f"{page.photometric!r}, dtype {page.dtype}); {_CONVERT_HINT}"
@@ -259,7 +268,7 @@ class Slide:
         if page.is_memmappable and page.parent.filehandle.is_file:
             arr = self._memmaps.get(page.offset)
             if arr is None:
-                dtype = np.dtype(page.parent.byteorder + page.dtype.char)
+                dtype = np.dtype(page.parent.byteorder + _dtype(page).char)
                 arr = np.memmap(self.path, dtype, "r", offset=page.dataoffsets[0], shape=page.shaped)
                 self._memmaps[page.offset] = arr
             block = arr[:, 0, y0:y1, x0:x1, :]  # (planes, h, w, samples per plane)
@@ -279,11 +288,14 @@ class Slide:
         planes = page.samplesperpixel if page.planarconfig == 2 else 1
         samples_per_plane = page.samplesperpixel // planes
         # missing (zero-byte) segments stay white, as OpenSlide shows them
-        white = 1.0 if page.dtype.kind == "f" else np.iinfo(page.dtype).max
-        raw = np.full((y1 - y0, x1 - x0, page.samplesperpixel), white, page.dtype)
+        dtype = _dtype(page)
+        white = 1.0 if dtype.kind == "f" else np.iinfo(dtype).max
+        raw = np.full((y1 - y0, x1 - x0, page.samplesperpixel), white, dtype)
         decode = page.decode
         # JPEG segments need the page's shared tables, as tifffile's own TiffPage.segments passes them
-        jpeg = {"jpegtables": page.jpegtables, "jpegheader": page.jpegheader} if page.compression in (6, 7, 33007, 34892) else {}
+        jpeg = {}
+        if page.compression in (6, 7, 33007, 34892):
+            jpeg = {"jpegtables": page.jpegtables, "jpegheader": page.jpegheader}
         for plane in range(planes):
             for row in range(y0 // seg_h, (y1 - 1) // seg_h + 1):
                 for col in range(x0 // seg_w, (x1 - 1) // seg_w + 1):
@@ -292,6 +304,8 @@ class Slide:
                     if not count:
                         continue
                     data, _, _ = decode(self._read_bytes(page.dataoffsets[index], count), index, **jpeg)
+                    if data is None:
+                        continue
                     seg = data[0]  # (h, w, samples); edge segments may come back cropped
                     sy, sx = row * seg_h, col * seg_w
                     ay0, ax0 = max(y0, sy), max(x0, sx)

@@ -1,0 +1,279 @@
+"""Tests for histoflow.data.slide (region reads of SVS / tiled / plain TIFF) and histoflow.data.tissue."""
+
+from __future__ import annotations
+
+import tracemalloc
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from histoflow.data import slide as slide_module
+from histoflow.data.slide import Slide, SlideError
+from histoflow.data.tissue import tile_grid, tissue_mask
+
+# (width, height) per level, as the files hold them (CMU-1-Small-Region is 2220 wide, 2967 tall)
+REAL_SLIDES = {
+    "cmu-1-small-region.svs": [(2220, 2967)],
+    "tcga-cr-7395-01a-01-ts1.svs": [(4443, 3567), (2221, 1783)],
+    "kidney-48-5.tif": [(1493, 901)],
+}
+
+
+def full_level(slide: Slide, level: int) -> np.ndarray:
+    lv = slide.levels[level]
+    return slide.read_region((0, 0), level, (lv.width, lv.height))
+
+
+def check_regions(slide: Slide, level: int, reference: np.ndarray) -> None:
+    """Interior, edge-straddling and outside reads all match `reference` (the whole level), padded white."""
+    ds = slide.levels[level].downsample
+    height, width = reference.shape[:2]
+    for x, y, w, h in [(123, 77, 300, 211), (0, 0, 1, 1), (width - 50, height - 40, 50, 40)]:
+        region = slide.read_region((round(x * ds), round(y * ds)), level, (w, h))
+        assert region.shape == (h, w, 3) and region.dtype == np.uint8
+        np.testing.assert_array_equal(region, reference[y : y + h, x : x + w])
+    # 20 px beyond the right/bottom edge and 5 px above the top
+    x, y = width - 10, -5
+    region = slide.read_region((round(x * ds), round(y * ds)), level, (30, 20))
+    np.testing.assert_array_equal(region[5:, :10], reference[:15, -10:])
+    assert (region[:5] == 255).all() and (region[:, 10:] == 255).all()
+    assert (slide.read_region((-10_000, -10_000), level, (8, 8)) == 255).all()
+
+
+@pytest.mark.parametrize("name", sorted(REAL_SLIDES))
+def test_real_slide_levels_and_regions(wsi_dir: Path, name: str) -> None:
+    path = wsi_dir / name
+    with Slide(path) as slide, tifffile.TiffFile(path) as tif:
+        assert [(lv.width, lv.height) for lv in slide.levels] == REAL_SLIDES[name]
+        assert slide.dimensions == REAL_SLIDES[name][0]
+        assert slide.levels[0].downsample == 1.0
+        for level in range(len(slide.levels)):
+            whole = full_level(slide, level)
+            # the tile-by-tile reassembly equals tifffile decoding the level at once
+            np.testing.assert_array_equal(whole, tif.series[0].levels[level].asarray())
+            check_regions(slide, level, whole)
+
+
+def test_real_slide_metadata(wsi_dir: Path) -> None:
+    with Slide(wsi_dir / "cmu-1-small-region.svs") as slide:
+        assert slide.mpp == pytest.approx(0.499)
+        assert slide.objective_power == 20.0
+        assert slide.level_for_mpp(0.998) == (0, pytest.approx(2.0))
+    with Slide(wsi_dir / "tcga-cr-7395-01a-01-ts1.svs") as slide:
+        assert slide.mpp is None and slide.objective_power is None  # its description has neither
+        assert slide.levels[1].downsample == pytest.approx(2.0, abs=1e-3)
+        assert slide.best_level_for_downsample(1.0) == 0
+        assert slide.best_level_for_downsample(2.0) == 1
+        assert slide.best_level_for_downsample(16.0) == 1
+        with pytest.raises(SlideError, match="microns-per-pixel"):
+            slide.level_for_mpp(1.0)
+    with Slide(wsi_dir / "kidney-48-5.tif") as slide:
+        assert slide.mpp is None and slide.objective_power is None
+
+
+@pytest.mark.parametrize("name", sorted(REAL_SLIDES))
+@pytest.mark.parametrize("max_size", [300, 1024])
+def test_thumbnail_bounded_and_faithful(wsi_dir: Path, name: str, max_size: int) -> None:
+    with Slide(wsi_dir / name) as slide:
+        thumb = slide.thumbnail(max_size)
+        width, height = slide.dimensions
+        assert thumb.dtype == np.uint8 and thumb.ndim == 3 and thumb.shape[2] == 3
+        assert max(thumb.shape[:2]) == max_size
+        assert thumb.shape[0] / thumb.shape[1] == pytest.approx(height / width, rel=0.01)
+        # same picture as a plain resize of the best level (at 300 px CMU-1 would pick the label if allowed)
+        expected = Image.fromarray(full_level(slide, len(slide.levels) - 1)).resize(thumb.shape[1::-1], Image.BOX)
+        assert np.abs(thumb.astype(int) - np.asarray(expected, int)).mean() < 8
+
+
+@pytest.mark.parametrize("name", sorted(REAL_SLIDES))
+def test_tissue_mask_on_real_slides(wsi_dir: Path, name: str) -> None:
+    with Slide(wsi_dir / name) as slide:
+        thumb = slide.thumbnail(512)
+    mask = tissue_mask(thumb)
+    assert mask.dtype == bool and mask.shape == thumb.shape[:2]
+    assert 0 < mask.mean() < 0.95
+
+
+def brute_force_grid(slide: Slide, tile: int, level: int, stride: int, mask: np.ndarray, min_tissue: float) -> set:
+    """The per-tile loop tile_grid must agree with."""
+    lv, (w0, h0) = slide.levels[level], slide.dimensions
+    sx, sy = mask.shape[1] / w0 * lv.downsample, mask.shape[0] / h0 * lv.downsample
+    kept = set()
+    for y in range(0, lv.height - tile + 1, stride):
+        for x in range(0, lv.width - tile + 1, stride):
+            x0, y0 = min(int(np.floor(x * sx)), mask.shape[1] - 1), min(int(np.floor(y * sy)), mask.shape[0] - 1)
+            x1, y1 = max(int(np.ceil((x + tile) * sx)), x0 + 1), max(int(np.ceil((y + tile) * sy)), y0 + 1)
+            if mask[y0:y1, x0:x1].mean() >= min_tissue:
+                kept.add((round(x * lv.downsample), round(y * lv.downsample)))
+    return kept
+
+
+@pytest.mark.parametrize(("level", "tile", "stride"), [(0, 256, 256), (0, 224, 112), (1, 64, 48)])
+def test_tile_grid_real_slide(wsi_dir: Path, level: int, tile: int, stride: int) -> None:
+    with Slide(wsi_dir / "tcga-cr-7395-01a-01-ts1.svs") as slide:
+        mask = tissue_mask(slide.thumbnail(512))
+        grid = tile_grid(slide, tile, level=level, stride=stride, mask=mask)
+        lv = slide.levels[level]
+        assert grid.ndim == 2 and grid.shape[1] == 2 and len(grid) > 0 and grid.dtype.kind == "i"
+        in_level = np.round(grid / lv.downsample).astype(int)
+        assert (in_level % stride == 0).all()
+        assert (in_level >= 0).all()
+        assert (in_level[:, 0] + tile <= lv.width).all() and (in_level[:, 1] + tile <= lv.height).all()
+        assert set(map(tuple, grid.tolist())) == brute_force_grid(slide, tile, level, stride, mask, 0.5)
+        # the origins read back exactly the grid cell at that level
+        middle = len(grid) // 2
+        lx, ly = in_level[middle]
+        expected = full_level(slide, level)[ly : ly + tile, lx : lx + tile]
+        np.testing.assert_array_equal(slide.read_region(tuple(grid[middle]), level, (tile, tile)), expected)
+        # more tissue demanded, fewer tiles; the default mask comes from the thumbnail
+        assert len(tile_grid(slide, tile, level=level, stride=stride, mask=mask, min_tissue=0.95)) <= len(grid)
+        assert len(tile_grid(slide, tile, level=level, stride=stride)) > 0
+
+
+# --- synthetic TIFFs ------------------------------------------------------------------------
+
+
+def pattern(height: int, width: int) -> np.ndarray:
+    """A deterministic RGB image where every pixel differs from its neighbours."""
+    ys, xs = np.mgrid[:height, :width]
+    return np.stack([(xs * 7 + ys) % 256, (ys * 5 + xs * 3) % 256, (xs ^ ys) % 256], axis=-1).astype(np.uint8)
+
+
+def tiles_of(image: np.ndarray, tile: int) -> Iterator[np.ndarray]:
+    """Yield `image` tile by tile, zero-padded, as a scanner writes a slide."""
+    for y in range(0, image.shape[0], tile):
+        for x in range(0, image.shape[1], tile):
+            block = np.zeros((tile, tile, 3), np.uint8)
+            part = image[y : y + tile, x : x + tile]
+            block[: part.shape[0], : part.shape[1]] = part
+            yield block
+
+
+@pytest.fixture(scope="module")
+def pyramid_tiff(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[np.ndarray]]:
+    path = tmp_path_factory.mktemp("slides") / "pyramid.tif"
+    base = pattern(2048, 1900)  # width not a tile multiple: padded edge tiles
+    half = np.asarray(Image.fromarray(base).resize((950, 1024), Image.BOX))
+    common = {"dtype": np.uint8, "tile": (256, 256), "photometric": "rgb", "compression": "zlib"}
+    with tifffile.TiffWriter(path) as tif:
+        resolution = {"resolution": (40000, 40000), "resolutionunit": "CENTIMETER"}
+        tif.write(tiles_of(base, 256), shape=base.shape, subifds=1, **resolution, **common)
+        tif.write(tiles_of(half, 256), shape=half.shape, subfiletype=1, **common)
+    return path, [base, half]
+
+
+def test_synthetic_pyramid(pyramid_tiff: tuple[Path, list[np.ndarray]]) -> None:
+    path, images = pyramid_tiff
+    with Slide(path) as slide:
+        assert [(lv.width, lv.height) for lv in slide.levels] == [(1900, 2048), (950, 1024)]
+        assert slide.levels[1].downsample == 2.0
+        assert slide.mpp == pytest.approx(0.25)  # 40000 px/cm
+        assert slide.objective_power is None
+        assert slide.level_for_mpp(1.0) == (1, pytest.approx(2.0))
+        assert slide.level_for_mpp(0.5) == (1, pytest.approx(1.0))
+        for level, image in enumerate(images):
+            np.testing.assert_array_equal(full_level(slide, level), image)
+            check_regions(slide, level, image)
+        assert max(slide.thumbnail(600).shape[:2]) == 600
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"rowsperstrip": 16, "compression": "zlib"},
+        {"rowsperstrip": 7, "compression": "zlib", "planarconfig": "separate"},
+        {"rowsperstrip": 64},  # uncompressed: memory-mapped
+    ],
+    ids=["zlib-strips", "planar-separate", "uncompressed"],
+)
+def test_synthetic_strip_tiffs(tmp_path: Path, options: dict) -> None:
+    image = pattern(301, 437)
+    path = tmp_path / "strips.tif"
+    data = np.moveaxis(image, -1, 0) if options.get("planarconfig") == "separate" else image
+    tifffile.imwrite(path, data, photometric="rgb", resolution=(72, 72), resolutionunit="INCH", **options)
+    with Slide(path) as slide:
+        assert slide.dimensions == (437, 301)
+        assert slide.mpp is None  # 72 dpi is a software default, not a scan resolution
+        np.testing.assert_array_equal(full_level(slide, 0), image)
+        check_regions(slide, 0, image)
+
+
+def test_grayscale_tiff(tmp_path: Path) -> None:
+    image = pattern(100, 120)[..., 0]
+    tifffile.imwrite(tmp_path / "gray.tif", image, tile=(32, 32))
+    with Slide(tmp_path / "gray.tif") as slide:
+        np.testing.assert_array_equal(slide.read_region((5, 6), 0, (40, 30)), np.repeat(image[6:36, 5:45, None], 3, -1))
+
+
+def test_huge_pyramid_reads_stay_small(tmp_path: Path) -> None:
+    """A 40,000 x 40,000 slide (4.8 GB decoded): a region read decodes a few tiles, never the level."""
+    tile, side = 256, 40_000
+    encoded = {v: zlib.compress(np.full((tile, tile, 3), v, np.uint8).tobytes()) for v in range(251)}
+
+    def tiles(n: int) -> Iterator[bytes]:  # pre-compressed tiles keep writing fast
+        count = -(-n // tile)
+        for r in range(count):
+            for c in range(count):
+                yield encoded[(r * 7 + c * 13) % 251]
+
+    path = tmp_path / "huge.tif"
+    common = {"dtype": np.uint8, "tile": (tile, tile), "photometric": "rgb", "compression": "zlib"}
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(tiles(side), shape=(side, side, 3), subifds=1, **common)
+        tif.write(tiles(side // 4), shape=(side // 4, side // 4, 3), subfiletype=1, **common)
+    with Slide(path) as slide:
+        assert slide.dimensions == (side, side) and slide.levels[1].downsample == 4.0
+        tracemalloc.start()
+        try:
+            region = slide.read_region((20_000, 30_000), 0, (1000, 1000))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 20e6  # the region is 3 MB, the level 4.8 GB
+        ys, xs = np.mgrid[30_000:31_000, 20_000:21_000]
+        np.testing.assert_array_equal(region[..., 0], ((ys // tile) * 7 + (xs // tile) * 13) % 251)
+
+
+def test_blank_slide_has_no_tissue(tmp_path: Path) -> None:
+    white = np.full((1024, 1024, 3), 255, np.uint8)
+    tifffile.imwrite(tmp_path / "white.tif", white, tile=(256, 256), photometric="rgb", compression="zlib")
+    with Slide(tmp_path / "white.tif") as slide:
+        assert not tissue_mask(slide.thumbnail(256)).any()
+        assert tile_grid(slide, 128).shape == (0, 2)
+    rng = np.random.default_rng(0)
+    noisy_glass = (255 - rng.integers(0, 6, (200, 200, 3))).astype(np.uint8)
+    assert not tissue_mask(noisy_glass).any()  # Otsu would split the noise; the floor stops it
+
+
+def test_tissue_mask_finds_a_stained_blob() -> None:
+    image = np.full((200, 300, 3), 245, np.uint8)
+    image[50:150, 100:220] = (180, 60, 140)  # eosin-pink
+    image[90:92, 150:152] = 245  # a small hole, filled
+    image[10, 10] = (180, 60, 140)  # a speck, removed
+    mask = tissue_mask(image)
+    expected = np.zeros((200, 300), bool)
+    expected[50:150, 100:220] = True
+    np.testing.assert_array_equal(mask, expected)
+    assert tissue_mask(image, min_saturation=0.99).sum() == 0
+
+
+def test_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere.svs"):
+        Slide(tmp_path / "nowhere.svs")
+    (tmp_path / "notes.svs").write_text("not a slide")
+    with pytest.raises(SlideError, match="notes.svs.*not a TIFF"):
+        Slide(tmp_path / "notes.svs")
+    tifffile.imwrite(tmp_path / "small.tif", pattern(20, 30))
+    with Slide(tmp_path / "small.tif") as slide, pytest.raises(IndexError, match="level 3"):
+        slide.read_region((0, 0), 3, (10, 10))
+
+
+def test_missing_jpeg2000_codec_says_how_to_fix(wsi_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slide_module, "_has_decoder", lambda compression: compression != 33005)
+    with pytest.raises(SlideError, match="JPEG 2000.*pip install imagecodecs"):
+        Slide(wsi_dir / "tcga-cr-7395-01a-01-ts1.svs")
