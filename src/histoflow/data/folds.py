@@ -1,9 +1,10 @@
 """Patient-level folds: assign every image's group to one fold, save the split, check it for leaks.
 
-Two kinds of split, both grouped and stratified by class (scikit-learn's StratifiedGroupKFold):
-- `kfold`: folds "1".."k"; within each fold a grouped `val_fraction` is flagged for validation, so
+Two kinds of split, both grouped and stratified by class:
+- `kfold` (scikit-learn's StratifiedGroupKFold): folds "1".."k"; within each fold a grouped `val_fraction` is flagged for validation, so
   training on the other folds can validate on their flagged images without touching the test fold.
-- `fractions`: folds "train", "val", "test" (e.g. 0.4/0.2/0.4, the tissue-tile use case).
+- `fractions`: folds "train", "val", "test" (e.g. 0.4/0.2/0.4, the tissue-tile use case): each class's
+  groups are cut at the cumulative fractions, so even three tiles per class split 1/1/1.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import csv
 import warnings
 from dataclasses import dataclass, field, fields
-from fractions import Fraction
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -61,13 +62,22 @@ def _grouped_folds(labels: np.ndarray, groups: np.ndarray, n: int, seed: int, wh
     return fold
 
 
-def _parts(fractions: Mapping[str, float]) -> tuple[int, list[int]]:
-    """The smallest number of equal folds that realises the fractions, and each split's share."""
-    fr = [Fraction(v).limit_denominator(20) for v in fractions.values()]
-    if sum(fr) != 1:
-        raise ValueError(f"data.split.fractions {dict(fractions)} must add up to 1")
-    n = int(np.lcm.reduce([f.denominator for f in fr]))
-    return n, [int(f * n) for f in fr]
+def _fraction_split(labels: np.ndarray, groups: np.ndarray, fractions: Mapping[str, float], seed: int) -> np.ndarray:
+    """Split name of every item: each class's groups, in seeded random order, cut at the cumulative fractions."""
+    total = sum(fractions.values())
+    if not np.isclose(total, 1):
+        raise ValueError(f"data.split.fractions {dict(fractions)} must add up to 1 (they add up to {total})")
+    names, cumulative = list(fractions), np.cumsum(list(fractions.values()))
+    group_ids, inverse = np.unique(groups, return_inverse=True)
+    # a group's class is its most common one (patients normally have one)
+    group_label = np.array([Counter(labels[inverse == i]).most_common(1)[0][0] for i in range(len(group_ids))])
+    rng = np.random.default_rng(seed)
+    split_of_group = np.empty(len(group_ids), dtype=object)
+    for label in np.unique(group_label):
+        members = rng.permutation(np.flatnonzero(group_label == label))
+        bounds = np.round(cumulative * len(members)).astype(int)
+        split_of_group[members] = [names[np.searchsorted(bounds, i, side="right")] for i in range(len(members))]
+    return split_of_group[inverse].astype(str)
 
 
 def assign_folds(labels: list[str], groups: list[str], cfg: SplitConfig) -> tuple[list[str], list[bool]]:
@@ -90,10 +100,7 @@ def assign_folds(labels: list[str], groups: list[str], cfg: SplitConfig) -> tupl
                     val[members[sub == 0]] = True
         return names.tolist(), val.tolist()
     if cfg.kind == "fractions":
-        n, shares = _parts(cfg.fractions)
-        idx = _grouped_folds(y, g, n, cfg.seed, "data.split.fractions")
-        fold_to_split = np.repeat(list(cfg.fractions), shares)
-        names = fold_to_split[idx]
+        names = _fraction_split(y, g, cfg.fractions, cfg.seed)
         return names.tolist(), (names == "val").tolist()
     raise ValueError(f"data.split.kind={cfg.kind!r}: expected kfold or fractions")
 
