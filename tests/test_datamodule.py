@@ -1,0 +1,294 @@
+"""Streaming the prepared shards: batches, epoch lengths, every test patch once, normalisation, HED jitter."""
+
+from __future__ import annotations
+
+import random
+import signal
+import tarfile
+from itertools import islice
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from skimage.color import hed2rgb, rgb2hed
+
+from histoflow.data.datamodule import KEY_FIELDS, ShardDataModule, shard_pipeline
+from histoflow.data.shards import decode_npy, parse_key
+from histoflow.data.transforms import PatchTransform, hed_jitter, hed_to_rgb, rgb_to_hed
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["CLL", "FL", "MCL"]
+SKIMAGE_UNITS = -np.log(1e-6)  # skimage's stain units are optical densities divided by this
+
+
+def make_images(root: Path, per_class: int = 6, size: tuple[int, int] = (132, 100)) -> Path:
+    """Noisy PNGs whose class shows in the colour: class c has channel c bright."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(40, 120, (size[1], size[0], 3))
+            pixels[..., c] += 120
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{name}-{i}.png")
+    return root
+
+
+def data_config(root: Path, out: Path, samples_per_shard: int = 40, val_fraction: float = 0.5, **loader) -> dict:
+    return {"name": "tiny", "root": str(root), "classes": CLASSES, "labels": "folder",
+            "split": {"kind": "kfold", "k": 3, "val_fraction": val_fraction, "seed": 0},
+            "patches": {"size": 36, "stride": 32, "rotations": [0, 90]},
+            "shards": {"dir": str(out), "samples_per_shard": samples_per_shard, "workers": 1},
+            "loader": {"batch_size": 16, "num_workers": 0, "shuffle_buffer": 100, **loader}}
+
+
+def datamodule(data: dict, fold: str = "1", **loader) -> ShardDataModule:
+    dm = ShardDataModule(fold=fold, **{**data, "loader": {**data["loader"], **loader}})
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def shard_samples(paths: list[str]) -> list[tuple[str, np.ndarray, int]]:
+    """(key, patch, label) of every sample in these shards, in file order, read with tarfile."""
+    out = []
+    for path in paths:
+        with tarfile.open(path) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        keys = list(dict.fromkeys(name.split(".", 1)[0] for name in members))
+        out += [(k, decode_npy(members[f"{k}.npy"]), int(members[f"{k}.cls"])) for k in keys]
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("datamodule")
+    return data_config(make_images(tmp / "images"), tmp / "prepared")
+
+
+@pytest.fixture
+def alarm():
+    """Fail instead of hanging: a loader that deadlocks raises TimeoutError after 60 s."""
+    def fail(*_):
+        raise TimeoutError("the loader hung")
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_training_batch(data: dict) -> None:
+    dm = datamodule(data, normalize="none")
+    assert (dm.classes, dm.num_classes, dm.input_size) == (CLASSES, 3, 32)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
+    assert y.dtype == torch.long and 0 <= int(y.min()) and int(y.max()) < 3
+    assert 0 <= float(x.min()) and float(x.max()) <= 1
+    # the brightest channel is the class: labels stayed with their patches through shuffle and collate
+    assert torch.equal(x.mean(dim=(2, 3)).argmax(dim=1), y)
+
+
+def test_epoch_length_with_uneven_shards(data: dict, alarm) -> None:
+    dm = datamodule(data)
+    sizes = [s["samples"] for s in dm.prepared.record["shards"]]
+    assert len(set(sizes)) > 1, "the test needs shards of unequal size"
+    n = dm.split.samples["train"] // 16
+    loader = dm.train_dataloader()
+    assert dm.epoch_batches() == len(loader) == n
+    for _ in range(2):  # the second epoch restarts the stream: full batches again, no early end
+        batches = [len(y) for _, y in loader]
+        assert batches == [16] * n
+    two_workers = datamodule(data, num_workers=2, epoch_batches=7).train_dataloader()
+    for _ in range(3):  # persistent workers across epochs
+        assert [len(y) for _, y in two_workers] == [16] * 7
+
+
+def test_training_stream_covers_every_patch_once_per_pass(data: dict) -> None:
+    dm = datamodule(data)
+    # no shuffle buffer: it would carry a few patches over each pass boundary
+    stream = shard_pipeline(dm.split.train, dm.transform(train=True), 16, train=True, with_keys=True)
+    n = dm.split.samples["train"] // 16
+    assert n * 16 == dm.split.samples["train"], "the test needs whole batches"
+    random.seed(0)  # the shard orders come from `random` (here, of the main process)
+    keys = [tuple(k) for _, _, batch in islice(stream, 2 * n) for k in batch.tolist()]
+    for one_pass in (keys[:len(keys) // 2], keys[len(keys) // 2:]):
+        assert len(one_pass) == len(set(one_pass)) == dm.split.samples["train"]
+    assert keys[:len(keys) // 2] != keys[len(keys) // 2:], "each pass draws a new shard order"
+
+
+def test_every_rank_gets_the_same_number_of_batches(data: dict, alarm) -> None:
+    dm = datamodule(data, num_workers=2)
+    counts = []
+    for rank in range(3):  # more ranks x workers than training shards
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=3)
+        counts.append(sum(1 for _ in dm.train_dataloader()))
+    dm.trainer = None
+    assert counts == [dm.split.samples["train"] // (16 * 3)] * 3
+
+
+def test_same_seed_same_batches(data: dict, alarm) -> None:
+    import pytorch_lightning as L
+
+    runs = []
+    for seed in (0, 0, 1):
+        L.seed_everything(seed, workers=True, verbose=False)
+        loader = datamodule(data, num_workers=2, epoch_batches=3).train_dataloader()
+        runs.append(torch.cat([x for _ in range(2) for x, _ in loader]))  # two epochs
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("world_size", [2, 5])
+def test_ranks_share_the_evaluation_shards(data: dict, world_size: int) -> None:
+    dm = datamodule(data)
+    keys = []
+    for rank in range(world_size):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world_size)
+        keys.append([tuple(k) for _, _, batch in dm.eval_dataloader("test", with_keys=True) for k in batch.tolist()])
+    dm.trainer = None
+    assert all(keys), "every rank evaluates something"
+    if world_size <= len(dm.split.test):  # each sample on exactly one rank
+        assert sorted(sum(keys, [])) == sorted(set(sum(keys, []))) and len(sum(keys, [])) == dm.split.samples["test"]
+    else:  # fewer shards than ranks: every rank evaluates all of them
+        assert all(sorted(k) == sorted(keys[0]) for k in keys) and len(keys[0]) == dm.split.samples["test"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_test_loader_yields_every_sample_once(data: dict, workers: int, alarm) -> None:
+    dm = datamodule(data, num_workers=workers, eval_batch_size=7)
+    expected = sorted((tuple(parse_key(k).values()), label) for k, _, label in shard_samples(dm.split.test))
+    seen = []
+    for x, y, keys in dm.predict_dataloader():
+        assert keys.shape == (len(y), len(KEY_FIELDS)) and x.shape == (len(y), 3, 32, 32)
+        seen += [(tuple(k), int(c)) for k, c in zip(keys.tolist(), y)]
+    assert sorted(seen) == expected
+    assert sum(len(y) for _, y in dm.test_dataloader()) == len(expected) == dm.split.samples["test"]
+
+
+def test_eval_transform_is_centre_crop_minus_mean(data: dict) -> None:
+    dm = datamodule(data)
+    samples = shard_samples(dm.split.test)
+    x, y, keys = next(iter(dm.predict_dataloader()))
+    mean = torch.as_tensor(dm.stats["mean_image"], dtype=torch.float32)
+    for i, (key, patch, label) in enumerate(samples[:len(y)]):  # one process: shard order
+        assert tuple(keys[i].tolist()) == tuple(parse_key(key).values()) and int(y[i]) == label
+        expected = ((torch.tensor(patch[2:34, 2:34]).float() - mean[2:34, 2:34]) / 255).permute(2, 0, 1)
+        assert torch.equal(x[i], expected)
+
+
+def test_training_transform_is_a_crop_and_flip_of_patch_minus_mean(data: dict) -> None:
+    dm = datamodule(data)
+    patches = torch.from_numpy(np.stack([p for _, p, _ in shard_samples(dm.split.train[:1])[:32]]))
+    out = dm.transform(train=True)(patches)
+    centred = (patches.float() - torch.as_tensor(dm.stats["mean_image"], dtype=torch.float32)) / 255
+    for patch, crop in zip(centred.permute(0, 3, 1, 2), out):
+        candidates = [patch[:, t:t + 32, s:s + 32] for t in range(5) for s in range(5)]
+        candidates = [c.flip(dims) for c in candidates for dims in ([], [1], [2], [1, 2])]
+        assert any(torch.allclose(crop, c, atol=1e-6) for c in candidates)
+
+
+def test_normalisation_centres_the_training_set(data: dict) -> None:
+    for normalize, std in (("image", None), ("channel", 1.0)):
+        dm = datamodule(data, normalize=normalize)
+        x = torch.cat([x for x, _ in dm.eval_dataloader("train")])
+        assert len(x) == dm.split.samples["train"]
+        if normalize == "image":  # exactly the training mean image, cropped alike
+            assert x.mean(dim=0).abs().max() < 1e-5
+        else:  # channel statistics are of whole patches, the loader gives centre crops
+            assert x.mean(dim=(0, 2, 3)).abs().max() < 0.1
+            assert torch.allclose(x.std(dim=(0, 2, 3)), torch.full((3,), std), atol=0.1)
+
+
+def test_hed_conversions_match_skimage() -> None:
+    rgb = np.random.default_rng(1).integers(0, 256, (8, 9, 3), dtype=np.uint8)
+    hed = rgb_to_hed(torch.from_numpy(rgb))
+    np.testing.assert_allclose(hed.clamp(min=0).numpy(), rgb2hed(rgb), atol=1e-12)
+    np.testing.assert_allclose(hed_to_rgb(torch.from_numpy(rgb2hed(rgb))).numpy(), hed2rgb(rgb2hed(rgb)) * 255,
+                               atol=1e-9)
+    np.testing.assert_allclose(hed_to_rgb(hed).numpy(), rgb, atol=1e-3)  # unclipped: a round trip (0 -> 255e-6)
+
+
+def test_hed_jitter() -> None:
+    x = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (4, 3, 16, 16), dtype=np.uint8))
+    assert torch.equal(hed_jitter(x, 0.0), x.float())
+    torch.manual_seed(0)
+    jittered = hed_jitter(x, 0.1)
+    assert torch.isfinite(jittered).all() and 0 <= float(jittered.min()) and float(jittered.max()) <= 255
+    assert (jittered - x).abs().mean() > 1
+    # the one-map shortcut equals unmix -> s * a + b (optical densities) -> mix, with the same draws
+    torch.manual_seed(0)
+    alpha = 1 + (torch.rand(4, 3, dtype=torch.float64) * 2 - 1) * 0.1
+    beta = (torch.rand(4, 3, dtype=torch.float64) * 2 - 1) * 0.1
+    density = rgb_to_hed(x.permute(0, 2, 3, 1)) * SKIMAGE_UNITS
+    expected = hed_to_rgb((density * alpha[:, None, None] + beta[:, None, None]) / SKIMAGE_UNITS)
+    torch.testing.assert_close(jittered, expected.permute(0, 3, 1, 2).float(), atol=0.05, rtol=0)
+    transform = PatchTransform(32, {"mean_image": np.full((36, 36, 3), 128.0)}, train=True, hed_jitter=0.05)
+    assert torch.isfinite(transform(torch.randint(0, 256, (8, 36, 36, 3), dtype=torch.uint8))).all()
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 4 workers on a 2-core test machine
+def test_fewer_shards_than_workers(tmp_path: Path, alarm) -> None:
+    data = data_config(make_images(tmp_path / "images"), tmp_path / "prepared", samples_per_shard=10_000,
+                       num_workers=4)
+    dm = datamodule(data)
+    assert (len(dm.split.train), len(dm.split.val), len(dm.split.test)) == (2, 2, 2)  # all fewer than the 4 workers
+    loader = dm.train_dataloader()
+    for _ in range(2):
+        assert sum(1 for _ in loader) == dm.epoch_batches()
+    assert sum(len(y) for _, y in dm.val_dataloader()) == dm.split.samples["val"]
+    assert sum(len(y) for _, y, _ in dm.predict_dataloader()) == dm.split.samples["test"]
+
+
+@pytest.mark.parametrize("val_fraction", [0.5, 0.0])
+def test_lightning_fit(tmp_path: Path, data: dict, val_fraction: float) -> None:
+    import pytorch_lightning as L
+
+    class Linear(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(3 * 32 * 32, 3)
+            self.validated = 0
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x.flatten(1)), y)
+
+        def validation_step(self, batch, _):
+            self.validated += len(batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    if val_fraction:
+        dm = ShardDataModule(fold=2, **data)
+    else:  # no validation images: no validation loader, and fit runs all the same
+        dm = ShardDataModule(fold=2, **data_config(make_images(tmp_path / "images"), tmp_path / "prepared",
+                                                   val_fraction=0.0))
+    model = Linear()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.num_training_batches == dm.epoch_batches()
+    assert trainer.global_step == 2 * dm.epoch_batches()
+    assert model.validated == 2 * dm.split.samples["val"]
+    assert (dm.val_dataloader() == []) == (val_fraction == 0)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")  # the eval transform travels with the weights
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["ShardDataModule"]
+    assert state["classes"] == CLASSES and state["loader"]["crop"] == 32
+    assert torch.equal(state["stats"]["mean_image"], torch.as_tensor(dm.stats["mean_image"]))
+
+
+def test_built_from_the_data_config(tmp_path: Path) -> None:
+    cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path), "cache_dir": str(tmp_path / "cache")}, "fold": 3,
+                            "data": OmegaConf.load(REPO / "conf" / "data" / "lymphoma.yaml")})
+    from hydra.utils import instantiate
+
+    dm = instantiate(cfg.data, fold=cfg.fold)
+    assert isinstance(dm, ShardDataModule) and dm.fold == "3"
+    assert dm.loader.batch_size == cfg.data.loader.batch_size and dm.loader.normalize == "image"
+    assert dm.data["shards"]["dir"] == f"{tmp_path}/prepared" and isinstance(dm.data["split"], dict)
+    with pytest.raises(ValueError, match="unknown key"):
+        ShardDataModule(fold=1, loader={"batch_sise": 8})
