@@ -1,5 +1,8 @@
 """One WebDataset shard: the shuffled patches of a handful of images of one fold, and their pixel sums.
 
+Each sample is two tar members, `<image>-<x>-<y>-<rot>.cls` (class index) and `.npy` (the patch),
+the layout `wds.TarWriter` writes and `wds.WebDataset` reads.
+
 A shard is a pure function of its job (images, seed, patch settings), written under a temporary name
 and renamed when complete, so an interrupted run redoes only the shards it had not finished and
 produces byte-identical files. Patches are stored as .npy (lossless; decoding is a header parse and a
@@ -11,11 +14,11 @@ from __future__ import annotations
 import functools
 import io
 import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from histoflow.data.images import read_rgb
 from histoflow.data.patches import PatchConfig, extract_patches
@@ -43,10 +46,16 @@ def parse_key(key: str) -> dict[str, int]:
     return {"image": image, "x": x, "y": y, "rot": rot}
 
 
-def encode_npy(patch: np.ndarray) -> bytes:
+@functools.lru_cache(maxsize=64)
+def _npy_prefix(shape: tuple[int, ...], dtype: str) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, patch, allow_pickle=False)
-    return buf.getvalue()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue()  # magic, version, header length and header, as np.save writes them
+
+
+def encode_npy(patch: np.ndarray) -> bytes:
+    """The .npy file of a patch (what np.save writes), with the header of each shape built once."""
+    return _npy_prefix(patch.shape, np.lib.format.dtype_to_descr(patch.dtype)) + np.ascontiguousarray(patch).tobytes()
 
 
 @functools.lru_cache(maxsize=64)
@@ -65,6 +74,42 @@ def decode_npy(data: bytes) -> np.ndarray:
     return arr.reshape(shape, order="F" if fortran else "C")
 
 
+class TarShard:
+    """Writes plain ustar members (regular files), as Python's tarfile does, five times faster.
+
+    tarfile (under wds.TarWriter) spends ~25 us building each 512-byte header, two per patch, which
+    was half of the whole prepare step (benchmarks/bench_prepare.py); here a header is a template with
+    name, size and checksum filled in. The loader reads these members directly (datamodule.tar_samples).
+    """
+
+    BLOCK, RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
+
+    def __init__(self, fileobj, user: str = "histoflow", mode: int = 0o444) -> None:
+        self.f, self.written = fileobj, 0
+        info = tarfile.TarInfo("")
+        info.mode, info.uname, info.gname, info.mtime = mode, user, user, 0
+        template = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+        template[148:156] = b" " * 8  # the checksum is computed over the header with this field as spaces
+        self.template = bytes(template)
+
+    def add(self, name: str, data: bytes) -> None:
+        encoded = name.encode()
+        if len(encoded) > 100:
+            raise ValueError(f"tar member name longer than 100 bytes: {name}")
+        header = bytearray(self.template)
+        header[0:len(encoded)] = encoded
+        header[124:136] = b"%011o\0" % len(data)
+        header[148:156] = b"%06o\0 " % sum(header)
+        pad = -len(data) % self.BLOCK
+        self.f.write(b"".join((header, data, b"\0" * pad)))
+        self.written += self.BLOCK + len(data) + pad
+
+    def close(self) -> None:
+        """Two zero blocks end the archive; pad to a whole record as tarfile does."""
+        end = self.written + 2 * self.BLOCK
+        self.f.write(b"\0" * (2 * self.BLOCK + -end % self.RECORD))
+
+
 def empty_stats(side: int) -> dict[str, np.ndarray]:
     """Sums from which means and standard deviations of any union of shards follow exactly."""
     return {"pixel_sum": np.zeros((side, side, 3)), "channel_sumsq": np.zeros(3), "count": np.zeros((), np.int64)}
@@ -72,8 +117,10 @@ def empty_stats(side: int) -> dict[str, np.ndarray]:
 
 def add_stats(stats: dict[str, np.ndarray], patches: np.ndarray) -> None:
     stats["pixel_sum"] += patches.sum(axis=0, dtype=np.float64)
-    flat = patches.reshape(-1, 3).astype(np.int64)
-    stats["channel_sumsq"] += np.einsum("ij,ij->j", flat, flat)
+    # uint8 squares fit uint16, and 4096 of them fit uint32: exact, and ~50x faster than widening to int64
+    for i in range(0, len(patches), 4096):
+        squares = np.square(patches[i:i + 4096], dtype=np.uint16).sum(axis=0, dtype=np.uint32)
+        stats["channel_sumsq"] += squares.reshape(-1, patches.shape[-1]).sum(axis=0)
     stats["count"] += len(patches)
 
 
@@ -94,11 +141,15 @@ def write_shard(job: ShardJob, patches_cfg: PatchConfig, out_dir: Path) -> dict:
     add_stats(stats, patches)
 
     tmp = out_dir / f".{job.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0, user="histoflow", group="histoflow") as tar:
+    with open(tmp, "wb") as f:
+        tar = TarShard(f)
         for i in order:
-            # two members per sample: each tar member costs more to write than the patch itself
             index, x, y, rot, label = (int(v) for v in meta[i])
-            tar.write({"__key__": sample_key(index, x, y, rot), "npy": encode_npy(patches[i]), "cls": b"%d" % label})
+            key = sample_key(index, x, y, rot)
+            # webdataset's member order within a sample: sorted extensions
+            tar.add(f"{key}.cls", b"%d" % label)
+            tar.add(f"{key}.npy", encode_npy(patches[i]))
+        tar.close()
     stats_tmp = out_dir / f".{job.name}.{os.getpid()}.stats.npz"
     np.savez(stats_tmp, **stats)
     # the stats land first: a shard file that exists always has its sums beside it
