@@ -1,0 +1,159 @@
+"""Prepare speed of histoflow vs the lymphoma tutorial's way (one PNG file per patch, then a tar).
+
+    python benchmarks/bench_prepare.py [--data DIR] [--workers N] [--out DIR]
+
+--data names the folder holding lymphoma/ (default $HISTOFLOW_DATA, else ../shared/data beside the
+repo). Everything is written into a fresh temporary folder under --out and deleted afterwards, so
+nothing is cached between runs. Exits 0 whatever the numbers (a benchmark, not a test); 2 without data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from omegaconf import OmegaConf
+from PIL import Image
+
+from histoflow.data.prepare import prepare_dataset
+from histoflow.data.shards import decode_npy, sample_key
+
+REPO = Path(__file__).resolve().parents[1]
+N_DECODE = 20_000
+
+
+def config(lymphoma: Path, work: Path, workers: int) -> dict:
+    """The lymphoma data config, reading from `lymphoma` and writing into `work`."""
+    cfg = OmegaConf.load(REPO / "conf" / "data" / "lymphoma.yaml")
+    cfg.root, cfg.cache_dir, cfg.shards.dir, cfg.shards.workers = str(lymphoma), str(work / "cache"), str(work), workers
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.pop("_target_")
+    return data
+
+
+def run_histoflow(lymphoma: Path, work: Path, workers: int):
+    """Time one whole prepare (check + hash + folds + shards + means) into an empty folder."""
+    data = config(lymphoma, work, workers)
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
+        ds = prepare_dataset(data, quiet=True)
+    return time.perf_counter() - t0, ds
+
+
+def run_tutorial(ds, work: Path, size: int, stride: int, rotations: list[int]) -> tuple[float, int]:
+    """Tutorial steps 1-2: loop over grid positions and rotations, one PNG file per patch, then tar them."""
+    t0, n = time.perf_counter(), 0
+    folds = sorted({r["fold"] for r in ds.manifest()})
+    for r in ds.manifest():
+        image = np.asarray(Image.open(ds.root / r["image"]).convert("RGB"))
+        folder = work / f"fold{r['fold']}" / r["label"]
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w = image.shape[:2]
+        for y in range(0, h - size + 1, stride):
+            for x in range(0, w - size + 1, stride):
+                for rot in rotations:
+                    patch = np.rot90(image[y:y + size, x:x + size], k=rot // 90)
+                    Image.fromarray(np.ascontiguousarray(patch)).save(
+                        folder / f"{sample_key(r['index'], x, y, rot)}.png", "PNG")
+                    n += 1
+    for f in folds:
+        with wds.TarWriter(str(work / f"fold{f}.tar"), encoder=False) as tar:
+            for c, label in enumerate(ds.classes):
+                for p in sorted((work / f"fold{f}" / label).glob("*.png")):
+                    tar.write({"__key__": p.stem, "png": p.read_bytes(), "cls": b"%d" % c})
+    return time.perf_counter() - t0, n
+
+
+def members(tars: list[Path], ext: str, keys=None) -> dict[str, bytes]:
+    """Payloads with this extension from tar files, by sample key (all, or only `keys`, up to N_DECODE)."""
+    out: dict[str, bytes] = {}
+    for t in tars:
+        with tarfile.open(t) as tf:
+            for m in tf:
+                key, _, e = m.name.partition(".")
+                if e == ext and (keys is None or key in keys):
+                    out[key] = tf.extractfile(m).read()
+                    if len(out) == (len(keys) if keys else N_DECODE):
+                        return out
+    return out
+
+
+def workers(n: int) -> str:
+    return f"{n} worker{'s' * (n > 1)}"
+
+
+def rate(fn, payloads: list[bytes]) -> float:
+    t0 = time.perf_counter()
+    for b in payloads:
+        fn(b)
+    return len(payloads) / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=os.environ.get("HISTOFLOW_DATA", str(REPO.parent / "shared" / "data")),
+                    help="folder holding lymphoma/ (or the lymphoma folder itself)")
+    ap.add_argument("--workers", type=int, default=2, help="processes for the parallel histoflow run")
+    ap.add_argument("--out", default=None, help="where the temporary folder goes (default: the system temp)")
+    args = ap.parse_args()
+    data = Path(args.data).expanduser()
+    lymphoma = data if (data / "CLL").is_dir() else data / "lymphoma"
+    if not all(any((lymphoma / c).glob("*.png")) for c in ("CLL", "FL", "MCL")):
+        print(f"lymphoma data not found: {lymphoma} must hold CLL/ FL/ MCL/ with PNG images. "
+              "Fix: pass --data (or set HISTOFLOW_DATA) to the folder holding lymphoma/", file=sys.stderr)
+        return 2
+    load = os.getloadavg()[0]  # before we start: other processes sharing the cores
+    for f in lymphoma.rglob("*.png"):  # page cache warm for every contender alike
+        f.read_bytes()
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-prepare-", dir=args.out))
+    try:
+        results = {}
+        for w in sorted({1, args.workers}):
+            results[w] = run_histoflow(lymphoma, tmp / f"histoflow-w{w}", w)
+        secs, ds = results[args.workers]
+        n_img, n_patch = ds.record["images"], ds.record["samples"]
+        p = ds.record["settings"]["patches"]
+        t_secs, t_n = run_tutorial(ds, tmp / "tutorial", p["size"], p["stride"], p["rotations"])
+        assert t_n == n_patch, f"tutorial cut {t_n} patches, histoflow {n_patch}"
+
+        npy = members(sorted((ds.path / "shards").glob("*.tar")), "npy")
+        png = members(sorted((tmp / "tutorial").glob("*.tar")), "png", set(npy))
+        keys = list(npy)
+        assert all(np.array_equal(decode_npy(npy[k]), np.asarray(Image.open(io.BytesIO(png[k])))) for k in keys[:200])
+        npy_rate = rate(decode_npy, [npy[k] for k in keys])
+        png_rate = rate(lambda b: np.asarray(Image.open(io.BytesIO(b))), [png[k] for k in keys])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"lymphoma: {n_img} images -> {n_patch} patches ({p['size']} px, stride {p['stride']}, "
+          f"rotations {p['rotations']}); {os.cpu_count()} cores, load average at start {load:.1f}\n")
+    print(f"{'prepare':<32}{'seconds':>9}{'images/s':>10}{'patches/s':>11}{'vs tutorial':>13}")
+    rows = [(f"histoflow, {workers(w)}", s) for w, (s, _) in results.items()]
+    for name, s in rows + [("tutorial (PNG files + tar)", t_secs)]:
+        print(f"{name:<32}{s:>9.2f}{n_img / s:>10.0f}{n_patch / s:>11.0f}{t_secs / s:>12.1f}x")
+    if len(results) > 1:
+        print(f"speed-up from {args.workers} workers: {results[1][0] / secs:.2f}x")
+    print(f"\n{'read back ' + str(len(keys)) + ' patches':<32}{'patches/s':>11}")
+    print(f"{'.npy (decode_npy)':<32}{npy_rate:>11.0f}\n{'PNG (PIL)':<32}{png_rate:>11.0f}"
+          f"\n.npy decodes {npy_rate / png_rate:.1f}x faster than PNG\n")
+    speed, ratio = n_patch / secs, t_secs / secs
+    for ok, what in [(ratio >= 5, f"histoflow ({workers(args.workers)}) >= 5x the tutorial: {ratio:.1f}x"),
+                     (speed >= 10_000, f"histoflow ({workers(args.workers)}) >= 10,000 patches/s: {speed:,.0f}")]:
+        print(f"{'PASS' if ok else 'FAIL'}  {what}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
