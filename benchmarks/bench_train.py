@@ -1,0 +1,242 @@
+"""Training throughput (patches/s) on the real lymphoma shards, with the janowczyk_lymphoma recipe.
+
+    python benchmarks/bench_train.py [--data DIR] [--out DIR] [--batches N] [--workers W] [--check]
+
+Prints (a) the training loader alone, streaming shards; (b) the net's pure training step (forward,
+cross-entropy, backward, Adagrad step) on real batches held in memory; (c) end-to-end training with
+Lightning (PatchClassifier, its metrics, CSV logging and progress bar, the loader of (a)); (d) for
+comparison, a loader reading the same patches as one PNG file each, as the tutorial's Caffe image-data
+layer does, with the same batch transform. The loaders run with 0 workers and with --workers (default:
+the data config's), and each is compared at its best. Floors: (c) >= 0.85 (b), so loading and
+bookkeeping cost little on top of the maths; (a) >= 5 (d).
+
+On a machine shared with other work, timings only ever get slower: loaders report their best of 3
+passes after a warm-up pass, training its fastest 10 consecutive steps (waits for data included).
+--data names the folder holding lymphoma/ (default $HISTOFLOW_DATA, else ../shared/data); shards and
+PNGs are written once into --out and reused. Exits 0 whatever the numbers unless --check is given
+(then 1 when a floor is missed); 2 without data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import DataLoader, Dataset
+
+from histoflow.data.datamodule import ShardDataModule
+from histoflow.module import PatchClassifier, build_net
+
+REPO = Path(__file__).resolve().parents[1]
+FLOOR_END_TO_END = 0.85  # (c) / (b)
+FLOOR_SHARDS_VS_PNG = 5.0  # (a) / (d)
+
+
+def recipe(lymphoma: Path, out: Path, batches: int, workers: int) -> Any:
+    """train.yaml with experiment=janowczyk_lymphoma, reading lymphoma and writing under out."""
+    overrides = ["experiment=janowczyk_lymphoma", f"data.root={lymphoma}", f"paths.data_dir={out}",
+                 f"paths.cache_dir={out / 'cache'}", f"data.loader.num_workers={workers}",
+                 f"data.loader.epoch_batches={batches}"]
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    OmegaConf.set_struct(cfg, False)
+    cfg.output_dir = str(out / "run")  # ${hydra:...} is unset outside a Hydra run
+    return cfg
+
+
+def pass_rate(batches: Iterable) -> tuple[float, int]:
+    """Patches/s and patch count of one pass over (x, y) batches."""
+    t0, n = time.perf_counter(), 0
+    for _, y in batches:
+        n += len(y)
+    return n / (time.perf_counter() - t0), n
+
+
+def loader_rate(loader: Iterable, passes: int = 3) -> tuple[float, int]:
+    """Best of `passes` epochs of a loader after a warm-up one (workers started, files cached): other load on
+    a shared machine only ever slows a pass down, so the fastest is the closest to the loader's own speed."""
+    pass_rate(loader)
+    return max(pass_rate(loader) for _ in range(passes))
+
+
+def step_rate(seconds: list[float], batch: int, window: int = 10) -> float:
+    """Patches/s of the fastest run of `window` consecutive steps: as with the loaders' best pass, other
+    processes on a shared machine only slow steps down; a window keeps any waits for data in the count."""
+    sums = np.convolve(np.asarray(seconds), np.ones(window), mode="valid")
+    return window * batch / float(sums.min())
+
+
+def train_step_rate(cfg: Any, dm: ShardDataModule, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """(b) forward + loss + backward + optimizer step on real batches held in memory, patches/s."""
+    net = build_net(cfg.model, dm.num_classes, dm.input_size)
+    optimizer = instantiate(cfg.optimizer)(params=net.parameters())
+    seconds = []
+    for x, y in [*batches[:5], *batches]:  # the first five warm up (oneDNN picks its kernels)
+        t0 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seconds.append(time.perf_counter() - t0)
+    return step_rate(seconds[5:], len(batches[0][1]))
+
+
+class StepTimer(pl.Callback):
+    """Wall time of every training step of the last epoch, from one batch's end to the next (so data
+    loading, transfer, logging and metrics are all in it), and of the whole epoch."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = self.last = time.perf_counter()
+        self.seconds: list[float] = []
+        self.n = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        now = time.perf_counter()
+        self.seconds.append(now - self.last)
+        self.last, self.n = now, self.n + len(batch[1])
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epoch_rate = self.n / (time.perf_counter() - self.start)
+
+
+def end_to_end_rate(cfg: Any, dm: ShardDataModule, out: Path) -> tuple[float, float]:
+    """(c) Lightning fit over the shards with the real module, metrics, CSV logger and progress bar.
+
+    Returns the best-window rate of the second epoch and that epoch's overall rate (with its start-up).
+    """
+    net = build_net(cfg.model, dm.num_classes, dm.input_size)
+    module = PatchClassifier(net, optimizer=instantiate(cfg.optimizer), classes=list(dm.classes),
+                             input_size=dm.input_size)
+    timer = StepTimer()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, limit_val_batches=0, num_sanity_val_steps=0,
+                         logger=CSVLogger(out / "run"), enable_checkpointing=False, enable_model_summary=False,
+                         callbacks=[instantiate(cfg.callbacks.progress_bar), timer], log_every_n_steps=50)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        trainer.fit(module, datamodule=dm)
+    return step_rate(timer.seconds[1:], dm.loader.batch_size), timer.epoch_rate
+
+
+class PatchFiles(Dataset):
+    """One PNG file per patch, label from the class folder: the tutorial's image-layer input."""
+
+    def __init__(self, root: Path, classes: list[str]) -> None:
+        self.items = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).glob("*.png"))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        path, label = self.items[i]
+        return np.asarray(Image.open(path).convert("RGB")), label
+
+
+class CollateTransform:
+    """Stack decoded patches and apply the shard loader's batch transform, so only the reading differs."""
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+
+    def __call__(self, samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(np.stack([s[0] for s in samples]))
+        return self.transform(x), torch.tensor([s[1] for s in samples])
+
+
+def write_pngs(dm: ShardDataModule, root: Path, count: int) -> None:
+    """The first `count` training patches of the shard loader (no crop yet) as PNG files, once."""
+    done = root / ".complete"
+    if done.is_file() and int(done.read_text()) >= count:
+        return
+    from histoflow.data.datamodule import shard_pipeline
+
+    raw = shard_pipeline(dm.split.train, lambda x: x, dm.loader.batch_size, train=False)
+    n = 0
+    for patches, labels in raw:
+        for patch, label in zip(patches.numpy(), labels.tolist()):
+            folder = root / dm.classes[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(patch).save(folder / f"{n:07d}.png")
+            n += 1
+            if n >= count:
+                done.write_text(str(n))
+                return
+    done.write_text(str(n))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_data = Path(os.environ.get("HISTOFLOW_DATA", REPO.parent / "shared" / "data"))
+    parser.add_argument("--data", type=Path, default=default_data)
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "histoflow-bench")
+    parser.add_argument("--batches", type=int, default=100, help="batches per timed pass")
+    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: the recipe's)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a floor is missed")
+    args = parser.parse_args()
+    lymphoma = args.data / "lymphoma"
+    if not lymphoma.is_dir():
+        print(f"{lymphoma}: not found. Fix: pass --data or set HISTOFLOW_DATA to the folder holding lymphoma/")
+        return 2
+    workers = args.workers
+    if workers is None:
+        workers = int(OmegaConf.load(REPO / "conf" / "data" / "lymphoma.yaml").loader.num_workers)
+    cfg = recipe(lymphoma, args.out, args.batches, workers)
+    dm: ShardDataModule = instantiate(cfg.data, fold=cfg.fold)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        dm.prepare_data()
+        dm.setup("fit")
+    batch = dm.loader.batch_size
+    print(f"lymphoma fold {cfg.fold}: {dm.split.samples['train']:,} training patches; batch {batch}, "
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+
+    png_root = args.out / "png-patches"
+    write_pngs(dm, png_root, args.batches * batch)
+    files = PatchFiles(png_root, list(dm.classes))
+    collate = CollateTransform(dm.transform(train=True))
+    shards = png = 0.0
+    for n_workers in sorted({0, workers}):  # each loader at its best worker count, on the same footing
+        dm.loader.num_workers = n_workers
+        rate_a, n = loader_rate(dm.train_dataloader())
+        print(f"(a) loader only, shards, {n_workers} worker(s):            {rate_a:9,.0f} patches/s "
+              f"(best of 3 passes of {n:,})")
+        rate_d, n = loader_rate(DataLoader(files, batch_size=batch, shuffle=True, num_workers=n_workers,
+                                           collate_fn=collate, drop_last=True, persistent_workers=n_workers > 0))
+        print(f"(d) loader only, one PNG per patch, {n_workers} worker(s): {rate_d:9,.0f} patches/s "
+              f"(best of 3 passes of {n:,})")
+        shards, png = max(shards, rate_a), max(png, rate_d)
+    dm.loader.num_workers = workers
+
+    in_memory = [(x.clone(), y.clone()) for x, y in dm.train_dataloader()]
+    step = train_step_rate(cfg, dm, in_memory)
+    del in_memory
+    print(f"(b) training step, in memory:       {step:9,.0f} patches/s (best 10 steps)")
+    e2e, e2e_epoch = end_to_end_rate(cfg, dm, args.out)
+    print(f"(c) end-to-end training, shards:    {e2e:9,.0f} patches/s (best 10 steps; {e2e_epoch:,.0f} over "
+          f"the whole epoch with its start-up), {workers} worker(s)")
+
+    floors = [(f"(c)/(b) = {e2e / step:.2f}", e2e / step, FLOOR_END_TO_END),
+              (f"best (a)/best (d) = {shards / png:.1f}", shards / png, FLOOR_SHARDS_VS_PNG)]
+    missed = False
+    for text, value, floor in floors:
+        ok = value >= floor
+        missed |= not ok
+        print(f"{text:24s} floor {floor:g}: {'ok' if ok else 'MISSED'}")
+    return 1 if (args.check and missed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Cross-validation summary of a multirun: per-fold test metrics, mean ± sd, pooled confusion matrix.
+
+Runs by itself at the end of `python train.py -m fold=1,2,3,4,5` (a Hydra callback in conf/train.yaml),
+or later on any multirun folder: `python -m histoflow.summary outputs/train/multirun/<date>`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from histoflow.reports import folds_markdown, read_confusion_csv, save_confusion_matrix, summarize_folds
+from histoflow.training import METRICS_FILE
+
+log = logging.getLogger(__name__)
+CONFUSION_FILE = "confusion_test.csv"  # written by PatchClassifier at the end of testing
+
+
+def _job_number(path: Path) -> tuple[int, str]:
+    name = path.parent.name
+    return (int(name), name) if name.isdigit() else (sys.maxsize, name)
+
+
+def summarize_sweep(sweep_dir: str | Path) -> Path | None:
+    """Write summary.md, summary.json and confusion_pooled.csv/png into sweep_dir; None when no job finished."""
+    sweep_dir = Path(sweep_dir)
+    per_fold: dict[str, dict[str, float]] = {}
+    pooled: np.ndarray | None = None
+    classes: list[str] | None = None
+    for metrics_path in sorted(sweep_dir.glob(f"*/{METRICS_FILE}"), key=_job_number):
+        metrics: dict[str, Any] = json.loads(metrics_path.read_text())
+        key = f"fold {metrics['fold']}"
+        if key in per_fold:  # a sweep over more than folds: say which job
+            key += f" (job {metrics_path.parent.name})"
+        per_fold[key] = {k: v for k, v in metrics.items() if isinstance(v, float) and not k.startswith("train/")}
+        confusion_path = metrics_path.parent / CONFUSION_FILE
+        if confusion_path.is_file():
+            cm, names = read_confusion_csv(confusion_path)
+            if classes not in (None, names):
+                raise ValueError(f"{confusion_path}: classes {names} differ from the other folds' {classes}")
+            pooled, classes = (cm if pooled is None else pooled + cm), names
+    if not per_fold:
+        log.warning("no %s under %s: no job finished, no summary", METRICS_FILE, sweep_dir)
+        return None
+
+    summary = summarize_folds(per_fold)
+    shown = sorted(m for m in summary if m.startswith("test/")) + sorted(m for m in summary if m.endswith("_best"))
+    lines = [f"# Cross-validation summary: {sweep_dir}", "", f"{len(per_fold)} runs; mean ± sd (ddof=1) over runs.",
+             "", folds_markdown(per_fold, summary, shown)]
+    if pooled is not None and classes is not None:
+        save_confusion_matrix(pooled, classes, sweep_dir / "confusion_pooled", f"pooled test folds ({len(per_fold)})")
+        lines += ["## Pooled test confusion matrix (rows: true, columns: predicted)", "",
+                  "| true \\ predicted | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
+        rows = zip(classes, pooled.tolist())
+        lines += [f"| {name} | " + " | ".join(str(v) for v in row) + " |" for name, row in rows]
+        lines += ["", "![pooled confusion matrix](confusion_pooled.png)", ""]
+    out = sweep_dir / "summary.md"
+    out.write_text("\n".join(lines))
+    (sweep_dir / "summary.json").write_text(json.dumps(
+        {"per_fold": per_fold, "summary": summary, "pooled_confusion": None if pooled is None else pooled.tolist(),
+         "classes": classes}, indent=1))
+    log.info("cross-validation summary: %s\n%s", out, folds_markdown(per_fold, summary, shown))
+    return out
+
+
+class FoldSummary(Callback):
+    """Hydra callback: summarise the folds once every job of a multirun has returned."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        summarize_sweep(config.hydra.sweep.dir)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m histoflow.summary <multirun folder>")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    written = summarize_sweep(sys.argv[1])
+    sys.exit(0 if written else f"no {METRICS_FILE} found under {sys.argv[1]}")

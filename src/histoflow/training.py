@@ -1,0 +1,110 @@
+"""One training run: fit on the training part of a fold, keep the best epoch by validation, test it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, read_write
+from pytorch_lightning.loggers import CSVLogger
+
+from histoflow.module import PatchClassifier, build_net
+from histoflow.reports import plot_training_curves
+from histoflow.tracking import configure_wandb, finish_wandb
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "test_metrics.json"  # what the multirun summary reads from every job folder
+
+
+def _ddp_children_rerun_this_job() -> None:
+    """In a multirun, make Lightning's DDP child processes re-run this job instead of the whole sweep."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hydra_cfg = HydraConfig.get()
+    # Lightning re-runs sys.argv plus hydra.run.dir=<HydraConfig run.dir> in each child process.
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
+def merge_csv_metrics(csv_root: Path, out_csv: Path) -> Path | None:
+    """Concatenate the CSV logger's version_*/metrics.csv (one per start or resume) into one file."""
+    parts = sorted(csv_root.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[-1]))
+    rows: list[dict[str, str]] = []
+    columns: dict[str, None] = {}
+    for part in parts:
+        with part.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns.update(dict.fromkeys(reader.fieldnames or []))
+            rows += list(reader)
+    if not rows:
+        return None
+    with out_csv.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out_csv
+
+
+def _write_reports(trainer: pl.Trainer, output_dir: Path) -> None:
+    """All of this run's metrics in <run>/metrics.csv and its curves in <run>/training_curves.png."""
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            merged = merge_csv_metrics(Path(logger.root_dir), output_dir / "metrics.csv")
+            if merged is not None:
+                plot_training_curves(merged, output_dir / "training_curves.png")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, test the best checkpoint on the held-out fold, and return the metrics (floats) and paths."""
+    configure_wandb()
+    _ddp_children_rerun_this_job()
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # The data decides the net's head and input size, so it is prepared before the net is built.
+    datamodule = hydra.utils.instantiate(cfg.data, fold=cfg.fold)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    net = build_net(cfg.model, datamodule.num_classes, datamodule.input_size)
+    module = PatchClassifier(
+        net,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.get("scheduler")),
+        classes=list(datamodule.classes),
+        input_size=datamodule.input_size,
+        config=OmegaConf.to_container(cfg, resolve=True),  # in the checkpoint and, as hparams, in every logger
+    )
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        checkpoint = trainer.checkpoint_callback
+        best_path = getattr(checkpoint, "best_model_path", "") or None
+        best_score = getattr(checkpoint, "best_model_score", None)
+        metrics[f"{cfg.monitor}_best"] = float(best_score) if best_score is not None else metrics.get(cfg.monitor)
+        if trainer.is_global_zero:
+            _write_reports(trainer, output_dir)
+        if cfg.get("test"):
+            if best_path is None:
+                log.warning("no best checkpoint (fast_dev_run or no checkpoint callback): testing the current weights")
+            trainer.test(module, datamodule=datamodule, ckpt_path=best_path)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+        metrics.update(fold=str(cfg.fold), best_checkpoint=best_path, output_dir=str(output_dir))
+        if trainer.is_global_zero:
+            (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+        return metrics
+    finally:
+        finish_wandb()  # also on failure: a multirun's next job must not log into this job's run

@@ -1,0 +1,164 @@
+"""Tests for histoflow.reports: confusion CSV/PNG, fold summaries and training curves."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from histoflow.reports import (
+    confusion_figure,
+    folds_markdown,
+    plot_training_curves,
+    read_confusion_csv,
+    save_confusion_matrix,
+    summarize_folds,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CLASSES = ["CLL", "FL", "MCL"]
+CM = np.array([[50, 3, 1], [4, 20, 0], [0, 2, 5]])
+
+
+def assert_valid_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    image = matplotlib.image.imread(path)
+    height, width = image.shape[:2]
+    assert 200 <= height <= 3000 and 200 <= width <= 3000
+
+
+def test_confusion_csv_round_trip_and_png(tmp_path: Path) -> None:
+    csv_path, png_path = save_confusion_matrix(CM, CLASSES, tmp_path / "nested" / "fold0_cm", title="fold 0")
+    assert csv_path == tmp_path / "nested" / "fold0_cm.csv"
+    assert png_path == tmp_path / "nested" / "fold0_cm.png"
+    assert csv_path.read_text().splitlines()[0] == "true\\predicted,CLL,FL,MCL"
+    cm, classes = read_confusion_csv(csv_path)
+    assert classes == CLASSES
+    assert cm.dtype.kind == "i"
+    np.testing.assert_array_equal(cm, CM)
+    assert_valid_png(png_path)
+    assert png_path.stat().st_size < 200_000
+
+
+def test_confusion_csv_round_trip_float_exact(tmp_path: Path) -> None:
+    cm = np.array([[0.1, 1 / 3], [2.5, 7.0]])
+    csv_path, _ = save_confusion_matrix(cm, ["a", "b"], tmp_path / "cm")
+    back, classes = read_confusion_csv(csv_path)
+    assert classes == ["a", "b"]
+    assert np.array_equal(back, cm)
+
+
+def test_read_confusion_csv_pools_folds(tmp_path: Path) -> None:
+    save_confusion_matrix(CM, CLASSES, tmp_path / "f0")
+    save_confusion_matrix(2 * CM, CLASSES, tmp_path / "f1")
+    pooled = sum(read_confusion_csv(tmp_path / f"f{k}.csv")[0] for k in range(2))
+    np.testing.assert_array_equal(pooled, 3 * CM)
+
+
+def test_confusion_figure_labels_and_accuracy() -> None:
+    fig = confusion_figure(CM, CLASSES, title="test")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "predicted"
+    assert ax.get_ylabel() == "true"
+    assert f"{75 / 85:.3f}" in ax.get_title()
+    # Every cell carries its count, and the recall of each class is on its row label.
+    texts = [t.get_text() for t in ax.texts]
+    assert sorted(texts) == sorted(str(v) for v in CM.ravel())
+    ylabels = [t.get_text() for t in ax.get_yticklabels()]
+    assert "93%" in ylabels[0] and "83%" in ylabels[1] and "71%" in ylabels[2]
+
+
+def test_confusion_figure_empty_class_and_bad_shape() -> None:
+    cm = np.array([[3, 1], [0, 0]])
+    fig = confusion_figure(cm, ["a", "b"])
+    assert "n/a" in fig.axes[0].get_yticklabels()[1].get_text()
+    with pytest.raises(ValueError):
+        confusion_figure(cm, ["a", "b", "c"])
+
+
+def test_summarize_folds_matches_numpy() -> None:
+    per_fold = {
+        "fold0": {"acc": 0.8, "f1": 0.7},
+        "fold1": {"acc": 0.9, "f1": 0.6},
+        "fold2": {"acc": 0.75, "f1": 0.65},
+    }
+    summary = summarize_folds(per_fold)
+    acc = np.array([0.8, 0.9, 0.75])
+    assert summary["acc"]["mean"] == pytest.approx(acc.mean())
+    assert summary["acc"]["sd"] == pytest.approx(acc.std(ddof=1))
+    assert summary["acc"]["min"] == 0.75 and summary["acc"]["max"] == 0.9
+    assert summary["acc"]["n"] == 3
+    assert summary["f1"]["sd"] == pytest.approx(np.std([0.7, 0.6, 0.65], ddof=1))
+
+
+def test_summarize_single_fold_has_zero_sd() -> None:
+    summary = summarize_folds({"fold0": {"acc": 0.5}})
+    assert summary["acc"] == {"mean": 0.5, "sd": 0.0, "min": 0.5, "max": 0.5, "n": 1}
+
+
+def test_folds_markdown_rows() -> None:
+    per_fold = {"fold0": {"acc": 0.8, "f1": 0.7}, "fold1": {"acc": 0.9, "f1": 0.6}}
+    text = folds_markdown(per_fold, summarize_folds(per_fold))
+    lines = text.strip().splitlines()
+    assert lines[0] == "| fold | acc | f1 |"
+    body = lines[2:]
+    assert len(body) == len(per_fold) + 1
+    assert body[0] == "| fold0 | 0.800 | 0.700 |"
+    assert body[-1].startswith("| mean ± sd | 0.850 ± 0.071 |")
+    only_f1 = folds_markdown(per_fold, summarize_folds(per_fold), metrics=["f1"])
+    assert "acc" not in only_f1
+
+
+def write_metrics_csv(path: Path, header: list[str], rows: list[dict[str, object]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+    return path
+
+
+def test_plot_training_curves_three_epochs(tmp_path: Path) -> None:
+    header = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "train/loss_epoch"]
+    rows: list[dict[str, object]] = []
+    step = 0
+    for epoch in range(3):
+        # Sparse like CSVLogger: several step rows, one validation row, one epoch-aggregate row.
+        for _ in range(4):
+            rows.append({"epoch": epoch, "step": step, "train/loss": 1.0 / (step + 1), "train/acc": 0.5})
+            step += 1
+        rows.append({"epoch": epoch, "step": step - 1, "val/loss": 0.9 - 0.1 * epoch, "val/acc": 0.6 + 0.1 * epoch,
+                     "val/f1_macro": 0.5 + 0.1 * epoch})
+        rows.append({"epoch": epoch, "step": step - 1, "train/loss_epoch": 0.8 - 0.1 * epoch})
+    csv_path = write_metrics_csv(tmp_path / "metrics.csv", header, rows)
+    out = plot_training_curves(csv_path, tmp_path / "plots" / "curves.png")
+    assert out == tmp_path / "plots" / "curves.png"
+    assert_valid_png(out)
+
+
+def test_plot_training_curves_uses_last_value_per_epoch(tmp_path: Path) -> None:
+    from histoflow.reports import _epoch_series
+
+    rows = [
+        {"epoch": "0", "step": "0", "train/loss": "3.0"},
+        {"epoch": "0", "step": "1", "train/loss": "2.0"},
+        {"epoch": "0", "step": "1", "train/loss": ""},
+        {"epoch": "1", "step": "2", "train/loss": "1.0"},
+    ]
+    assert _epoch_series(rows, "train/loss") == ([0, 1], [2.0, 1.0])
+    assert _epoch_series(rows, "val/loss") == ([], [])
+
+
+def test_plot_training_curves_single_epoch_without_val(tmp_path: Path) -> None:
+    rows = [{"epoch": 0, "step": s, "train/loss": 1.0 - 0.1 * s} for s in range(3)]
+    csv_path = write_metrics_csv(tmp_path / "metrics.csv", ["epoch", "step", "train/loss"], rows)
+    out = plot_training_curves(csv_path, tmp_path / "curves.png")
+    assert_valid_png(out)
+
+
+def test_plot_training_curves_header_only(tmp_path: Path) -> None:
+    csv_path = write_metrics_csv(tmp_path / "metrics.csv", ["epoch", "step"], [])
+    assert_valid_png(plot_training_curves(csv_path, tmp_path / "curves.png"))

@@ -1,0 +1,347 @@
+"""Training: every config composes, every experiment runs, multirun + W&B offline + summary, DDP, resume.
+
+All on CPU with tiny synthetic images made here; the slow tests run train.py in subprocesses.
+Deselect them with `-m "not slow"`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torchvision
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from PIL import Image
+
+from histoflow.module import build_net, load_classifier
+from histoflow.reports import read_confusion_csv
+from histoflow.training import train
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment"]
+CLASSES = ["CLL", "FL", "MCL"]  # the lymphoma config's classes, so data=lymphoma works unchanged
+SUBPROCESS_TIMEOUT_S = 300
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Leave no trace for other tests: WANDB_* variables (train() sets them) and Hydra's global state."""
+    for name in ("WANDB_MODE", "WANDB_SILENT", "WANDB_CONSOLE", "WANDB_INIT_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)  # monkeypatch restores them as they were
+    yield
+    HydraConfig.instance().cfg = None  # else Lightning would think a later test runs under Hydra
+    GlobalHydra.instance().clear()
+
+
+def make_images(root: Path, widths: tuple[int, ...]) -> Path:
+    """10 RGB images per class, 68 px high and of the given widths in turn; the classes differ in colour."""
+    rng = np.random.default_rng(0)
+    for name, tint in zip(CLASSES, [(200, 120, 160), (120, 160, 200), (160, 200, 120)]):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            pixels = np.clip(rng.normal(tint, 40, (68, widths[i % len(widths)], 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{name}-{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Images 100, 132 or 164 px wide (12, 16 or 20 patches of 36 px with the two rotations), so shards
+    hold unequal numbers of patches; prepared once into <tiny>/work by the first test that trains."""
+    base = tmp_path_factory.mktemp("tiny")
+    make_images(base / "images", widths=(100, 132, 164))
+    return base
+
+
+def tiny_overrides(base: Path) -> list[str]:
+    """<base>/images as data, in shards of two images or one (30+ patches), so of unequal sizes; outputs
+    under base; no loader worker processes."""
+    return [
+        f"data.root={base / 'images'}",
+        f"paths.data_dir={base / 'work'}",
+        f"paths.log_dir={base / 'logs'}",
+        f"paths.cache_dir={base / 'cache'}",
+        "data.shards.samples_per_shard=30",
+        "data.shards.workers=1",
+        "++data.loader.batch_size=16",
+        "++data.loader.eval_batch_size=64",
+        "++data.loader.num_workers=0",
+        "++data.loader.shuffle_buffer=64",
+        "trainer.max_epochs=1",
+        "trainer.log_every_n_steps=1",
+    ]
+
+
+def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
+    """The real train.yaml with overrides, as @hydra.main would give it to train() (hydra node removed)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        HydraConfig().set_config(cfg)  # ${hydra:...} resolves as in a real run
+        del cfg["hydra"]
+    return cfg
+
+
+def _tensorboard_installed() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+
+
+def env_without_wandb_account(tmp: Path) -> dict[str, str]:
+    """This environment with no W&B key, mode or netrc (W&B must decide offline by itself), one thread."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["NETRC"] = str(tmp / "no-netrc")
+    env["PYTHONUNBUFFERED"] = "1"
+    env["OMP_NUM_THREADS"] = "1"  # tiny nets gain nothing from threads, and a shared CPU makes them wait
+    return env
+
+
+def run_train(args: list[str], env: dict[str, str], timeout: float = SUBPROCESS_TIMEOUT_S) -> None:
+    """python train.py ARGS, which must succeed within timeout seconds."""
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    output = f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, f"train.py {' '.join(args)} failed:\n{output}"
+
+
+def prepared_record(base: Path) -> dict:
+    """The completion record of the tiny data set prepared under base (one data set, one record)."""
+    (record,) = (base / "work" / "prepared").glob("*/dataset.json")
+    return json.loads(record.read_text())
+
+
+def checkpoint_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- configuration -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_group_option_composes(group: str, tiny: Path, tmp_path: Path) -> None:
+    options = group_options(group)
+    assert options, f"conf/{group}/ has no options"
+    for option in options:
+        cfg = compose_train([*tiny_overrides(tiny), f"{group}={option}"], tmp_path)
+        plain = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+        assert plain["output_dir"] == str(tmp_path)
+        if group == "model":
+            net = build_net(cfg.model, num_classes=3, input_size=64)  # torchvision's alexnet needs >= 63 px
+            with torch.no_grad():
+                assert net.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+        if group == "optimizer":
+            param = torch.nn.Parameter(torch.zeros(2))
+            assert isinstance(instantiate(cfg.optimizer)(params=[param]), torch.optim.Optimizer)
+        if group == "scheduler":
+            optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+            assert hasattr(instantiate(cfg.scheduler)(optimizer=optimizer), "step")
+        if group in ("callbacks", "trainer"):
+            for node in cfg.callbacks.values():
+                assert isinstance(instantiate(node), pl.Callback)
+        if group == "trainer" and cfg.trainer.accelerator != "gpu":
+            assert isinstance(instantiate(cfg.trainer, logger=False), pl.Trainer)
+        if group == "logger":
+            assert "csv" in cfg.logger, f"logger={option} must include the CSV logger"
+            for name, node in cfg.logger.items():
+                if name == "tensorboard" and not _tensorboard_installed():
+                    continue  # an optional package; the config composed and resolved above
+                assert isinstance(instantiate(node), pl.loggers.Logger)
+
+
+def test_gpu_trainer_is_bf16_channels_last(tiny: Path, tmp_path: Path) -> None:
+    cfg = compose_train([*tiny_overrides(tiny), "trainer=gpu"], tmp_path)
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
+    assert cfg.callbacks.channels_last._target_ == "histoflow.callbacks.ChannelsLast"
+    assert "model_checkpoint" in cfg.callbacks  # the default callbacks are still there
+
+
+def test_slurm_launcher_composes(tiny: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[*tiny_overrides(tiny), "hydra/launcher=slurm", "trainer=ddp"],
+                      return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert launcher["tasks_per_node"] == 2 and launcher["nodes"] == 1
+
+
+# --- W&B mode and the fold summary -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "offline"),  # no key at all
+        ({"WANDB_MODE": "disabled"}, "disabled"),  # the user's choice wins
+        ({"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}, "offline"),  # key, no server
+        ({"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "LISTENING"}, "online"),
+    ],
+)
+def test_wandb_mode(env: dict[str, str], expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from histoflow.tracking import configure_wandb
+
+    for name in ("WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        for name, value in env.items():
+            monkeypatch.setenv(name, f"http://127.0.0.1:{server.getsockname()[1]}" if value == "LISTENING" else value)
+        assert configure_wandb() == expected
+    assert os.environ["WANDB_MODE"] == expected and os.environ["WANDB_SILENT"] == "true"
+
+
+def test_summarize_sweep(tmp_path: Path) -> None:
+    from histoflow.reports import save_confusion_matrix
+    from histoflow.summary import summarize_sweep
+
+    for job, (fold, acc) in enumerate([("1", 0.5), ("2", 0.75), ("3", 1.0)]):
+        run = tmp_path / str(job)
+        run.mkdir()
+        (run / "test_metrics.json").write_text(json.dumps({"fold": fold, "test/acc_macro": acc, "train/loss": 0.1,
+                                                           "best_checkpoint": None}))
+        save_confusion_matrix(np.eye(3, dtype=np.int64) * (job + 1), CLASSES, run / "confusion_test")
+    summary = summarize_sweep(tmp_path).read_text()
+    assert "| fold 3 | 1.000 |" in summary and "| mean ± sd | 0.750 ± 0.250 |" in summary
+    assert "train/loss" not in summary
+    cm, classes = read_confusion_csv(tmp_path / "confusion_pooled.csv")
+    assert classes == CLASSES and np.array_equal(cm, np.eye(3, dtype=np.int64) * 6)
+    assert summarize_sweep(tmp_path / "0" / "checkpoints") is None  # no finished job there
+
+
+# --- in-process runs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_experiment_fast_dev_run(experiment: str, tmp_path: Path) -> None:
+    make_images(tmp_path / "images", widths=(100,))  # equal sizes: tile data sets need them
+    overrides = [f"experiment={experiment}", *tiny_overrides(tmp_path), "trainer.fast_dev_run=true", "logger=csv"]
+    cfg = compose_train(overrides, tmp_path / "run")
+    if "weights" in cfg.model:
+        cfg.model.weights = None  # no network in tests: random initialisation instead of a download
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test/acc_macro"] <= 1.0 and np.isfinite(metrics["test/loss"])
+    cm, classes = read_confusion_csv(tmp_path / "run" / "confusion_test.csv")
+    assert classes == CLASSES and cm.sum() > 0
+    assert (tmp_path / "run" / "confusion_test.png").is_file() and (tmp_path / "run" / "test_metrics.json").is_file()
+
+
+def test_swap_model_and_optimizer_on_the_command_line(tiny: Path, tmp_path: Path) -> None:
+    overrides = [*tiny_overrides(tiny), "model=resnet18", "optimizer=sgd", "logger=csv",
+                 "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+    metrics = train(compose_train(overrides, tmp_path))
+    classifier = load_classifier(metrics["best_checkpoint"])
+    assert isinstance(classifier.model, torchvision.models.ResNet) and classifier.model.fc.out_features == 3
+    assert classifier.hparams.config["optimizer"]["_target_"] == "torch.optim.SGD"
+    assert classifier.classes == CLASSES
+    saved = checkpoint_state(Path(metrics["best_checkpoint"]))
+    assert saved["global_step"] == 2 and saved["hyper_parameters"]["config"]["fold"] == 1
+    # Every metric is in the CSV log, and the curves are drawn from it.
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss_epoch", "val/acc_macro", "val/acc_micro", "val/f1_macro"} <= set(header)
+    assert (tmp_path / "training_curves.png").is_file()
+
+
+# --- subprocess runs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_multirun_two_folds_offline_wandb_and_summary(tiny: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "multirun"
+    run_train(["-m", "fold=1,2", *tiny_overrides(tiny), f"hydra.sweep.dir={sweep}", "logger=wandb",
+               "trainer.max_epochs=2"], env_without_wandb_account(tmp_path))
+    pooled = np.zeros((3, 3), dtype=np.int64)
+    for job, fold in (("0", "1"), ("1", "2")):
+        run = sweep / job
+        assert (run / "checkpoints" / "last.ckpt").is_file()
+        assert checkpoint_state(run / "checkpoints" / "last.ckpt")["hyper_parameters"]["config"]["fold"] == int(fold)
+        assert (run / "csv" / "version_0" / "metrics.csv").is_file() and (run / "metrics.csv").is_file()
+        offline_runs = list((run / "wandb").glob("offline-run-*"))
+        assert len(offline_runs) == 1, f"job {job}: expected one offline W&B run, found {offline_runs}"
+        assert list(offline_runs[0].glob("run-*.wandb")), "the offline run has no data file"
+        assert json.loads((run / "test_metrics.json").read_text())["fold"] == fold
+        pooled += read_confusion_csv(run / "confusion_test.csv")[0]
+    summary = (sweep / "summary.md").read_text()
+    assert "| fold 1 |" in summary and "| fold 2 |" in summary and "mean ± sd" in summary
+    saved = json.loads((sweep / "summary.json").read_text())
+    assert saved["summary"]["test/acc_macro"]["n"] == 2.0
+    assert np.array_equal(read_confusion_csv(sweep / "confusion_pooled.csv")[0], pooled)
+    # One W&B run per fold, named by fold: the offline run files hold their own name and not the other's.
+    for job, fold, other in (("0", 1, 2), ("1", 2, 1)):
+        data = next((sweep / job / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+        assert f"lymphoma-alexnet32-fold{fold}".encode() in data
+        assert f"lymphoma-alexnet32-fold{other}".encode() not in data
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_unequal_shards(tiny: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "ddp"
+    # A multirun of one job: Lightning's DDP child process must re-run this job, not the whole sweep.
+    run_train(["-m", "fold=2", *tiny_overrides(tiny), "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+               "logger=csv", f"hydra.sweep.dir={sweep}"], env_without_wandb_account(tmp_path), timeout=240)
+    # The two ranks had unequal shares (every other shard each) of shards of unequal sizes.
+    sizes = [s["samples"] for s in prepared_record(tiny)["shards"] if s["fold"] != "2" and s["part"] == "fit"]
+    assert len(set(sizes)) > 1 and sum(sizes[0::2]) != sum(sizes[1::2]), f"shards not unequal enough: {sizes}"
+    ckpt = checkpoint_state(sweep / "0" / "checkpoints" / "last.ckpt")
+    assert ckpt["epoch"] == 0 and ckpt["global_step"] > 0
+    assert json.loads((sweep / "0" / "test_metrics.json").read_text())["fold"] == "2"
+    assert not list(sweep.glob("1")), "the DDP child started a second job"
+    assert (sweep / "summary.md").is_file()
+
+
+@pytest.mark.slow
+def test_resume_after_kill_reaches_the_same_end_state(tiny: Path, tmp_path: Path) -> None:
+    env = env_without_wandb_account(tmp_path)
+    # Long enough epochs that the kill lands mid-run; num_workers=0 so every draw follows EpochSeed.
+    args = [*tiny_overrides(tiny), "logger=csv", "trainer.max_epochs=3", "++data.loader.epoch_batches=8",
+            "++data.loader.batch_size=8", "test=false"]
+    unbroken, killed = tmp_path / "unbroken", tmp_path / "killed"
+    run_train([*args, f"hydra.run.dir={unbroken}"], env)
+
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={killed}"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # os.kill(pid, SIGKILL), unless it has already ended and been reaped
+    assert proc.wait(timeout=30) == -signal.SIGKILL, "train.py ended before it could be killed mid-way"
+    assert checkpoint_state(last)["epoch"] < 2, "the kill came too late to test a resume"
+
+    run_train([*args, f"hydra.run.dir={killed}", "ckpt_path=last"], env)
+    ends = [checkpoint_state(run / "checkpoints" / "last.ckpt") for run in (unbroken, killed)]
+    assert ends[0]["global_step"] == ends[1]["global_step"] == 3 * 8
+    for key, value in ends[0]["state_dict"].items():
+        assert torch.equal(value, ends[1]["state_dict"][key]), f"{key} differs after resume"
+    # The curves of both parts of the killed run are merged into one metrics file.
+    assert len(list((killed / "csv").glob("version_*"))) == 2
+    with (killed / "metrics.csv").open(newline="") as handle:
+        epochs = {row["epoch"] for row in csv.DictReader(handle) if row["val/acc_macro"]}
+    assert epochs == {"0", "1", "2"}
