@@ -1,7 +1,26 @@
-"""Whole-image and whole-slide prediction (issue: prediction by patch voting) -- not yet available."""
+"""Predict whole images by patch voting: `python predict.py ckpt_path=<.ckpt | run | multirun> [images=...]`.
 
-import sys
+    python predict.py ckpt_path=outputs/train/multirun/<date>             # k-fold report on held-out images
+    python predict.py ckpt_path=<run>/checkpoints/<best>.ckpt images=dir/  # predictions.csv, no labels needed
+    python predict.py ckpt_path=... aggregate=mean tta=true grid.stride=16
+
+Everything is in conf/predict.yaml; the work is done in histoflow.inference.predict.predict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from histoflow.inference.predict import predict
+
+
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="predict")
+def main(cfg: DictConfig) -> None:
+    predict(cfg)
+
 
 if __name__ == "__main__":
-    sys.exit("predict.py is not implemented yet: whole-image voting and slide maps land with the prediction issue. "
-             "Meanwhile `python train.py` reports image-patch test metrics per fold.")
+    main()

@@ -1,0 +1,171 @@
+"""Trained models for prediction: find the fold checkpoints of a run, load them safely, rebuild their preprocessing.
+
+A checkpoint is read with torch.load(weights_only=True), so it cannot run pickled code, and the net
+is rebuilt from the config stored in it only when every `_target_` there is on a trusted list.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from histoflow.data.prepare import prepare_dataset
+from histoflow.data.transforms import PatchTransform
+from histoflow.module import PatchClassifier, load_classifier
+from histoflow.training import METRICS_FILE
+
+log = logging.getLogger(__name__)
+DATAMODULE_STATE = "ShardDataModule"  # Lightning saves the datamodule's state_dict() under its class name
+TRUSTED_TARGETS = ("histoflow.models.", "torchvision.models.", "torch.optim.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for this prediction; the message names the file and the fix."""
+
+
+@dataclass
+class FoldModel:
+    """One trained model ready to predict: its net, its evaluation transform and what it was trained on."""
+
+    path: Path
+    fold: str
+    classes: list[str]
+    net: nn.Module
+    transform: PatchTransform
+    config: dict[str, Any]  # the full resolved training config
+
+    @property
+    def patch_size(self) -> int:
+        """Side of the windows the transform expects (the training patch side)."""
+        return self.transform.side
+
+
+def _job_key(path: Path) -> tuple[int, str]:
+    name = path.parent.name
+    return (int(name), name) if name.isdigit() else (1 << 30, name)
+
+
+def _best_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a finished training run tested: `best_checkpoint` of its metrics file."""
+    metrics = json.loads((run_dir / METRICS_FILE).read_text())
+    best = metrics.get("best_checkpoint")
+    if best:
+        for candidate in (Path(best), run_dir / "checkpoints" / Path(best).name):  # the run folder may have moved
+            if candidate.is_file():
+                return candidate
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.warning("%s names no existing best checkpoint (%s): using %s", run_dir / METRICS_FILE, best, last)
+        return last
+    raise CheckpointError(f"{run_dir}: its best checkpoint {best} is missing and there is no checkpoints/last.ckpt. "
+                          "Fix: pass ckpt_path=<a .ckpt file>")
+
+
+def find_checkpoints(ckpt_path: str | Path) -> list[Path]:
+    """The checkpoint files of a .ckpt path, a training run folder, or a multirun folder (one per job, in job order)."""
+    path = Path(ckpt_path).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise CheckpointError(f"ckpt_path={ckpt_path}: no such file or folder. Fix: pass a .ckpt file, a training "
+                              "run folder or a multirun folder (python train.py -m fold=1,2,3,4,5)")
+    if (path / METRICS_FILE).is_file():
+        return [_best_checkpoint(path)]
+    jobs = sorted(path.glob(f"*/{METRICS_FILE}"), key=_job_key)
+    unfinished = sorted(d for d in path.iterdir() if (d / ".hydra").is_dir() and not (d / METRICS_FILE).is_file())
+    if unfinished:
+        log.warning("jobs without %s (not finished) left out: %s", METRICS_FILE, ", ".join(map(str, unfinished)))
+    if not jobs:
+        raise CheckpointError(f"{path}: no finished training run here (no {METRICS_FILE} in it or its sub-folders). "
+                              "Fix: pass a .ckpt file or the folder that train.py wrote")
+    return [_best_checkpoint(j.parent) for j in jobs]
+
+
+def untrusted_targets(config: Any, trusted: Iterable[str]) -> list[str]:
+    """Every `_target_` in a (nested) config that does not start with a trusted prefix."""
+    if isinstance(config, Mapping):
+        own = [str(config["_target_"])] if "_target_" in config else []
+        bad = [t for t in own if not t.startswith(tuple(trusted))]
+        return bad + [t for v in config.values() for t in untrusted_targets(v, trusted)]
+    if isinstance(config, (list, tuple)):
+        return [t for v in config for t in untrusted_targets(v, trusted)]
+    return []
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A histoflow checkpoint's contents, read without running any pickled code."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message: boilerplate around one line that names the opcode or class it would not load
+        detail = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith(
+            ("Weights only load failed", "Check the documentation", "Please file"))]
+        reason = detail[-1] if detail else str(e)
+        if "GLOBAL" not in reason:
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from e
+        raise CheckpointError(f"{path}: refused, it holds pickled objects beyond weights and plain values, which "
+                              f"could run code when loaded ({reason}). Fix: use a checkpoint of train.py") from e
+    except Exception as e:  # torch raises RuntimeError, KeyError, EOFError... for files that are no checkpoint
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    missing = [k for k in ("classes", "input_size", "config") if k not in (hparams or {})]
+    if missing:
+        raise CheckpointError(f"{path}: not a histoflow training checkpoint (hyper_parameters lack {missing}). "
+                              "Fix: use a checkpoint written by train.py")
+    return checkpoint
+
+
+def preprocessing_of(module: PatchClassifier, datamodule_state: Mapping[str, Any] | None = None) -> PatchTransform:
+    """The evaluation transform a model was trained with: centre crop, normalised by its training fold's statistics.
+
+    Sources, first found: hparams["preprocess"]; the datamodule state Lightning saved in the checkpoint;
+    the prepared data set of the training config (prepared again, identically, when it is gone).
+    """
+    hparams = module.hparams
+    if "preprocess" in hparams:
+        p = hparams["preprocess"]
+        return PatchTransform(p["crop"], p["stats"], p["normalize"], train=False)
+    data = hparams["config"]["data"]
+    loader = dict(data.get("loader") or {})
+    if datamodule_state and "stats" in datamodule_state:
+        loader.update(datamodule_state.get("loader") or {})
+        stats = datamodule_state["stats"]
+    else:
+        stats = prepare_dataset(data, quiet=True).stats(hparams["config"]["fold"])
+    return PatchTransform(loader.get("crop", 32), stats, loader.get("normalize", "image"), train=False)
+
+
+def load_fold_model(path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS) -> FoldModel:
+    """A checkpoint as a FoldModel on the CPU, in eval mode, after checking its config may be instantiated."""
+    path = Path(path)
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint["hyper_parameters"]
+    config = hparams["config"]
+    bad = untrusted_targets({"model": config.get("model"), "optimizer": config.get("optimizer")}, trusted)
+    if bad:
+        raise CheckpointError(f"{path}: its config would instantiate {bad}, which are not trusted. Fix: if you trust "
+                              f"this checkpoint, add the prefixes to trusted_targets (now {list(trusted)})")
+    module = load_classifier(path)
+    transform = preprocessing_of(module, checkpoint.get(DATAMODULE_STATE))
+    if hparams["input_size"] and transform.crop != hparams["input_size"]:
+        raise CheckpointError(f"{path}: the net takes {hparams['input_size']}-px inputs but its preprocessing crops "
+                              f"{transform.crop} px. Fix: retrain, or use a checkpoint whose data.loader.crop matches")
+    return FoldModel(path, str(config["fold"]), list(hparams["classes"]), module.model.eval(), transform, config)
+
+
+def check_compatible(models: list[FoldModel], classes: list[str] | None, window: int, where: str) -> None:
+    """Fail, naming the checkpoint, when a model's classes or input patch side differ from the data's."""
+    for m in models:
+        if classes is not None and m.classes != list(classes):
+            raise CheckpointError(f"{m.path}: trained on classes {m.classes}, but {where} has {list(classes)}. "
+                                  "Fix: predict with a model trained on these classes (same names, same order)")
+        if m.patch_size != window:
+            raise CheckpointError(f"{m.path}: trained on {m.patch_size}-px patches, but the grid cuts {window}-px "
+                                  f"windows. Fix: set grid.size={m.patch_size} (or null, the training size)")

@@ -1,0 +1,146 @@
+"""Prediction runs: the k-fold held-out report of a training multirun, or a CSV of predictions for any images."""
+
+from __future__ import annotations
+
+import glob
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from histoflow.data.images import IMAGE_SUFFIXES
+from histoflow.data.patches import PatchConfig
+from histoflow.data.prepare import prepare_dataset
+from histoflow.inference.checkpoints import FoldModel, check_compatible, find_checkpoints, load_fold_model
+from histoflow.inference.report import fold_report, log_wandb, prediction_rows, write_csv, write_problems
+from histoflow.inference.voting import predict_images, tta_views
+
+log = logging.getLogger(__name__)
+
+
+class BadImagesError(ValueError):
+    """Images that could not be predicted (with on_bad_image=error), reported after the others were written."""
+
+
+def list_images(spec: str | Sequence[str]) -> list[Path]:
+    """Image files of a folder (searched recursively), a file, a glob pattern, or a list of these, in order."""
+    found: list[Path] = []
+    for entry in [spec] if isinstance(spec, str) else list(spec):
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif path.is_file():
+            files = [path]
+        else:
+            files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise FileNotFoundError(f"images={entry}: no image files ({' '.join(IMAGE_SUFFIXES)}) found there. "
+                                    "Fix: pass a folder, a file, a glob pattern such as 'dir/**/*.png', or a list")
+        found += files
+    return list(dict.fromkeys(found))  # a file matched twice is predicted once
+
+
+def prediction_grid(cfg: Mapping[str, Any], model: FoldModel) -> PatchConfig:
+    """The grid of cfg.grid, each unset value taken from the model's training patches (36-px windows, stride 32)."""
+    trained = dict(model.config["data"].get("patches") or {})
+    size = cfg.get("size") or trained.get("size")
+    return PatchConfig(size=size, stride=int(cfg.get("stride") or trained.get("stride", 32)), rotations=[0],
+                       resize=trained.get("resize"))
+
+
+def _run_options(cfg: DictConfig) -> dict[str, Any]:
+    """The predict_images arguments of the config."""
+    tta = OmegaConf.to_container(cfg.tta) if OmegaConf.is_config(cfg.tta) else cfg.tta
+    return {"views": tta_views(tta), "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
+            "device": cfg.device, "progress": cfg.progress}
+
+
+def _held_out_report(cfg: DictConfig, models: list[FoldModel], grid: PatchConfig, out: Path,
+                     settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any]]:
+    """Each fold's model on its own held-out images (from the manifest), then the k-fold report.
+
+    Returns the rows of predictions.csv, the images that failed, and what goes to W&B.
+    """
+    by_fold: dict[str, FoldModel] = {}
+    for m in models:
+        if m.fold in by_fold:
+            raise ValueError(f"{m.path} and {by_fold[m.fold].path} both hold out fold {m.fold}: a multirun over more "
+                             "than folds. Fix: pass one job's folder, or a multirun of folds only")
+        by_fold[m.fold] = m
+    overrides = cfg.get("data") or {}
+    rows: list[dict[str, Any]] = []
+    problems: dict[str, str] = {}
+    prepared = None
+    for fold, m in by_fold.items():
+        data = OmegaConf.to_container(OmegaConf.merge(m.config["data"], overrides), resolve=True)
+        found = prepare_dataset(data, quiet=True)  # returns at once when the data set is prepared
+        if prepared is not None and found.path != prepared.path:
+            raise ValueError(f"{m.path} was trained on {found.path}, the other folds on {prepared.path}: "
+                             "one report needs the folds of one data set")
+        prepared = found
+        check_compatible([m], prepared.classes, grid.size, f"the prepared data {prepared.path}")
+        root = Path(overrides["root"]).expanduser() if overrides.get("root") else prepared.root  # images moved
+        held_out = [r for r in prepared.manifest() if r["fold"] == fold]
+        votes = predict_images([root / r["image"] for r in held_out], [(m.net, m.transform)], len(prepared.classes),
+                               grid, description=f"fold {fold}", **_run_options(cfg))
+        extra = [{"fold": fold, "label": r["label"], "checkpoint": str(m.path)} for r in held_out]
+        rows += prediction_rows(votes, prepared.classes, cfg.aggregate, extra)
+        problems.update({votes.paths[i]: why for i, why in votes.problems.items()})
+        log.info("fold %s: %d images in %.1f s (%.1f images/s)", fold, len(held_out), votes.seconds,
+                 len(held_out) / max(votes.seconds, 1e-9))
+    assert prepared is not None  # find_checkpoints returns at least one
+    missing = [f for f in prepared.test_folds if f not in by_fold]
+    if missing:
+        log.warning("folds %s have no model here: their images are not predicted", missing)
+    for r in rows:
+        r["correct"] = r["predicted"] == r["label"]
+    write_csv(rows, out / "predictions.csv")
+    report = fold_report(rows, prepared.classes, out, settings, problems, missing)
+    metrics = {f"predict/{k}": v for k, v in report["pooled"].items()}
+    metrics.update({f"predict/{k}_mean": v["mean"] for k, v in report["summary"].items()})
+    logged = {"metrics": metrics, "images": {"predict/confusion_images": out / "confusion_images.png"},
+              "tables": {"predict/misclassified": report["misclassified"]}}
+    return rows, problems, logged
+
+
+def _images_csv(cfg: DictConfig, models: list[FoldModel], grid: PatchConfig, out: Path,
+                settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any]]:
+    """Any images, no labels: the models' averaged probabilities per patch, votes per image, in predictions.csv."""
+    paths = list_images(cfg.images if isinstance(cfg.images, str) else list(cfg.images))
+    classes = models[0].classes
+    check_compatible(models, classes, grid.size, f"checkpoint {models[0].path}")
+    votes = predict_images(paths, [(m.net, m.transform) for m in models], len(classes), grid, **_run_options(cfg))
+    rows = prediction_rows(votes, classes, cfg.aggregate)
+    write_csv(rows, out / "predictions.csv")
+    problems = {votes.paths[i]: why for i, why in votes.problems.items()}
+    return rows, problems, {"metrics": {"predict/images": float(len(rows))}, "images": {},
+                            "tables": {"predict/predictions": rows}}
+
+
+def predict(cfg: DictConfig) -> dict[str, Any]:
+    """Run one prediction as configured (conf/predict.yaml); returns where the results are and how many."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.on_bad_image not in ("error", "skip"):
+        raise ValueError(f"on_bad_image={cfg.on_bad_image!r}: expected error or skip")
+    models = [load_fold_model(p, cfg.trusted_targets) for p in find_checkpoints(cfg.ckpt_path)]
+    grid = prediction_grid(cfg.grid, models[0])
+    settings = {"ckpt_path": str(cfg.ckpt_path), "checkpoints": [str(m.path) for m in models],
+                "aggregate": cfg.aggregate, "views": len(_run_options(cfg)["views"]),
+                "window": grid.size, "stride": grid.stride}
+    run = _held_out_report if cfg.images is None else _images_csv
+    rows, problems, logged = run(cfg, models, grid, out, settings)
+    if problems:
+        write_problems(problems, out / "problems.csv", "skipped" if cfg.on_bad_image == "skip" else "stopped")
+    if cfg.wandb.enabled:
+        log_wandb(out, settings, {k: v for k, v in cfg.wandb.items() if k != "enabled"}, **logged)
+    log.info("predicted %d images: %s", len(rows), out)
+    if problems and cfg.on_bad_image == "error":
+        raise BadImagesError(f"{len(problems)} image(s) could not be predicted:\n"
+                             + "\n".join(f"  {why}" for why in problems.values())
+                             + f"\nThe other {len(rows)} images' results are written in {out}. Fix: remove or repair "
+                             "these files (windows need images at least as large as grid.size), or set "
+                             "on_bad_image=skip to leave them out (they are listed in problems.csv)")
+    return {"output_dir": str(out), "images": len(rows), "problems": len(problems)}

@@ -1,0 +1,154 @@
+"""Image-level results: prediction tables, the k-fold report (per fold, mean ± sd, pooled confusion), W&B logging."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torchmetrics.functional.classification import multiclass_f1_score
+
+from histoflow.inference.voting import Votes
+from histoflow.reports import folds_markdown, save_confusion_matrix, summarize_folds
+from histoflow.tracking import configure_wandb, finish_wandb
+
+log = logging.getLogger(__name__)
+FOLD_METRICS = ["image/acc", "image/f1_macro", "patch/acc"]
+
+
+def prediction_rows(votes: Votes, classes: list[str], aggregate: str,
+                    extra: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per predicted image: path, any extra columns, predicted class, patch count, votes and mean
+    probability per class (failed images are left out: they are listed as problems)."""
+    labels, mean = votes.labels(aggregate), votes.mean_prob()
+    rows = []
+    for i in votes.ok:
+        row: dict[str, Any] = {"image": votes.paths[i], **(extra[i] if extra else {}),
+                               "predicted": classes[labels[i]], "patches": int(votes.patches[i])}
+        row.update({f"votes_{c}": int(v) for c, v in zip(classes, votes.votes[i])})
+        row.update({f"prob_{c}": round(float(p), 6) for c, p in zip(classes, mean[i])})
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str] | None = None) -> Path:
+    """Rows as a CSV with a header (the first row's keys unless columns are given)."""
+    columns = columns or (list(rows[0]) if rows else ["image"])
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_problems(problems: Mapping[str, str], path: Path, action: str) -> Path:
+    """The images that could not be predicted: path, problem, and what was done (skipped or stopped)."""
+    return write_csv([{"image": p, "problem": why, "action": action} for p, why in problems.items()], path,
+                     ["image", "problem", "action"])
+
+
+def _scores(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, float]:
+    """Image accuracy (micro), image macro F1 (classes absent from truth and predictions ignored), patch accuracy."""
+    target = torch.tensor([classes.index(r["label"]) for r in rows])
+    preds = torch.tensor([classes.index(r["predicted"]) for r in rows])
+    right_patches = sum(r[f"votes_{r['label']}"] for r in rows)
+    return {"image/acc": float((preds == target).float().mean()),
+            "image/f1_macro": float(multiclass_f1_score(preds, target, len(classes), average="macro")),
+            "patch/acc": right_patches / max(1, sum(r["patches"] for r in rows))}
+
+
+def _matrix_markdown(cm: np.ndarray, classes: list[str]) -> list[str]:
+    lines = ["| true \\ predicted | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
+    return lines + [f"| {name} | " + " | ".join(str(v) for v in row) + " |" for name, row in zip(classes, cm.tolist())]
+
+
+def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, settings: Mapping[str, Any],
+                problems: Mapping[str, str] | None = None, missing_folds: Sequence[str] = ()) -> dict[str, Any]:
+    """Write report.json, report.md and confusion_images/confusion_patches (CSV, PNG) of held-out predictions.
+
+    rows need image, fold, label, predicted, patches and votes_<class>; returns the report as a dict.
+    """
+    if not rows:
+        raise ValueError("no image was predicted: nothing to report")
+    folds = list(dict.fromkeys(r["fold"] for r in rows))
+    per_fold = {f"fold {f}": _scores([r for r in rows if r["fold"] == f], classes) for f in folds}
+    summary = summarize_folds(per_fold)
+    pooled = _scores(rows, classes)
+    n = len(classes)
+    truth = np.array([classes.index(r["label"]) for r in rows])
+    preds = np.array([classes.index(r["predicted"]) for r in rows])
+    cm_images = np.bincount(truth * n + preds, minlength=n * n).reshape(n, n)
+    cm_patches = np.zeros((n, n), dtype=np.int64)
+    np.add.at(cm_patches, truth, np.array([[r[f"votes_{c}"] for c in classes] for r in rows]))
+    title = f"{len(rows)} held-out images, {len(folds)} folds"
+    save_confusion_matrix(cm_images, classes, out_dir / "confusion_images", f"images: {title}")
+    save_confusion_matrix(cm_patches, classes, out_dir / "confusion_patches", f"patches: {title}")
+    wrong = [r for r in rows if r["predicted"] != r["label"]]
+    report = {
+        "settings": dict(settings), "classes": classes, "images": len(rows),
+        "images_per_fold": {f: sum(r["fold"] == f for r in rows) for f in folds},
+        "per_fold": per_fold, "summary": summary, "pooled": pooled,
+        "confusion_images": cm_images.tolist(), "confusion_patches": cm_patches.tolist(),
+        "misclassified": wrong, "problems": dict(problems or {}), "missing_folds": list(missing_folds),
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "report.md").write_text(_markdown(report, rows, classes))
+    return report
+
+
+def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[str]) -> str:
+    s, pooled = report["settings"], report["pooled"]
+    right = sum(r["predicted"] == r["label"] for r in rows)
+    lines = [f"# Image-level prediction report: {s.get('ckpt_path', '')}", "",
+             f"{report['images']} images in {len(report['per_fold'])} folds, each predicted only by the model of the "
+             "fold that held it out of training. "
+             f"Aggregate: {s.get('aggregate')}; TTA views: {s.get('views')}; grid: {s.get('window')}-px windows, "
+             f"stride {s.get('stride')}.", "",
+             "## Per fold (mean ± sd, ddof=1, over folds)", "",
+             folds_markdown(report["per_fold"], report["summary"], FOLD_METRICS),
+             "Images per fold: " + ", ".join(f"{f}: {k}" for f, k in report["images_per_fold"].items()) + ".", "",
+             "## Pooled over folds", "", "| metric | value |", "|---|---:|",
+             f"| image accuracy | {pooled['image/acc']:.3f} ({right}/{len(rows)}) |",
+             f"| image macro F1 | {pooled['image/f1_macro']:.3f} |",
+             f"| patch accuracy | {pooled['patch/acc']:.3f} |", "",
+             "## Confusion matrix of images (rows: true, columns: predicted)", "",
+             *_matrix_markdown(np.array(report["confusion_images"]), classes), "",
+             "![image confusion matrix](confusion_images.png)", "",
+             "Patches: `confusion_patches.csv` / `.png`. Every image: `predictions.csv`.", "",
+             f"## Misclassified images ({len(report['misclassified'])})", ""]
+    if report["misclassified"]:
+        lines += ["| image | fold | true | predicted | votes (" + " / ".join(classes) + ") | mean probability |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['image']} | {r['fold']} | {r['label']} | {r['predicted']} | "
+                  + " / ".join(str(r[f"votes_{c}"]) for c in classes) + " | "
+                  + " / ".join(f"{r[f'prob_{c}']:.2f}" for c in classes) + " |" for r in report["misclassified"]]
+    else:
+        lines.append("None.")
+    if report["problems"]:
+        lines += ["", f"## Images not predicted ({len(report['problems'])})", ""]
+        lines += [f"- {why}" for why in report["problems"].values()]
+    if report["missing_folds"]:
+        lines += ["", f"Folds without a model (their images are not in this report): {report['missing_folds']}."]
+    return "\n".join(lines) + "\n"
+
+
+def log_wandb(out_dir: Path, settings: Mapping[str, Any], wandb_cfg: Mapping[str, Any], metrics: Mapping[str, float],
+              images: Mapping[str, Path], tables: Mapping[str, list[dict[str, Any]]]) -> None:
+    """Log metrics, images and tables as one W&B run (offline without key or network), then close it."""
+    configure_wandb()
+    import wandb
+
+    try:
+        wandb.init(dir=str(out_dir), config=dict(settings), **{k: v for k, v in wandb_cfg.items() if v is not None})
+        payload: dict[str, Any] = dict(metrics)
+        payload.update({k: wandb.Image(str(p)) for k, p in images.items()})
+        for key, rows in tables.items():
+            columns = list(rows[0]) if rows else ["image"]
+            payload[key] = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+        wandb.log(payload)
+    finally:
+        finish_wandb()

@@ -1,0 +1,278 @@
+"""Prediction: stub-model votes, the grid, the k-fold report of a real tiny multirun, bad inputs, unsafe checkpoints.
+
+The k-fold tests train five tiny folds once (python train.py -m, ~30 s) and predict with predict.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+from PIL import Image
+from torch import nn
+
+from histoflow.data.folds import read_manifest
+from histoflow.data.prepared import PreparedDataset
+from histoflow.data.patches import PatchConfig
+from histoflow.data.transforms import PatchTransform
+from histoflow.inference.checkpoints import (CheckpointError, check_compatible, find_checkpoints, load_fold_model,
+                                             preprocessing_of)
+from histoflow.inference.predict import BadImagesError, predict
+from histoflow.inference.voting import VIEWS, ImagePatches, by_votes, grid_config, predict_images, tta_views
+from histoflow.module import load_classifier
+from histoflow.reports import read_confusion_csv
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["CLL", "FL", "MCL"]
+COLOURS = {0: (255, 0, 0), 1: (0, 255, 0), 2: (0, 0, 255)}  # the stub net's class of a pure-colour patch
+
+
+class ChannelMeans(nn.Module):
+    """Stub net: logits are the patch's channel means times 10, so a red patch is class 0, green 1, blue 2."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)) * 10
+
+
+def painted(classes_by_window: list[list[int]], scale: list[list[float]] | None = None) -> np.ndarray:
+    """A 100 x 68 image (a 2 x 3 grid of 36-px windows, stride 32) whose window (r, c) has the centre crop
+    (32 px from offset 2, where the stub looks) painted in its class's colour, times scale."""
+    image = np.full((68, 100, 3), 128, np.uint8)
+    for r, row in enumerate(classes_by_window):
+        for c, k in enumerate(row):
+            s = scale[r][c] if scale else 1.0
+            image[2 + 32 * r:34 + 32 * r, 2 + 32 * c:34 + 32 * c] = np.array(COLOURS[k]) * s
+    return image
+
+
+def plain_transform() -> PatchTransform:
+    return PatchTransform(32, {"mean_image": np.zeros((36, 36, 3))}, normalize="none", train=False)
+
+
+# --- voting on a stub model ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size,workers", [(4, 0), (512, 1), (4, 2)])
+def test_votes_of_a_stub_model(tmp_path: Path, batch_size: int, workers: int) -> None:
+    layouts = {"a.png": [[0, 1, 1], [2, 1, 2]], "b.png": [[0, 0, 2], [0, 0, 2]]}
+    for name, layout in layouts.items():
+        Image.fromarray(painted(layout)).save(tmp_path / name)
+    paths = [tmp_path / n for n in layouts]
+    # batch 4 packs patches of both images into one batch: the votes must still go to the right image
+    votes = predict_images(paths, [(ChannelMeans(), plain_transform())], 3, grid_config(36, 32),
+                           batch_size=batch_size, num_workers=workers, progress=False)
+    assert votes.votes.tolist() == [[1, 3, 2], [4, 0, 2]]
+    assert votes.patches.tolist() == [6, 6] and not votes.problems
+    assert votes.labels("vote").tolist() == [1, 0]
+    assert np.allclose(votes.mean_prob().sum(axis=1), 1.0)
+
+
+def test_ties_go_to_the_higher_summed_probability_then_to_class_order(tmp_path: Path) -> None:
+    # 3 votes each for CLL and FL; the FL patches are painted brighter, so the net is surer of them
+    layout = [[0, 0, 0], [1, 1, 1]]
+    Image.fromarray(painted(layout, [[0.5] * 3, [1.0] * 3])).save(tmp_path / "tie.png")
+    votes = predict_images([tmp_path / "tie.png"], [(ChannelMeans(), plain_transform())], 3, grid_config(36, 32),
+                           num_workers=0, progress=False)
+    assert votes.votes.tolist() == [[3, 3, 0]]
+    assert votes.labels("vote").tolist() == [1] and votes.labels("mean").tolist() == [1]
+    # the rule itself: most votes; among tied classes the higher summed probability; then the first class
+    assert by_votes(np.array([[3, 3, 0]]), np.array([[2.0, 1.0, 3.0]])).tolist() == [0]
+    assert by_votes(np.array([[3, 3, 0]]), np.array([[1.5, 1.5, 3.0]])).tolist() == [0]
+    assert by_votes(np.array([[2, 3, 1]]), np.array([[5.0, 0.1, 0.0]])).tolist() == [1]
+
+
+def test_grid_positions_for_a_known_image_size(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((68, 100, 3), np.uint8)).save(tmp_path / "small.png")
+    Image.fromarray(np.zeros((312, 417, 3), np.uint8)).save(tmp_path / "lymphoma-size.png")
+    data = ImagePatches([tmp_path / "small.png", tmp_path / "lymphoma-size.png"], grid_config(36, 32),
+                        [plain_transform()])
+    small, large = data[0], data[1]
+    assert small.origins.tolist() == [[0, 0], [32, 0], [64, 0], [0, 32], [32, 32], [64, 32]]
+    assert tuple(small.x.shape) == (1, 6, 1, 3, 32, 32)  # models, patches, views, channels, crop, crop
+    xs, ys = large.origins[:, 0], large.origins[:, 1]
+    assert len(large.origins) == 12 * 9 == PatchConfig(36, 32, [0]).count(312, 417)
+    assert sorted(set(xs.tolist())) == list(range(0, 353, 32)) and sorted(set(ys.tolist())) == list(range(0, 257, 32))
+    assert int(xs.max()) + 36 <= 417 and int(ys.max()) + 36 <= 312  # every window lies inside the image
+
+
+def test_tta_views_are_the_flips_and_rotations_of_each_window(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (68, 100, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
+    item = ImagePatches([tmp_path / "noise.png"], grid_config(36, 32), [plain_transform()], tta_views(True))[0]
+    views = item.x[0, 0]  # the 8 views of the first window
+    assert len(views) == len(VIEWS) == 8
+    assert len({v.numpy().tobytes() for v in views}) == 8  # all distinct
+    assert torch.equal(views[1], torch.rot90(views[0], 1, dims=(1, 2)))  # rot90: a quarter turn, counter-clockwise
+    with pytest.raises(ValueError, match="unknown view"):
+        tta_views(["identity", "rot45"])
+
+
+# --- a real tiny five-fold run -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 images per class, 100 x 68 px (6 windows each), class told apart by colour."""
+    base = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for name, tint in zip(CLASSES, [(200, 120, 160), (120, 160, 200), (160, 200, 120)]):
+        (base / "images" / name).mkdir(parents=True)
+        for i in range(10):
+            pixels = np.clip(rng.normal(tint, 40, (68, 100, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(base / "images" / name / f"{name}-{i:03d}.png")
+    return base
+
+
+def env_offline(tmp: Path) -> dict[str, str]:
+    """This environment without any W&B account: W&B must go offline by itself."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return {**env, "NETRC": str(tmp / "no-netrc"), "PYTHONUNBUFFERED": "1"}
+
+
+def run_script(script: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, f"{script} {args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def multirun(tiny: Path) -> Path:
+    """Five folds trained for two batches each by `python train.py -m fold=1,2,3,4,5`."""
+    sweep = tiny / "multirun"
+    run_script("train.py", ["-m", "fold=1,2,3,4,5", f"data.root={tiny / 'images'}", f"paths.data_dir={tiny / 'work'}",
+                            f"paths.log_dir={tiny / 'logs'}", f"paths.cache_dir={tiny / 'cache'}",
+                            "data.shards.samples_per_shard=40", "data.shards.workers=1", "++data.loader.batch_size=16",
+                            "++data.loader.num_workers=0", "++data.loader.shuffle_buffer=64", "trainer.max_epochs=1",
+                            "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false", "logger=csv",
+                            f"hydra.sweep.dir={sweep}"], env_offline(tiny))
+    return sweep
+
+
+def predict_config(overrides: list[str], output_dir: Path) -> DictConfig:
+    """conf/predict.yaml with overrides, as predict.py would get it, writing to output_dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("predict", overrides=[*overrides, f"output_dir={output_dir}", "progress=false",
+                                             "num_workers=0"])
+
+
+def test_five_fold_report_each_image_by_the_model_that_held_it_out(multirun: Path, tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    run_script("predict.py", [f"ckpt_path={multirun}", f"hydra.run.dir={out}", "wandb.enabled=true"],
+               env_offline(tmp_path))
+    report = json.loads((out / "report.json").read_text())
+    cm, classes = read_confusion_csv(out / "confusion_images.csv")
+    assert classes == CLASSES and cm.sum() == 30 == report["images"]
+    assert (out / "confusion_images.png").is_file() and (out / "report.md").is_file()
+    assert set(report["per_fold"]) == {f"fold {k}" for k in range(1, 6)}
+    assert report["summary"]["image/acc"]["n"] == 5.0
+    assert np.isclose(report["pooled"]["image/acc"], np.trace(cm) / cm.sum())
+    assert len(report["misclassified"]) == cm.sum() - np.trace(cm)
+    assert "mean ± sd" in (out / "report.md").read_text()
+    # every manifest image once, predicted by the checkpoint trained with its fold held out
+    (manifest_path,) = (tiny / "work" / "prepared").glob("*/manifest.csv")
+    fold_of = {r["image"]: r["fold"] for r in read_manifest(manifest_path)}
+    with (out / "predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    root = tiny / "images"
+    predicted = [str(Path(r["image"]).relative_to(root)) for r in rows]
+    assert sorted(predicted) == sorted(fold_of)
+    for row, image in zip(rows, predicted):
+        trained = torch.load(row["checkpoint"], map_location="cpu", weights_only=True)["hyper_parameters"]["config"]
+        assert row["fold"] == fold_of[image] == str(trained["fold"])
+        assert int(row["patches"]) == 6 == sum(int(row[f"votes_{c}"]) for c in CLASSES)
+    assert list((out / "wandb").glob("offline-run-*")), "W&B did not log offline"
+
+
+def test_unlabelled_images_csv_and_bad_images(multirun: Path, tiny: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "new"
+    (folder / "sub").mkdir(parents=True)
+    for src in ["CLL/CLL-000.png", "FL/FL-001.png", "MCL/MCL-002.png"]:
+        (folder / "sub" / Path(src).name).write_bytes((tiny / "images" / src).read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    Image.fromarray(np.zeros((20, 50, 3), np.uint8)).save(folder / "tiny.png")
+
+    cfg = predict_config([f"ckpt_path={multirun}", f"images={folder}", "on_bad_image=skip", "tta=true"], tmp_path / "a")
+    assert predict(cfg)["images"] == 3
+    with (tmp_path / "a" / "predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [Path(r["image"]).name for r in rows] == ["CLL-000.png", "FL-001.png", "MCL-002.png"]
+    assert all(r["predicted"] in CLASSES and int(r["patches"]) == 6 for r in rows)
+    assert all(sum(int(r[f"votes_{c}"]) for c in CLASSES) == 6 for r in rows)
+    assert all(np.isclose(sum(float(r[f"prob_{c}"]) for c in CLASSES), 1, atol=1e-4) for r in rows)
+    problems = (tmp_path / "a" / "problems.csv").read_text()
+    assert "broken.png" in problems and "tiny.png" in problems and "skipped" in problems
+
+    # error: the good images are still written, then the error names every bad file
+    cfg = predict_config([f"ckpt_path={multirun}", f"images={folder}"], tmp_path / "b")
+    with pytest.raises(BadImagesError, match="broken.png: cannot decode") as err:
+        predict(cfg)
+    assert "tiny.png: 50x20 px is smaller than the 36-px window" in str(err.value)
+    assert len((tmp_path / "b" / "predictions.csv").read_text().splitlines()) == 1 + 3
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no image files"):
+        predict(predict_config([f"ckpt_path={multirun}", f"images={tmp_path / 'empty'}"], tmp_path / "c"))
+
+
+def test_preprocessing_is_the_training_folds(multirun: Path, tiny: Path) -> None:
+    first = find_checkpoints(multirun)[0]
+    model = load_fold_model(first)
+    assert model.fold == "1" and model.transform.crop == 32 and model.patch_size == 36 and not model.transform.train
+    module = load_classifier(first)
+    (record,) = (tiny / "work" / "prepared").glob("*/dataset.json")
+    stats = PreparedDataset(record.parent).stats("1")
+    # from the prepared data (no datamodule state), and from hparams["preprocess"] when a checkpoint has it
+    assert torch.allclose(preprocessing_of(module).mean, model.transform.mean)
+    assert torch.allclose(model.transform.mean, torch.as_tensor(stats["mean_image"], dtype=torch.float32)
+                          .permute(2, 0, 1).reshape(3, -1))
+    module.hparams["preprocess"] = {"crop": 30, "normalize": "channel", "patch_side": 36,
+                                    "stats": {k: v.tolist() for k, v in stats.items()}}
+    channel = preprocessing_of(module)
+    assert channel.crop == 30 and channel.normalize == "channel" and channel.side == 36
+
+
+def test_checkpoint_that_does_not_fit_the_data_is_refused(multirun: Path, tiny: Path, tmp_path: Path) -> None:
+    first = find_checkpoints(multirun)[0]
+    model = load_fold_model(first)
+    with pytest.raises(CheckpointError, match=r"trained on classes \['CLL', 'FL', 'MCL'\].*has \['A', 'B', 'C'\]"):
+        check_compatible([model], ["A", "B", "C"], 36, "the data")
+    with pytest.raises(CheckpointError, match="trained on 36-px patches, but the grid cuts 40-px windows"):
+        predict(predict_config([f"ckpt_path={first}", f"images={tiny / 'images'}", "grid.size=40"], tmp_path / "a"))
+
+
+class RunsCode:
+    """A pickled object that would run code (create a file) when unpickled without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_unsafe_checkpoints_are_refused(multirun: Path, tmp_path: Path) -> None:
+    checkpoint = torch.load(find_checkpoints(multirun)[0], map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["config"]["model"] = {"_target_": "os.system", "_args_": ["echo hi"]}
+    torch.save(checkpoint, tmp_path / "target.ckpt")
+    with pytest.raises(CheckpointError, match=r"would instantiate \['os.system'\], which are not trusted"):
+        load_fold_model(tmp_path / "target.ckpt")
+    torch.save({**checkpoint, "extra": RunsCode(tmp_path / "ran")}, tmp_path / "pickle.ckpt")
+    with pytest.raises(CheckpointError, match="refused.*GLOBAL .*system") as err:
+        load_fold_model(tmp_path / "pickle.ckpt")
+    assert isinstance(err.value.__cause__, pickle.UnpicklingError) and not (tmp_path / "ran").exists()
+    (tmp_path / "text.ckpt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_fold_model(tmp_path / "text.ckpt")
