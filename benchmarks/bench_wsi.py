@@ -1,0 +1,207 @@
+"""Whole-slide prediction throughput (tiles/s) against the pure forward rate of the same tiles held in memory.
+
+    python benchmarks/bench_wsi.py [--side 6000] [--tile 224] [--models alexnet resnet18] [--workers 0 2]
+                                   [--batch 32] [--repeats 2] [--real DIR] [--memory]
+
+A synthetic JPEG-tiled pyramid (`--side` px square at level 0, 512-px tiles, two round tissue sections on glass)
+is predicted at level 0 with torchvision nets (random weights, the kather_transfer input: 224-px tiles, channel
+normalisation). For each net: the forward rate on the tissue tiles already decoded and normalised in memory,
+then predict_slide's rate (reading, decoding, normalising in loader workers while the net runs) and their ratio;
+the floor is 0.7. --real DIR also predicts DIR/tcga-cr-7395-01a-01-ts1.svs (JPEG 2000 tiles, slow to decode) at
+level 0. --memory prints the peak memory of predicting a 10,000 and a 40,000-px slide (the same: the bound does
+not grow with the slide). Exits 0 whatever the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import tifffile
+import torch
+import torchvision
+
+from histoflow.data.slide import Slide
+from histoflow.data.slide_tiles import SlideTiles, TileGeometry, tissue_tiles
+from histoflow.data.transforms import PatchTransform
+from histoflow.inference.slide_map import SlideConfig, predict_slide
+
+FLOOR = 0.7
+H_E_MEAN, H_E_STD = np.array([200.0, 120.0, 170.0]), np.array([25.0, 25.0, 25.0])
+
+
+def write_slide(path: Path, side: int, tile: int = 512,
+                sections: list[tuple[float, float, float]] | None = None) -> None:
+    """A JPEG pyramid (1, 1/4, 1/16) of glass with two round tissue sections, tile by tile from a generator."""
+    import imagecodecs
+
+    rng = np.random.default_rng(0)
+    glass = imagecodecs.jpeg_encode(np.full((tile, tile, 3), 242, np.uint8), level=85)
+    tissue = [imagecodecs.jpeg_encode(np.clip(rng.normal(H_E_MEAN, 25, (tile, tile, 3)), 0, 255).astype(np.uint8),
+                                      level=85) for _ in range(8)]
+    # centre x, y and radius of each round section, as fractions of the side
+    sections = sections or [(0.3, 0.35, 0.25), (0.72, 0.7, 0.2)]
+
+    def tiles(downsample: int) -> Iterator[bytes]:
+        n = -(-side // downsample // tile)
+        for r in range(n):
+            for c in range(n):
+                cx, cy = (c + 0.5) * tile * downsample / side, (r + 0.5) * tile * downsample / side
+                inside = any((cx - x) ** 2 + (cy - y) ** 2 < s ** 2 for x, y, s in sections)
+                yield tissue[(r * 3 + c) % 8] if inside else glass
+
+    common = {"dtype": np.uint8, "tile": (tile, tile), "photometric": "rgb", "compression": "jpeg"}
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(tiles(1), shape=(side, side, 3), subifds=2, resolution=(40000, 40000), resolutionunit="CENTIMETER",
+                  **common)
+        for ds in (4, 16):
+            tif.write(tiles(ds), shape=(side // ds, side // ds, 3), subfiletype=1, **common)
+
+
+def forward_rate(net: torch.nn.Module, x: torch.Tensor, batch: int) -> float:
+    """Tiles/s of the net alone on normalised tiles x (N, 3, s, s) already in memory."""
+    with torch.inference_mode():
+        net(x[:batch])  # warm-up: first-call allocations
+        t0 = time.perf_counter()
+        for i in range(0, len(x), batch):
+            net(x[i:i + batch]).softmax(-1)
+        return len(x) / (time.perf_counter() - t0)
+
+
+def bench_slide(path: Path, level: int, tile: int, names: list[str], workers: list[int], batch: int, repeats: int,
+                out: Path) -> None:
+    """Print the forward rate, predict_slide's rate and their ratio for each net and worker count."""
+    stats = {"mean_image": np.full((tile, tile, 3), H_E_MEAN), "channel_mean": H_E_MEAN, "channel_std": H_E_STD}
+    transform = PatchTransform(tile, stats, "channel")
+    with Slide(path) as slide:
+        geometry = TileGeometry.of(slide, tile, level=level)
+        origins = tissue_tiles(slide, geometry)
+        dims = slide.dimensions
+    t0 = time.perf_counter()
+    tiles = SlideTiles(path, origins, geometry, batch).read(origins)
+    read_rate = len(tiles) / (time.perf_counter() - t0)
+    x = transform(tiles[:4 * batch])  # the forward rate is per batch: a few batches measure it
+    print(f"\n{path.name}: {dims[0]} x {dims[1]} px, {len(origins)} tissue tiles of {tile} px at level {level}; "
+          f"reading + decoding alone, one process: {read_rate:.0f} tiles/s")
+    print(f"{'model':<10} {'forward tiles/s':>16} {'workers':>8} {'slide tiles/s':>14} {'ratio':>6} {'wall s':>7}")
+    for name in names:
+        torch.manual_seed(0)
+        net = torchvision.models.get_model(name, weights=None, num_classes=9).eval()
+        for w in workers:
+            # best of `repeats`, each forward rate taken just before its slide run: on a shared machine the load
+            # drifts from run to run, and the best runs are the least disturbed ones of both
+            pure = speed = wall = 0.0
+            for _ in range(repeats):
+                pure = max(pure, forward_rate(net, x, batch))
+                cfg = SlideConfig(tile_size=tile, level=level, batch_size=batch, num_workers=w, progress=False)
+                t0 = time.perf_counter()
+                result = predict_slide(path, [(net, transform)], [f"c{i}" for i in range(9)], cfg, out)
+                wall = max(wall, time.perf_counter() - t0)
+                speed = max(speed, result.tiles_per_s)
+            ratio = speed / pure
+            flag = "" if ratio >= FLOOR else f"  < {FLOOR}"
+            print(f"{name:<10} {pure:>16.1f} {w:>8} {speed:>14.1f} {ratio:>6.2f} {wall:>7.1f}{flag}", flush=True)
+
+
+# the same measurement as tests/test_slide_predict.py: VmHWM of the process, sampled PSS of it and its workers
+MEMORY_SCRIPT = """
+import json, os, sys, threading, time
+import numpy as np
+from histoflow.data.transforms import PatchTransform
+from histoflow.inference.slide_map import SlideConfig, predict_slide
+from histoflow.models import AlexNet32
+
+def status(pid, field):  # KiB; VmHWM is the process's own peak RSS (not inherited through fork or exec)
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return 0
+
+def pss(pid):  # proportional set size, KiB: pages shared between processes split among them
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+    except (OSError, StopIteration):
+        return 0
+
+def children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+peak = {"total_pss": 0, "worker": 0}
+done = threading.Event()
+def sample():  # every 20 ms: this process and its loader workers together, and the largest worker
+    while not done.is_set():
+        kids = children(os.getpid())
+        peak["total_pss"] = max(peak["total_pss"], sum(pss(p) for p in [os.getpid(), *kids]))
+        peak["worker"] = max([peak["worker"], *(status(p, "VmHWM") for p in kids)])
+        time.sleep(0.02)
+
+slide, out, tile, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+models = [(AlexNet32(num_classes=8, input_size=32), PatchTransform(32, {"mean_image": np.full((32, 32, 3), 200.0)}))]
+before = status("self", "VmHWM")
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
+result = predict_slide(slide, models, [f"c{i}" for i in range(8)], SlideConfig(tile_size=tile, batch_size=64,
+                       num_workers=workers, progress=False), out)
+done.set()
+sampler.join()
+print(json.dumps({"tiles": result.tiles, "before": before * 1024, "self": status("self", "VmHWM") * 1024,
+                  **{k: v * 1024 for k, v in peak.items()}}))
+"""
+
+
+def bench_memory(work: Path) -> None:
+    """Peak memory of predicting slides of growing size (the same 192 tiles: the tile grows with the slide)."""
+    print("\npeak memory (MiB) of slide prediction, 2 loader workers, 32-px net:")
+    print(f"{'side px':>8} {'decoded GB':>10} {'tile px':>8} {'tiles':>6} {'RSS before':>11} {'RSS peak':>9} "
+          f"{'worker RSS':>11} {'total PSS':>10}")
+    for side, tile in ((10_000, 256), (40_000, 1024)):
+        path = work / f"memory-{side}.tif"
+        write_slide(path, side, sections=[(0.3, 0.4, 0.15), (0.75, 0.7, 0.12)])
+        run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(path), str(work / "out"), str(tile), "2"],
+                             capture_output=True, text=True, check=True)
+        m = {k: v / 2**20 for k, v in json.loads(run.stdout.strip().splitlines()[-1]).items()}
+        print(f"{side:>8} {side * side * 3 / 1e9:>10.1f} {tile:>8} {m['tiles'] * 2**20:>6.0f} {m['before']:>11.0f} "
+              f"{m['self']:>9.0f} {m['worker']:>11.0f} {m['total_pss']:>10.0f}")
+        path.unlink()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--side", type=int, default=6000, help="synthetic slide side, level-0 pixels")
+    parser.add_argument("--tile", type=int, default=224)
+    parser.add_argument("--models", nargs="+", default=["alexnet", "resnet18"])
+    parser.add_argument("--workers", nargs="+", type=int, default=[0, 2])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per setting; the best is kept")
+    parser.add_argument("--real", type=Path, default=None, help="folder holding tcga-cr-7395-01a-01-ts1.svs")
+    parser.add_argument("--memory", action="store_true", help="also the peak memory on 10,000 and 40,000-px slides")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, device cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        path = work / "synthetic.tif"
+        write_slide(path, args.side)
+        bench_slide(path, 0, args.tile, args.models, args.workers, args.batch, args.repeats, work / "out")
+        if args.real is not None:
+            bench_slide(args.real / "tcga-cr-7395-01a-01-ts1.svs", 0, args.tile, args.models, args.workers,
+                        args.batch, args.repeats, work / "out")
+        if args.memory:
+            bench_memory(work)
+
+
+if __name__ == "__main__":
+    main()

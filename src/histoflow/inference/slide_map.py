@@ -1,0 +1,173 @@
+"""Whole-slide prediction: every tissue tile classified, in batches, into a per-tile CSV, a class map and a heatmap.
+
+Loader workers read, resize and normalise tiles while the main process runs the net, so reading
+overlaps inference. Memory is bounded by (workers x 2 + 1) batches of tiles whatever the slide's size:
+the class map is written through a memory-mapped .npy and the CSV row by row. Outputs, per slide:
+
+    <stem>.tiles.csv    x, y (level-0 tile origin), row, col (grid cell), predicted class, prob_<class> ...
+    <stem>.map.npy      float32 (rows, cols, classes) class probabilities over the tile grid, NaN without tissue
+    <stem>.heatmap.png  the probability of `heatmap_class` over the slide thumbnail
+    <stem>.json         geometry (level, downsample, tile and stride in level pixels), classes, counts, timing
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from histoflow.data.slide import Slide
+from histoflow.data.slide_tiles import NoTissueError, SlideTiles, TileGeometry, tile_loader, tissue_tiles
+from histoflow.data.transforms import PatchTransform
+from histoflow.inference.heatmap import save_heatmap
+from histoflow.inference.voting import progress_bar, resolve_device
+
+log = logging.getLogger(__name__)
+__all__ = ["NoTissueError", "SlideConfig", "SlideResult", "default_heatmap_class", "predict_slide"]
+
+
+@dataclass
+class SlideConfig:
+    """How a slide is tiled and predicted (the `slide` section of predict.yaml)."""
+
+    tile_size: int | None = None  # tile side in pixels at `level` (or `mpp`); None: the model's training patch side
+    level: int = 0  # pyramid level to read (0: full resolution); ignored when mpp is set
+    mpp: float | None = None  # target microns per pixel (NCT-CRC-HE-100K: 0.5), read at the best level and resized
+    stride: int | None = None  # grid step in the same pixels; None: tile_size (no overlap)
+    min_tissue: float = 0.5  # share of a tile the tissue mask must cover
+    tissue_threshold: float | None = None  # HSV saturation above which a thumbnail pixel is tissue; None: Otsu
+    thumbnail_size: int = 1024  # longer side of the thumbnail for the tissue mask and the heatmap, pixels
+    heatmap_class: str | None = None  # class drawn in the heatmap; None: the class named like TUM/TUMOR, else the last
+    batch_size: int = 64  # tiles per forward pass
+    num_workers: int = 2  # processes reading tiles while the model runs (0: all in this process)
+    device: str = "auto"  # auto | cpu | cuda | cuda:1
+    progress: bool = True  # progress bar with tiles/s
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> SlideConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg or {}) - names)
+        if unknown:
+            raise ValueError(f"slide: unknown key(s) {unknown}; known: {sorted(names)}")
+        return cls(**dict(cfg or {}))
+
+
+@dataclass
+class SlideResult:
+    """What predict_slide wrote and how fast."""
+
+    slide: Path
+    tiles: int
+    seconds: float
+    csv: Path
+    map: Path
+    heatmap: Path
+    meta: Path
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.tiles / max(self.seconds, 1e-9)
+
+
+def default_heatmap_class(classes: Sequence[str], wanted: str | None = None) -> int:
+    """Index of `wanted`, or of the first class named like TUM/TUMOR (e.g. 01_TUMOR), else of the last class."""
+    if wanted is not None:
+        if wanted not in classes:
+            raise ValueError(f"heatmap_class={wanted!r} is not a class of this model: {list(classes)}")
+        return list(classes).index(wanted)
+    tumour = [i for i, c in enumerate(classes) if re.search(r"(^|[^A-Z])TUM", c.upper())]
+    return tumour[0] if tumour else len(classes) - 1
+
+
+class _ModelInputs:
+    """Every model's transform of a batch of uint8 tiles: (models, B, 3, c, c); run in the loader workers."""
+
+    def __init__(self, transforms: Sequence[PatchTransform]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, tiles: np.ndarray) -> torch.Tensor:
+        return torch.stack([t(tiles) for t in self.transforms])
+
+
+def _probabilities(nets: Sequence[nn.Module], x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Softmax of each net on its inputs x (models, B, 3, c, c), averaged over the nets: (B, classes) on the CPU."""
+    total = sum(net(xm.to(device, non_blocking=True)).float().softmax(-1) for net, xm in zip(nets, x))
+    return (total / len(nets)).cpu()
+
+
+def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTransform]], classes: Sequence[str],
+                  cfg: SlideConfig, out_dir: str | Path) -> SlideResult:
+    """Classify every tissue tile of a slide with the models (averaged); write the CSV, map, heatmap and JSON."""
+    path, out = Path(path), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sides = {t.side for _, t in models}
+    if len(sides) != 1:
+        raise ValueError(f"the models take patches of different sides {sorted(sides)}: predict a slide with one kind")
+    side = sides.pop()
+    heat_index = default_heatmap_class(classes, cfg.heatmap_class)
+    device = resolve_device(cfg.device)
+    nets = [net.to(device).eval() for net, _ in models]
+
+    with Slide(path) as slide:
+        geometry = TileGeometry.of(slide, cfg.tile_size or side, cfg.level, cfg.mpp, cfg.stride, out_size=side)
+        thumbnail = slide.thumbnail(cfg.thumbnail_size)
+        origins = tissue_tiles(slide, geometry, cfg.min_tissue, cfg.tissue_threshold, thumbnail)
+        dimensions, mpp = slide.dimensions, slide.mpp
+    rows, cols = geometry.grid_index(origins)
+    n, k = len(origins), len(classes)
+    log.info("%s: %d tissue tiles of %d px at level %d (grid %d x %d)", path.name, n, geometry.read_size,
+             geometry.level, geometry.rows, geometry.cols)
+
+    stem = path.stem
+    csv_path, map_path = out / f"{stem}.tiles.csv", out / f"{stem}.map.npy"
+    heat_path, meta_path = out / f"{stem}.heatmap.png", out / f"{stem}.json"
+    # a memory-mapped .npy: the map of a huge grid never has to fit in memory
+    prob_map = np.lib.format.open_memmap(map_path, mode="w+", dtype=np.float32, shape=(geometry.rows, geometry.cols, k))
+    prob_map[:] = np.nan
+    counts = np.zeros(k, np.int64)
+    prob_sum = np.zeros(k, np.float64)
+    tiles = SlideTiles(path, origins, geometry, cfg.batch_size, _ModelInputs([t for _, t in models]))
+    loader = tile_loader(tiles, cfg.num_workers, pin_memory=device.type == "cuda")
+    t0, done = time.perf_counter(), 0
+    with csv_path.open("w", newline="") as handle, progress_bar(cfg.progress) as bar, torch.inference_mode():
+        writer = csv.writer(handle)
+        writer.writerow(["x", "y", "row", "col", "predicted", *(f"prob_{c}" for c in classes)])
+        task = bar.add_task(path.name, total=n, rate="")
+        for index, x in loader:
+            probs = _probabilities(nets, x, device).numpy()
+            part = slice(index * cfg.batch_size, index * cfg.batch_size + len(probs))
+            prob_map[rows[part], cols[part]] = probs
+            predicted = probs.argmax(1)
+            counts += np.bincount(predicted, minlength=k)
+            prob_sum += probs.sum(0)
+            writer.writerows([int(ox), int(oy), int(r), int(c), classes[p], *(f"{v:.6f}" for v in pr)]
+                             for (ox, oy), r, c, p, pr in zip(origins[part], rows[part], cols[part], predicted, probs))
+            done += len(probs)
+            bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - t0):.1f} tiles/s")
+    seconds = time.perf_counter() - t0
+    prob_map.flush()
+
+    name = classes[heat_index]
+    title = f"{path.name}: P({name}), {n} tiles of {geometry.read_size} px at level {geometry.level}"
+    save_heatmap(thumbnail, prob_map[..., heat_index], geometry, dimensions, heat_path, title)
+    del prob_map  # closes the memory map
+    meta = {
+        "slide": str(path), "dimensions": list(dimensions), "mpp": mpp, "classes": list(classes),
+        "geometry": asdict(geometry), "tiles": n, "heatmap_class": name,
+        "predicted_tiles": dict(zip(classes, counts.tolist())),
+        "mean_probability": dict(zip(classes, (prob_sum / n).round(6).tolist())),
+        "seconds": round(seconds, 3), "tiles_per_s": round(n / max(seconds, 1e-9), 2),
+        "config": asdict(cfg), "files": {"csv": csv_path.name, "map": map_path.name, "heatmap": heat_path.name},
+    }
+    meta_path.write_text(json.dumps(meta, indent=1))
+    log.info("%s: %d tiles in %.1f s (%.1f tiles/s) -> %s", path.name, n, seconds, n / max(seconds, 1e-9), out)
+    return SlideResult(path, n, seconds, csv_path, map_path, heat_path, meta_path)

@@ -1,0 +1,302 @@
+"""Whole-slide prediction on the real slides of ../shared/data/wsi with a tiny model trained here; slide tiles
+written to shards; memory bounded on a 40,000 x 40,000 synthetic slide."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import tifffile
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+from PIL import Image
+
+from histoflow.data.datamodule import tar_samples
+from histoflow.data.shards import decode_npy, parse_key
+from histoflow.data.slide import Slide, SlideError
+from histoflow.data.slide_tiles import NoTissueError, SlideTiles, TileGeometry, tissue_tiles, write_slide_shards
+from histoflow.inference.checkpoints import FoldModel, load_fold_model
+from histoflow.inference.slide_map import SlideConfig, default_heatmap_class, predict_slide
+from histoflow.training import train
+
+REPO = Path(__file__).resolve().parents[1]
+CMU = "cmu-1-small-region.svs"  # JPEG tiles, one level, 2220 x 2967, 0.499 um/px
+TCGA = "tcga-cr-7395-01a-01-ts1.svs"  # JPEG 2000 tiles, two levels
+MEMORY_BOUND = 2 << 30  # bytes: slide prediction of any slide stays below this
+
+
+@pytest.fixture(scope="module")
+def model(kather_dir: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch_module: None) -> FoldModel:
+    """The 32-px AlexNet-style net trained one batch on the Kather sample (8 classes), loaded from its checkpoint."""
+    work = tmp_path_factory.mktemp("kather-model")
+    overrides = ["data=kather", f"data.root={kather_dir}", f"paths.data_dir={work / 'data'}",
+                 f"paths.cache_dir={work / 'cache'}", "model=alexnet32", "data.patches.resize=32",
+                 "data.loader.crop=32", "data.loader.num_workers=0", "data.shards.workers=1", "fold=test",
+                 "logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+                 "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1", "test=false"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(work / "run")
+        HydraConfig().set_config(cfg)
+        del cfg["hydra"]
+    return load_fold_model(train(cfg)["best_checkpoint"])
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> Iterator[None]:
+    """train() sets WANDB_* in os.environ; restore them after this module."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("WANDB_MODE", "WANDB_SILENT", "WANDB_CONSOLE", "WANDB_INIT_TIMEOUT"):
+            mp.delenv(name, raising=False)
+        yield
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_predict_real_slide_end_to_end(model: FoldModel, wsi_dir: Path, tmp_path: Path) -> None:
+    """128-px tiles at level 0, shrunk to the net's 32 px, read by two workers: CSV, map, heatmap and JSON agree."""
+    cfg = SlideConfig(tile_size=128, batch_size=16, num_workers=2, progress=False)
+    result = predict_slide(wsi_dir / CMU, [(model.net, model.transform)], model.classes, cfg, tmp_path)
+    rows = read_csv(result.csv)
+    assert len(rows) == result.tiles > 20
+    assert list(rows[0]) == ["x", "y", "row", "col", "predicted", *(f"prob_{c}" for c in model.classes)]
+    prob_map = np.load(result.map)
+    assert prob_map.shape == (2967 // 128, 2220 // 128, 8) and prob_map.dtype == np.float32  # (rows, cols, classes)
+    tissue = ~np.isnan(prob_map[..., 0])
+    assert tissue.sum() == len(rows) and 0 < tissue.mean() < 1  # NaN where no tissue was predicted
+    for row in rows:
+        x, y, r, c = (int(row[k]) for k in ("x", "y", "row", "col"))
+        assert (x, y) == (c * 128, r * 128)  # level-0 origin of the grid cell
+        probs = np.array([float(row[f"prob_{k}"]) for k in model.classes])
+        np.testing.assert_allclose(prob_map[r, c], probs, atol=1e-6)
+        assert row["predicted"] == model.classes[int(probs.argmax())]
+    np.testing.assert_allclose(np.nansum(prob_map, axis=-1)[tissue], 1.0, atol=1e-5)
+    # the workers' tiles are the tiles the model would get from reading the slide here, one by one
+    with Slide(wsi_dir / CMU) as slide:
+        r0 = rows[len(rows) // 2]
+        tile = slide.read_region((int(r0["x"]), int(r0["y"])), 0, (128, 128))
+    small = np.array(Image.fromarray(tile).resize((32, 32), Image.Resampling.BOX))
+    direct = model.net(model.transform(small[None])).softmax(-1)[0].detach().numpy()
+    np.testing.assert_allclose(direct, prob_map[int(r0["row"]), int(r0["col"])], atol=1e-5)
+    with Image.open(result.heatmap) as png:
+        assert png.format == "PNG" and min(png.size) > 200
+    meta = json.loads(result.meta.read_text())
+    assert meta["heatmap_class"] == "01_TUMOR" and meta["tiles"] == len(rows) and meta["mpp"] == pytest.approx(0.499)
+    assert sum(meta["predicted_tiles"].values()) == len(rows)
+
+
+def test_predict_at_target_mpp_or_level(model: FoldModel, wsi_dir: Path, tmp_path: Path) -> None:
+    """32-px tiles at twice the slide's mpp are read as 64 px and shrunk; the JPEG 2000 slide, whose file gives no
+    mpp, is predicted at its level 1 instead, and asking it for an mpp says to pass a level."""
+    with Slide(wsi_dir / CMU) as slide:
+        mpp = 2 * slide.mpp
+        geometry = TileGeometry.of(slide, 32, mpp=mpp, out_size=32)
+        assert (geometry.level, geometry.read_size, geometry.tile_size) == (0, 64, 32)
+    cfg = SlideConfig(mpp=mpp, heatmap_class="07_ADIPOSE", batch_size=64, num_workers=0, progress=False)
+    result = predict_slide(wsi_dir / CMU, [(model.net, model.transform)], model.classes, cfg, tmp_path)
+    meta = json.loads(result.meta.read_text())
+    assert meta["geometry"]["read_size"] == 64 and meta["heatmap_class"] == "07_ADIPOSE"
+    assert np.load(result.map).shape[:2] == (geometry.rows, geometry.cols) == (2967 // 64, 2220 // 64)
+
+    cfg = SlideConfig(level=1, tile_size=128, batch_size=64, num_workers=1, progress=False)
+    result = predict_slide(wsi_dir / TCGA, [(model.net, model.transform)], model.classes, cfg, tmp_path)
+    meta = json.loads(result.meta.read_text())
+    assert meta["geometry"]["level"] == 1 and meta["geometry"]["downsample"] == pytest.approx(2.0, abs=0.01)
+    assert result.tiles > 50 and np.load(result.map).shape == (1783 // 128, 2221 // 128, 8)
+    with pytest.raises(SlideError, match="no microns-per-pixel.*pass a level"):
+        predict_slide(wsi_dir / TCGA, [(model.net, model.transform)], model.classes, SlideConfig(mpp=0.5), tmp_path)
+
+
+def test_heatmap_class_default() -> None:
+    assert default_heatmap_class(["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]) == 8
+    assert default_heatmap_class(["01_TUMOR", "02_STROMA"]) == 0
+    assert default_heatmap_class(["CLL", "FL", "MCL"]) == 2  # no tumour class: the last
+    assert default_heatmap_class(["STUMP", "OTHER"]) == 1  # "TUM" inside a word is not a tumour class
+    with pytest.raises(ValueError, match="not a class"):
+        default_heatmap_class(["A", "B"], "TUM")
+
+
+def test_no_tissue_names_the_slide_and_the_fix(model: FoldModel, tmp_path: Path) -> None:
+    """A faintly stained section: Otsu's floor finds nothing and says how to fix it; a lower threshold finds it."""
+    image = np.full((1024, 1024, 3), 244, np.uint8)
+    image[300:700, 200:800] = (232, 224, 230)  # saturation ~0.034, below the 0.05 floor of the automatic threshold
+    path = tmp_path / "faint.tif"
+    tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb", compression="zlib")
+    cfg = SlideConfig(tile_size=64, num_workers=0, progress=False)
+    with pytest.raises(NoTissueError, match=r"faint\.tif: no tissue found.*Fix: lower the tissue threshold"):
+        predict_slide(path, [(model.net, model.transform)], model.classes, cfg, tmp_path / "out")
+    assert not (tmp_path / "out" / "faint.tiles.csv").exists()
+    cfg.tissue_threshold = 0.02
+    result = predict_slide(path, [(model.net, model.transform)], model.classes, cfg, tmp_path / "out")
+    centres = [(int(r["x"]) + 32, int(r["y"]) + 32) for r in read_csv(result.csv)]
+    assert 50 <= len(centres) <= 70 and all(200 <= x <= 800 and 300 <= y <= 700 for x, y in centres)  # ~6 x 10 tiles
+
+
+@pytest.mark.parametrize(("name", "level", "size", "stride", "out_size"),
+                         [(CMU, 0, 100, 70, 100), (TCGA, 1, 64, 64, 40)],
+                         ids=["jpeg-overlap", "jpeg2000-level1-resized"])
+def test_tile_batches_equal_single_reads(wsi_dir: Path, name: str, level: int, size: int, stride: int,
+                                         out_size: int) -> None:
+    """A batch reads runs of neighbouring tiles as one strip; every tile equals its own read_region."""
+    with Slide(wsi_dir / name) as slide:
+        geometry = TileGeometry.of(slide, size, level=level, stride=stride, out_size=out_size)
+        origins = tissue_tiles(slide, geometry)[:60]
+        batch = SlideTiles(wsi_dir / name, origins, geometry, 60).read(origins)
+        for (x, y), tile in zip(origins, batch):
+            alone = slide.read_region((int(x), int(y)), level, (size, size))
+            if out_size != size:
+                alone = np.asarray(Image.fromarray(alone).resize((out_size, out_size), Image.Resampling.BOX))
+            np.testing.assert_array_equal(tile, alone)
+
+
+def test_slide_tiles_to_shards(wsi_dir: Path, tmp_path: Path) -> None:
+    """Tissue tiles in prepare's sample format: <slide>-<x>-<y>-000 keys, .npy tiles as read, .cls, pixel sums."""
+    with Slide(wsi_dir / CMU) as slide:
+        geometry = TileGeometry.of(slide, 96, level=0, out_size=48)
+        origins = tissue_tiles(slide, geometry)
+        labels = np.arange(len(origins)) % 3  # per-tile labels, as annotations would give
+        records = write_slide_shards(wsi_dir / CMU, tmp_path, labels, geometry, origins, slide_index=7,
+                                     samples_per_shard=50, num_workers=1)
+        sizes = [50] * (len(origins) // 50) + ([len(origins) % 50] if len(origins) % 50 else [])
+        assert [r["samples"] for r in records] == sizes
+        label_of = {(int(x), int(y)): int(k) for (x, y), k in zip(origins, labels)}
+        seen = {}
+        total = 0
+        for sample in tar_samples([{"url": str(tmp_path / r["file"])} for r in records]):
+            key = parse_key(sample["__key__"])
+            tile = decode_npy(sample["npy"])
+            assert key["image"] == 7 and key["rot"] == 0 and tile.shape == (48, 48, 3) and tile.dtype == np.uint8
+            seen[(key["x"], key["y"])] = tile
+            assert int(sample["cls"]) == label_of[(key["x"], key["y"])]
+            total += tile.astype(np.int64).sum()
+        assert set(seen) == set(label_of)  # every tissue tile once
+        for (x, y), tile in list(seen.items())[:40]:  # each tile as read alone, 96 px shrunk to 48
+            alone = slide.read_region((x, y), 0, (96, 96))
+            shrunk = np.asarray(Image.fromarray(alone).resize((48, 48), Image.Resampling.BOX))
+            np.testing.assert_array_equal(tile, shrunk)
+        sums = [np.load(tmp_path / f"{r['file']}.stats.npz") for r in records]
+        assert sum(int(s["count"]) for s in sums) == len(origins)
+        assert sum(s["pixel_sum"].sum() for s in sums) == pytest.approx(total)
+
+
+# --- memory on a slide far larger than memory ------------------------------------------------------
+
+
+def write_big_slide(path: Path, side: int = 40_000, tile: int = 512) -> None:
+    """A side x side JPEG pyramid (levels 1, 1/4, 1/16), tile by tile from a generator: glass with two round
+    tissue sections. Tiles are encoded once and reused, so writing takes a second, not minutes."""
+    import imagecodecs
+
+    rng = np.random.default_rng(0)
+    glass = imagecodecs.jpeg_encode(np.full((tile, tile, 3), 242, np.uint8), level=85)
+    tissue = [imagecodecs.jpeg_encode(np.clip(rng.normal((200, 120, 170), 25, (tile, tile, 3)), 0, 255)
+                                      .astype(np.uint8), level=85) for _ in range(4)]
+    sections = [(0.3, 0.4, 0.15), (0.75, 0.7, 0.12)]  # centre x, y and radius, as fractions of the side
+
+    def tiles(downsample: int) -> Iterator[bytes]:
+        n = -(-side // downsample // tile)
+        for r in range(n):
+            for c in range(n):
+                cx, cy = (c + 0.5) * tile * downsample / side, (r + 0.5) * tile * downsample / side
+                inside = any((cx - x) ** 2 + (cy - y) ** 2 < s ** 2 for x, y, s in sections)
+                yield tissue[(r + c) % 4] if inside else glass
+
+    common = {"dtype": np.uint8, "tile": (tile, tile), "photometric": "rgb", "compression": "jpeg"}
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(tiles(1), shape=(side, side, 3), subifds=2, resolution=(40000, 40000), resolutionunit="CENTIMETER",
+                  **common)
+        for ds in (4, 16):
+            tif.write(tiles(ds), shape=(side // ds, side // ds, 3), subfiletype=1, **common)
+
+
+PEAK_SCRIPT = """
+import json, os, sys, threading, time
+import numpy as np
+from histoflow.data.transforms import PatchTransform
+from histoflow.inference.slide_map import SlideConfig, predict_slide
+from histoflow.models import AlexNet32
+
+def status(pid, field):  # KiB; VmHWM is the process's own peak RSS (not inherited through fork or exec)
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return 0
+
+def pss(pid):  # proportional set size, KiB: pages shared between processes split among them
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+    except (OSError, StopIteration):
+        return 0
+
+def children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+peak = {"total_pss": 0, "worker": 0}
+done = threading.Event()
+def sample():  # every 20 ms: this process and its loader workers together, and the largest worker
+    while not done.is_set():
+        kids = children(os.getpid())
+        peak["total_pss"] = max(peak["total_pss"], sum(pss(p) for p in [os.getpid(), *kids]))
+        peak["worker"] = max([peak["worker"], *(status(p, "VmHWM") for p in kids)])
+        time.sleep(0.02)
+
+slide, out, tile, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+models = [(AlexNet32(num_classes=8, input_size=32), PatchTransform(32, {"mean_image": np.full((32, 32, 3), 200.0)}))]
+before = status("self", "VmHWM")
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
+result = predict_slide(slide, models, [f"c{i}" for i in range(8)], SlideConfig(tile_size=tile, batch_size=64,
+                       num_workers=workers, progress=False), out)
+done.set()
+sampler.join()
+print(json.dumps({"tiles": result.tiles, "before": before * 1024, "self": status("self", "VmHWM") * 1024,
+                  **{k: v * 1024 for k, v in peak.items()}}))
+"""
+
+
+def peak_memory(slide: Path, out: Path, tile: int, workers: int) -> dict[str, int]:
+    """Tiles predicted, and bytes: the predicting process's peak RSS before and after predicting, the largest
+    loader worker's peak RSS, and the peak total PSS of the process and its workers (sampled every 20 ms)."""
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(slide), str(out), str(tile), str(workers)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_memory_bounded_on_a_40000_px_slide(tmp_path: Path) -> None:
+    """4.8 GB of pixels at level 0, predicted in 1024-px tiles read at level 0 (decoding ~4 JPEG tiles each):
+    the predicting process and its two loader workers together stay under 2 GiB (benchmarks/bench_wsi.py shows
+    the same peak for a 10,000-px slide)."""
+    path = tmp_path / "big.tif"
+    write_big_slide(path)
+    with Slide(path) as slide:
+        assert slide.dimensions == (40_000, 40_000) and len(slide.levels) == 3
+    peak = peak_memory(path, tmp_path / "out", tile=1024, workers=2)
+    assert peak["tiles"] > 150  # the sections' area: ~0.115 of the 39 x 39 grid
+    gib = 2**30
+    assert peak["total_pss"] < MEMORY_BOUND, f"{peak['total_pss'] / gib:.2f} GiB in the process and its workers"
+    # predicting adds little to what the imports and the model took: the slide's pixels are never all in memory
+    grown = peak["self"] - peak["before"]
+    assert grown < 0.5 * gib, f"prediction grew the process by {grown / gib:.2f} GiB"
+    assert 0 < peak["worker"] < gib
+    prob_map = np.load(tmp_path / "out" / "big.map.npy", mmap_mode="r")
+    assert prob_map.shape == (39, 39, 8) and np.isnan(prob_map[0, 0, 0]) and not np.isnan(prob_map[16, 12, 0])
