@@ -147,14 +147,14 @@ class PatchFiles(Dataset):
 
 
 class CollateTransform:
-    """Stack decoded patches and apply the shard loader's batch transform, so only the reading differs."""
+    """Stack decoded patches as uint8 like the shard loader, so only the reading differs (both loaders ship
+    raw patches; the crop and normalisation run after transfer in training)."""
 
     def __init__(self, transform: Any) -> None:
         self.transform = transform
 
     def __call__(self, samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(np.stack([s[0] for s in samples]))
-        return self.transform(x), torch.tensor([s[1] for s in samples])
+        return torch.from_numpy(np.stack([s[0] for s in samples])), torch.tensor([s[1] for s in samples])
 
 
 def write_pngs(dm: ShardDataModule, root: Path, count: int) -> None:
@@ -220,7 +220,8 @@ def main() -> int:
         shards, png = max(shards, rate_a), max(png, rate_d)
     dm.loader.num_workers = workers
 
-    in_memory = [(x.clone(), y.clone()) for x, y in dm.train_dataloader()]
+    train_transform = dm.transform(train=True)
+    in_memory = [(train_transform(x), y.clone()) for x, y in dm.train_dataloader()]
     step = train_step_rate(cfg, dm, in_memory)
     del in_memory
     print(f"(b) training step, in memory:       {step:9,.0f} patches/s (best 10 steps)")

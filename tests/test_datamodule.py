@@ -85,6 +85,8 @@ def test_training_batch(data: dict) -> None:
     dm = datamodule(data, normalize="none")
     assert (dm.classes, dm.num_classes, dm.input_size) == (CLASSES, 3, 32)
     x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 36, 36, 3) and x.dtype == torch.uint8  # shipped raw, transformed after transfer
+    x = dm.transform(train=True)(x)
     assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
     assert y.dtype == torch.long and 0 <= int(y.min()) and int(y.max()) < 3
     assert 0 <= float(x.min()) and float(x.max()) <= 1
@@ -162,7 +164,7 @@ def test_test_loader_yields_every_sample_once(data: dict, workers: int, alarm) -
     expected = sorted((tuple(parse_key(k).values()), label) for k, _, label in shard_samples(dm.split.test))
     seen = []
     for x, y, keys in dm.predict_dataloader():
-        assert keys.shape == (len(y), len(KEY_FIELDS)) and x.shape == (len(y), 3, 32, 32)
+        assert keys.shape == (len(y), len(KEY_FIELDS)) and x.shape == (len(y), 36, 36, 3)
         seen += [(tuple(k), int(c)) for k, c in zip(keys.tolist(), y)]
     assert sorted(seen) == expected
     assert sum(len(y) for _, y in dm.test_dataloader()) == len(expected) == dm.split.samples["test"]
@@ -171,7 +173,7 @@ def test_test_loader_yields_every_sample_once(data: dict, workers: int, alarm) -
 def test_eval_transform_is_centre_crop_minus_mean(data: dict) -> None:
     dm = datamodule(data)
     samples = shard_samples(dm.split.test)
-    x, y, keys = next(iter(dm.predict_dataloader()))
+    x, y, keys = dm.on_after_batch_transfer(next(iter(dm.predict_dataloader())), 0)
     mean = torch.as_tensor(dm.stats["mean_image"], dtype=torch.float32)
     for i, (key, patch, label) in enumerate(samples[:len(y)]):  # one process: shard order
         assert tuple(keys[i].tolist()) == tuple(parse_key(key).values()) and int(y[i]) == label
@@ -193,7 +195,7 @@ def test_training_transform_is_a_crop_and_flip_of_patch_minus_mean(data: dict) -
 def test_normalisation_centres_the_training_set(data: dict) -> None:
     for normalize, std in (("image", None), ("channel", 1.0)):
         dm = datamodule(data, normalize=normalize)
-        x = torch.cat([x for x, _ in dm.eval_dataloader("train")])
+        x = torch.cat([dm.on_after_batch_transfer(batch, 0)[0] for batch in dm.eval_dataloader("train")])
         assert len(x) == dm.split.samples["train"]
         if normalize == "image":  # exactly the training mean image, cropped alike
             assert x.mean(dim=0).abs().max() < 1e-5

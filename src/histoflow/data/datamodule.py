@@ -140,10 +140,13 @@ def _apply(batch: tuple[torch.Tensor, ...], transform: PatchTransform) -> tuple[
     return (transform(batch[0]), *batch[1:])
 
 
-def shard_pipeline(urls: list[str], transform: PatchTransform, batch_size: int, train: bool,
+def shard_pipeline(urls: list[str], transform: PatchTransform | None, batch_size: int, train: bool,
                    rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
                    with_keys: bool = False) -> wds.DataPipeline:
-    """Shards -> transformed batches (x, y[, keys]): once in order, or (train) an endless shuffled stream."""
+    """Shards -> batches (x, y[, keys]): once in order, or (train) an endless shuffled stream.
+
+    x is uint8 (B, S, S, 3) when transform is None, else the transform's output.
+    """
     stages: list[Callable | Any] = [wds.SimpleShardList(urls)]
     if world_size > 1:
         stages.append(functools.partial(_rank_shards, rank=rank, world_size=world_size))
@@ -158,9 +161,10 @@ def shard_pipeline(urls: list[str], transform: PatchTransform, batch_size: int, 
         stages = [wds.DataPipeline(*stages).repeat()]
         if shuffle_buffer > 0:
             stages.append(functools.partial(_shuffled_samples, size=shuffle_buffer))
-    stages += [wds.batched(batch_size, collation_fn=functools.partial(_collate, with_keys=with_keys),
-                           partial=not train),
-               wds.map(functools.partial(_apply, transform=transform))]
+    stages.append(wds.batched(batch_size, collation_fn=functools.partial(_collate, with_keys=with_keys),
+                              partial=not train))
+    if transform is not None:
+        stages.append(wds.map(functools.partial(_apply, transform=transform)))
     return wds.DataPipeline(*stages)
 
 
@@ -174,6 +178,7 @@ class ShardDataModule(L.LightningDataModule):
         self.fold = str(fold)
         self.loader = LoaderConfig.from_config(self.data.get("loader"))
         self.prepared: PreparedDataset | None = None
+        self._transforms: dict[bool, PatchTransform] = {}
 
     def prepare_data(self) -> None:
         """Prepare the shards once (Lightning calls this on one process per node)."""
@@ -208,7 +213,20 @@ class ShardDataModule(L.LightningDataModule):
 
     def transform(self, train: bool) -> PatchTransform:
         """The training or evaluation patch transform of this fold."""
-        return build_transform(asdict(self.loader), self.stats, train=train)
+        if train not in self._transforms:
+            self._transforms[train] = build_transform(asdict(self.loader), self.stats, train=train)
+        return self._transforms[train]
+
+    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, ...], dataloader_idx: int) -> tuple[torch.Tensor, ...]:
+        """Crop, flip and normalise uint8 patches where the model runs (the GPU, when there is one).
+
+        Loader workers ship uint8 patches: a third of the bytes of float crops, and passing batches
+        between processes, not reading the shards, was what capped a loader with workers.
+        """
+        if batch[0].dtype != torch.uint8:
+            return batch
+        train = self.trainer is not None and self.trainer.training
+        return (self.transform(train)(batch[0]), *batch[1:])
 
     def _webloader(self, dataset: wds.DataPipeline, workers: int) -> wds.WebLoader:
         return wds.WebLoader(dataset, batch_size=None, num_workers=workers,
@@ -222,7 +240,7 @@ class ShardDataModule(L.LightningDataModule):
         urls = self.split.train
         # repeat the list until every rank and worker has a shard, so no worker idles
         urls = urls * math.ceil(world * max(workers, 1) / len(urls))
-        stream = shard_pipeline(urls, self.transform(train=True), self.loader.batch_size, train=True,
+        stream = shard_pipeline(urls, None, self.loader.batch_size, train=True,
                                 rank=rank, world_size=world, shuffle_buffer=self.loader.shuffle_buffer)
         n = self.epoch_batches()
         # with_epoch ends each epoch after n batches from whichever workers deliver them, and the next
@@ -245,7 +263,7 @@ class ShardDataModule(L.LightningDataModule):
             rank, world = 0, 1
         # a worker beyond the shard count would only start and stop
         workers = min(self.loader.num_workers, math.ceil(len(urls) / world))
-        dataset = shard_pipeline(urls, self.transform(train=False),
+        dataset = shard_pipeline(urls, None,
                                  self.loader.eval_batch_size or self.loader.batch_size, train=False,
                                  rank=rank, world_size=world, with_keys=with_keys)
         return self._webloader(dataset, workers)
