@@ -300,3 +300,20 @@ def test_memory_bounded_on_a_40000_px_slide(tmp_path: Path) -> None:
     assert 0 < peak["worker"] < gib
     prob_map = np.load(tmp_path / "out" / "big.map.npy", mmap_mode="r")
     assert prob_map.shape == (39, 39, 8) and np.isnan(prob_map[0, 0, 0]) and not np.isnan(prob_map[16, 12, 0])
+
+
+def test_predict_command_line_on_slides(model: FoldModel, wsi_dir: Path, tmp_path: Path) -> None:
+    """`predict.py slides=...`: every readable slide gets its outputs; a slide without tissue is reported, not fatal."""
+    blank = tmp_path / "blank.tif"
+    tifffile.imwrite(blank, np.full((512, 512, 3), 255, np.uint8), tile=(256, 256))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "predict.py"), f"ckpt_path={model.path}", f"slides=[{wsi_dir / CMU},{blank}]",
+         "slide.tile_size=256", "slide.num_workers=0", "on_bad_image=skip", "progress=false",
+         f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_csv(tmp_path / "run" / "slides.csv")
+    assert [Path(r["slide"]).name for r in rows] == [CMU] and int(rows[0]["tiles"]) > 0
+    for suffix in (".tiles.csv", ".map.npy", ".heatmap.png", ".json"):
+        assert (tmp_path / "run" / "slides" / f"{Path(CMU).stem}{suffix}").is_file()
+    problems = (tmp_path / "run" / "problems.csv").read_text()
+    assert "blank.tif" in problems and "tissue" in problems

@@ -1,4 +1,5 @@
-"""Prediction runs: the k-fold held-out report of a training multirun, or a CSV of predictions for any images."""
+"""Prediction runs: the k-fold held-out report of a training multirun, a CSV of predictions for any images,
+or maps over whole slides."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import prepare_dataset
 from histoflow.inference.checkpoints import FoldModel, check_compatible, find_checkpoints, load_fold_model
 from histoflow.inference.report import fold_report, log_wandb, prediction_rows, write_csv, write_problems
+from histoflow.data.slide import SlideError
+from histoflow.inference.slide_map import SlideConfig, predict_slide
 from histoflow.inference.voting import predict_images, tta_views
 
 log = logging.getLogger(__name__)
@@ -23,20 +26,20 @@ class BadImagesError(ValueError):
     """Images that could not be predicted (with on_bad_image=error), reported after the others were written."""
 
 
-def list_images(spec: str | Sequence[str]) -> list[Path]:
+def list_images(spec: str | Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
     """Image files of a folder (searched recursively), a file, a glob pattern, or a list of these, in order."""
     found: list[Path] = []
     for entry in [spec] if isinstance(spec, str) else list(spec):
         path = Path(entry).expanduser()
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
         elif path.is_file():
             files = [path]
         else:
             files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
-            raise FileNotFoundError(f"images={entry}: no image files ({' '.join(IMAGE_SUFFIXES)}) found there. "
+            raise FileNotFoundError(f"images={entry}: no files ({' '.join(suffixes)}) found there. "
                                     "Fix: pass a folder, a file, a glob pattern such as 'dir/**/*.png', or a list")
         found += files
     return list(dict.fromkeys(found))  # a file matched twice is predicted once
@@ -119,6 +122,31 @@ def _images_csv(cfg: DictConfig, models: list[FoldModel], grid: PatchConfig, out
                             "tables": {"predict/predictions": rows}}
 
 
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
+
+
+def _slides(cfg: DictConfig, models: list[FoldModel], grid: PatchConfig, out: Path,
+            settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any]]:
+    """Whole slides: tiled inference over tissue; per slide a tile CSV, a class map and a heatmap (slides/)."""
+    spec = cfg.slides if isinstance(cfg.slides, str) else list(cfg.slides)
+    paths = list_images(spec, SLIDE_SUFFIXES)
+    slide_cfg = SlideConfig.from_config(OmegaConf.to_container(cfg.slide, resolve=True))
+    classes = models[0].classes
+    rows, problems = [], {}
+    for path in paths:
+        try:
+            result = predict_slide(path, [(m.net, m.transform) for m in models], classes, slide_cfg, out / "slides")
+        except SlideError as e:  # no tissue, unreadable file: the other slides still run
+            problems[str(path)] = str(e)
+            continue
+        rows.append({"slide": str(path), "tiles": result.tiles, "tiles_per_s": round(result.tiles_per_s, 1),
+                     "map": str(result.map), "heatmap": str(result.heatmap)})
+    write_csv(rows, out / "slides.csv")
+    return rows, problems, {"metrics": {"predict/slides": float(len(rows))},
+                            "images": {f"predict/heatmap_{Path(r['slide']).stem}": Path(r["heatmap"]) for r in rows},
+                            "tables": {"predict/slides": rows}}
+
+
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run one prediction as configured (conf/predict.yaml); returns where the results are and how many."""
     out = Path(cfg.output_dir)
@@ -130,7 +158,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     settings = {"ckpt_path": str(cfg.ckpt_path), "checkpoints": [str(m.path) for m in models],
                 "aggregate": cfg.aggregate, "views": len(_run_options(cfg)["views"]),
                 "window": grid.size, "stride": grid.stride}
-    run = _held_out_report if cfg.images is None else _images_csv
+    run = _slides if cfg.get("slides") else _held_out_report if cfg.images is None else _images_csv
     rows, problems, logged = run(cfg, models, grid, out, settings)
     if problems:
         write_problems(problems, out / "problems.csv", "skipped" if cfg.on_bad_image == "skip" else "stopped")
