@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import hydra
 import pytorch_lightning as pl
@@ -37,7 +37,7 @@ class PatchClassifier(pl.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        optimizer: OptimizerFactory,
+        optimizer: OptimizerFactory | None,
         classes: list[str],
         scheduler: SchedulerFactory | None = None,
         input_size: int | None = None,
@@ -122,19 +122,43 @@ def build_net(model_cfg: Mapping[str, Any], num_classes: int, input_size: int | 
     return hydra.utils.instantiate(model_cfg, num_classes=num_classes, **extra)
 
 
-def load_classifier(checkpoint_path: str | Path, map_location: str | torch.device = "cpu") -> PatchClassifier:
+TRUSTED_TARGETS = ("histoflow.models.", "torchvision.models.", "torch.optim.")
+
+
+class UntrustedCheckpoint(ValueError):
+    """A checkpoint whose stored config would build objects outside the trusted prefixes."""
+
+
+def untrusted_targets(config: Any, trusted: Iterable[str]) -> list[str]:
+    """Every `_target_` in a (nested) config that does not start with a trusted prefix."""
+    if isinstance(config, Mapping):
+        own = [str(config["_target_"])] if "_target_" in config else []
+        bad = [t for t in own if not t.startswith(tuple(trusted))]
+        return bad + [t for v in config.values() for t in untrusted_targets(v, trusted)]
+    if isinstance(config, (list, tuple)):
+        return [t for v in config for t in untrusted_targets(v, trusted)]
+    return []
+
+
+def load_classifier(checkpoint_path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS,
+                    map_location: str | torch.device = "cpu") -> PatchClassifier:
     """A trained PatchClassifier from a histoflow checkpoint, its net rebuilt from the config stored in it.
 
-    The stored config's `_target_`s are instantiated: load only checkpoints you trust, or check them first
-    (histoflow.inference.checkpoints.load_fold_model does).
+    The file is read with weights_only=True (no pickled code runs) and the stored model config is
+    instantiated only when its `_target_`s start with a trusted prefix.
     """
     checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
     hparams = checkpoint["hyper_parameters"]
     config, classes = hparams["config"], hparams["classes"]
+    bad = untrusted_targets(config.get("model"), trusted)
+    if bad:
+        raise UntrustedCheckpoint(f"{checkpoint_path}: its config would instantiate {bad}, which are not trusted. "
+                                  f"Fix: if you trust this checkpoint, add the prefixes to trusted_targets "
+                                  f"(now {list(trusted)})")
     model_cfg = dict(config["model"])
     if "weights" in model_cfg:
         model_cfg["weights"] = None  # the checkpoint holds every weight: no pretrained download needed
     net = build_net(model_cfg, len(classes), hparams["input_size"])
     net.load_state_dict(clean_state_dict(checkpoint))
-    optimizer = hydra.utils.instantiate(config["optimizer"])
-    return PatchClassifier(net, optimizer, classes=classes, input_size=hparams["input_size"], config=config)
+    # no optimizer: a loaded classifier predicts; training resumes through Trainer.fit(ckpt_path=...)
+    return PatchClassifier(net, optimizer=None, classes=classes, input_size=hparams["input_size"], config=config)

@@ -18,12 +18,11 @@ from torch import nn
 
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.transforms import PatchTransform
-from histoflow.module import PatchClassifier, load_classifier
+from histoflow.module import TRUSTED_TARGETS, PatchClassifier, UntrustedCheckpoint, load_classifier
 from histoflow.training import METRICS_FILE
 
 log = logging.getLogger(__name__)
 DATAMODULE_STATE = "ShardDataModule"  # Lightning saves the datamodule's state_dict() under its class name
-TRUSTED_TARGETS = ("histoflow.models.", "torchvision.models.", "torch.optim.")
 
 
 class CheckpointError(ValueError):
@@ -88,17 +87,6 @@ def find_checkpoints(ckpt_path: str | Path) -> list[Path]:
     return [_best_checkpoint(j.parent) for j in jobs]
 
 
-def untrusted_targets(config: Any, trusted: Iterable[str]) -> list[str]:
-    """Every `_target_` in a (nested) config that does not start with a trusted prefix."""
-    if isinstance(config, Mapping):
-        own = [str(config["_target_"])] if "_target_" in config else []
-        bad = [t for t in own if not t.startswith(tuple(trusted))]
-        return bad + [t for v in config.values() for t in untrusted_targets(v, trusted)]
-    if isinstance(config, (list, tuple)):
-        return [t for v in config for t in untrusted_targets(v, trusted)]
-    return []
-
-
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A histoflow checkpoint's contents, read without running any pickled code."""
     try:
@@ -148,11 +136,10 @@ def load_fold_model(path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS) 
     checkpoint = read_checkpoint(path)
     hparams = checkpoint["hyper_parameters"]
     config = hparams["config"]
-    bad = untrusted_targets({"model": config.get("model"), "optimizer": config.get("optimizer")}, trusted)
-    if bad:
-        raise CheckpointError(f"{path}: its config would instantiate {bad}, which are not trusted. Fix: if you trust "
-                              f"this checkpoint, add the prefixes to trusted_targets (now {list(trusted)})")
-    module = load_classifier(path)
+    try:
+        module = load_classifier(path, trusted)
+    except UntrustedCheckpoint as e:
+        raise CheckpointError(str(e)) from e
     transform = preprocessing_of(module, checkpoint.get(DATAMODULE_STATE))
     if hparams["input_size"] and transform.crop != hparams["input_size"]:
         raise CheckpointError(f"{path}: the net takes {hparams['input_size']}-px inputs but its preprocessing crops "

@@ -39,7 +39,7 @@ def list_images(spec: str | Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFI
         else:
             files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
-            raise FileNotFoundError(f"images={entry}: no files ({' '.join(suffixes)}) found there. "
+            raise FileNotFoundError(f"images={entry}: no image files ({' '.join(suffixes)}) found there. "
                                     "Fix: pass a folder, a file, a glob pattern such as 'dir/**/*.png', or a list")
         found += files
     return list(dict.fromkeys(found))  # a file matched twice is predicted once
