@@ -111,56 +111,7 @@ def bench_slide(path: Path, level: int, tile: int, names: list[str], workers: li
             print(f"{name:<10} {pure:>16.1f} {w:>8} {speed:>14.1f} {ratio:>6.2f} {wall:>7.1f}{flag}", flush=True)
 
 
-# the same measurement as tests/test_slide_predict.py: VmHWM of the process, sampled PSS of it and its workers
-MEMORY_SCRIPT = """
-import json, os, sys, threading, time
-import numpy as np
-from histoflow.data.transforms import PatchTransform
-from histoflow.inference.slide_map import SlideConfig, predict_slide
-from histoflow.models import AlexNet32
-
-def status(pid, field):  # KiB; VmHWM is the process's own peak RSS (not inherited through fork or exec)
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-    except (OSError, StopIteration):
-        return 0
-
-def pss(pid):  # proportional set size, KiB: pages shared between processes split among them
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
-    except (OSError, StopIteration):
-        return 0
-
-def children(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-
-peak = {"total_pss": 0, "worker": 0}
-done = threading.Event()
-def sample():  # every 20 ms: this process and its loader workers together, and the largest worker
-    while not done.is_set():
-        kids = children(os.getpid())
-        peak["total_pss"] = max(peak["total_pss"], sum(pss(p) for p in [os.getpid(), *kids]))
-        peak["worker"] = max([peak["worker"], *(status(p, "VmHWM") for p in kids)])
-        time.sleep(0.02)
-
-slide, out, tile, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-models = [(AlexNet32(num_classes=8, input_size=32), PatchTransform(32, {"mean_image": np.full((32, 32, 3), 200.0)}))]
-before = status("self", "VmHWM")
-sampler = threading.Thread(target=sample, daemon=True)
-sampler.start()
-result = predict_slide(slide, models, [f"c{i}" for i in range(8)], SlideConfig(tile_size=tile, batch_size=64,
-                       num_workers=workers, progress=False), out)
-done.set()
-sampler.join()
-print(json.dumps({"tiles": result.tiles, "before": before * 1024, "self": status("self", "VmHWM") * 1024,
-                  **{k: v * 1024 for k, v in peak.items()}}))
-"""
+MEMORY_SCRIPT = Path(__file__).with_name("slide_peak_memory.py")  # the same measurement as the memory test
 
 
 def bench_memory(work: Path) -> None:
@@ -171,7 +122,7 @@ def bench_memory(work: Path) -> None:
     for side, tile in ((10_000, 256), (40_000, 1024)):
         path = work / f"memory-{side}.tif"
         write_slide(path, side, sections=[(0.3, 0.4, 0.15), (0.75, 0.7, 0.12)])
-        run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(path), str(work / "out"), str(tile), "2"],
+        run = subprocess.run([sys.executable, str(MEMORY_SCRIPT), str(path), str(work / "out"), str(tile), "2"],
                              capture_output=True, text=True, check=True)
         m = {k: v / 2**20 for k, v in json.loads(run.stdout.strip().splitlines()[-1]).items()}
         print(f"{side:>8} {side * side * 3 / 1e9:>10.1f} {tile:>8} {m['tiles'] * 2**20:>6.0f} {m['before']:>11.0f} "

@@ -50,7 +50,7 @@ class LoaderConfig:
     flips: bool = True  # random horizontal and vertical flips in training
     hed_jitter: float = 0.0  # sigma of the H&E-DAB stain jitter in training; 0: off
     pin_memory: bool = True  # only takes effect when CUDA is available
-    persistent_workers: bool = True
+    persistent_workers: bool = False
     epoch_batches: int | None = None  # training batches per epoch and rank; None: training samples / (batch * ranks)
 
     @classmethod
