@@ -277,3 +277,23 @@ def test_missing_jpeg2000_codec_says_how_to_fix(wsi_dir: Path, monkeypatch: pyte
     monkeypatch.setattr(slide_module, "_has_decoder", lambda compression: compression != 33005)
     with pytest.raises(SlideError, match="JPEG 2000.*pip install imagecodecs"):
         Slide(wsi_dir / "tcga-cr-7395-01a-01-ts1.svs")
+
+
+def test_decoded_tile_cache_is_exact_and_bounded(wsi_dir: Path) -> None:
+    """Reads through the decoded-tile cache equal uncached reads; a repeated read decodes nothing new;
+    the cache never holds more than its budget."""
+    path = wsi_dir / "tcga-cr-7395-01a-01-ts1.svs"  # 256-px JPEG 2000 tiles
+    budget = 40 * 256 * 256 * 3  # forty tiles
+    with Slide(path, cache_bytes=budget) as cached, Slide(path, cache_bytes=0) as plain:
+        reads = []
+        real_read = cached._read_bytes
+        cached._read_bytes = lambda offset, count: reads.append(offset) or real_read(offset, count)  # type: ignore[method-assign]
+        regions = [((x, y), (224, 224)) for y in range(0, 1400, 224) for x in range(0, 2000, 224)]
+        for location, size in regions:
+            np.testing.assert_array_equal(cached.read_region(location, 0, size), plain.read_region(location, 0, size))
+            assert cached._cache.bytes <= budget
+        first_pass = len(reads)
+        # 224-px reads over 256-px tiles share tiles: without the cache ~1.9 decodes per stored tile under the grid
+        assert first_pass <= len(set(reads)) * 1.2
+        cached.read_region(regions[-1][0], 0, (224, 224))
+        assert len(reads) == first_pass  # the last region's tiles are still cached

@@ -22,7 +22,7 @@ from PIL import Image
 from histoflow.data.datamodule import tar_samples
 from histoflow.data.shards import decode_npy, parse_key
 from histoflow.data.slide import Slide, SlideError
-from histoflow.data.slide_tiles import NoTissueError, SlideTiles, TileGeometry, tissue_tiles, write_slide_shards
+from histoflow.data.slide_tiles import NoTissueError, SlideTiles, TileGeometry, tissue_tiles, worker_blocks, write_slide_shards
 from histoflow.inference.checkpoints import FoldModel, load_fold_model
 from histoflow.inference.slide_map import SlideConfig, default_heatmap_class, predict_slide
 from histoflow.training import train
@@ -269,3 +269,13 @@ def test_predict_command_line_on_slides(model: FoldModel, wsi_dir: Path, tmp_pat
         assert (tmp_path / "run" / "slides" / f"{Path(CMU).stem}{suffix}").is_file()
     problems = (tmp_path / "run" / "problems.csv").read_text()
     assert "blank.tif" in problems and "tissue" in problems
+
+
+@pytest.mark.parametrize(("batches", "workers"), [(0, 2), (1, 2), (7, 2), (10, 3), (5, 0), (3, 4)])
+def test_worker_blocks_give_each_worker_a_contiguous_block(batches: int, workers: int) -> None:
+    order = worker_blocks(batches, workers)
+    assert sorted(order) == list(range(batches))  # every batch exactly once
+    w = max(1, workers)
+    for j in range(w):
+        mine = order[j::w]  # what the DataLoader hands worker j
+        assert not mine or mine == list(range(mine[0], mine[0] + len(mine)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -22,6 +23,7 @@ from tifffile import TIFF, TiffPage
 _JPEG2000 = (33003, 33004, 33005, 34712)  # Aperio YCbCr/RGB J2K and the JPEG 2000 TIFF code
 _MPP_RANGE = (0.01, 50.0)  # resolution tags outside this are scanner/software defaults (72 dpi ...)
 _BAND_PIXELS = 1 << 24  # source pixels decoded at a time while making a thumbnail (48 MB RGB)
+CACHE_BYTES = 128 << 20  # decoded tiles kept per open slide (a row of 512-px tiles across a 60,000-px slide)
 _CONVERT_HINT = (
     "convert it to a tiled pyramidal TIFF, e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`"
 )
@@ -98,10 +100,49 @@ def _to_rgb8(raw: np.ndarray, page: TiffPage) -> np.ndarray:
     return np.ascontiguousarray(raw[..., :3])  # RGB (JPEG YCbCr is decoded to RGB); alpha dropped
 
 
-class Slide:
-    """A whole-slide image opened for region reads; use as a context manager."""
+class _SegmentCache:
+    """Decoded tiles/strips by (page, segment), least recently used dropped first beyond `max_bytes`.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    Neighbouring reads share stored tiles (a 224-px grid over 256-px tiles decodes most tiles twice
+    without it); the budget keeps memory bounded whatever the slide's size.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = int(max_bytes), 0
+        self._items: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int]) -> np.ndarray | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple[int, int], value: np.ndarray) -> None:
+        if value.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            self.bytes += value.nbytes - (old.nbytes if old is not None else 0)
+            self._items[key] = value
+            while self.bytes > self.max_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self.bytes -= dropped.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.bytes = 0
+
+
+class Slide:
+    """A whole-slide image opened for region reads; use as a context manager.
+
+    `cache_bytes` bounds the decoded tiles kept for reuse by later reads (0: none).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], cache_bytes: int = CACHE_BYTES) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such slide file; check the path (and HISTOFLOW_DATA)")
@@ -125,6 +166,7 @@ class Slide:
         self._pid = -1
         self._lock = threading.Lock()
         self._memmaps: dict[int, np.ndarray] = {}
+        self._cache = _SegmentCache(cache_bytes)
         description = self._pages[0].description if self._tif.is_svs else ""
         self._aperio = _aperio_fields(description)
 
@@ -156,6 +198,7 @@ class Slide:
     def close(self) -> None:
         """Close the file handles."""
         self._memmaps.clear()
+        self._cache.clear()
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -300,13 +343,16 @@ class Slide:
             for row in range(y0 // seg_h, (y1 - 1) // seg_h + 1):
                 for col in range(x0 // seg_w, (x1 - 1) // seg_w + 1):
                     index = (plane * rows + row) * cols + col
-                    count = page.databytecounts[index]
-                    if not count:
-                        continue
-                    data, _, _ = decode(self._read_bytes(page.dataoffsets[index], count), index, **jpeg)
-                    if data is None:
-                        continue
-                    seg = data[0]  # (h, w, samples); edge segments may come back cropped
+                    seg = self._cache.get((page.offset, index))
+                    if seg is None:
+                        count = page.databytecounts[index]
+                        if not count:
+                            continue
+                        data, _, _ = decode(self._read_bytes(page.dataoffsets[index], count), index, **jpeg)
+                        if data is None:
+                            continue
+                        seg = data[0]  # (h, w, samples); edge segments may come back cropped
+                        self._cache.put((page.offset, index), seg)
                     sy, sx = row * seg_h, col * seg_w
                     ay0, ax0 = max(y0, sy), max(x0, sx)
                     ay1, ax1 = min(y1, sy + seg.shape[0]), min(x1, sx + seg.shape[1])

@@ -148,11 +148,24 @@ def _unbatched(item: tuple) -> tuple:
     return item
 
 
+def worker_blocks(batches: int, workers: int) -> list[int]:
+    """An order of batch indices in which DataLoader worker j (given items j, j+w, ...) reads the j-th
+    contiguous block of batches: each worker walks its own part of the slide top to bottom, so the
+    stored tiles one grid row shares with the next are still in that worker's decoded-tile cache."""
+    w = max(1, workers)
+    counts = [batches // w + (j < batches % w) for j in range(w)]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
+    return [int(starts[i % w] + i // w) for i in range(batches)]
+
+
 def tile_loader(tiles: SlideTiles, num_workers: int = 2, pin_memory: bool = False) -> DataLoader:
-    """Batches of `tiles` in order, read by `num_workers` processes while the caller computes."""
+    """(batch index, batch) of `tiles`, read by `num_workers` processes while the caller computes.
+
+    Batches come in `worker_blocks` order (every batch exactly once, not in index order).
+    """
     # Each worker holds at most 2 batches ahead: memory is bounded by workers x batch, never by the slide.
-    return DataLoader(tiles, batch_size=None, num_workers=num_workers, collate_fn=_unbatched,
-                      pin_memory=pin_memory, prefetch_factor=2 if num_workers else None)
+    return DataLoader(tiles, batch_size=None, sampler=worker_blocks(len(tiles), num_workers), num_workers=num_workers,
+                      collate_fn=_unbatched, pin_memory=pin_memory, prefetch_factor=2 if num_workers else None)
 
 
 def write_slide_shards(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], labels: int | Sequence[int],
@@ -187,4 +200,4 @@ def write_slide_shards(slide_path: str | os.PathLike[str], out_dir: str | os.Pat
         np.savez(out / f"{shard_name}.stats.npz", **stats)  # sums first: a shard that exists has them beside it
         tmp.replace(out / shard_name)
         records.append({"file": shard_name, "samples": len(batch), "slide": str(slide_path)})
-    return records
+    return sorted(records, key=lambda r: r["file"])
