@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
 
+from histoflow import results
 from histoflow.data.folds import read_manifest
 from histoflow.data.prepared import PreparedDataset
 from histoflow.data.patches import PatchConfig
@@ -168,10 +169,17 @@ def predict_config(overrides: list[str], output_dir: Path) -> DictConfig:
                                              "num_workers=0"])
 
 
-def test_five_fold_report_each_image_by_the_model_that_held_it_out(multirun: Path, tiny: Path, tmp_path: Path) -> None:
-    out = tmp_path / "report"
+@pytest.fixture(scope="module")
+def five_fold_report(multirun: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`python predict.py ckpt_path=<multirun>`: the k-fold report's folder."""
+    out = tmp_path_factory.mktemp("predict") / "report"
     run_script("predict.py", [f"ckpt_path={multirun}", f"hydra.run.dir={out}", "wandb.enabled=true"],
-               env_offline(tmp_path))
+               env_offline(out.parent))
+    return out
+
+
+def test_five_fold_report_each_image_by_the_model_that_held_it_out(five_fold_report: Path, tiny: Path) -> None:
+    out = five_fold_report
     report = json.loads((out / "report.json").read_text())
     cm, classes = read_confusion_csv(out / "confusion_images.csv")
     assert classes == CLASSES and cm.sum() == 30 == report["images"]
@@ -194,6 +202,25 @@ def test_five_fold_report_each_image_by_the_model_that_held_it_out(multirun: Pat
         assert row["fold"] == fold_of[image] == str(trained["fold"])
         assert int(row["patches"]) == 6 == sum(int(row[f"votes_{c}"]) for c in CLASSES)
     assert list((out / "wandb").glob("offline-run-*")), "W&B did not log offline"
+
+
+def test_results_section_is_rendered_from_the_report(five_fold_report: Path, multirun: Path, tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Results\n\n{results.BEGIN}\nold text\n{results.END}\n\n## After\n")
+    results.main([f"Per-image folds={five_fold_report}", "--readme", str(readme), "--figures", str(tmp_path / "docs")])
+    text = readme.read_text()
+    report = json.loads((five_fold_report / "report.json").read_text())
+    acc = report["summary"]["image/acc"]
+    assert "old text" not in text and text.startswith("# x\n\n## Results\n\n") and text.endswith("\n\n## After\n")
+    row = next(line for line in text.splitlines() if line.startswith("| Per-image folds |"))
+    assert f"**{acc['mean']:.3f} ± {acc['sd']:.3f}**" in row
+    assert row.count("|") == text.splitlines()[text.splitlines().index(row) - 2].count("|")  # as many cells as the header
+    assert "python train.py -m fold=1,2,3,4,5" in text and f"python predict.py ckpt_path={multirun}" in text
+    figure = tmp_path / "docs" / "results-per-image-folds-confusion.png"
+    assert figure.read_bytes() == (five_fold_report / "confusion_images.png").read_bytes()
+    assert "](docs/results-per-image-folds-confusion.png)" in text
+    results.main([f"Per-image folds={five_fold_report}", "--readme", str(readme), "--figures", str(tmp_path / "docs")])
+    assert readme.read_text() == text  # idempotent: the section is replaced, not appended
 
 
 def test_unlabelled_images_csv_and_bad_images(multirun: Path, tiny: Path, tmp_path: Path) -> None:
