@@ -91,7 +91,6 @@ def main() -> int:
                         collate_fn=lambda item: item)
     patches = torch.cat([item.x[0, :, 0] for item in reader])  # (N, 3, 32, 32), preprocessed
     read = len(paths) / (time.perf_counter() - t0)
-    batches = list(patches.split(args.batch_size))
     per_image = len(patches) / len(paths)
     print(f"lymphoma: {len(paths)} images, {len(patches):,} patches ({per_image:.0f} per image); batch "
           f"{args.batch_size}, {args.workers} reader worker(s), {torch.get_num_threads()} torch threads, "

@@ -22,48 +22,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-import tifffile
 import torch
 import torchvision
 
 from histoflow.data.slide import Slide
+from histoflow.data.synthetic import H_E_MEAN, write_pyramid
 from histoflow.data.slide_tiles import SlideTiles, TileGeometry, tissue_tiles
 from histoflow.data.transforms import PatchTransform
 from histoflow.inference.slide_map import SlideConfig, predict_slide
 
 FLOOR = 0.7
-H_E_MEAN, H_E_STD = np.array([200.0, 120.0, 170.0]), np.array([25.0, 25.0, 25.0])
-
-
-def write_slide(path: Path, side: int, tile: int = 512,
-                sections: list[tuple[float, float, float]] | None = None) -> None:
-    """A JPEG pyramid (1, 1/4, 1/16) of glass with two round tissue sections, tile by tile from a generator."""
-    import imagecodecs
-
-    rng = np.random.default_rng(0)
-    glass = imagecodecs.jpeg_encode(np.full((tile, tile, 3), 242, np.uint8), level=85)
-    tissue = [imagecodecs.jpeg_encode(np.clip(rng.normal(H_E_MEAN, 25, (tile, tile, 3)), 0, 255).astype(np.uint8),
-                                      level=85) for _ in range(8)]
-    # centre x, y and radius of each round section, as fractions of the side
-    sections = sections or [(0.3, 0.35, 0.25), (0.72, 0.7, 0.2)]
-
-    def tiles(downsample: int) -> Iterator[bytes]:
-        n = -(-side // downsample // tile)
-        for r in range(n):
-            for c in range(n):
-                cx, cy = (c + 0.5) * tile * downsample / side, (r + 0.5) * tile * downsample / side
-                inside = any((cx - x) ** 2 + (cy - y) ** 2 < s ** 2 for x, y, s in sections)
-                yield tissue[(r * 3 + c) % 8] if inside else glass
-
-    common = {"dtype": np.uint8, "tile": (tile, tile), "photometric": "rgb", "compression": "jpeg"}
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        tif.write(tiles(1), shape=(side, side, 3), subifds=2, resolution=(40000, 40000), resolutionunit="CENTIMETER",
-                  **common)
-        for ds in (4, 16):
-            tif.write(tiles(ds), shape=(side // ds, side // ds, 3), subfiletype=1, **common)
+H_E_STD = np.array([25.0, 25.0, 25.0])
 
 
 def forward_rate(net: torch.nn.Module, x: torch.Tensor, batch: int) -> float:
@@ -79,7 +50,7 @@ def forward_rate(net: torch.nn.Module, x: torch.Tensor, batch: int) -> float:
 def bench_slide(path: Path, level: int, tile: int, names: list[str], workers: list[int], batch: int, repeats: int,
                 out: Path) -> None:
     """Print the forward rate, predict_slide's rate and their ratio for each net and worker count."""
-    stats = {"mean_image": np.full((tile, tile, 3), H_E_MEAN), "channel_mean": H_E_MEAN, "channel_std": H_E_STD}
+    stats = {"mean_image": np.full((tile, tile, 3), H_E_MEAN), "channel_mean": np.array(H_E_MEAN), "channel_std": H_E_STD}
     transform = PatchTransform(tile, stats, "channel")
     with Slide(path) as slide:
         geometry = TileGeometry.of(slide, tile, level=level)
@@ -121,7 +92,7 @@ def bench_memory(work: Path) -> None:
           f"{'worker RSS':>11} {'total PSS':>10}")
     for side, tile in ((10_000, 256), (40_000, 1024)):
         path = work / f"memory-{side}.tif"
-        write_slide(path, side, sections=[(0.3, 0.4, 0.15), (0.75, 0.7, 0.12)])
+        write_pyramid(path, side, sections=[(0.3, 0.4, 0.15), (0.75, 0.7, 0.12)])
         run = subprocess.run([sys.executable, str(MEMORY_SCRIPT), str(path), str(work / "out"), str(tile), "2"],
                              capture_output=True, text=True, check=True)
         m = {k: v / 2**20 for k, v in json.loads(run.stdout.strip().splitlines()[-1]).items()}
@@ -145,7 +116,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         path = work / "synthetic.tif"
-        write_slide(path, args.side)
+        write_pyramid(path, args.side)
         bench_slide(path, 0, args.tile, args.models, args.workers, args.batch, args.repeats, work / "out")
         if args.real is not None:
             bench_slide(args.real / "tcga-cr-7395-01a-01-ts1.svs", 0, args.tile, args.models, args.workers,

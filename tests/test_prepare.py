@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
-import os
 import shutil
 import signal
 import subprocess
@@ -18,7 +16,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from histoflow.data.folds import LeakageError, SplitConfig, assign_folds, check_leakage, read_manifest
+from histoflow.data.folds import LeakageError, SplitConfig, assign_folds, check_leakage
 from histoflow.data.patches import PatchConfig, extract_patches, grid_origins
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.prepared import PreparedDataset

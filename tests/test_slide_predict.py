@@ -22,6 +22,7 @@ from PIL import Image
 from histoflow.data.datamodule import tar_samples
 from histoflow.data.shards import decode_npy, parse_key
 from histoflow.data.slide import Slide, SlideError
+from histoflow.data.synthetic import write_pyramid
 from histoflow.data.slide_tiles import NoTissueError, SlideTiles, TileGeometry, tissue_tiles, worker_blocks, write_slide_shards
 from histoflow.inference.checkpoints import FoldModel, load_fold_model
 from histoflow.inference.slide_map import SlideConfig, default_heatmap_class, predict_slide
@@ -195,31 +196,7 @@ def test_slide_tiles_to_shards(wsi_dir: Path, tmp_path: Path) -> None:
 # --- memory on a slide far larger than memory ------------------------------------------------------
 
 
-def write_big_slide(path: Path, side: int = 40_000, tile: int = 512) -> None:
-    """A side x side JPEG pyramid (levels 1, 1/4, 1/16), tile by tile from a generator: glass with two round
-    tissue sections. Tiles are encoded once and reused, so writing takes a second, not minutes."""
-    import imagecodecs
-
-    rng = np.random.default_rng(0)
-    glass = imagecodecs.jpeg_encode(np.full((tile, tile, 3), 242, np.uint8), level=85)
-    tissue = [imagecodecs.jpeg_encode(np.clip(rng.normal((200, 120, 170), 25, (tile, tile, 3)), 0, 255)
-                                      .astype(np.uint8), level=85) for _ in range(4)]
-    sections = [(0.3, 0.4, 0.15), (0.75, 0.7, 0.12)]  # centre x, y and radius, as fractions of the side
-
-    def tiles(downsample: int) -> Iterator[bytes]:
-        n = -(-side // downsample // tile)
-        for r in range(n):
-            for c in range(n):
-                cx, cy = (c + 0.5) * tile * downsample / side, (r + 0.5) * tile * downsample / side
-                inside = any((cx - x) ** 2 + (cy - y) ** 2 < s ** 2 for x, y, s in sections)
-                yield tissue[(r + c) % 4] if inside else glass
-
-    common = {"dtype": np.uint8, "tile": (tile, tile), "photometric": "rgb", "compression": "jpeg"}
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        tif.write(tiles(1), shape=(side, side, 3), subifds=2, resolution=(40000, 40000), resolutionunit="CENTIMETER",
-                  **common)
-        for ds in (4, 16):
-            tif.write(tiles(ds), shape=(side // ds, side // ds, 3), subfiletype=1, **common)
+SMALL_SECTIONS = [(0.3, 0.4, 0.15), (0.75, 0.7, 0.12)]  # centre x, y and radius, as fractions of the side
 
 
 PEAK_SCRIPT = REPO / "benchmarks" / "slide_peak_memory.py"  # the measurement, shared with bench_wsi.py
@@ -239,7 +216,7 @@ def test_memory_bounded_on_a_40000_px_slide(tmp_path: Path) -> None:
     the predicting process and its two loader workers together stay under 2 GiB (benchmarks/bench_wsi.py shows
     the same peak for a 10,000-px slide)."""
     path = tmp_path / "big.tif"
-    write_big_slide(path)
+    write_pyramid(path, 40_000, sections=SMALL_SECTIONS)
     with Slide(path) as slide:
         assert slide.dimensions == (40_000, 40_000) and len(slide.levels) == 3
     peak = peak_memory(path, tmp_path / "out", tile=1024, workers=2)

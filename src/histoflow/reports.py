@@ -144,6 +144,12 @@ def summarize_folds(per_fold: dict[str, dict[str, float]]) -> dict[str, dict[str
     return summary
 
 
+def matrix_markdown(cm: np.ndarray, classes: list[str]) -> list[str]:
+    """A confusion matrix as Markdown table lines (rows: true, columns: predicted)."""
+    lines = ["| true \\ predicted | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
+    return lines + [f"| {name} | " + " | ".join(str(v) for v in row) + " |" for name, row in zip(classes, cm.tolist())]
+
+
 def folds_markdown(
     per_fold: dict[str, dict[str, float]],
     summary: dict[str, dict[str, float]],

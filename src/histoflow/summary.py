@@ -16,7 +16,7 @@ import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from histoflow.reports import folds_markdown, read_confusion_csv, save_confusion_matrix, summarize_folds
+from histoflow.reports import folds_markdown, matrix_markdown, read_confusion_csv, save_confusion_matrix, summarize_folds
 from histoflow.training import METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,7 @@ def summarize_sweep(sweep_dir: str | Path) -> Path | None:
     if pooled is not None and classes is not None:
         save_confusion_matrix(pooled, classes, sweep_dir / "confusion_pooled", f"pooled test folds ({len(per_fold)})")
         lines += ["## Pooled test confusion matrix (rows: true, columns: predicted)", "",
-                  "| true \\ predicted | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
-        rows = zip(classes, pooled.tolist())
-        lines += [f"| {name} | " + " | ".join(str(v) for v in row) + " |" for name, row in rows]
+                  *matrix_markdown(pooled, classes)]
         lines += ["", "![pooled confusion matrix](confusion_pooled.png)", ""]
     out = sweep_dir / "summary.md"
     out.write_text("\n".join(lines))

@@ -13,7 +13,7 @@ import torch
 from torchmetrics.functional.classification import multiclass_f1_score
 
 from histoflow.inference.voting import Votes
-from histoflow.reports import folds_markdown, save_confusion_matrix, summarize_folds
+from histoflow.reports import folds_markdown, matrix_markdown, save_confusion_matrix, summarize_folds
 from histoflow.tracking import configure_wandb, finish_wandb
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,6 @@ def _scores(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, float]:
     return {"image/acc": float((preds == target).float().mean()),
             "image/f1_macro": float(multiclass_f1_score(preds, target, len(classes), average="macro")),
             "patch/acc": right_patches / max(1, sum(r["patches"] for r in rows))}
-
-
-def _matrix_markdown(cm: np.ndarray, classes: list[str]) -> list[str]:
-    lines = ["| true \\ predicted | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
-    return lines + [f"| {name} | " + " | ".join(str(v) for v in row) + " |" for name, row in zip(classes, cm.tolist())]
 
 
 def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, settings: Mapping[str, Any],
@@ -116,7 +111,7 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
              f"| image macro F1 | {pooled['image/f1_macro']:.3f} |",
              f"| patch accuracy | {pooled['patch/acc']:.3f} |", "",
              "## Confusion matrix of images (rows: true, columns: predicted)", "",
-             *_matrix_markdown(np.array(report["confusion_images"]), classes), "",
+             *matrix_markdown(np.array(report["confusion_images"]), classes), "",
              "![image confusion matrix](confusion_images.png)", "",
              "Patches: `confusion_patches.csv` / `.png`. Every image: `predictions.csv`.", "",
              f"## Misclassified images ({len(report['misclassified'])})", ""]
