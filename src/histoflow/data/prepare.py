@@ -28,6 +28,7 @@ from histoflow.data.shards import ShardJob, empty_stats, write_shard
 from histoflow.data.sources import ImageRecord, SourceConfig, class_names, list_images, resolve_root
 
 log = logging.getLogger(__name__)
+_ANNOUNCED: set[Path] = set()  # prepared folders already logged by this process
 FORMAT = 1  # bump when the shard layout changes, so old folders are not reused
 
 
@@ -220,7 +221,9 @@ def prepare_dataset(data: Mapping[str, Any], quiet: bool = False) -> PreparedDat
     out = Path(shards_cfg.get("dir") or "data/prepared").expanduser() / _key(
         data.get("name", "data"), records, root, settings)
     if (out / RECORD).is_file():
-        log.info("prepared data found: %s", out)
+        if out not in _ANNOUNCED:  # the DataModule asks in prepare_data and again in setup
+            log.info("prepared data found: %s", out)
+            _ANNOUNCED.add(out)
         return PreparedDataset(out)
     if problems and on_bad == "error":
         raise BadInputError(problems, str(root))
