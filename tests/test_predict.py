@@ -189,6 +189,11 @@ def test_five_fold_report_each_image_by_the_model_that_held_it_out(five_fold_rep
     assert np.isclose(report["pooled"]["image/acc"], np.trace(cm) / cm.sum())
     assert len(report["misclassified"]) == cm.sum() - np.trace(cm)
     assert "mean ± sd" in (out / "report.md").read_text()
+    # calibration and the colour-only baseline on the same folds (the tiny classes differ by tint alone)
+    assert 0.0 <= report["calibration"]["ece"] <= 1.0 and (out / "reliability_images.png").is_file()
+    assert sum(b["count"] for b in report["calibration"]["bins"]) == 30
+    assert report["colour_baseline"]["pooled"]["image/acc"] == 1.0
+    assert set(report["colour_baseline"]["per_fold"]) == set(report["per_fold"])
     # every manifest image once, predicted by the checkpoint trained with its fold held out
     (manifest_path,) = (tiny / "work" / "prepared").glob("*/manifest.csv")
     fold_of = {r["image"]: r["fold"] for r in read_manifest(manifest_path)}
@@ -201,6 +206,9 @@ def test_five_fold_report_each_image_by_the_model_that_held_it_out(five_fold_rep
         trained = torch.load(row["checkpoint"], map_location="cpu", weights_only=True)["hyper_parameters"]["config"]
         assert row["fold"] == fold_of[image] == str(trained["fold"])
         assert int(row["patches"]) == 6 == sum(int(row[f"votes_{c}"]) for c in CLASSES)
+        first, second = sorted((int(row[f"votes_{c}"]) for c in CLASSES), reverse=True)[:2]
+        assert float(row["vote_margin"]) == pytest.approx((first - second) / 6, abs=1e-6)
+        assert float(row["confidence"]) == pytest.approx(float(row[f"prob_{row['predicted']}"]), abs=1e-6)
     assert list((out / "wandb").glob("offline-run-*")), "W&B did not log offline"
 
 

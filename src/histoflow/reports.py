@@ -105,6 +105,34 @@ def save_confusion_matrix(
     return csv_path, png_path
 
 
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    """Equal-width confidence bins: count, mean confidence and accuracy of the images in each (empty bins left out)."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    return [{"low": float(edges[b]), "high": float(edges[b + 1]), "count": float((which == b).sum()),
+             "confidence": float(confidence[which == b].mean()), "accuracy": float(correct[which == b].mean())}
+            for b in range(bins) if (which == b).any()]
+
+
+def save_reliability_diagram(confidence: np.ndarray, correct: np.ndarray, png: str | Path, title: str = "",
+                             bins: int = 10) -> Path:
+    """Accuracy against confidence per bin (bars, width = bin), the diagonal of perfect calibration, counts above."""
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.add_subplot()
+    for b in reliability_bins(np.asarray(confidence, float), np.asarray(correct, float), bins):
+        ax.bar(b["low"], b["accuracy"], width=b["high"] - b["low"], align="edge", color="tab:blue", alpha=0.7,
+               edgecolor="black")
+        ax.text((b["low"] + b["high"]) / 2, min(b["accuracy"] + 0.02, 0.97), str(int(b["count"])), ha="center",
+                fontsize=7)
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (mean probability of the predicted class)",
+           ylabel="accuracy", title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=DPI)
+    return Path(png)
+
+
 def read_confusion_csv(path: str | Path) -> tuple[np.ndarray, list[str]]:
     """Read a CSV written by save_confusion_matrix back into (cm, classes)."""
     with Path(path).open(newline="") as handle:

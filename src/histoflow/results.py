@@ -5,7 +5,7 @@
 
 Each argument is `LABEL=DIR`, DIR a `predict.py ckpt_path=<multirun>` run folder (report.json). From it and from
 the training multirun it names, the section gets: image-level accuracy per fold and mean ± sd, macro F1, pooled
-patch accuracy and per-class recall, the wall-clock time of training (per fold and in all) and of the report, the
+patch accuracy, per-class recall, calibration error and the colour-only baseline, the wall-clock time of training (per fold and in all) and of the report, the
 exact commands (Hydra's recorded overrides), and each protocol's pooled image confusion matrix as a PNG copied into
 `--figures`. The section replaces whatever stands between the two markers in the README.
 """
@@ -100,8 +100,9 @@ def render(protocols: list[Protocol], figures: Path, readme_dir: Path) -> str:
              "~3 s), the report for all five folds' held-out images.", "",
              "| protocol | " + " | ".join(f"{f} image acc" for f in folds)
              + " | image acc, mean ± sd | macro F1, mean ± sd | patch acc (pooled) | recall "
-             + " / ".join(protocols[0].report["classes"]) + " | training, min per fold (total) | report, min |",
-             "|---|" + "---:|" * (len(folds) + 6)]
+             + " / ".join(protocols[0].report["classes"]) + " | ECE | colour only: image acc, mean ± sd "
+             "| training, min per fold (total) | report, min |",
+             "|---|" + "---:|" * (len(folds) + 8)]
     for p in protocols:
         per_fold, summary, pooled = p.report["per_fold"], p.report["summary"], p.report["pooled"]
         minutes, predict = p.train_minutes(), p.predict_minutes()
@@ -110,9 +111,13 @@ def render(protocols: list[Protocol], figures: Path, readme_dir: Path) -> str:
                                                    for f in folds)
                      + f" | **{_pm(summary['image/acc'])}** | {_pm(summary['image/f1_macro'])} "
                      f"| {pooled['patch/acc']:.3f} | " + " / ".join(f"{r:.2f}" for r in p.recalls().values())
-                     + f" | {train_time} | " + (f"{predict:.1f}" if predict is not None else "n/a") + " |")
+                     + f" | {p.report['calibration']['ece']:.3f} | {_pm(p.report['colour_baseline']['summary']['image/acc'])}"
+                     f" | {train_time} | " + (f"{predict:.1f}" if predict is not None else "n/a") + " |")
     lines += ["| published: Janowczyk & Madabhushi (2016), full-resolution images, folds per image | "
-              + " | ".join("" for _ in folds) + " | 0.97 | | | | | |", ""]
+              + " | ".join("" for _ in folds) + " | 0.97 | | | | | | | |", "",
+              "ECE: expected calibration error of the images' mean probabilities (10 bins). Colour only: the mean "
+              "and sd of R, G, B of each image and a logistic regression, on the same folds (how much colour "
+              "alone explains).", ""]
     figures.mkdir(parents=True, exist_ok=True)
     for p in protocols:
         figure = figures / f"results-{p.slug}-confusion.png"

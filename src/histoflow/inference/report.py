@@ -10,10 +10,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from torchmetrics.functional.classification import multiclass_f1_score
+from torchmetrics.functional.classification import multiclass_calibration_error, multiclass_f1_score
 
+from histoflow.inference.colour_baseline import colour_features, cross_validated_predictions
 from histoflow.inference.voting import Votes
-from histoflow.reports import folds_markdown, matrix_markdown, save_confusion_matrix, summarize_folds
+from histoflow.reports import (folds_markdown, matrix_markdown, reliability_bins, save_confusion_matrix,
+                               save_reliability_diagram, summarize_folds)
 from histoflow.tracking import configure_wandb, finish_wandb
 
 log = logging.getLogger(__name__)
@@ -22,13 +24,17 @@ FOLD_METRICS = ["image/acc", "image/f1_macro", "patch/acc"]
 
 def prediction_rows(votes: Votes, classes: list[str], aggregate: str,
                     extra: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """One row per predicted image: path, any extra columns, predicted class, patch count, votes and mean
+    """One row per predicted image: path, any extra columns, predicted class, patch count, confidence (mean
+    probability of the predicted class), vote margin ((first - second most votes) / patches), votes and mean
     probability per class (failed images are left out: they are listed as problems)."""
     labels, mean = votes.labels(aggregate), votes.mean_prob()
     rows = []
     for i in votes.ok:
+        top2 = np.sort(votes.votes[i])[::-1][:2]
+        margin = (top2[0] - (top2[1] if len(top2) > 1 else 0)) / max(1, int(votes.patches[i]))
         row: dict[str, Any] = {"image": votes.paths[i], **(extra[i] if extra else {}),
-                               "predicted": classes[labels[i]], "patches": int(votes.patches[i])}
+                               "predicted": classes[labels[i]], "patches": int(votes.patches[i]),
+                               "confidence": round(float(mean[i][labels[i]]), 6), "vote_margin": round(float(margin), 6)}
         row.update({f"votes_{c}": int(v) for c, v in zip(classes, votes.votes[i])})
         row.update({f"prob_{c}": round(float(p), 6) for c, p in zip(classes, mean[i])})
         rows.append(row)
@@ -61,11 +67,35 @@ def _scores(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, float]:
             "patch/acc": right_patches / max(1, sum(r["patches"] for r in rows))}
 
 
+def _calibration(rows: list[dict[str, Any]], classes: list[str], png: Path, title: str) -> dict[str, Any]:
+    """Expected calibration error (10 bins, torchmetrics) of the images' mean probabilities; reliability diagram."""
+    probs = torch.tensor([[r[f"prob_{c}"] for c in classes] for r in rows], dtype=torch.float64)
+    target = torch.tensor([classes.index(r["label"]) for r in rows])
+    ece = float(multiclass_calibration_error(probs, target, len(classes), n_bins=10, norm="l1"))
+    confidence, correct = probs.max(1).values.numpy(), (probs.argmax(1) == target).numpy()
+    save_reliability_diagram(confidence, correct, png, f"{title}\nECE {ece:.3f}")
+    return {"ece": ece, "bins": reliability_bins(confidence, correct)}
+
+
+def _colour_baseline(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
+    """The colour-only baseline on the same folds: per fold, mean ± sd and pooled, as the net's scores."""
+    predicted = cross_validated_predictions(colour_features([r["image"] for r in rows]),
+                                            [r["label"] for r in rows], [r["fold"] for r in rows])
+    scored = [{**r, "predicted": p} for r, p in zip(rows, predicted)]
+    folds = list(dict.fromkeys(r["fold"] for r in rows))
+    metrics = ("image/acc", "image/f1_macro")
+    per_fold = {f"fold {f}": {m: v for m, v in _scores([r for r in scored if r["fold"] == f], classes).items()
+                              if m in metrics} for f in folds}
+    pooled = {m: v for m, v in _scores(scored, classes).items() if m in metrics}
+    return {"per_fold": per_fold, "summary": summarize_folds(per_fold), "pooled": pooled}
+
+
 def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, settings: Mapping[str, Any],
                 problems: Mapping[str, str] | None = None, missing_folds: Sequence[str] = ()) -> dict[str, Any]:
-    """Write report.json, report.md and confusion_images/confusion_patches (CSV, PNG) of held-out predictions.
+    """Write report.json, report.md, confusion_images/confusion_patches (CSV, PNG) and reliability_images.png of
+    held-out predictions, with the colour-only baseline on the same folds.
 
-    rows need image, fold, label, predicted, patches and votes_<class>; returns the report as a dict.
+    rows need image, fold, label, predicted, patches, votes_<class> and prob_<class>; returns the report as a dict.
     """
     if not rows:
         raise ValueError("no image was predicted: nothing to report")
@@ -83,12 +113,14 @@ def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, s
     save_confusion_matrix(cm_images, classes, out_dir / "confusion_images", f"images: {title}")
     save_confusion_matrix(cm_patches, classes, out_dir / "confusion_patches", f"patches: {title}")
     wrong = [r for r in rows if r["predicted"] != r["label"]]
+    calibration = _calibration(rows, classes, out_dir / "reliability_images.png", f"images: {title}")
     report = {
         "settings": dict(settings), "classes": classes, "images": len(rows),
         "images_per_fold": {f: sum(r["fold"] == f for r in rows) for f in folds},
         "per_fold": per_fold, "summary": summary, "pooled": pooled,
         "confusion_images": cm_images.tolist(), "confusion_patches": cm_patches.tolist(),
         "misclassified": wrong, "problems": dict(problems or {}), "missing_folds": list(missing_folds),
+        "calibration": calibration, "colour_baseline": _colour_baseline(rows, classes),
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     (out_dir / "report.md").write_text(_markdown(report, rows, classes))
@@ -96,7 +128,7 @@ def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, s
 
 
 def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[str]) -> str:
-    s, pooled = report["settings"], report["pooled"]
+    s, pooled, baseline = report["settings"], report["pooled"], report["colour_baseline"]
     right = sum(r["predicted"] == r["label"] for r in rows)
     lines = [f"# Image-level prediction report: {s.get('ckpt_path', '')}", "",
              f"{report['images']} images in {len(report['per_fold'])} folds, each predicted only by the model of the "
@@ -109,7 +141,13 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
              "## Pooled over folds", "", "| metric | value |", "|---|---:|",
              f"| image accuracy | {pooled['image/acc']:.3f} ({right}/{len(rows)}) |",
              f"| image macro F1 | {pooled['image/f1_macro']:.3f} |",
-             f"| patch accuracy | {pooled['patch/acc']:.3f} |", "",
+             f"| patch accuracy | {pooled['patch/acc']:.3f} |",
+             f"| expected calibration error (images, 10 bins) | {report['calibration']['ece']:.3f} |", "",
+             "Reliability of the images' mean probabilities: `reliability_images.png`.", "",
+             "## Colour-only baseline on the same folds", "",
+             "Mean and sd of R, G, B per image, logistic regression fit on the other folds: how much colour alone "
+             "explains.", "",
+             folds_markdown(baseline["per_fold"], baseline["summary"], ["image/acc", "image/f1_macro"]),
              "## Confusion matrix of images (rows: true, columns: predicted)", "",
              *matrix_markdown(np.array(report["confusion_images"]), classes), "",
              "![image confusion matrix](confusion_images.png)", "",
