@@ -222,7 +222,8 @@ def test_results_section_is_rendered_from_the_report(five_fold_report: Path, mul
     assert "old text" not in text and text.startswith("# x\n\n## Results\n\n") and text.endswith("\n\n## After\n")
     row = next(line for line in text.splitlines() if line.startswith("| Per-image folds |"))
     assert f"**{acc['mean']:.3f} ± {acc['sd']:.3f}**" in row
-    assert row.count("|") == text.splitlines()[text.splitlines().index(row) - 2].count("|")  # as many cells as the header
+    header = text.splitlines()[text.splitlines().index(row) - 2]
+    assert row.count("|") == header.count("|")  # as many cells as the header
     assert "python train.py -m fold=1,2,3,4,5" in text and f"python predict.py ckpt_path={multirun}" in text
     figure = tmp_path / "docs" / "results-per-image-folds-confusion.png"
     assert figure.read_bytes() == (five_fold_report / "confusion_images.png").read_bytes()

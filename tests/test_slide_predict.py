@@ -23,7 +23,8 @@ from histoflow.data.datamodule import tar_samples
 from histoflow.data.shards import decode_npy, parse_key
 from histoflow.data.slide import Slide, SlideError
 from histoflow.data.synthetic import write_pyramid
-from histoflow.data.slide_tiles import NoTissueError, SlideTiles, TileGeometry, tissue_tiles, worker_blocks, write_slide_shards
+from histoflow.data.slide_tiles import (NoTissueError, SlideTiles, TileGeometry, tissue_tiles, worker_blocks,
+                                        write_slide_shards)
 from histoflow.inference.checkpoints import FoldModel, load_fold_model
 from histoflow.inference.slide_map import SlideConfig, default_heatmap_class, predict_slide
 from histoflow.training import train

@@ -1,11 +1,13 @@
 """The README's Results section, rendered from five-fold prediction reports (never edited by hand).
 
-    python -m histoflow.results "per-image folds=outputs/predict/runs/<date>" "block folds=outputs/predict/runs/<date>" \
+    python -m histoflow.results "per-image folds=outputs/predict/runs/<date>" \
+        "block folds=outputs/predict/runs/<date>" \
         [--readme README.md] [--figures docs]
 
 Each argument is `LABEL=DIR`, DIR a `predict.py ckpt_path=<multirun>` run folder (report.json). From it and from
 the training multirun it names, the section gets: image-level accuracy per fold and mean ± sd, macro F1, pooled
-patch accuracy, per-class recall, calibration error and the colour-only baseline, the wall-clock time of training (per fold and in all) and of the report, the
+patch accuracy, per-class recall, calibration error and the colour-only baseline, the wall-clock time of training
+(per fold and in all) and of the report, the
 exact commands (Hydra's recorded overrides), and each protocol's pooled image confusion matrix as a PNG copied into
 `--figures`. The section replaces whatever stands between the two markers in the README.
 """
@@ -111,7 +113,8 @@ def render(protocols: list[Protocol], figures: Path, readme_dir: Path) -> str:
                                                    for f in folds)
                      + f" | **{_pm(summary['image/acc'])}** | {_pm(summary['image/f1_macro'])} "
                      f"| {pooled['patch/acc']:.3f} | " + " / ".join(f"{r:.2f}" for r in p.recalls().values())
-                     + f" | {p.report['calibration']['ece']:.3f} | {_pm(p.report['colour_baseline']['summary']['image/acc'])}"
+                     + f" | {p.report['calibration']['ece']:.3f}"
+                     f" | {_pm(p.report['colour_baseline']['summary']['image/acc'])}"
                      f" | {train_time} | " + (f"{predict:.1f}" if predict is not None else "n/a") + " |")
     lines += ["| published: Janowczyk & Madabhushi (2016), full-resolution images, folds per image | "
               + " | ".join("" for _ in folds) + " | 0.97 | | | | | | | |", "",
@@ -122,8 +125,9 @@ def render(protocols: list[Protocol], figures: Path, readme_dir: Path) -> str:
     for p in protocols:
         figure = figures / f"results-{p.slug}-confusion.png"
         shutil.copyfile(p.report_dir / "confusion_images.png", figure)
-        lines += [f"**{p.label}** ({p.report['images']} images; settings: aggregate {p.report['settings'].get('aggregate')},"
-                  f" {p.report['settings'].get('window')}-px windows at stride {p.report['settings'].get('stride')})",
+        settings = p.report["settings"]
+        lines += [f"**{p.label}** ({p.report['images']} images; settings: aggregate {settings.get('aggregate')},"
+                  f" {settings.get('window')}-px windows at stride {settings.get('stride')})",
                   "", "```bash", p.train_command(), p.predict_command(), "```", "",
                   f"![{p.label}: pooled image confusion matrix]({os.path.relpath(figure, readme_dir)})", ""]
     return "\n".join(lines + [END])

@@ -16,7 +16,8 @@ import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from histoflow.reports import folds_markdown, matrix_markdown, read_confusion_csv, save_confusion_matrix, summarize_folds
+from histoflow.reports import (folds_markdown, matrix_markdown, read_confusion_csv, save_confusion_matrix,
+                               summarize_folds)
 from histoflow.training import METRICS_FILE
 
 log = logging.getLogger(__name__)

@@ -289,4 +289,4 @@ class ShardDataModule(L.LightningDataModule):
         if self.prepared is None:
             return {}
         return {"classes": list(self.classes), "fold": self.fold, "loader": asdict(self.loader),
-                "stats": {k: torch.as_tensor(v) for k, v in self.stats.items()}}
+                "stats": {k: torch.as_tensor(v) for k, v in self.stats.items()}, "stain": self.prepared.stain}

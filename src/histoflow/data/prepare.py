@@ -26,6 +26,7 @@ from histoflow.data.prepared import RECORD, PreparedDataset
 from histoflow.data.problems import BadInputError, Problem, write_problems
 from histoflow.data.shards import ShardJob, empty_stats, write_shard
 from histoflow.data.sources import ImageRecord, SourceConfig, class_names, list_images, resolve_root
+from histoflow.data.stain import StainConfig, StainNormalizer
 
 log = logging.getLogger(__name__)
 _ANNOUNCED: set[Path] = set()  # prepared folders already logged by this process
@@ -149,7 +150,8 @@ def _writable(out: Path) -> None:
                               "Fix: set data.shards.dir (or paths.data_dir) to a writable folder") from e
 
 
-def _run_jobs(jobs: list[ShardJob], patches: PatchConfig, shard_dir: Path, workers: int) -> None:
+def _run_jobs(jobs: list[ShardJob], patches: PatchConfig, shard_dir: Path, workers: int,
+              stain: StainNormalizer | None = None) -> None:
     todo = [j for j in jobs if not (shard_dir / j.name).exists()]
     for leftover in shard_dir.glob(".*.tmp"):  # half-written by an interrupted run
         leftover.unlink()
@@ -161,22 +163,26 @@ def _run_jobs(jobs: list[ShardJob], patches: PatchConfig, shard_dir: Path, worke
     with _progress() as bar:
         t_img = bar.add_task("images", total=n_images, rate="")
         t_shard = bar.add_task("shards", total=len(todo), rate="")
-        t0, done_images, done_patches = time.perf_counter(), 0, 0
-        for rec in _map(_ShardWriter(patches, shard_dir), todo, workers):
+        t0, done_images, done_patches, unchanged = time.perf_counter(), 0, 0, 0
+        for rec in _map(_ShardWriter(patches, shard_dir, stain), todo, workers):
+            unchanged += rec["stain_failed"]
             done_images, done_patches = done_images + rec["images"], done_patches + rec["samples"]
             dt = time.perf_counter() - t0
             bar.update(t_img, advance=rec["images"], rate=f"{done_images / dt:.0f} images/s")
             bar.update(t_shard, advance=1, rate=f"{done_patches / dt:.0f} patches/s")
+    if unchanged:
+        log.warning("stain normalisation left %d image(s) as they were (too little stain to estimate it from)",
+                    unchanged)
 
 
 class _ShardWriter:
     """Picklable callable for the worker processes."""
 
-    def __init__(self, patches: PatchConfig, shard_dir: Path):
-        self.patches, self.shard_dir = patches, shard_dir
+    def __init__(self, patches: PatchConfig, shard_dir: Path, stain: StainNormalizer | None = None):
+        self.patches, self.shard_dir, self.stain = patches, shard_dir, stain
 
     def __call__(self, job: ShardJob) -> dict:
-        return write_shard(job, self.patches, self.shard_dir)
+        return write_shard(job, self.patches, self.shard_dir, self.stain)
 
 
 def _fold_stats(shard_dir: Path, jobs: list[ShardJob], test_folds: list[str], side: int) -> dict[str, dict]:
@@ -218,6 +224,9 @@ def prepare_dataset(data: Mapping[str, Any], quiet: bool = False) -> PreparedDat
     settings = {"format": FORMAT, "source": {k: v for k, v in asdict(source).items() if k not in ("root", "url", "mirrors")},
                 "split": asdict(split), "patches": asdict(patches), "samples_per_shard": samples_per_shard,
                 "on_bad_image": on_bad}
+    stain = StainNormalizer.from_config(StainConfig.from_config(data.get("stain")))
+    if stain is not None:  # the fitted reference, not its path, keys the folder; absent when off (older folders stay)
+        settings["stain"] = stain.state()
     out = Path(shards_cfg.get("dir") or "data/prepared").expanduser() / _key(
         data.get("name", "data"), records, root, settings)
     if (out / RECORD).is_file():
@@ -251,7 +260,7 @@ def prepare_dataset(data: Mapping[str, Any], quiet: bool = False) -> PreparedDat
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
     jobs = plan_shards(rows, classes, root, patches, samples_per_shard, split.seed)
-    _run_jobs(jobs, patches, shard_dir, workers)
+    _run_jobs(jobs, patches, shard_dir, workers, stain)
 
     side = patches.side(rows[0]["height"], rows[0]["width"])
     stats_dir = out / "stats"
@@ -266,7 +275,8 @@ def prepare_dataset(data: Mapping[str, Any], quiet: bool = False) -> PreparedDat
     record = {"format": FORMAT, "name": data.get("name", "data"), "root": str(root), "classes": classes,
               "patch_side": side, "test_folds": split.test_folds(), "settings": settings, "images": len(rows),
               "samples": sum(s["samples"] for s in shard_records), "shards": shard_records,
-              "skipped": len(problems), "seconds": round(time.perf_counter() - t0, 2)}
+              "skipped": len(problems), "seconds": round(time.perf_counter() - t0, 2),
+              "stain": stain.state() if stain is not None else None}
     tmp = out / f".{RECORD}.tmp"
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(out / RECORD)

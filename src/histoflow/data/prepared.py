@@ -38,6 +38,11 @@ class PreparedDataset:
         self.patch_side: int = self.record["patch_side"]
         self.test_folds: list[str] = self.record["test_folds"]
 
+    @property
+    def stain(self) -> dict | None:
+        """The fitted stain normalisation every image went through before its patches were cut (None: off)."""
+        return self.record.get("stain")
+
     def manifest(self) -> list[dict]:
         return read_manifest(self.path / "manifest.csv")
 

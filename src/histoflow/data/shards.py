@@ -17,6 +17,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -124,11 +125,15 @@ def add_stats(stats: dict[str, np.ndarray], patches: np.ndarray) -> None:
     stats["count"] += len(patches)
 
 
-def write_shard(job: ShardJob, patches_cfg: PatchConfig, out_dir: Path) -> dict:
-    """Cut, shuffle and write the job's patches; return the shard's record."""
+def write_shard(job: ShardJob, patches_cfg: PatchConfig, out_dir: Path,
+                stain: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+    """Cut (after stain normalisation, when given), shuffle and write the job's patches; return the shard's record."""
     arrays, meta = [], []
+    failed_before = getattr(stain, "failed", 0)
     for index, path, label in job.images:
         image, _ = read_rgb(path)
+        if stain is not None:
+            image = stain(image)
         p, xs, ys, rots = extract_patches(image, patches_cfg)
         arrays.append(p)
         meta.append(np.stack([np.full(len(p), index), xs, ys, rots, np.full(len(p), label)], axis=1))
@@ -155,4 +160,5 @@ def write_shard(job: ShardJob, patches_cfg: PatchConfig, out_dir: Path) -> dict:
     # the stats land first: a shard file that exists always has its sums beside it
     stats_tmp.replace(out_dir / f"{job.name}.stats.npz")
     tmp.replace(out_dir / job.name)
-    return {"file": job.name, "fold": job.fold, "part": job.part, "samples": len(patches), "images": len(job.images)}
+    return {"file": job.name, "fold": job.fold, "part": job.part, "samples": len(patches), "images": len(job.images),
+            "stain_failed": getattr(stain, "failed", 0) - failed_before}

@@ -18,7 +18,7 @@ the patches of a batch are one gather.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -63,10 +63,15 @@ def hed_jitter(rgb: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 class PatchTransform:
-    """Crop, flip, colour-jitter and normalise batches of uint8 HWC patches into float CHW tensors."""
+    """Crop, flip, colour-jitter and normalise batches of uint8 HWC patches into float CHW tensors.
+
+    `stain` is the image-level step that came before the patches were cut (prepare's stain normalisation):
+    not applied here, but carried so that whoever cuts new patches (prediction) applies it first.
+    """
 
     def __init__(self, crop: int | None, stats: Mapping[str, Any], normalize: str = "image", train: bool = False,
-                 flips: bool = True, hed_jitter: float = 0.0) -> None:
+                 flips: bool = True, hed_jitter: float = 0.0,
+                 stain: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         if normalize not in NORMALIZE:
             raise ValueError(f"data.loader.normalize={normalize!r}: expected one of {', '.join(NORMALIZE)}")
         mean_image = torch.as_tensor(np.asarray(stats["mean_image"]), dtype=torch.float32)
@@ -75,7 +80,7 @@ class PatchTransform:
         if not 0 < crop <= side:
             raise ValueError(f"data.loader.crop={crop}: must be between 1 and the patch side {side}")
         self.crop, self.normalize, self.train = crop, normalize, train
-        self.flips, self.hed_sigma = flips, float(hed_jitter)
+        self.flips, self.hed_sigma, self.stain = flips, float(hed_jitter), stain
         # mean: (3, side*side) to subtract at each output pixel's source pixel; scale: divisor per channel
         self.mean: torch.Tensor | None = None
         self.scale = torch.full((1, 3, 1), 255.0)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from histoflow.data.prepare import prepare_dataset
+from histoflow.data.stain import StainNormalizer
 from histoflow.data.transforms import PatchTransform
 from histoflow.module import TRUSTED_TARGETS, PatchClassifier, UntrustedCheckpoint, load_classifier
 from histoflow.training import METRICS_FILE
@@ -124,10 +125,12 @@ def preprocessing_of(module: PatchClassifier, datamodule_state: Mapping[str, Any
     loader = dict(data.get("loader") or {})
     if datamodule_state and "stats" in datamodule_state:
         loader.update(datamodule_state.get("loader") or {})
-        stats = datamodule_state["stats"]
+        stats, stain = datamodule_state["stats"], datamodule_state.get("stain")
     else:
-        stats = prepare_dataset(data, quiet=True).stats(hparams["config"]["fold"])
-    return PatchTransform(loader.get("crop", 32), stats, loader.get("normalize", "image"), train=False)
+        prepared = prepare_dataset(data, quiet=True)
+        stats, stain = prepared.stats(hparams["config"]["fold"]), prepared.stain
+    return PatchTransform(loader.get("crop", 32), stats, loader.get("normalize", "image"), train=False,
+                          stain=StainNormalizer.from_state(stain))
 
 
 def load_fold_model(path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS) -> FoldModel:

@@ -34,7 +34,8 @@ def prediction_rows(votes: Votes, classes: list[str], aggregate: str,
         margin = (top2[0] - (top2[1] if len(top2) > 1 else 0)) / max(1, int(votes.patches[i]))
         row: dict[str, Any] = {"image": votes.paths[i], **(extra[i] if extra else {}),
                                "predicted": classes[labels[i]], "patches": int(votes.patches[i]),
-                               "confidence": round(float(mean[i][labels[i]]), 6), "vote_margin": round(float(margin), 6)}
+                               "confidence": round(float(mean[i][labels[i]]), 6),
+                               "vote_margin": round(float(margin), 6)}
         row.update({f"votes_{c}": int(v) for c, v in zip(classes, votes.votes[i])})
         row.update({f"prob_{c}": round(float(p), 6) for c, p in zip(classes, mean[i])})
         rows.append(row)

@@ -95,7 +95,9 @@ class _ModelInputs:
         self.transforms = list(transforms)
 
     def __call__(self, tiles: np.ndarray) -> torch.Tensor:
-        return torch.stack([t(tiles) for t in self.transforms])
+        # a model trained on stain-normalised images gets each tile normalised (a slide has no smaller "image")
+        return torch.stack([t(np.stack([t.stain(tile) for tile in tiles]) if t.stain else tiles)
+                            for t in self.transforms])
 
 
 def _probabilities(nets: Sequence[nn.Module], x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -60,6 +60,9 @@ class ImagePatches(Dataset):
     def __init__(self, paths: Sequence[str | Path], grid: PatchConfig, transforms: Sequence[PatchTransform],
                  views: Sequence[tuple[int, bool]] = ((0, False),)) -> None:
         self.paths, self.grid, self.transforms, self.views = list(paths), grid, list(transforms), list(views)
+        # models trained on the same stain normalisation (the folds of one run) share the normalised image
+        self._stain_keys = [repr(t.stain.state()) if hasattr(t.stain, "state") else id(t.stain)
+                            for t in self.transforms]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -75,16 +78,22 @@ class ImagePatches(Dataset):
     def _patches(self, index: int) -> ImageItem:
         path = self.paths[index]
         image, _ = read_rgb(path)
-        windows, xs, ys, _ = extract_patches(image, self.grid)
-        if not len(windows):
-            h, w = image.shape[:2]
-            return ImageItem(index, problem=f"{path}: {w}x{h} px is smaller than the {self.grid.size}-px window")
-        # views of the raw windows, before normalising, as training rotated raw patches before the mean was taken
-        views = np.stack([np.rot90(windows[:, :, ::-1] if flip else windows, k, axes=(1, 2))
-                          for k, flip in self.views], axis=1)  # (N, V, s, s, 3)
-        n, v = views.shape[:2]
-        flat = views.reshape(n * v, *views.shape[2:])
-        x = torch.stack([t(flat) for t in self.transforms])  # (M, N*V, 3, c, c)
+        flat_views: dict[object, np.ndarray] = {}  # by stain step
+        inputs = []
+        for t, key in zip(self.transforms, self._stain_keys):
+            if key not in flat_views:
+                windows, xs, ys, _ = extract_patches(t.stain(image) if t.stain else image, self.grid)
+                if not len(windows):
+                    h, w = image.shape[:2]
+                    return ImageItem(index,
+                                     problem=f"{path}: {w}x{h} px is smaller than the {self.grid.size}-px window")
+                # views of the raw windows, before normalising, as training rotated raw patches before the mean
+                views = np.stack([np.rot90(windows[:, :, ::-1] if flip else windows, k, axes=(1, 2))
+                                  for k, flip in self.views], axis=1)  # (N, V, s, s, 3)
+                n, v = views.shape[:2]
+                flat_views[key] = views.reshape(n * v, *views.shape[2:])
+            inputs.append(t(flat_views[key]))
+        x = torch.stack(inputs)  # (M, N*V, 3, c, c)
         origins = torch.from_numpy(np.stack([xs, ys], axis=1))
         return ImageItem(index, x.view(len(self.transforms), n, v, *x.shape[2:]), origins)
 
