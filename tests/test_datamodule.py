@@ -18,7 +18,7 @@ from skimage.color import hed2rgb, rgb2hed
 
 from histoflow.data.datamodule import KEY_FIELDS, ShardDataModule, shard_pipeline
 from histoflow.data.shards import decode_npy, parse_key
-from histoflow.data.transforms import PatchTransform, hed_jitter, hed_to_rgb, rgb_to_hed
+from histoflow.data.transforms import PatchTransform, colour_jitter, hed_jitter, hed_to_rgb, rgb_to_hed
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["CLL", "FL", "MCL"]
@@ -229,6 +229,37 @@ def test_hed_jitter() -> None:
     torch.testing.assert_close(jittered, expected.permute(0, 3, 1, 2).float(), atol=0.05, rtol=0)
     transform = PatchTransform(32, {"mean_image": np.full((36, 36, 3), 128.0)}, train=True, hed_jitter=0.05)
     assert torch.isfinite(transform(torch.randint(0, 256, (8, 36, 36, 3), dtype=torch.uint8))).all()
+
+
+def test_colour_jitter() -> None:
+    x = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (64, 3, 8, 8), dtype=np.uint8))
+    assert torch.equal(colour_jitter(x), x.float())  # zero strength: identity
+    torch.manual_seed(0)
+    out = colour_jitter(x, brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1)
+    assert out.shape == x.shape and 0 <= float(out.min()) and float(out.max()) <= 255
+    assert (out - x).abs().mean() > 3
+    # each patch's picture is kept: strongly correlated with its source
+    corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(x.float().numpy(), out.numpy())]
+    assert np.median(corr) > 0.8
+    # grey stays grey under saturation and hue; brightness alone scales
+    grey = torch.full((4, 3, 5, 5), 100.0)
+    torch.testing.assert_close(colour_jitter(grey, saturation=0.5, hue=0.5), grey)
+    torch.manual_seed(1)
+    bright = colour_jitter(grey, brightness=0.5)
+    factors = bright[:, 0, 0, 0] / 100
+    assert ((factors >= 0.5) & (factors <= 1.5)).all() and factors.std() > 0
+    torch.testing.assert_close(bright, grey * factors[:, None, None, None])
+    # hue turns red into other colours
+    red = torch.zeros(1, 3, 1, 1)
+    red[0, 0] = 200.0
+    torch.manual_seed(2)
+    turned = colour_jitter(red, hue=0.5)
+    assert turned[0, 1:].sum() > 1  # red became some other hue
+    transform = PatchTransform(32, {"mean_image": np.full((36, 36, 3), 128.0)}, train=True,
+                               jitter={"brightness": 0.2, "hue": 0.05})
+    assert torch.isfinite(transform(torch.randint(0, 256, (8, 36, 36, 3), dtype=torch.uint8))).all()
+    with pytest.raises(ValueError, match="unknown key"):
+        PatchTransform(32, {"mean_image": np.zeros((36, 36, 3))}, jitter={"gamma": 0.1})
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 4 workers on a 2-core test machine

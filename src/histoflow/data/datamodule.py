@@ -49,6 +49,7 @@ class LoaderConfig:
     normalize: str = "image"  # image | channel | none, with the training statistics of this fold
     flips: bool = True  # random horizontal and vertical flips in training
     hed_jitter: float = 0.0  # sigma of the H&E-DAB stain jitter in training; 0: off
+    colour_jitter: dict[str, float] | None = None  # brightness, contrast, saturation, hue strengths in training
     pin_memory: bool = True  # only takes effect when CUDA is available
     persistent_workers: bool = False
     epoch_batches: int | None = None  # training batches per epoch and rank; None: training samples / (batch * ranks)

@@ -62,6 +62,40 @@ def hed_jitter(rgb: torch.Tensor, sigma: float) -> torch.Tensor:
     return out.clamp_(0, 1).mul_(255.0).reshape(rgb.shape)
 
 
+LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 grey, as torchvision's rgb_to_grayscale
+JITTER_KEYS = ("brightness", "contrast", "saturation", "hue")
+
+
+def colour_jitter(rgb: torch.Tensor, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0,
+                  hue: float = 0.0) -> torch.Tensor:
+    """Random brightness, contrast, saturation and hue per patch, as one affine map of its RGB: (B, 3, ...) 0-255.
+
+    Factors are drawn per patch as torchvision's ColorJitter draws them per call: brightness, contrast and
+    saturation from U(1-x, 1+x), hue from U(-x, x) turns of the colour circle (x <= 0.5), the hue turned
+    about the grey axis of RGB. Every step maps grey to grey, so they fold into x' = M x + m (one bmm).
+    """
+    if not any((brightness, contrast, saturation, hue)):
+        return rgb.float()
+    n = rgb.shape[0]
+    x = rgb.reshape(n, 3, -1).float()
+    draw = lambda strength: 1 + (torch.rand(n) * 2 - 1) * strength  # noqa: E731
+    b, c, s = draw(brightness), draw(contrast), draw(saturation)
+    theta = (torch.rand(n) * 2 - 1) * hue * 2 * math.pi
+    luma = LUMA.to(x.device)
+    eye, grey = torch.eye(3), LUMA.expand(3, 3)  # grey: every row the luma weights
+    sat = s[:, None, None] * eye + (1 - s)[:, None, None] * grey  # (B, 3, 3)
+    # rotation by theta about (1, 1, 1) / sqrt(3) (Rodrigues)
+    k = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]]) / math.sqrt(3)
+    cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
+    rot = eye + sin * k + (1 - cos) * (k @ k)
+    mix = (rot @ sat) * (b * c)[:, None, None]
+    # contrast blends toward the patch's mean grey (after brightness), which the other steps keep grey
+    mean_grey = b.to(x.device) * torch.einsum("c,bcp->b", luma, x) / x.shape[-1]
+    shift = ((1 - c).to(x.device) * mean_grey)[:, None, None]
+    out = torch.baddbmm(shift.expand(n, 3, 1), mix.to(x.device), x)
+    return out.clamp_(0, 255).reshape(rgb.shape)
+
+
 class PatchTransform:
     """Crop, flip, colour-jitter and normalise batches of uint8 HWC patches into float CHW tensors.
 
@@ -71,7 +105,8 @@ class PatchTransform:
 
     def __init__(self, crop: int | None, stats: Mapping[str, Any], normalize: str = "image", train: bool = False,
                  flips: bool = True, hed_jitter: float = 0.0,
-                 stain: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                 stain: Callable[[np.ndarray], np.ndarray] | None = None,
+                 jitter: Mapping[str, float] | None = None) -> None:
         if normalize not in NORMALIZE:
             raise ValueError(f"data.loader.normalize={normalize!r}: expected one of {', '.join(NORMALIZE)}")
         mean_image = torch.as_tensor(np.asarray(stats["mean_image"]), dtype=torch.float32)
@@ -81,6 +116,12 @@ class PatchTransform:
             raise ValueError(f"data.loader.crop={crop}: must be between 1 and the patch side {side}")
         self.crop, self.normalize, self.train = crop, normalize, train
         self.flips, self.hed_sigma, self.stain = flips, float(hed_jitter), stain
+        unknown = sorted(set(jitter or {}) - set(JITTER_KEYS))
+        if unknown:
+            raise ValueError(f"data.loader.colour_jitter: unknown key(s) {unknown}; known: {', '.join(JITTER_KEYS)}")
+        self.jitter = {k: float(v or 0.0) for k, v in (jitter or {}).items()}
+        if not 0 <= self.jitter.get("hue", 0.0) <= 0.5:
+            raise ValueError(f"data.loader.colour_jitter.hue={self.jitter['hue']}: must be between 0 and 0.5")
         # mean: (3, side*side) to subtract at each output pixel's source pixel; scale: divisor per channel
         self.mean: torch.Tensor | None = None
         self.scale = torch.full((1, 3, 1), 255.0)
@@ -106,6 +147,8 @@ class PatchTransform:
         index = self._source_pixels(n).to(x.device).view(n, 1, crop * crop).expand(-1, 3, -1)
         out = torch.gather(chw, 2, index)
         out = hed_jitter(out, self.hed_sigma) if self.train and self.hed_sigma > 0 else out.float()
+        if self.train and any(self.jitter.values()):
+            out = colour_jitter(out, **self.jitter)
         if self.mean is not None:
             out.sub_(torch.gather(self.mean.to(x.device).expand(n, -1, -1), 2, index))
         out = out.div_(self.scale.to(x.device)).view(n, 3, crop, crop)
@@ -131,4 +174,4 @@ def build_transform(loader: Mapping[str, Any], stats: Mapping[str, Any], train: 
     """The training or evaluation transform of a `data.loader` config and the prepare step's statistics."""
     return PatchTransform(crop=loader.get("crop", 32), stats=stats, normalize=loader.get("normalize", "image"),
                           train=train, flips=bool(loader.get("flips", True)),
-                          hed_jitter=float(loader.get("hed_jitter", 0.0) or 0.0))
+                          hed_jitter=float(loader.get("hed_jitter", 0.0) or 0.0), jitter=loader.get("colour_jitter"))
