@@ -79,6 +79,30 @@ def test_votes_of_a_stub_model(tmp_path: Path, batch_size: int, workers: int) ->
     assert np.allclose(votes.mean_prob().sum(axis=1), 1.0)
 
 
+class Scaled(nn.Module):
+    """Stub net: ChannelMeans' logits times a factor (a surer or a less sure fold model)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ChannelMeans()(x) * self.factor
+
+
+def test_fold_ensemble_averages_the_models_probabilities_exactly(tmp_path: Path) -> None:
+    """Several fold models on new images: each patch's probability is the mean of the models' softmaxes."""
+    Image.fromarray(painted([[0, 1, 1], [2, 1, 2]], [[0.3, 0.5, 1.0], [0.2, 0.4, 0.6]])).save(tmp_path / "a.png")
+    factors = [0.05, 0.3, 1.0]
+    run = lambda models: predict_images([tmp_path / "a.png"], models, 3, grid_config(36, 32),  # noqa: E731
+                                        num_workers=0, progress=False)
+    alone = [run([(Scaled(f), plain_transform())]) for f in factors]
+    together = run([(Scaled(f), plain_transform()) for f in factors])
+    expected = np.mean([v.mean_prob() for v in alone], axis=0)
+    np.testing.assert_allclose(together.mean_prob(), expected, rtol=1e-6)
+    assert not np.allclose(alone[0].mean_prob(), alone[2].mean_prob())  # the models do differ
+
+
 def test_ties_go_to_the_higher_summed_probability_then_to_class_order(tmp_path: Path) -> None:
     # 3 votes each for CLL and FL; the FL patches are painted brighter, so the net is surer of them
     layout = [[0, 0, 0], [1, 1, 1]]
