@@ -253,6 +253,14 @@ def test_experiment_fast_dev_run(experiment: str, tmp_path: Path) -> None:
     assert (tmp_path / "run" / "confusion_test.png").is_file() and (tmp_path / "run" / "test_metrics.json").is_file()
 
 
+def test_tensorboard_logger_writes_events(tiny: Path, tmp_path: Path) -> None:
+    overrides = [*tiny_overrides(tiny), "logger=tensorboard", "trainer.limit_train_batches=2",
+                 "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+    train(compose_train(overrides, tmp_path))
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert (tmp_path / "metrics.csv").is_file()  # the CSV logger stays on beside it
+
+
 def test_swap_model_and_optimizer_on_the_command_line(tiny: Path, tmp_path: Path) -> None:
     overrides = [*tiny_overrides(tiny), "model=resnet18", "optimizer=sgd", "logger=csv",
                  "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
