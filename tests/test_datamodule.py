@@ -325,3 +325,11 @@ def test_built_from_the_data_config(tmp_path: Path) -> None:
     assert dm.data["shards"]["dir"] == f"{tmp_path}/prepared" and isinstance(dm.data["split"], dict)
     with pytest.raises(ValueError, match="unknown key"):
         ShardDataModule(fold=1, loader={"batch_sise": 8})
+
+
+def test_imagenet_normalisation_is_torchvisions() -> None:
+    patches = torch.from_numpy(np.random.default_rng(4).integers(0, 256, (2, 36, 36, 3), dtype=np.uint8))
+    out = PatchTransform(None, {"mean_image": np.zeros((36, 36, 3))}, "imagenet")(patches)
+    expected = (patches.permute(0, 3, 1, 2).float() / 255 - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) \
+        / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

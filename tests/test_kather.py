@@ -71,7 +71,7 @@ def test_transfer_fast_dev_run_offline(kather_dir: Path, tmp_path: Path) -> None
                  "trainer.fast_dev_run=true", "data.loader.batch_size=8"]
     cfg = compose_train(overrides, tmp_path / "run")
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.momentum == 0.9 and cfg.optimizer.lr == 1e-3
-    assert cfg.data.loader.normalize == "channel" and cfg.fold == "test"
+    assert cfg.data.loader.normalize == "imagenet" and cfg.fold == "test"
     metrics = train(cfg)
     assert 0.0 <= metrics["test/acc_macro"] <= 1.0 and np.isfinite(metrics["test/loss"])
     cm, classes = read_confusion_csv(tmp_path / "run" / "confusion_test.csv")

@@ -23,7 +23,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-NORMALIZE = ("image", "channel", "none")
+NORMALIZE = ("image", "channel", "imagenet", "none")
+# what torchvision's ImageNet weights were trained on: (x / 255 - mean) / std
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # Ruifrok & Johnston's H&E-DAB stain vectors, as skimage.color.rgb_from_hed / hed_from_rgb
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
@@ -132,6 +134,9 @@ class PatchTransform:
             self.mean = channel_mean[:, None].expand(3, side * side).contiguous()
             std = torch.as_tensor(np.asarray(stats["channel_std"]), dtype=torch.float32)
             self.scale = torch.clamp(std, min=1e-3).reshape(1, 3, 1)  # a blank channel has std 0
+        elif normalize == "imagenet":
+            self.mean = (torch.tensor(IMAGENET_MEAN) * 255.0)[:, None].expand(3, side * side).contiguous()
+            self.scale = (torch.tensor(IMAGENET_STD) * 255.0).reshape(1, 3, 1)
 
     def __call__(self, patches: torch.Tensor | np.ndarray) -> torch.Tensor:
         """(B, S, S, 3) or (S, S, 3) uint8 -> (B, 3, c, c) or (3, c, c) float32, on the patches' device."""
