@@ -30,7 +30,7 @@ from PIL import Image
 
 from histoflow.module import build_net, load_classifier
 from histoflow.reports import read_confusion_csv
-from histoflow.training import train
+from histoflow.training import merge_csv_metrics, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -353,3 +353,18 @@ def test_resume_after_kill_reaches_the_same_end_state(tiny: Path, tmp_path: Path
     with (killed / "metrics.csv").open(newline="") as handle:
         epochs = {row["epoch"] for row in csv.DictReader(handle) if row["val/acc_macro"]}
     assert epochs == {"0", "1", "2"}
+
+
+def test_merged_metrics_keep_each_step_once_after_a_resume(tmp_path: Path) -> None:
+    """Rows logged after the last checkpoint and before a kill are done again by the resumed part: kept once."""
+    first, second = tmp_path / "csv" / "version_0", tmp_path / "csv" / "version_1"
+    first.mkdir(parents=True)
+    second.mkdir(parents=True)
+    (first / "metrics.csv").write_text("epoch,step,train/loss,val/acc_macro\n0,3,0.9,\n0,7,,0.5\n1,11,0.7,\n")
+    (second / "metrics.csv").write_text("epoch,step,train/loss,val/acc_macro,lr\n1,8,,,0.1\n1,11,0.6,,\n1,15,,0.6,\n")
+    merged = merge_csv_metrics(tmp_path / "csv", tmp_path / "metrics.csv")
+    with merged.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["step"], r["train/loss"]) for r in rows] == [("3", "0.9"), ("7", ""), ("8", ""), ("11", "0.6"),
+                                                              ("15", "")]
+    assert rows[0]["lr"] == ""  # a column only the second part has

@@ -32,3 +32,18 @@ class ChannelsLast(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         pl_module.to(memory_format=torch.channels_last)
+
+
+class FlushLogs(Callback):
+    """Write every logger's buffered metrics at the end of each validation, before the checkpoint is saved.
+
+    The CSV logger buffers rows and writes them every 100 steps; a run killed just after saving an epoch's
+    checkpoint would resume after that epoch with its validation metrics never written. Lightning runs
+    checkpoint callbacks after all others, so with this callback a checkpoint on disk implies its metrics are.
+    """
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for logger in trainer.loggers:
+            logger.save()

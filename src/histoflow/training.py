@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 from pytorch_lightning.loggers import CSVLogger
 
+from histoflow.callbacks import FlushLogs
 from histoflow.module import PatchClassifier, build_net
 from histoflow.reports import plot_training_curves
 from histoflow.tracking import configure_wandb, finish_wandb
@@ -36,7 +37,11 @@ def _ddp_children_rerun_this_job() -> None:
 
 
 def merge_csv_metrics(csv_root: Path, out_csv: Path) -> Path | None:
-    """Concatenate the CSV logger's version_*/metrics.csv (one per start or resume) into one file."""
+    """Concatenate the CSV logger's version_*/metrics.csv (one per start or resume) into one file.
+
+    A resumed part starts again at its checkpoint's step: rows of earlier parts from that step on (logged after
+    the checkpoint, before the interruption, and done again) are dropped, so every step appears once.
+    """
     parts = sorted(csv_root.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[-1]))
     rows: list[dict[str, str]] = []
     columns: dict[str, None] = {}
@@ -44,7 +49,11 @@ def merge_csv_metrics(csv_root: Path, out_csv: Path) -> Path | None:
         with part.open(newline="") as handle:
             reader = csv.DictReader(handle)
             columns.update(dict.fromkeys(reader.fieldnames or []))
-            rows += list(reader)
+            new = list(reader)
+        steps = [int(r["step"]) for r in new if r.get("step")]
+        if steps:
+            rows = [r for r in rows if not r.get("step") or int(r["step"]) < min(steps)]
+        rows += new
     if not rows:
         return None
     with out_csv.open("w", newline="") as handle:
@@ -84,7 +93,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         input_size=datamodule.input_size,
         config=OmegaConf.to_container(cfg, resolve=True),  # in the checkpoint and, as hparams, in every logger
     )
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [FlushLogs()]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
