@@ -333,3 +333,19 @@ def test_imagenet_normalisation_is_torchvisions() -> None:
     expected = (patches.permute(0, 3, 1, 2).float() / 255 - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) \
         / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("flips", "rows_flip", "cols_flip"), [(True, True, True), ("horizontal", False, True),
+                                                              (False, False, False)])
+def test_flips_both_axes_or_mirror_only(flips: bool | str, rows_flip: bool, cols_flip: bool) -> None:
+    side = 8
+    yy, xx = np.mgrid[:side, :side]
+    patch = np.stack([yy * 10, xx * 10, np.zeros_like(yy)], axis=-1).astype(np.uint8)  # R: row, G: column
+    batch = torch.from_numpy(np.repeat(patch[None], 200, axis=0))
+    torch.manual_seed(0)
+    out = PatchTransform(None, {"mean_image": np.zeros((side, side, 3))}, "none", train=True, flips=flips)(batch)
+    row_reversed = out[:, 0, 0, 0] > out[:, 0, -1, 0]
+    col_reversed = out[:, 1, 0, 0] > out[:, 1, 0, -1]
+    assert bool(row_reversed.any()) == rows_flip and bool(col_reversed.any()) == cols_flip
+    with pytest.raises(ValueError, match="expected true"):
+        PatchTransform(None, {"mean_image": np.zeros((side, side, 3))}, train=True, flips="vertical")

@@ -47,7 +47,7 @@ class LoaderConfig:
     shuffle_buffer: int = 5000  # samples held per worker for shuffling (about 4 kB each); 0: off
     crop: int | None = 32  # side of the network input cut from each patch; None: the whole patch
     normalize: str = "image"  # image | channel | none, with the training statistics of this fold
-    flips: bool = True  # random horizontal and vertical flips in training
+    flips: bool | str = True  # training: true: random flips of both axes | horizontal: mirror only (Caffe) | false
     hed_jitter: float = 0.0  # sigma of the H&E-DAB stain jitter in training; 0: off
     colour_jitter: dict[str, float] | None = None  # brightness, contrast, saturation, hue strengths in training
     pin_memory: bool = True  # only takes effect when CUDA is available

@@ -106,7 +106,7 @@ class PatchTransform:
     """
 
     def __init__(self, crop: int | None, stats: Mapping[str, Any], normalize: str = "image", train: bool = False,
-                 flips: bool = True, hed_jitter: float = 0.0,
+                 flips: bool | str = True, hed_jitter: float = 0.0,
                  stain: Callable[[np.ndarray], np.ndarray] | None = None,
                  jitter: Mapping[str, float] | None = None) -> None:
         if normalize not in NORMALIZE:
@@ -117,6 +117,9 @@ class PatchTransform:
         if not 0 < crop <= side:
             raise ValueError(f"data.loader.crop={crop}: must be between 1 and the patch side {side}")
         self.crop, self.normalize, self.train = crop, normalize, train
+        if flips not in (True, False, "horizontal"):
+            raise ValueError(f"data.loader.flips={flips!r}: expected true (both axes), horizontal (mirror, as Caffe) "
+                             "or false")
         self.flips, self.hed_sigma, self.stain = flips, float(hed_jitter), stain
         unknown = sorted(set(jitter or {}) - set(JITTER_KEYS))
         if unknown:
@@ -166,8 +169,9 @@ class PatchTransform:
             top = torch.randint(0, self.side - self.crop + 1, (n, 1))
             left = torch.randint(0, self.side - self.crop + 1, (n, 1))
             rows, cols = top + steps, left + steps
-            if self.flips:
+            if self.flips is True:
                 rows = torch.where(torch.rand(n, 1) < 0.5, rows.flip(1), rows)
+            if self.flips:
                 cols = torch.where(torch.rand(n, 1) < 0.5, cols.flip(1), cols)
         else:
             start = (self.side - self.crop) // 2
@@ -178,5 +182,5 @@ class PatchTransform:
 def build_transform(loader: Mapping[str, Any], stats: Mapping[str, Any], train: bool) -> PatchTransform:
     """The training or evaluation transform of a `data.loader` config and the prepare step's statistics."""
     return PatchTransform(crop=loader.get("crop", 32), stats=stats, normalize=loader.get("normalize", "image"),
-                          train=train, flips=bool(loader.get("flips", True)),
+                          train=train, flips=loader.get("flips", True),
                           hed_jitter=float(loader.get("hed_jitter", 0.0) or 0.0), jitter=loader.get("colour_jitter"))
