@@ -248,6 +248,9 @@ def test_results_section_is_rendered_from_the_report(five_fold_report: Path, mul
     assert f"**{acc['mean']:.3f} ± {acc['sd']:.3f}**" in row
     header = text.splitlines()[text.splitlines().index(row) - 2]
     assert row.count("|") == header.count("|")  # as many cells as the header
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    assert float(cells["prepare, s"]) > 0 and float(cells["report, s"]) > 0
+    assert cells["colour only: image acc, mean ± sd"].startswith("1.000")  # the tiny classes differ by tint
     assert "python train.py -m fold=1,2,3,4,5" in text and f"python predict.py ckpt_path={multirun}" in text
     figure = tmp_path / "docs" / "results-per-image-folds-confusion.png"
     assert figure.read_bytes() == (five_fold_report / "confusion_images.png").read_bytes()
