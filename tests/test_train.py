@@ -198,23 +198,32 @@ def test_slurm_launcher_composes(tiny: Path) -> None:
         ({}, "offline"),  # no key at all
         ({"WANDB_MODE": "disabled"}, "disabled"),  # the user's choice wins
         ({"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}, "offline"),  # key, no server
-        ({"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "LISTENING"}, "online"),
+        ({"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "SILENT"}, "offline"),  # accepts, never answers
+        ({"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "ANSWERING"}, "online"),  # answers (404 is an answer)
     ],
 )
 def test_wandb_mode(env: dict[str, str], expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import http.server
     import socket
+    import threading
 
     from histoflow.tracking import configure_wandb
 
     for name in ("WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
+    quiet = type("Quiet", (http.server.BaseHTTPRequestHandler,), {"log_message": lambda *a: None})
+    with socket.socket() as silent, http.server.HTTPServer(("127.0.0.1", 0), quiet) as answering:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel completes TCP handshakes; nothing ever reads or answers
+        threading.Thread(target=answering.serve_forever, daemon=True).start()
+        ports = {"SILENT": silent.getsockname()[1], "ANSWERING": answering.server_address[1]}
         for name, value in env.items():
-            monkeypatch.setenv(name, f"http://127.0.0.1:{server.getsockname()[1]}" if value == "LISTENING" else value)
+            monkeypatch.setenv(name, f"http://127.0.0.1:{ports[value]}" if value in ports else value)
+        t0 = time.monotonic()
         assert configure_wandb() == expected
+        assert time.monotonic() - t0 < 10  # a silent server costs the probe's timeout, not a hang
+        answering.shutdown()
     assert os.environ["WANDB_MODE"] == expected and os.environ["WANDB_SILENT"] == "true"
 
 

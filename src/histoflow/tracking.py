@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import netrc
 import os
-import socket
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -26,13 +27,17 @@ def _has_api_key(host: str) -> bool:
 
 
 def _reachable(host: str, timeout_s: float = 3.0) -> bool:
-    """True when a TCP connection to the W&B server opens within timeout_s (DNS included)."""
-    url = urlparse(host)
-    port = url.port or (443 if url.scheme == "https" else 80)
+    """True when the W&B server answers an HTTP request within timeout_s (any status: it answered).
+
+    A TCP connection alone is not enough: a proxy or a stalled server that accepts connections and never
+    answers would make wandb.init wait and then fail the run.
+    """
     try:
-        with socket.create_connection((url.hostname or "", port), timeout=timeout_s):
-            return True
-    except OSError:
+        urllib.request.urlopen(urllib.request.Request(host, method="HEAD"), timeout=timeout_s).close()
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):  # URLError, timeouts, refused connections, a malformed URL
         return False
 
 
