@@ -349,3 +349,14 @@ def test_flips_both_axes_or_mirror_only(flips: bool | str, rows_flip: bool, cols
     assert bool(row_reversed.any()) == rows_flip and bool(col_reversed.any()) == cols_flip
     with pytest.raises(ValueError, match="expected true"):
         PatchTransform(None, {"mean_image": np.zeros((side, side, 3))}, train=True, flips="vertical")
+
+
+def test_scale_divides_after_the_mean_as_caffe_mean_file() -> None:
+    patches = torch.from_numpy(np.random.default_rng(5).integers(0, 256, (2, 36, 36, 3), dtype=np.uint8))
+    mean = np.full((36, 36, 3), 100.0)
+    raw = PatchTransform(None, {"mean_image": mean}, "image", scale=1.0)(patches)
+    torch.testing.assert_close(raw, patches.permute(0, 3, 1, 2).float() - 100.0)
+    torch.testing.assert_close(PatchTransform(None, {"mean_image": mean}, "image")(patches), raw / 255.0)
+    with pytest.raises(ValueError, match="data.loader.scale"):
+        PatchTransform(None, {"mean_image": mean, "channel_mean": [0, 0, 0], "channel_std": [1, 1, 1]}, "channel",
+                       scale=1.0)

@@ -46,7 +46,8 @@ class LoaderConfig:
     num_workers: int = 2  # per DDP rank; fewer are started when there are fewer shards
     shuffle_buffer: int = 5000  # samples held per worker for shuffling (about 4 kB each); 0: off
     crop: int | None = 32  # side of the network input cut from each patch; None: the whole patch
-    normalize: str = "image"  # image | channel | none, with the training statistics of this fold
+    normalize: str = "image"  # image | channel | imagenet | none, with the training statistics of this fold
+    scale: float | None = None  # image | none: divide by this after subtracting (None: 255); Caffe's mean_file: 1
     flips: bool | str = True  # training: true: random flips of both axes | horizontal: mirror only (Caffe) | false
     hed_jitter: float = 0.0  # sigma of the H&E-DAB stain jitter in training; 0: off
     colour_jitter: dict[str, float] | None = None  # brightness, contrast, saturation, hue strengths in training

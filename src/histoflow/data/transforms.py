@@ -108,7 +108,7 @@ class PatchTransform:
     def __init__(self, crop: int | None, stats: Mapping[str, Any], normalize: str = "image", train: bool = False,
                  flips: bool | str = True, hed_jitter: float = 0.0,
                  stain: Callable[[np.ndarray], np.ndarray] | None = None,
-                 jitter: Mapping[str, float] | None = None) -> None:
+                 jitter: Mapping[str, float] | None = None, scale: float | None = None) -> None:
         if normalize not in NORMALIZE:
             raise ValueError(f"data.loader.normalize={normalize!r}: expected one of {', '.join(NORMALIZE)}")
         mean_image = torch.as_tensor(np.asarray(stats["mean_image"]), dtype=torch.float32)
@@ -130,6 +130,10 @@ class PatchTransform:
         # mean: (3, side*side) to subtract at each output pixel's source pixel; scale: divisor per channel
         self.mean: torch.Tensor | None = None
         self.scale = torch.full((1, 3, 1), 255.0)
+        if scale is not None:
+            if normalize not in ("image", "none") or not scale > 0:
+                raise ValueError(f"data.loader.scale={scale}: a positive divisor, for normalize=image or none only")
+            self.scale = torch.full((1, 3, 1), float(scale))
         if normalize == "image":
             self.mean = mean_image.permute(2, 0, 1).reshape(3, side * side).contiguous()
         elif normalize == "channel":
@@ -183,4 +187,5 @@ def build_transform(loader: Mapping[str, Any], stats: Mapping[str, Any], train: 
     """The training or evaluation transform of a `data.loader` config and the prepare step's statistics."""
     return PatchTransform(crop=loader.get("crop", 32), stats=stats, normalize=loader.get("normalize", "image"),
                           train=train, flips=loader.get("flips", True),
-                          hed_jitter=float(loader.get("hed_jitter", 0.0) or 0.0), jitter=loader.get("colour_jitter"))
+                          hed_jitter=float(loader.get("hed_jitter", 0.0) or 0.0), jitter=loader.get("colour_jitter"),
+                          scale=loader.get("scale"))

@@ -130,7 +130,7 @@ def preprocessing_of(module: PatchClassifier, datamodule_state: Mapping[str, Any
         prepared = prepare_dataset(data, quiet=True)
         stats, stain = prepared.stats(hparams["config"]["fold"]), prepared.stain
     return PatchTransform(loader.get("crop", 32), stats, loader.get("normalize", "image"), train=False,
-                          stain=StainNormalizer.from_state(stain))
+                          stain=StainNormalizer.from_state(stain), scale=loader.get("scale"))
 
 
 def load_fold_model(path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS) -> FoldModel:
