@@ -136,11 +136,17 @@ def render(protocols: list[Protocol], figures: Path, readme_dir: Path) -> str:
     for p in protocols:
         figure = figures / f"results-{p.slug}-confusion.png"
         shutil.copyfile(p.report_dir / "confusion_images.png", figure)
+        curves = sorted(p.sweep_dir.glob("*/training_curves.png"))[:1]  # the first fold's loss and accuracy
+        if curves:
+            shutil.copyfile(curves[0], figures / f"results-{p.slug}-curves.png")
         settings = p.report["settings"]
         lines += [f"**{p.label}** ({p.report['images']} images; settings: aggregate {settings.get('aggregate')},"
                   f" {settings.get('window')}-px windows at stride {settings.get('stride')})",
                   "", "```bash", p.train_command(), p.predict_command(), "```", "",
-                  f"![{p.label}: pooled image confusion matrix]({os.path.relpath(figure, readme_dir)})", ""]
+                  f"![{p.label}: pooled image confusion matrix]({os.path.relpath(figure, readme_dir)})"
+                  + (f" ![{p.label}: training curves of the first fold]"
+                     f"({os.path.relpath(figures / f'results-{p.slug}-curves.png', readme_dir)})" if curves else ""),
+                  ""]
     return "\n".join(lines + [END])
 
 
