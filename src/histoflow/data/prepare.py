@@ -275,8 +275,7 @@ def prepare_dataset(data: Mapping[str, Any], quiet: bool = False) -> PreparedDat
     record = {"format": FORMAT, "name": data.get("name", "data"), "root": str(root), "classes": classes,
               "patch_side": side, "test_folds": split.test_folds(), "settings": settings, "images": len(rows),
               "samples": sum(s["samples"] for s in shard_records), "shards": shard_records,
-              "skipped": len(problems), "seconds": round(time.perf_counter() - t0, 2),
-              "stain": stain.state() if stain is not None else None}
+              "skipped": len(problems), "seconds": round(time.perf_counter() - t0, 2)}
     tmp = out / f".{RECORD}.tmp"
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(out / RECORD)

@@ -41,7 +41,7 @@ class PreparedDataset:
     @property
     def stain(self) -> dict | None:
         """The fitted stain normalisation every image went through before its patches were cut (None: off)."""
-        return self.record.get("stain")
+        return self.record["settings"].get("stain")  # in the settings that key the folder, absent when off
 
     def manifest(self) -> list[dict]:
         return read_manifest(self.path / "manifest.csv")
