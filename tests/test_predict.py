@@ -236,27 +236,45 @@ def test_five_fold_report_each_image_by_the_model_that_held_it_out(five_fold_rep
     assert list((out / "wandb").glob("offline-run-*")), "W&B did not log offline"
 
 
-def test_results_section_is_rendered_from_the_report(five_fold_report: Path, multirun: Path, tmp_path: Path) -> None:
-    readme = tmp_path / "README.md"
+def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Path, multirun: Path,
+                                                             tmp_path: Path) -> None:
+    readme, record, docs = tmp_path / "README.md", tmp_path / "docs" / "results.json", tmp_path / "docs"
     readme.write_text(f"# x\n\n## Results\n\n{results.BEGIN}\nold text\n{results.END}\n\n## After\n")
-    results.main([f"Per-image folds={five_fold_report}", "--readme", str(readme), "--figures", str(tmp_path / "docs")])
+    options = ["--readme", str(readme), "--figures", str(docs), "--record", str(record)]
+    results.main([f"tutorial={five_fold_report}", *options])
     text = readme.read_text()
     report = json.loads((five_fold_report / "report.json").read_text())
     acc = report["summary"]["image/acc"]
     assert "old text" not in text and text.startswith("# x\n\n## Results\n\n") and text.endswith("\n\n## After\n")
-    row = next(line for line in text.splitlines() if line.startswith("| Per-image folds |"))
-    assert f"**{acc['mean']:.3f} ± {acc['sd']:.3f}**" in row
-    header = text.splitlines()[text.splitlines().index(row) - 2]
+    lines = text.splitlines()
+    row = next(line for line in lines if line.startswith("| tutorial | **"))  # the recipe table
+    header = lines[lines.index(row) - 2]
     assert row.count("|") == header.count("|")  # as many cells as the header
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["per-image folds: image acc"] == f"**{acc['mean']:.3f} ± {acc['sd']:.3f}**"
+    assert cells["grouped folds: image acc"] == "–"  # the tiny sweep has folds per image only
+    assert cells["colour only: per-image / grouped"].startswith("1.000 /")  # the tiny classes differ by tint
+    run = next(line for line in lines if line.startswith("| tutorial | per-image folds |"))  # the run table
+    header = lines[lines.index(run) - 2]
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in run.split("|")]))
     assert float(cells["prepare, s"]) > 0 and float(cells["report, s"]) > 0
-    assert cells["colour only: image acc, mean ± sd"].startswith("1.000")  # the tiny classes differ by tint
+    assert [float(cells[f"fold {k}"]) for k in range(1, 6)] == pytest.approx(
+        [report["per_fold"][f"fold {k}"]["image/acc"] for k in range(1, 6)], abs=5e-4)
     assert "python train.py -m fold=1,2,3,4,5" in text and f"python predict.py ckpt_path={multirun}" in text
-    figure = tmp_path / "docs" / "results-per-image-folds-confusion.png"
+    figure = docs / "results-tutorial-per-image-folds-confusion.png"
     assert figure.read_bytes() == (five_fold_report / "confusion_images.png").read_bytes()
-    assert "](docs/results-per-image-folds-confusion.png)" in text
-    results.main([f"Per-image folds={five_fold_report}", "--readme", str(readme), "--figures", str(tmp_path / "docs")])
-    assert readme.read_text() == text  # idempotent: the section is replaced, not appended
+    assert "](docs/results-tutorial-per-image-folds-confusion.png)" in text
+
+    results.main([f"tutorial={five_fold_report}", *options])  # the same recipe and protocol again: replaced
+    assert readme.read_text() == text and len(json.loads(record.read_text())["runs"]) == 1
+    results.main([f"another recipe={five_fold_report}", *options])  # a new recipe: a row added after the first
+    assert len(json.loads(record.read_text())["runs"]) == 2
+    table = [line.split("|")[1].strip() for line in readme.read_text().splitlines() if line.startswith("| ")]
+    assert table.index("tutorial") < table.index("another recipe")
+    rendered = readme.read_text()
+    readme.write_text(text)
+    results.main(options)  # from the record alone (the output folders need not exist any more)
+    assert readme.read_text() == rendered
 
 
 def test_unlabelled_images_csv_and_bad_images(multirun: Path, tiny: Path, tmp_path: Path) -> None:
