@@ -275,6 +275,10 @@ def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Pa
     readme.write_text(text)
     results.main(options)  # from the record alone (the output folders need not exist any more)
     assert readme.read_text() == rendered
+    assert (docs / "results-another-recipe-per-image-folds-confusion.png").is_file()
+    results.main(["--drop", "another recipe", *options])  # forgotten, its figures deleted
+    assert not (docs / "results-another-recipe-per-image-folds-confusion.png").exists()
+    assert readme.read_text() == text and len(json.loads(record.read_text())["runs"]) == 1
 
 
 def test_unlabelled_images_csv_and_bad_images(multirun: Path, tiny: Path, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ image, or grouped by `data.group_regex`/`data.group_block`/a CSV, read from the 
 confusion matrix and first fold's training curves are copied into `--figures`. Records live in `--record` (JSON,
 committed): a run of the same recipe and protocol replaces the older one, so the section can be re-rendered at
 any time without the (large, uncommitted) output folders. With no RECIPE=DIR the section is rendered from the
-record alone.
+record alone; `--drop RECIPE` forgets a recipe's runs.
 
 The section holds a recipe table (one row per recipe, per-image and grouped folds side by side), a table of every
 run's folds, and each run's commands and figures; it replaces whatever stands between the two markers in the README.
@@ -156,7 +156,8 @@ def run_table(records: list[dict[str, Any]]) -> list[str]:
     for r in records:
         cells = [f"{r['image_acc'][f]:.3f}" if f in r["image_acc"] else "–" for f in folds]
         per_fold = f"{np.mean(r['train_minutes']):.1f}" if r["train_minutes"] else "–"
-        seconds = [f"{s:.{digits}f}" if s is not None else "–" for s, digits in ((r["prepare_s"], 1), (r["predict_s"], 0))]
+        seconds = [f"{s:.{digits}f}" if s is not None else "–"
+                   for s, digits in ((r["prepare_s"], 1), (r["predict_s"], 0))]
         lines.append(f"| {r['recipe']} | {r['protocol']} | " + " | ".join(cells)
                      + f" | {r['patch_acc']:.3f} | {r['ece']:.3f} | {seconds[0]} | {per_fold} | {seconds[1]} "
                      f"| {r['date']}{' *' if r.get('note') else ''} |")
@@ -200,8 +201,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--record", type=Path, default=Path("docs/results.json"))
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     parser.add_argument("--figures", type=Path, default=Path("docs"))
+    parser.add_argument("--drop", action="append", default=[], metavar="RECIPE", help="forget a recipe's runs")
     args = parser.parse_args(argv)
-    records = load_records(args.record)
+    records = []
+    for r in load_records(args.record):
+        if r["recipe"] not in args.drop:
+            records.append(r)
+        else:  # its figures go with it
+            for figure in r["figures"].values():
+                (args.readme.parent / figure).unlink(missing_ok=True)
     for spec in args.runs:
         records = add_record(records, record_run(spec, args.figures, args.readme.parent))
     if not records:
