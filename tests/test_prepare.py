@@ -16,7 +16,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from histoflow.data.folds import LeakageError, SplitConfig, assign_folds, check_leakage
+from histoflow.data.folds import LeakageError, SplitConfig, assign_folds, check_leakage, validation_gaps
 from histoflow.data.patches import PatchConfig, extract_patches, grid_origins
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.prepared import PreparedDataset
@@ -118,6 +118,15 @@ def test_folds_are_deterministic_grouped_and_stratified() -> None:
     rows[1]["fold"] = "5" if rows[0]["fold"] != "5" else "4"  # move half of patient p0
     with pytest.raises(LeakageError, match="i0, i1"):
         check_leakage(rows)
+
+
+def test_validation_gaps_name_the_classes_a_training_run_cannot_validate() -> None:
+    labels = ["a"] * 4 + ["b"] * 4
+    folds = ["1", "1", "2", "2", "1", "1", "2", "2"]
+    assert validation_gaps(labels, folds, [True, False, False, False, False, False, True, False]) == {
+        "1": ["a"], "2": ["b"]}  # holding out fold 1 leaves only fold 2's val image, of class b
+    assert validation_gaps(labels, folds, [True, False, True, False, True, False, True, False]) == {}
+    assert validation_gaps(labels, folds, [False] * 8) == {}  # no validation split: nothing to select on
 
 
 def test_fraction_split_proportions() -> None:

@@ -105,6 +105,21 @@ def assign_folds(labels: list[str], groups: list[str], cfg: SplitConfig) -> tupl
     raise ValueError(f"data.split.kind={cfg.kind!r}: expected kfold or fractions")
 
 
+def validation_gaps(labels: list[str], folds: list[str], val: list[bool]) -> dict[str, list[str]]:
+    """Classes absent from the validation set of each held-out fold's training run (only folds with a gap).
+
+    With few groups (slides, patients) a grouped validation share is one or two groups, often of one class;
+    model selection on it then favours whatever that class needs.
+    """
+    classes = sorted(set(labels))
+    gaps = {}
+    for test in sorted(set(folds)):
+        seen = {lab for lab, f, v in zip(labels, folds, val) if v and f != test}
+        if seen and len(seen) < len(classes):
+            gaps[test] = [c for c in classes if c not in seen]
+    return gaps
+
+
 def check_leakage(rows: list[dict]) -> None:
     """Fail, naming the files, if a group or an identical image (same hash) is in two splits."""
     leaks = []

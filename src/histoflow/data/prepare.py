@@ -19,7 +19,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from histoflow.data.folds import MANIFEST_COLUMNS, SplitConfig, assign_folds, check_leakage, write_manifest
+from histoflow.data.folds import (MANIFEST_COLUMNS, SplitConfig, assign_folds, check_leakage, validation_gaps,
+                                  write_manifest)
 from histoflow.data.images import UnreadableImage, read_rgb
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepared import RECORD, PreparedDataset
@@ -104,7 +105,12 @@ def build_manifest(records: list[ImageRecord], root: Path, classes: list[str], s
     if not good:
         return [], problems, notes
     groups = _union_identical([g[0] for g in good], [g[1] for g in good])
-    folds, val = assign_folds([g[0].label for g in good], groups, split)
+    labels = [g[0].label for g in good]
+    folds, val = assign_folds(labels, groups, split)
+    for fold, missing in validation_gaps(labels, folds, val).items():
+        log.warning("holding out fold %s, the grouped validation split has no %s image: selecting the 'best' epoch "
+                    "on it is biased. Fix: data.split.val_fraction=0 callbacks.model_checkpoint.monitor=null (keep "
+                    "the last epoch), or a larger data.split.val_fraction", fold, " or ".join(missing))
     rows = [dict(zip(MANIFEST_COLUMNS, (i, r.path, r.label, grp, f, v, sha, w, h, note)))
             for i, ((r, sha, w, h, note), grp, f, v) in enumerate(zip(good, groups, folds, val))]
     return rows, problems, notes
