@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from histoflow.inference.colour_baseline import colour_features, cross_validated_predictions
@@ -43,3 +44,19 @@ def test_reliability_bins_and_diagram(tmp_path: Path) -> None:
     np.testing.assert_allclose([b["confidence"] for b in bins], [0.365, 0.965])
     png = save_reliability_diagram(confidence, correct, tmp_path / "r.png", "t")
     assert Image.open(png).size[0] > 100
+
+
+def test_a_forest_finds_colour_that_no_line_separates() -> None:
+    # class A is either dark or bright, class B in between: one colour axis, no linear boundary
+    rng = np.random.default_rng(0)
+    labels = ["A", "B", "A"] * 30
+    level = {0: 40.0, 1: 128.0, 2: 215.0}
+    features = np.array([[level[i % 3]] * 3 + [20.0] * 3 for i in range(90)]) + rng.normal(0, 5, (90, 6))
+    folds = [str(1 + i % 5) for i in range(90)]
+    truth = np.array(labels)
+    linear = np.array(cross_validated_predictions(features, labels, folds, classifier="logistic"))
+    forest = np.array(cross_validated_predictions(features, labels, folds, classifier="forest"))
+    assert (forest == truth).mean() == 1.0
+    assert (linear == truth).mean() < 0.8
+    with pytest.raises(ValueError, match="forest"):
+        cross_validated_predictions(features, labels, folds, classifier="svm")

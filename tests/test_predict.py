@@ -213,11 +213,14 @@ def test_five_fold_report_each_image_by_the_model_that_held_it_out(five_fold_rep
     assert np.isclose(report["pooled"]["image/acc"], np.trace(cm) / cm.sum())
     assert len(report["misclassified"]) == cm.sum() - np.trace(cm)
     assert "mean ± sd" in (out / "report.md").read_text()
-    # calibration and the colour-only baseline on the same folds (the tiny classes differ by tint alone)
+    # calibration and the colour-only baselines on the same folds (the tiny classes differ by tint alone)
     assert 0.0 <= report["calibration"]["ece"] <= 1.0 and (out / "reliability_images.png").is_file()
     assert sum(b["count"] for b in report["calibration"]["bins"]) == 30
-    assert report["colour_baseline"]["pooled"]["image/acc"] == 1.0
-    assert set(report["colour_baseline"]["per_fold"]) == set(report["per_fold"])
+    assert set(report["colour_baselines"]) == {"logistic", "forest"}
+    for baseline in report["colour_baselines"].values():
+        assert baseline["pooled"]["image/acc"] == 1.0
+        assert set(baseline["per_fold"]) == set(report["per_fold"])
+    assert "random forest" in (out / "report.md").read_text()
     # every manifest image once, predicted by the checkpoint trained with its fold held out
     (manifest_path,) = (tiny / "work" / "prepared").glob("*/manifest.csv")
     fold_of = {r["image"]: r["fold"] for r in read_manifest(manifest_path)}
@@ -253,7 +256,8 @@ def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Pa
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
     assert cells["per-image folds: image acc"] == f"**{acc['mean']:.3f} ± {acc['sd']:.3f}**"
     assert cells["grouped folds: image acc"] == "–"  # the tiny sweep has folds per image only
-    assert cells["colour only: per-image / grouped"].startswith("1.000 /")  # the tiny classes differ by tint
+    assert cells["colour only, per-image: logistic / forest"] == "1.000 / 1.000"  # the tiny classes differ by tint
+    assert cells["colour only, grouped: logistic / forest"] == "–"
     run = next(line for line in lines if line.startswith("| tutorial | per-image folds |"))  # the run table
     header = lines[lines.index(run) - 2]
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in run.split("|")]))

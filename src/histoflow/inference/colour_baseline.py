@@ -1,22 +1,34 @@
-"""How much colour alone explains: per-image RGB statistics + logistic regression, on the same folds as the net.
+"""How much colour alone explains: per-image RGB statistics and a classifier, on the same folds as the net.
 
 Scanners, stains and slides differ in colour, and a net can learn the colour of a slide rather than the
-disease. This baseline sees nothing but the mean and standard deviation of R, G and B of each image;
-for fold k it is fit on the images of the other folds and predicts fold k's, exactly as the fold
-models do. Where it comes close to the net, the net's accuracy says little about morphology.
+disease. These baselines see nothing but the mean and standard deviation of R, G and B of each image;
+for fold k each is fit on the images of the other folds and predicts fold k's, exactly as the fold
+models do. Two classifiers, because a linear one understates colour: on the lymphoma images under
+grouped folds a logistic regression on the six numbers is near chance (0.44) while a random forest on
+the same six numbers reaches 0.71, above every net trained there. Where a baseline comes close to the
+net, the net's accuracy says little about morphology.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
+from sklearn.base import ClassifierMixin
+from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from histoflow.data.images import read_rgb
+
+# name -> a seeded, unfitted classifier; the report runs each on the same folds
+CLASSIFIERS: dict[str, Callable[[int], ClassifierMixin]] = {
+    "logistic": lambda seed: make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed)),
+    "forest": lambda seed: RandomForestClassifier(n_estimators=500, random_state=seed, n_jobs=1),
+}
+NAMES = {"logistic": "logistic regression", "forest": "random forest (500 trees)"}
 
 
 def colour_features(paths: Sequence[str | Path]) -> np.ndarray:
@@ -29,8 +41,10 @@ def colour_features(paths: Sequence[str | Path]) -> np.ndarray:
 
 
 def cross_validated_predictions(features: np.ndarray, labels: Sequence[str], folds: Sequence[str],
-                                seed: int = 0) -> list[str]:
-    """Each image's class from a logistic regression fit on the images of the other folds."""
+                                seed: int = 0, classifier: str = "logistic") -> list[str]:
+    """Each image's class from a `classifier` (a key of CLASSIFIERS) fit on the images of the other folds."""
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"colour baseline {classifier!r}: expected one of {', '.join(CLASSIFIERS)}")
     labels, folds = np.asarray(labels), np.asarray(folds)
     predicted = np.empty(len(labels), dtype=object)
     for fold in dict.fromkeys(folds.tolist()):
@@ -40,7 +54,7 @@ def cross_validated_predictions(features: np.ndarray, labels: Sequence[str], fol
             values, counts = np.unique(labels[train] if train.any() else labels, return_counts=True)
             predicted[held_out] = values[counts.argmax()]
             continue
-        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+        model = CLASSIFIERS[classifier](seed)
         model.fit(features[train], labels[train])
         predicted[held_out] = model.predict(features[held_out])
     return predicted.tolist()

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import multiclass_calibration_error, multiclass_f1_score
 
-from histoflow.inference.colour_baseline import colour_features, cross_validated_predictions
+from histoflow.inference.colour_baseline import CLASSIFIERS, NAMES as COLOUR_NAMES, colour_features, cross_validated_predictions
 from histoflow.inference.voting import Votes
 from histoflow.reports import (folds_markdown, matrix_markdown, reliability_bins, save_confusion_matrix,
                                save_reliability_diagram, summarize_folds)
@@ -78,17 +78,20 @@ def _calibration(rows: list[dict[str, Any]], classes: list[str], png: Path, titl
     return {"ece": ece, "bins": reliability_bins(confidence, correct)}
 
 
-def _colour_baseline(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
-    """The colour-only baseline on the same folds: per fold, mean ± sd and pooled, as the net's scores."""
-    predicted = cross_validated_predictions(colour_features([r["image"] for r in rows]),
-                                            [r["label"] for r in rows], [r["fold"] for r in rows])
-    scored = [{**r, "predicted": p} for r, p in zip(rows, predicted)]
-    folds = list(dict.fromkeys(r["fold"] for r in rows))
+def _colour_baselines(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
+    """The colour-only baselines on the same folds, one per classifier: per fold, mean ± sd and pooled."""
+    features = colour_features([r["image"] for r in rows])
+    labels, folds = [r["label"] for r in rows], [r["fold"] for r in rows]
     metrics = ("image/acc", "image/f1_macro")
-    per_fold = {f"fold {f}": {m: v for m, v in _scores([r for r in scored if r["fold"] == f], classes).items()
-                              if m in metrics} for f in folds}
-    pooled = {m: v for m, v in _scores(scored, classes).items() if m in metrics}
-    return {"per_fold": per_fold, "summary": summarize_folds(per_fold), "pooled": pooled}
+    baselines = {}
+    for classifier in CLASSIFIERS:
+        predicted = cross_validated_predictions(features, labels, folds, classifier=classifier)
+        scored = [{**r, "predicted": p} for r, p in zip(rows, predicted)]
+        per_fold = {f"fold {f}": {m: v for m, v in _scores([r for r in scored if r["fold"] == f], classes).items()
+                                  if m in metrics} for f in dict.fromkeys(folds)}
+        pooled = {m: v for m, v in _scores(scored, classes).items() if m in metrics}
+        baselines[classifier] = {"per_fold": per_fold, "summary": summarize_folds(per_fold), "pooled": pooled}
+    return baselines
 
 
 def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, settings: Mapping[str, Any],
@@ -121,7 +124,7 @@ def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, s
         "per_fold": per_fold, "summary": summary, "pooled": pooled,
         "confusion_images": cm_images.tolist(), "confusion_patches": cm_patches.tolist(),
         "misclassified": wrong, "problems": dict(problems or {}), "missing_folds": list(missing_folds),
-        "calibration": calibration, "colour_baseline": _colour_baseline(rows, classes),
+        "calibration": calibration, "colour_baselines": _colour_baselines(rows, classes),
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     (out_dir / "report.md").write_text(_markdown(report, rows, classes))
@@ -129,7 +132,7 @@ def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, s
 
 
 def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[str]) -> str:
-    s, pooled, baseline = report["settings"], report["pooled"], report["colour_baseline"]
+    s, pooled = report["settings"], report["pooled"]
     right = sum(r["predicted"] == r["label"] for r in rows)
     lines = [f"# Image-level prediction report: {s.get('ckpt_path', '')}", "",
              f"{report['images']} images in {len(report['per_fold'])} folds, each predicted only by the model of the "
@@ -145,10 +148,13 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
              f"| patch accuracy | {pooled['patch/acc']:.3f} |",
              f"| expected calibration error (images, 10 bins) | {report['calibration']['ece']:.3f} |", "",
              "Reliability of the images' mean probabilities: `reliability_images.png`.", "",
-             "## Colour-only baseline on the same folds", "",
-             "Mean and sd of R, G, B per image, logistic regression fit on the other folds: how much colour alone "
-             "explains.", "",
-             folds_markdown(baseline["per_fold"], baseline["summary"], ["image/acc", "image/f1_macro"]),
+             "## Colour-only baselines on the same folds", "",
+             "Mean and sd of R, G, B per image, and a classifier fit on the other folds: how much colour alone "
+             "explains. A logistic regression (linear) and a random forest (500 trees): the linear one understates "
+             "what colour can tell.", "",
+             *[line for name, baseline in report["colour_baselines"].items()
+               for line in (f"**{COLOUR_NAMES.get(name, name)}**", "",
+                            folds_markdown(baseline["per_fold"], baseline["summary"], ["image/acc", "image/f1_macro"]))],
              "## Confusion matrix of images (rows: true, columns: predicted)", "",
              *matrix_markdown(np.array(report["confusion_images"]), classes), "",
              "![image confusion matrix](confusion_images.png)", "",
