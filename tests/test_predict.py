@@ -323,14 +323,14 @@ def test_preprocessing_is_the_training_folds(multirun: Path, tiny: Path) -> None
     module = load_classifier(first)
     (record,) = (tiny / "work" / "prepared").glob("*/dataset.json")
     stats = PreparedDataset(record.parent).stats("1")
-    # from the prepared data (no datamodule state), and from hparams["preprocess"] when a checkpoint has it
+    # from the prepared data (no datamodule state), with the loader settings of the training config
     assert torch.allclose(preprocessing_of(module).mean, model.transform.mean)
     assert torch.allclose(model.transform.mean, torch.as_tensor(stats["mean_image"], dtype=torch.float32)
                           .permute(2, 0, 1).reshape(3, -1))
-    module.hparams["preprocess"] = {"crop": 30, "normalize": "channel", "patch_side": 36,
-                                    "stats": {k: v.tolist() for k, v in stats.items()}}
+    module.hparams["config"]["data"]["loader"].update(crop=30, normalize="channel")
     channel = preprocessing_of(module)
     assert channel.crop == 30 and channel.normalize == "channel" and channel.side == 36
+    assert torch.allclose(channel.mean[:, 0], torch.as_tensor(stats["channel_mean"], dtype=torch.float32))
 
 
 def test_checkpoint_that_does_not_fit_the_data_is_refused(multirun: Path, tiny: Path, tmp_path: Path) -> None:

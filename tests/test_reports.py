@@ -17,6 +17,7 @@ from histoflow.reports import (
     save_confusion_matrix,
     summarize_folds,
 )
+from histoflow.results import GROUPED, PER_IMAGE, _protocol
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["CLL", "FL", "MCL"]
@@ -162,3 +163,8 @@ def test_plot_training_curves_single_epoch_without_val(tmp_path: Path) -> None:
 def test_plot_training_curves_header_only(tmp_path: Path) -> None:
     csv_path = write_metrics_csv(tmp_path / "metrics.csv", ["epoch", "step"], [])
     assert_valid_png(plot_training_curves(csv_path, tmp_path / "curves.png"))
+
+
+def test_results_protocol_is_grouped_only_where_a_group_joins_images() -> None:
+    assert _protocol([{"group": "a.png"}, {"group": "b.png"}]) == PER_IMAGE  # a CSV group per image: per image
+    assert _protocol([{"group": "CLL/0"}, {"group": "CLL/0"}, {"group": "FL/1"}]) == GROUPED

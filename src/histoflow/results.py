@@ -5,10 +5,11 @@
 
 Each `RECIPE=DIR` records one run: DIR is a `predict.py ckpt_path=<multirun>` folder (report.json). From it and
 from the training multirun it names, the record keeps image-level accuracy per fold and mean ± sd, macro F1, pooled
-patch accuracy, per-class recall, calibration error, the colour-only baseline, the wall-clock time of preparing,
+patch accuracy, per-class recall, calibration error, the colour-only baselines, the wall-clock time of preparing,
 training (per fold) and the report, the exact commands (Hydra's recorded overrides) and the protocol (folds per
-image, or grouped by `data.group_regex`/`data.group_block`/a CSV, read from the training config). Its pooled
-confusion matrix and first fold's training curves are copied into `--figures`. Records live in `--record` (JSON,
+image, or grouped where the prepared manifest has a group of several images: `data.group_regex` with
+`data.group_block`, or a CSV's group column). Its pooled confusion matrix and first fold's training curves are
+copied into `--figures`. Records live in `--record` (JSON,
 committed): a run of the same recipe and protocol replaces the older one, so the section can be re-rendered at
 any time without the (large, uncommitted) output folders. With no RECIPE=DIR the section is rendered from the
 record alone; `--drop RECIPE` forgets a recipe's runs.
@@ -46,11 +47,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def _protocol(data: dict[str, Any]) -> str:
-    """Per-image folds unless the images were grouped (patients, slides, index blocks)."""
-    if data.get("group_regex") or (data.get("labels") == "csv" and data.get("csv")):
-        return GROUPED
-    return PER_IMAGE
+def _protocol(manifest: list[dict[str, Any]]) -> str:
+    """Grouped folds when some group (patient, slide, index block) joins several images, else per-image folds."""
+    return GROUPED if len({r["group"] for r in manifest}) < len(manifest) else PER_IMAGE
 
 
 def record_run(spec: str, figures: Path, readme_dir: Path) -> dict[str, Any]:
@@ -69,12 +68,13 @@ def record_run(spec: str, figures: Path, readme_dir: Path) -> dict[str, Any]:
     configs = sorted(sweep.glob("*/.hydra/config.yaml"))
     job = OmegaConf.to_container(OmegaConf.load(configs[0]), resolve=False) if configs else {}
     data = OmegaConf.to_container(OmegaConf.load(configs[0]).data, resolve=True) if configs else {}
-    protocol = _protocol(data)
+    prepared = prepare_dataset(data, quiet=True) if data else None  # cheap where the prepared folder exists
+    protocol = _protocol(prepared.manifest()) if prepared else PER_IMAGE
 
     minutes = []  # each finished job, from its start (.hydra/config.yaml) to its test metrics
     for metrics in sorted(sweep.glob(f"*/{METRICS_FILE}")):
         minutes.append((metrics.stat().st_mtime - (metrics.parent / ".hydra" / "config.yaml").stat().st_mtime) / 60)
-    prepare_s = float(prepare_dataset(data, quiet=True).record.get("seconds", float("nan"))) if data else None
+    prepare_s = float(prepared.record.get("seconds", float("nan"))) if prepared else None
     start = report_dir / ".hydra" / "config.yaml"
     predict_s = path.stat().st_mtime - start.stat().st_mtime if start.is_file() else None
     overrides = report_dir / ".hydra" / "overrides.yaml"

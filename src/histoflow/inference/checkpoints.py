@@ -114,13 +114,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def preprocessing_of(module: PatchClassifier, datamodule_state: Mapping[str, Any] | None = None) -> PatchTransform:
     """The evaluation transform a model was trained with: centre crop, normalised by its training fold's statistics.
 
-    Sources, first found: hparams["preprocess"]; the datamodule state Lightning saved in the checkpoint;
-    the prepared data set of the training config (prepared again, identically, when it is gone).
+    Sources, first found: the datamodule state Lightning saved in the checkpoint; the prepared data set of the
+    training config (prepared again, identically, when it is gone).
     """
     hparams = module.hparams
-    if "preprocess" in hparams:
-        p = hparams["preprocess"]
-        return PatchTransform(p["crop"], p["stats"], p["normalize"], train=False)
     data = hparams["config"]["data"]
     loader = dict(data.get("loader") or {})
     if datamodule_state and "stats" in datamodule_state:
