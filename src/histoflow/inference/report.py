@@ -80,6 +80,7 @@ def _calibration(rows: list[dict[str, Any]], classes: list[str], png: Path, titl
 
 def _colour_baselines(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
     """The colour-only baselines on the same folds, one per classifier: per fold, mean ± sd and pooled."""
+    rows = sorted(rows, key=lambda r: str(r["image"]))  # a forest's fit depends on row order: fix it
     features = colour_features([r["image"] for r in rows])
     labels, folds = [r["label"] for r in rows], [r["fold"] for r in rows]
     metrics = ("image/acc", "image/f1_macro")
