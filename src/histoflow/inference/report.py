@@ -80,6 +80,7 @@ def _calibration(rows: list[dict[str, Any]], classes: list[str], png: Path, titl
 
 def _colour_baselines(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
     """The colour-only baselines on the same folds, one per classifier: per fold, mean ± sd and pooled."""
+    fold_order = list(dict.fromkeys(r["fold"] for r in rows))
     rows = sorted(rows, key=lambda r: str(r["image"]))  # a forest's fit depends on row order: fix it
     features = colour_features([r["image"] for r in rows])
     labels, folds = [r["label"] for r in rows], [r["fold"] for r in rows]
@@ -89,7 +90,7 @@ def _colour_baselines(rows: list[dict[str, Any]], classes: list[str]) -> dict[st
         predicted = cross_validated_predictions(features, labels, folds, classifier=classifier)
         scored = [{**r, "predicted": p} for r, p in zip(rows, predicted)]
         per_fold = {f"fold {f}": {m: v for m, v in _scores([r for r in scored if r["fold"] == f], classes).items()
-                                  if m in metrics} for f in dict.fromkeys(folds)}
+                                  if m in metrics} for f in fold_order}
         pooled = {m: v for m, v in _scores(scored, classes).items() if m in metrics}
         baselines[classifier] = {"per_fold": per_fold, "summary": summarize_folds(per_fold), "pooled": pooled}
     return baselines
@@ -151,8 +152,8 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
              "Reliability of the images' mean probabilities: `reliability_images.png`.", "",
              "## Colour-only baselines on the same folds", "",
              "Mean and sd of R, G, B per image, and a classifier fit on the other folds: how much colour alone "
-             "explains. A logistic regression (linear) and a random forest (500 trees): the linear one understates "
-             "what colour can tell.", "",
+             "explains. A logistic regression (linear) and a random forest (500 trees): a linear model can hide "
+             "what colour tells.", "",
              *[line for name, baseline in report["colour_baselines"].items()
                for line in (f"**{COLOUR_NAMES.get(name, name)}**", "",
                             folds_markdown(baseline["per_fold"], baseline["summary"], ["image/acc", "image/f1_macro"]))],
