@@ -270,6 +270,17 @@ def test_tensorboard_logger_writes_events(tiny: Path, tmp_path: Path) -> None:
     assert (tmp_path / "metrics.csv").is_file()  # the CSV logger stays on beside it
 
 
+def test_early_stopping_ends_a_run_whose_validation_stops_improving(tiny: Path, tmp_path: Path) -> None:
+    # min_delta 2: no epoch can raise val/acc_macro (at most 1) by that much, so patience 1 stops after epoch 2
+    overrides = [*tiny_overrides(tiny), "callbacks=early_stopping", "callbacks.early_stopping.patience=1",
+                 "+callbacks.early_stopping.min_delta=2", "trainer.max_epochs=6", "logger=csv", "test=false",
+                 "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+    train(compose_train(overrides, tmp_path))
+    with (tmp_path / "metrics.csv").open(newline="") as handle:
+        epochs = {row["epoch"] for row in csv.DictReader(handle) if row.get("val/acc_macro")}
+    assert epochs == {"0", "1"}  # validated twice, then stopped, not six times
+
+
 def test_swap_model_and_optimizer_on_the_command_line(tiny: Path, tmp_path: Path) -> None:
     overrides = [*tiny_overrides(tiny), "model=resnet18", "optimizer=sgd", "logger=csv",
                  "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
