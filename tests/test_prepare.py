@@ -129,6 +129,25 @@ def test_validation_gaps_name_the_classes_a_training_run_cannot_validate() -> No
     assert validation_gaps(labels, folds, [False] * 8) == {}  # no validation split: nothing to select on
 
 
+def test_class_aware_validation_gives_every_run_every_class() -> None:
+    # the lymphoma shape: 37 slide blocks of ~8 images; a share of each fold leaves classes out of validation
+    sizes = {"CLL": 11, "FL": 14, "MCL": 12}
+    labels = [c for c, n in sizes.items() for _ in range(n * 8)]
+    groups = [f"{c}/{i // 8}" for c, n in sizes.items() for i in range(n * 8)]
+    shared = assign_folds(labels, groups, SplitConfig(k=5, val_fraction=0.1))
+    assert validation_gaps(labels, *shared)  # the problem this option exists for
+    folds, val = assign_folds(labels, groups, SplitConfig(k=5, val_fraction=0.1, val_groups_per_class=2))
+    assert folds == shared[0]  # the folds themselves do not change
+    assert validation_gaps(labels, folds, val) == {}
+    flagged = {(g, f, lab) for g, f, lab, v in zip(groups, folds, labels, val) if v}
+    assert len(flagged) == 6 and len({g for g, _, _ in flagged}) == 6  # two whole groups of each class
+    for c in sizes:
+        assert len({f for _, f, lab in flagged if lab == c}) == 2  # in two different folds
+    for g in set(groups):  # a group is validated whole or not at all
+        assert len({v for gg, v in zip(groups, val) if gg == g}) == 1
+    assert (folds, val) == assign_folds(labels, groups, SplitConfig(k=5, val_groups_per_class=2))  # seeded
+
+
 def test_fraction_split_proportions() -> None:
     labels = ["a"] * 50 + ["b"] * 50
     folds, val = assign_folds(labels, [str(i) for i in range(100)], SplitConfig(kind="fractions"))

@@ -29,6 +29,8 @@ class SplitConfig:
     kind: str = "kfold"  # kfold | fractions
     k: int = 5
     val_fraction: float = 0.1  # kfold: share of each fold's groups held out for validation
+    val_groups_per_class: int = 0  # kfold, > 0 instead of val_fraction: this many groups of every class, each
+    #                                 in another fold, so that every run (k-1 folds) validates on every class
     fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.4, "val": 0.2, "test": 0.4})
     seed: int = 0
 
@@ -80,6 +82,24 @@ def _fraction_split(labels: np.ndarray, groups: np.ndarray, fractions: Mapping[s
     return split_of_group[inverse].astype(str)
 
 
+def _class_aware_validation(labels: np.ndarray, groups: np.ndarray, fold: np.ndarray, per_class: int,
+                            seed: int) -> np.ndarray:
+    """Validation flags: for every class, one random group of it in each of `per_class` random folds holding it.
+
+    A run that holds out one fold still validates on per_class - 1 groups of every class, which a share of each
+    fold (val_fraction) cannot promise when a fold holds only a few groups.
+    """
+    rng = np.random.default_rng(seed)
+    val = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        of_class = labels == label
+        folds = np.unique(fold[of_class])
+        for f in rng.permutation(folds)[:per_class]:
+            candidates = np.unique(groups[of_class & (fold == f)])
+            val[groups == rng.choice(candidates)] = True
+    return val
+
+
 def assign_folds(labels: list[str], groups: list[str], cfg: SplitConfig) -> tuple[list[str], list[bool]]:
     """Fold name and validation flag of every image, grouped and stratified, deterministic for the seed."""
     y, g = np.asarray(labels), np.asarray(groups)
@@ -87,7 +107,9 @@ def assign_folds(labels: list[str], groups: list[str], cfg: SplitConfig) -> tupl
     if cfg.kind == "kfold":
         idx = _grouped_folds(y, g, cfg.k, cfg.seed, "data.split.k")
         names = np.array([str(i + 1) for i in idx])
-        if cfg.val_fraction > 0:
+        if cfg.val_groups_per_class > 0:
+            val = _class_aware_validation(y, g, idx, cfg.val_groups_per_class, cfg.seed + 1)
+        elif cfg.val_fraction > 0:
             n_val = max(2, round(1 / cfg.val_fraction))
             for f in range(cfg.k):
                 members = np.flatnonzero(idx == f)

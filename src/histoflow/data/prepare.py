@@ -109,8 +109,9 @@ def build_manifest(records: list[ImageRecord], root: Path, classes: list[str], s
     folds, val = assign_folds(labels, groups, split)
     for fold, missing in validation_gaps(labels, folds, val).items():
         log.warning("holding out fold %s, the grouped validation split has no %s image: selecting the 'best' epoch "
-                    "on it is biased. Fix: data.split.val_fraction=0 callbacks.model_checkpoint.monitor=null (keep "
-                    "the last epoch), or a larger data.split.val_fraction", fold, " or ".join(missing))
+                    "on it is biased. Fix: data.split.val_groups_per_class=2 (every class in every run's validation), "
+                    "or data.split.val_fraction=0 callbacks.model_checkpoint.monitor=null (keep the last epoch)",
+                    fold, " or ".join(missing))
     rows = [dict(zip(MANIFEST_COLUMNS, (i, r.path, r.label, grp, f, v, sha, w, h, note)))
             for i, ((r, sha, w, h, note), grp, f, v) in enumerate(zip(good, groups, folds, val))]
     return rows, problems, notes
@@ -230,6 +231,8 @@ def prepare_dataset(data: Mapping[str, Any], quiet: bool = False) -> PreparedDat
     settings = {"format": FORMAT, "source": {k: v for k, v in asdict(source).items() if k not in ("root", "url", "mirrors")},
                 "split": asdict(split), "patches": asdict(patches), "samples_per_shard": samples_per_shard,
                 "on_bad_image": on_bad}
+    if not split.val_groups_per_class:  # absent when off, so folders prepared before the option stay valid
+        del settings["split"]["val_groups_per_class"]
     stain = StainNormalizer.from_config(StainConfig.from_config(data.get("stain")))
     if stain is not None:  # the fitted reference, not its path, keys the folder; absent when off (older folders stay)
         settings["stain"] = stain.state()
