@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import multiclass_calibration_error, multiclass_f1_score
 
-from histoflow.inference.colour_baseline import CLASSIFIERS, NAMES as COLOUR_NAMES, colour_features, cross_validated_predictions
+from histoflow.inference.colour_baseline import CLASSIFIERS, NAMES as COLOUR_NAMES, colour_features
+from histoflow.inference.colour_baseline import cross_validated_predictions
 from histoflow.inference.voting import Votes
 from histoflow.reports import (folds_markdown, matrix_markdown, reliability_bins, save_confusion_matrix,
                                save_reliability_diagram, summarize_folds)
@@ -152,11 +153,10 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
              "Reliability of the images' mean probabilities: `reliability_images.png`.", "",
              "## Colour-only baselines on the same folds", "",
              "Mean and sd of R, G, B per image, and a classifier fit on the other folds: how much colour alone "
-             "explains. A logistic regression (linear) and a random forest (500 trees): a linear model can hide "
-             "what colour tells.", "",
+             "explains (a linear model can hide what colour tells).", "",
              *[line for name, baseline in report["colour_baselines"].items()
-               for line in (f"**{COLOUR_NAMES.get(name, name)}**", "",
-                            folds_markdown(baseline["per_fold"], baseline["summary"], ["image/acc", "image/f1_macro"]))],
+               for line in (f"**{COLOUR_NAMES[name]}**", "", folds_markdown(baseline["per_fold"], baseline["summary"],
+                                                                           ["image/acc", "image/f1_macro"]))],
              "## Confusion matrix of images (rows: true, columns: predicted)", "",
              *matrix_markdown(np.array(report["confusion_images"]), classes), "",
              "![image confusion matrix](confusion_images.png)", "",
