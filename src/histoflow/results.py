@@ -66,8 +66,9 @@ def record_run(spec: str, figures: Path, readme_dir: Path) -> dict[str, Any]:
     if not (sweep / "multirun.yaml").is_file():
         raise SystemExit(f"{path}: its ckpt_path {sweep} is not a training multirun folder (multirun.yaml)")
     configs = sorted(sweep.glob("*/.hydra/config.yaml"))
-    job = OmegaConf.to_container(OmegaConf.load(configs[0]), resolve=False) if configs else {}
-    data = OmegaConf.to_container(OmegaConf.load(configs[0]).data, resolve=True) if configs else {}
+    first = OmegaConf.load(configs[0]) if configs else OmegaConf.create({"data": {}})
+    job = OmegaConf.to_container(first, resolve=False)  # the name as written (it may interpolate ${hydra:...})
+    data = OmegaConf.to_container(first.data, resolve=True)
     prepared = prepare_dataset(data, quiet=True) if data else None  # cheap where the prepared folder exists
     protocol = _protocol(prepared.manifest()) if prepared else PER_IMAGE
 
