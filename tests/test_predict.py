@@ -271,17 +271,17 @@ def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Pa
 
     results.main([f"tutorial={five_fold_report}", *options])  # the same recipe and protocol again: replaced
     assert readme.read_text() == text and len(json.loads(record.read_text())["runs"]) == 1
-    results.main([f"another recipe={five_fold_report}", *options])  # a new recipe: a row added after the first
+    results.main([f"another recipe, seed=1={five_fold_report}", *options])  # a new recipe, a label holding =: added
     assert len(json.loads(record.read_text())["runs"]) == 2
     table = [line.split("|")[1].strip() for line in readme.read_text().splitlines() if line.startswith("| ")]
-    assert table.index("tutorial") < table.index("another recipe")
+    assert table.index("tutorial") < table.index("another recipe, seed=1")
     rendered = readme.read_text()
     readme.write_text(text)
     results.main(options)  # from the record alone (the output folders need not exist any more)
     assert readme.read_text() == rendered
-    assert (docs / "results-another-recipe-per-image-folds-confusion.png").is_file()
-    results.main(["--drop", "another recipe", *options])  # forgotten, its figures deleted
-    assert not (docs / "results-another-recipe-per-image-folds-confusion.png").exists()
+    assert (docs / "results-another-recipe-seed-1-per-image-folds-confusion.png").is_file()
+    results.main(["--drop", "another recipe, seed=1", *options])  # forgotten, its figures deleted
+    assert not (docs / "results-another-recipe-seed-1-per-image-folds-confusion.png").exists()
     assert readme.read_text() == text and len(json.loads(record.read_text())["runs"]) == 1
 
 

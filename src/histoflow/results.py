@@ -3,16 +3,16 @@
     python -m histoflow.results ["RECIPE=outputs/predict/runs/<date>" ...] \
         [--record docs/results.json] [--readme README.md] [--figures docs]
 
-Each `RECIPE=DIR` records one run: DIR is a `predict.py ckpt_path=<multirun>` folder (report.json). From it and
-from the training multirun it names, the record keeps image-level accuracy per fold and mean ± sd, macro F1, pooled
-patch accuracy, per-class recall, calibration error, the colour-only baselines, the wall-clock time of preparing,
-training (per fold) and the report, the exact commands (Hydra's recorded overrides) and the protocol (folds per
-image, or grouped where the prepared manifest has a group of several images: `data.group_regex` with
-`data.group_block`, or a CSV's group column). Its pooled confusion matrix and first fold's training curves are
-copied into `--figures`. Records live in `--record` (JSON, committed): a run of the same recipe and protocol
-replaces the older one, so the section can be re-rendered at any time without the (large, uncommitted) output
-folders. With no RECIPE=DIR the section is rendered from the
-record alone; `--drop RECIPE` forgets a recipe's runs.
+Each `RECIPE=DIR` records one run (split at the last `=`): DIR is a `predict.py ckpt_path=<multirun>` folder
+(report.json). From it and from the training multirun it names, the record keeps image-level accuracy per fold and
+mean ± sd, macro F1, pooled patch accuracy, per-class recall, calibration error, the colour-only baselines, the
+wall-clock time of preparing, training (per fold) and the report, the exact commands (Hydra's recorded overrides)
+and the protocol (folds per image, or grouped where the prepared manifest has a group of several images:
+`data.group_regex` with `data.group_block`, or a CSV's group column). Its pooled confusion matrix and first fold's
+training curves are copied into `--figures`. Records live in `--record` (JSON, committed): a run of the same recipe
+and protocol replaces the older one, so the section can be re-rendered at any time without the (large, uncommitted)
+output folders. With no RECIPE=DIR the section is rendered from the record alone; `--drop RECIPE` forgets a recipe's
+runs.
 
 The section holds a recipe table (one row per recipe, per-image and grouped folds side by side), a table of every
 run's folds, and each run's commands and figures; it replaces whatever stands between the two markers in the README.
@@ -54,7 +54,7 @@ def _protocol(manifest: list[dict[str, Any]]) -> str:
 
 def record_run(spec: str, figures: Path, readme_dir: Path) -> dict[str, Any]:
     """The record of one five-fold run (`RECIPE=DIR`); copies its figures into `figures`."""
-    recipe, sep, folder = spec.partition("=")
+    recipe, sep, folder = spec.rpartition("=")  # the label may name overrides (a=b)
     if not sep or not recipe or not folder:
         raise SystemExit(f"{spec!r}: expected RECIPE=DIR, DIR a predict.py run folder holding report.json")
     report_dir = Path(folder)
