@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import multiclass_calibration_error, multiclass_f1_score
 
-from histoflow.inference.colour_baseline import CLASSIFIERS, NAMES as COLOUR_NAMES, colour_features
-from histoflow.inference.colour_baseline import cross_validated_predictions
+from histoflow.inference.colour_baseline import (CLASSIFIERS, NAMES as COLOUR_NAMES, colour_features,
+                                                 cross_validated_predictions)
 from histoflow.inference.voting import Votes
 from histoflow.reports import (folds_markdown, matrix_markdown, reliability_bins, save_confusion_matrix,
                                save_reliability_diagram, summarize_folds)
