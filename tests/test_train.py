@@ -28,6 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
+from histoflow.loggers import CSVLogger
 from histoflow.module import build_net, load_classifier
 from histoflow.reports import read_confusion_csv
 from histoflow.training import merge_csv_metrics, train
@@ -388,3 +389,27 @@ def test_merged_metrics_keep_each_step_once_after_a_resume(tmp_path: Path) -> No
     assert [(r["step"], r["train/loss"]) for r in rows] == [("3", "0.9"), ("7", ""), ("8", ""), ("11", "0.6"),
                                                               ("15", "")]
     assert rows[0]["lr"] == ""  # a column only the second part has
+
+
+def test_csv_logger_keeps_its_rows_when_killed_while_adding_a_column(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new column rewrites metrics.csv; dying mid-rewrite leaves the old file whole (Lightning's truncates it)."""
+    logger = CSVLogger(tmp_path, name="csv")
+    logger.log_metrics({"val/acc_macro": 0.5}, step=7)
+    logger.save()
+    logger.log_metrics({"train/loss_epoch": 0.9}, step=7)
+    logger.save()  # a new column: the file is rewritten with it
+    metrics_csv = Path(logger.log_dir) / "metrics.csv"
+    with metrics_csv.open(newline="") as handle:
+        rows = [(r["val/acc_macro"], r["train/loss_epoch"]) for r in csv.DictReader(handle)]
+    assert rows == [("0.5", ""), ("", "0.9")]
+    before = metrics_csv.read_text()
+
+    def killed(self: csv.DictWriter, rows: object) -> None:
+        raise KeyboardInterrupt  # stands for the SIGKILL, after the new file's header is written
+
+    logger.log_metrics({"lr-Adagrad": 0.01}, step=8)
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        logger.save()
+    assert metrics_csv.read_text() == before
