@@ -3,6 +3,7 @@
     python predict.py ckpt_path=outputs/train/multirun/<date>             # k-fold report on held-out images
     python predict.py ckpt_path=<run>/checkpoints/<best>.ckpt images=dir/  # predictions.csv, no labels needed
     python predict.py ckpt_path=... aggregate=mean tta=true grid.stride=16
+    python predict.py ckpt_path=[<multirun>,<multirun>]                    # each fold's models averaged
 
 Everything is in conf/predict.yaml; the work is done in histoflow.inference.predict.predict.
 """

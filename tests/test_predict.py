@@ -172,17 +172,20 @@ def run_script(script: str, args: list[str], env: dict[str, str]) -> subprocess.
     return result
 
 
-@pytest.fixture(scope="module")
-def multirun(tiny: Path) -> Path:
-    """Five folds trained for two batches each by `python train.py -m fold=1,2,3,4,5`."""
-    sweep = tiny / "multirun"
+def train_tiny_folds(tiny: Path, sweep: Path, *overrides: str) -> Path:
+    """Five folds trained for two batches each by `python train.py -m fold=1,2,3,4,5` into sweep."""
     run_script("train.py", ["-m", "fold=1,2,3,4,5", f"data.root={tiny / 'images'}", f"paths.data_dir={tiny / 'work'}",
                             f"paths.log_dir={tiny / 'logs'}", f"paths.cache_dir={tiny / 'cache'}",
                             "data.shards.samples_per_shard=40", "data.shards.workers=1", "++data.loader.batch_size=16",
                             "++data.loader.num_workers=0", "++data.loader.shuffle_buffer=64", "trainer.max_epochs=1",
                             "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false", "logger=csv",
-                            f"hydra.sweep.dir={sweep}"], env_offline(tiny))
+                            f"hydra.sweep.dir={sweep}", *overrides], env_offline(tiny))
     return sweep
+
+
+@pytest.fixture(scope="module")
+def multirun(tiny: Path) -> Path:
+    return train_tiny_folds(tiny, tiny / "multirun")
 
 
 def predict_config(overrides: list[str], output_dir: Path) -> DictConfig:
@@ -283,6 +286,37 @@ def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Pa
     results.main(["--drop", "another recipe, seed=1", *options])  # forgotten, its figures deleted
     assert not (docs / "results-another-recipe-seed-1-per-image-folds-confusion.png").exists()
     assert readme.read_text() == text and len(json.loads(record.read_text())["runs"]) == 1
+
+
+def test_k_fold_report_of_an_ensemble_averages_each_folds_models(multirun: Path, tiny: Path, tmp_path: Path) -> None:
+    """ckpt_path=[a,b]: each image by the models of both sweeps that held its fold out, probabilities averaged."""
+    reseeded = train_tiny_folds(tiny, tmp_path / "seed1", "seed=1")
+    for name, ckpt_path in [("a", str(multirun)), ("b", str(reseeded)), ("ab", f"[{multirun},{reseeded}]")]:
+        predict(predict_config([f"ckpt_path={ckpt_path}"], tmp_path / name))
+    rows = {}
+    for name in ("a", "b", "ab"):
+        with (tmp_path / name / "predictions.csv").open(newline="") as handle:
+            rows[name] = {r["image"]: r for r in csv.DictReader(handle)}
+    assert set(rows["ab"]) == set(rows["a"]) == set(rows["b"]) and len(rows["ab"]) == 30
+    assert any(rows["a"][i]["prob_CLL"] != rows["b"][i]["prob_CLL"] for i in rows["a"])  # two different ensembles
+    for image, row in rows["ab"].items():
+        for c in CLASSES:  # the mean over patches of the nets' mean is the mean of the nets' image means
+            assert float(row[f"prob_{c}"]) == pytest.approx(
+                (float(rows["a"][image][f"prob_{c}"]) + float(rows["b"][image][f"prob_{c}"])) / 2, abs=2e-6)
+        used = row["checkpoint"].split(" ")
+        assert used == [rows["a"][image]["checkpoint"], rows["b"][image]["checkpoint"]]
+    report = json.loads((tmp_path / "ab" / "report.json").read_text())
+    assert report["settings"]["ckpt_path"] == [str(multirun), str(reseeded)]
+    assert "by the 2 models (probabilities averaged) of the fold" in (tmp_path / "ab" / "report.md").read_text()
+    record = results.record_run(f"two seeds={tmp_path / 'ab'}", tmp_path / "docs", tmp_path)
+    assert len(record["train_minutes"]) == 10  # the training time of both sweeps
+    assert [c.split(" ")[:3] for c in record["commands"]] == [["python", "train.py", "-m"]] * 2 + [
+        ["python", "predict.py", f"ckpt_path=[{multirun},{reseeded}]"]]
+    assert "seed=1" in record["commands"][1]
+
+    one_fold = reseeded / "0"  # a single job holds out fold 1 only: its ensemble with the sweep would be lopsided
+    with pytest.raises(CheckpointError, match=r"entry 2 .* holds out folds \['1'\], the first entry folds"):
+        predict(predict_config([f"ckpt_path=[{multirun},{one_fold}]"], tmp_path / "c"))
 
 
 def test_unlabelled_images_csv_and_bad_images(multirun: Path, tiny: Path, tmp_path: Path) -> None:

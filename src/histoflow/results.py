@@ -4,15 +4,15 @@
         [--record docs/results.json] [--readme README.md] [--figures docs]
 
 Each `RECIPE=DIR` records one run (split at the last `=`): DIR is a `predict.py ckpt_path=<multirun>` folder
-(report.json). From it and from the training multirun it names, the record keeps image-level accuracy per fold and
-mean ± sd, macro F1, pooled patch accuracy, per-class recall, calibration error, the colour-only baselines, the
-wall-clock time of preparing, training (per fold) and the report, the exact commands (Hydra's recorded overrides)
-and the protocol (folds per image, or grouped where the prepared manifest has a group of several images:
-`data.group_regex` with `data.group_block`, or a CSV's group column). Its pooled confusion matrix and first fold's
-training curves are copied into `--figures`. Records live in `--record` (JSON, committed): a run of the same recipe
-and protocol replaces the older one, so the section can be re-rendered at any time without the (large, uncommitted)
-output folders. With no RECIPE=DIR the section is rendered from the record alone; `--drop RECIPE` forgets a recipe's
-runs.
+(report.json), or of `ckpt_path=[<multirun>,...]`, an ensemble (its training time is that of all its sweeps). From
+it and from the training multirun it names, the record keeps image-level accuracy per fold and mean ± sd, macro F1,
+pooled patch accuracy, per-class recall, calibration error, the colour-only baselines, the wall-clock time of
+preparing, training (per fold) and the report, the exact commands (Hydra's recorded overrides) and the protocol
+(folds per image, or grouped where the prepared manifest has a group of several images: `data.group_regex` with
+`data.group_block`, or a CSV's group column). Its pooled confusion matrix and first fold's training curves are
+copied into `--figures`. Records live in `--record` (JSON, committed): a run of the same recipe and protocol
+replaces the older one, so the section can be re-rendered at any time without the (large, uncommitted) output
+folders. With no RECIPE=DIR the section is rendered from the record alone; `--drop RECIPE` forgets a recipe's runs.
 
 The section holds a recipe table (one row per recipe, per-image and grouped folds side by side), a table of every
 run's folds, and each run's commands and figures; it replaces whatever stands between the two markers in the README.
@@ -62,24 +62,27 @@ def record_run(spec: str, figures: Path, readme_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SystemExit(f"{path}: no report; run `python predict.py ckpt_path=<multirun>` first")
     report = json.loads(path.read_text())
-    sweep = Path(report["settings"].get("ckpt_path", ""))
-    if not (sweep / "multirun.yaml").is_file():
-        raise SystemExit(f"{path}: its ckpt_path {sweep} is not a training multirun folder (multirun.yaml)")
-    configs = sorted(sweep.glob("*/.hydra/config.yaml"))
+    ckpt_path = report["settings"].get("ckpt_path", "")
+    sweeps = [Path(p) for p in (ckpt_path if isinstance(ckpt_path, list) else [ckpt_path])]  # a list: an ensemble
+    for sweep in sweeps:
+        if not (sweep / "multirun.yaml").is_file():
+            raise SystemExit(f"{path}: its ckpt_path {sweep} is not a training multirun folder (multirun.yaml)")
+    configs = sorted(sweeps[0].glob("*/.hydra/config.yaml"))
     first = OmegaConf.load(configs[0]) if configs else OmegaConf.create({"data": {}})
     job = OmegaConf.to_container(first, resolve=False)  # the name as written (it may interpolate ${hydra:...})
     data = OmegaConf.to_container(first.data, resolve=True)
     prepared = prepare_dataset(data, quiet=True) if data else None  # cheap where the prepared folder exists
     protocol = _protocol(prepared.manifest()) if prepared else PER_IMAGE
 
-    minutes = []  # each finished job, from its start (.hydra/config.yaml) to its test metrics
-    for metrics in sorted(sweep.glob(f"*/{METRICS_FILE}")):
+    minutes = []  # each finished job of every sweep, from its start (.hydra/config.yaml) to its test metrics
+    for metrics in sorted(m for sweep in sweeps for m in sweep.glob(f"*/{METRICS_FILE}")):
         minutes.append((metrics.stat().st_mtime - (metrics.parent / ".hydra" / "config.yaml").stat().st_mtime) / 60)
     prepare_s = float(prepared.record.get("seconds", float("nan"))) if prepared else None
     start = report_dir / ".hydra" / "config.yaml"
     predict_s = path.stat().st_mtime - start.stat().st_mtime if start.is_file() else None
     overrides = report_dir / ".hydra" / "overrides.yaml"
-    predict_args = list(OmegaConf.load(overrides)) if overrides.is_file() else [f"ckpt_path={sweep}"]
+    given = f"[{','.join(map(str, sweeps))}]" if isinstance(ckpt_path, list) else ckpt_path  # as on a command line
+    predict_args = list(OmegaConf.load(overrides)) if overrides.is_file() else [f"ckpt_path={given}"]
 
     cm = np.array(report["confusion_images"], dtype=float)
     recall = dict(zip(report["classes"], (np.diag(cm) / np.maximum(cm.sum(1), 1)).tolist()))
@@ -87,7 +90,7 @@ def record_run(spec: str, figures: Path, readme_dir: Path) -> dict[str, Any]:
     stem = f"results-{_slug(recipe)}-{_slug(protocol)}"
     shown = {"confusion": figures / f"{stem}-confusion.png"}
     shutil.copyfile(report_dir / "confusion_images.png", shown["confusion"])
-    curves = sorted(sweep.glob("*/training_curves.png"))[:1]  # the first fold's loss and accuracy
+    curves = sorted(sweeps[0].glob("*/training_curves.png"))[:1]  # the first fold's loss and accuracy
     if curves:
         shown["curves"] = figures / f"{stem}-curves.png"
         shutil.copyfile(curves[0], shown["curves"])
@@ -103,8 +106,8 @@ def record_run(spec: str, figures: Path, readme_dir: Path) -> dict[str, Any]:
         "colour": {name: {k: baseline["summary"]["image/acc"][k] for k in ("mean", "sd")}
                    for name, baseline in report["colour_baselines"].items()},
         "prepare_s": prepare_s, "train_minutes": minutes, "predict_s": predict_s,
-        "commands": ["python train.py -m " + " ".join(OmegaConf.load(sweep / "multirun.yaml").hydra.overrides.task),
-                     "python predict.py " + " ".join(predict_args)],
+        "commands": [*("python train.py -m " + " ".join(OmegaConf.load(sweep / "multirun.yaml").hydra.overrides.task)
+                       for sweep in sweeps), "python predict.py " + " ".join(predict_args)],
         "settings": {k: report["settings"].get(k) for k in ("aggregate", "window", "stride", "tta")},
         "figures": {k: os.path.relpath(v, readme_dir) for k, v in shown.items()},
     }

@@ -11,7 +11,7 @@ import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -86,6 +86,30 @@ def find_checkpoints(ckpt_path: str | Path) -> list[Path]:
         raise CheckpointError(f"{path}: no finished training run here (no {METRICS_FILE} in it or its sub-folders). "
                               "Fix: pass a .ckpt file or the folder that train.py wrote")
     return [_best_checkpoint(j.parent) for j in jobs]
+
+
+def models_by_fold(members: Sequence[Sequence[FoldModel]]) -> dict[str, list[FoldModel]]:
+    """Each held-out fold's models, one from every ensemble member (each a run or a multirun over the folds).
+
+    Within a member, a fold held out twice means a multirun over more than folds (a sweep of settings, whose
+    models should not be averaged); members must hold out the same folds, so that every fold's ensemble is whole.
+    """
+    by_fold: dict[str, list[FoldModel]] = {}
+    for i, models in enumerate(members):
+        seen: dict[str, FoldModel] = {}
+        for m in models:
+            if m.fold in seen:
+                raise CheckpointError(f"{m.path} and {seen[m.fold].path} both hold out fold {m.fold}: a multirun over "
+                                      "more than folds. Fix: pass one job's folder, or a multirun of folds only (a "
+                                      "list ckpt_path=[a,b] averages several such multiruns fold by fold)")
+            seen[m.fold] = m
+            by_fold.setdefault(m.fold, []).append(m)
+        first = sorted({m.fold for m in members[0]})
+        if sorted(seen) != first:
+            raise CheckpointError(f"ckpt_path entry {i + 1} (with {models[0].path}) holds out folds {sorted(seen)}, "
+                                  f"the first entry folds {first}. Fix: give every entry the same folds (finish the "
+                                  "missing jobs, or leave that entry out)")
+    return by_fold
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from histoflow.data.images import IMAGE_SUFFIXES
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import prepare_dataset
-from histoflow.inference.checkpoints import FoldModel, check_compatible, find_checkpoints, load_fold_model
+from histoflow.inference.checkpoints import (FoldModel, check_compatible, find_checkpoints, load_fold_model,
+                                             models_by_fold)
 from histoflow.inference.report import fold_report, log_wandb, prediction_rows, write_csv, write_problems
 from histoflow.data.slide import SlideError
 from histoflow.inference.slide_map import SlideConfig, predict_slide
@@ -60,35 +61,34 @@ def _run_options(cfg: DictConfig) -> dict[str, Any]:
             "device": cfg.device, "progress": cfg.progress}
 
 
-def _held_out_report(cfg: DictConfig, models: list[FoldModel], grid: PatchConfig, out: Path,
+def _held_out_report(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, out: Path,
                      settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any]]:
-    """Each fold's model on its own held-out images (from the manifest), then the k-fold report.
+    """Each fold's models (one per ensemble member) on that fold's held-out images (from the manifest), then the
+    k-fold report.
 
     Returns the rows of predictions.csv, the images that failed, and what goes to W&B.
     """
-    by_fold: dict[str, FoldModel] = {}
-    for m in models:
-        if m.fold in by_fold:
-            raise ValueError(f"{m.path} and {by_fold[m.fold].path} both hold out fold {m.fold}: a multirun over more "
-                             "than folds. Fix: pass one job's folder, or a multirun of folds only")
-        by_fold[m.fold] = m
+    by_fold = models_by_fold(members)
     overrides = cfg.get("data") or {}
     rows: list[dict[str, Any]] = []
     problems: dict[str, str] = {}
     prepared = None
-    for fold, m in by_fold.items():
-        data = OmegaConf.to_container(OmegaConf.merge(m.config["data"], overrides), resolve=True)
-        found = prepare_dataset(data, quiet=True)  # returns at once when the data set is prepared
-        if prepared is not None and found.path != prepared.path:
-            raise ValueError(f"{m.path} was trained on {found.path}, the other folds on {prepared.path}: "
-                             "one report needs the folds of one data set")
-        prepared = found
-        check_compatible([m], prepared.classes, grid.size, f"the prepared data {prepared.path}")
+    for fold, models in by_fold.items():
+        for m in models:
+            data = OmegaConf.to_container(OmegaConf.merge(m.config["data"], overrides), resolve=True)
+            found = prepare_dataset(data, quiet=True)  # returns at once when the data set is prepared
+            if prepared is not None and found.path != prepared.path:
+                raise ValueError(f"{m.path} was trained on {found.path}, other models on {prepared.path}: "
+                                 "one report needs the folds of one data set")
+            prepared = found
+        assert prepared is not None
+        check_compatible(models, prepared.classes, grid.size, f"the prepared data {prepared.path}")
         root = Path(overrides["root"]).expanduser() if overrides.get("root") else prepared.root  # images moved
         held_out = [r for r in prepared.manifest() if r["fold"] == fold]
-        votes = predict_images([root / r["image"] for r in held_out], [(m.net, m.transform)], len(prepared.classes),
-                               grid, description=f"fold {fold}", **_run_options(cfg))
-        extra = [{"fold": fold, "label": r["label"], "checkpoint": str(m.path)} for r in held_out]
+        votes = predict_images([root / r["image"] for r in held_out], [(m.net, m.transform) for m in models],
+                               len(prepared.classes), grid, description=f"fold {fold}", **_run_options(cfg))
+        checkpoints = " ".join(str(m.path) for m in models)
+        extra = [{"fold": fold, "label": r["label"], "checkpoint": checkpoints} for r in held_out]
         rows += prediction_rows(votes, prepared.classes, cfg.aggregate, extra)
         problems.update({votes.paths[i]: why for i, why in votes.problems.items()})
         log.info("fold %s: %d images in %.1f s (%.1f images/s)", fold, len(held_out), votes.seconds,
@@ -108,9 +108,10 @@ def _held_out_report(cfg: DictConfig, models: list[FoldModel], grid: PatchConfig
     return rows, problems, logged
 
 
-def _images_csv(cfg: DictConfig, models: list[FoldModel], grid: PatchConfig, out: Path,
+def _images_csv(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, out: Path,
                 settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any]]:
-    """Any images, no labels: the models' averaged probabilities per patch, votes per image, in predictions.csv."""
+    """Any images, no labels: all models' averaged probabilities per patch, votes per image, in predictions.csv."""
+    models = [m for ms in members for m in ms]
     paths = list_images(cfg.images if isinstance(cfg.images, str) else list(cfg.images))
     classes = models[0].classes
     check_compatible(models, classes, grid.size, f"checkpoint {models[0].path}")
@@ -125,9 +126,10 @@ def _images_csv(cfg: DictConfig, models: list[FoldModel], grid: PatchConfig, out
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 
 
-def _slides(cfg: DictConfig, models: list[FoldModel], grid: PatchConfig, out: Path,
+def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, out: Path,
             settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any]]:
     """Whole slides: tiled inference over tissue; per slide a tile CSV, a class map and a heatmap (slides/)."""
+    models = [m for ms in members for m in ms]
     spec = cfg.slides if isinstance(cfg.slides, str) else list(cfg.slides)
     paths = list_images(spec, SLIDE_SUFFIXES)
     slide_cfg = SlideConfig.from_config(OmegaConf.to_container(cfg.slide, resolve=True))
@@ -153,13 +155,16 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image={cfg.on_bad_image!r}: expected error or skip")
-    models = [load_fold_model(p, cfg.trusted_targets) for p in find_checkpoints(cfg.ckpt_path)]
+    sources = OmegaConf.to_container(cfg.ckpt_path) if OmegaConf.is_list(cfg.ckpt_path) else cfg.ckpt_path
+    members = [[load_fold_model(p, cfg.trusted_targets) for p in find_checkpoints(source)]
+               for source in (sources if isinstance(sources, list) else [sources])]
+    models = [m for ms in members for m in ms]
     grid = prediction_grid(cfg.grid, models[0])
-    settings = {"ckpt_path": str(cfg.ckpt_path), "checkpoints": [str(m.path) for m in models],
-                "aggregate": cfg.aggregate, "views": len(_run_options(cfg)["views"]),
-                "window": grid.size, "stride": grid.stride}
+    settings = {"ckpt_path": sources if isinstance(sources, list) else str(sources),
+                "checkpoints": [str(m.path) for m in models], "aggregate": cfg.aggregate,
+                "views": len(_run_options(cfg)["views"]), "window": grid.size, "stride": grid.stride}
     run = _slides if cfg.get("slides") else _held_out_report if cfg.images is None else _images_csv
-    rows, problems, logged = run(cfg, models, grid, out, settings)
+    rows, problems, logged = run(cfg, members, grid, out, settings)
     if problems:
         write_problems(problems, out / "problems.csv", "skipped" if cfg.on_bad_image == "skip" else "stopped")
     if cfg.wandb.enabled:

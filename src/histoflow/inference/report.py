@@ -137,8 +137,11 @@ def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, s
 def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[str]) -> str:
     s, pooled = report["settings"], report["pooled"]
     right = sum(r["predicted"] == r["label"] for r in rows)
-    lines = [f"# Image-level prediction report: {s.get('ckpt_path', '')}", "",
-             f"{report['images']} images in {len(report['per_fold'])} folds, each predicted only by the model of the "
+    sources = s.get("ckpt_path", "")
+    per_fold = len(s.get("checkpoints") or [None]) // max(1, len(report["per_fold"]))
+    ensemble = f"the {per_fold} models (probabilities averaged)" if per_fold > 1 else "the model"
+    lines = [f"# Image-level prediction report: {' + '.join(sources) if isinstance(sources, list) else sources}", "",
+             f"{report['images']} images in {len(report['per_fold'])} folds, each predicted only by {ensemble} of the "
              "fold that held it out of training. "
              f"Aggregate: {s.get('aggregate')}; TTA views: {s.get('views')}; grid: {s.get('window')}-px windows, "
              f"stride {s.get('stride')}.", "",
