@@ -303,7 +303,7 @@ def test_k_fold_report_of_an_ensemble_averages_each_folds_models(multirun: Path,
         for c in CLASSES:  # the mean over patches of the nets' mean is the mean of the nets' image means
             assert float(row[f"prob_{c}"]) == pytest.approx(
                 (float(rows["a"][image][f"prob_{c}"]) + float(rows["b"][image][f"prob_{c}"])) / 2, abs=2e-6)
-        used = row["checkpoint"].split(" ")
+        used = row["checkpoint"].split(";")
         assert used == [rows["a"][image]["checkpoint"], rows["b"][image]["checkpoint"]]
     report = json.loads((tmp_path / "ab" / "report.json").read_text())
     assert report["settings"]["ckpt_path"] == [str(multirun), str(reseeded)]

@@ -87,7 +87,7 @@ def _held_out_report(cfg: DictConfig, members: list[list[FoldModel]], grid: Patc
         held_out = [r for r in prepared.manifest() if r["fold"] == fold]
         votes = predict_images([root / r["image"] for r in held_out], [(m.net, m.transform) for m in models],
                                len(prepared.classes), grid, description=f"fold {fold}", **_run_options(cfg))
-        checkpoints = " ".join(str(m.path) for m in models)
+        checkpoints = ";".join(str(m.path) for m in models)  # several: an ensemble
         extra = [{"fold": fold, "label": r["label"], "checkpoint": checkpoints} for r in held_out]
         rows += prediction_rows(votes, prepared.classes, cfg.aggregate, extra)
         problems.update({votes.paths[i]: why for i, why in votes.problems.items()})
