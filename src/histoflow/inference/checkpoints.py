@@ -95,6 +95,7 @@ def models_by_fold(members: Sequence[Sequence[FoldModel]]) -> dict[str, list[Fol
     models should not be averaged); members must hold out the same folds, so that every fold's ensemble is whole.
     """
     by_fold: dict[str, list[FoldModel]] = {}
+    first = sorted({m.fold for m in members[0]})
     for i, models in enumerate(members):
         seen: dict[str, FoldModel] = {}
         for m in models:
@@ -104,7 +105,6 @@ def models_by_fold(members: Sequence[Sequence[FoldModel]]) -> dict[str, list[Fol
                                       "list ckpt_path=[a,b] averages several such multiruns fold by fold)")
             seen[m.fold] = m
             by_fold.setdefault(m.fold, []).append(m)
-        first = sorted({m.fold for m in members[0]})
         if sorted(seen) != first:
             raise CheckpointError(f"ckpt_path entry {i + 1} (with {models[0].path}) holds out folds {sorted(seen)}, "
                                   f"the first entry folds {first}. Fix: give every entry the same folds (finish the "

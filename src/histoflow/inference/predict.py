@@ -155,12 +155,12 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image={cfg.on_bad_image!r}: expected error or skip")
-    sources = OmegaConf.to_container(cfg.ckpt_path) if OmegaConf.is_list(cfg.ckpt_path) else cfg.ckpt_path
-    members = [[load_fold_model(p, cfg.trusted_targets) for p in find_checkpoints(source)]
-               for source in (sources if isinstance(sources, list) else [sources])]
+    listed = OmegaConf.is_list(cfg.ckpt_path)  # a list: an ensemble, one member per entry
+    sources = [str(s) for s in cfg.ckpt_path] if listed else [str(cfg.ckpt_path)]
+    members = [[load_fold_model(p, cfg.trusted_targets) for p in find_checkpoints(s)] for s in sources]
     models = [m for ms in members for m in ms]
     grid = prediction_grid(cfg.grid, models[0])
-    settings = {"ckpt_path": sources if isinstance(sources, list) else str(sources),
+    settings = {"ckpt_path": sources if listed else sources[0],
                 "checkpoints": [str(m.path) for m in models], "aggregate": cfg.aggregate,
                 "views": len(_run_options(cfg)["views"]), "window": grid.size, "stride": grid.stride}
     run = _slides if cfg.get("slides") else _held_out_report if cfg.images is None else _images_csv

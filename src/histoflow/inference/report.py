@@ -138,9 +138,9 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
     s, pooled = report["settings"], report["pooled"]
     right = sum(r["predicted"] == r["label"] for r in rows)
     sources = s.get("ckpt_path", "")
-    per_fold = len(s.get("checkpoints") or [None]) // max(1, len(report["per_fold"]))
-    ensemble = f"the {per_fold} models (probabilities averaged)" if per_fold > 1 else "the model"
-    lines = [f"# Image-level prediction report: {' + '.join(sources) if isinstance(sources, list) else sources}", "",
+    listed = isinstance(sources, list)  # an ensemble: one model per entry and fold
+    ensemble = f"the {len(sources)} models (probabilities averaged)" if listed and len(sources) > 1 else "the model"
+    lines = [f"# Image-level prediction report: {' + '.join(sources) if listed else sources}", "",
              f"{report['images']} images in {len(report['per_fold'])} folds, each predicted only by {ensemble} of the "
              "fold that held it out of training. "
              f"Aggregate: {s.get('aggregate')}; TTA views: {s.get('views')}; grid: {s.get('window')}-px windows, "
