@@ -14,7 +14,9 @@ import torch
 import torchvision
 from torch import nn
 
-from histoflow.models import AlexNet32, clean_state_dict, last_linear, torchvision_model
+from histoflow.models import AlexNet32, classifier_head, clean_state_dict, torchvision_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def n_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -63,14 +65,14 @@ def test_resnet18_output_shape() -> None:
 
 def test_alexnet_head_replaced() -> None:
     model = torchvision_model("alexnet", 5)
-    name, head = last_linear(model)
+    name, head = classifier_head(model)
     assert name == "classifier.6"
     assert model.classifier[6] is head and head.out_features == 5 and head.in_features == 4096
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "shufflenet_v2_x0_5", "densenet121"])
 def test_other_families_head_replaced(name: str) -> None:
-    _, head = last_linear(torchvision_model(name, 4))
+    _, head = classifier_head(torchvision_model(name, 4))
     assert head.out_features == 4
 
 
@@ -170,3 +172,32 @@ def test_offline_torchvision_weights_clear_error(tmp_path: Path, monkeypatch: py
     assert "model.weights=null" in str(info.value) and "local path" in str(info.value)
     with pytest.raises(RuntimeError, match="model.weights=null"):
         torchvision_model("resnet18", 3, weights="DEFAULT")
+
+
+def _squeezenet_weights() -> Path:
+    path = REPO.parent / "shared" / "weights" / "squeezenet1_1-imagenet-features.pth"
+    if not path.is_file():
+        pytest.skip(f"real pretrained weights {path} are absent (see ../shared/weights/README.md)")
+    return path
+
+
+def test_features_only_state_dict_loads_with_a_new_head() -> None:
+    """ImageNet SqueezeNet 1.1 features (no classifier in the file): every feature tensor loads, the 1x1-conv head
+    is new with the data's classes."""
+    path = _squeezenet_weights()
+    features = torch.load(path, map_location="cpu", weights_only=True)
+    model = torchvision_model("squeezenet1_1", 3, weights=str(path))
+    name, head = classifier_head(model)
+    assert name == "classifier.1" and isinstance(head, torch.nn.Conv2d) and head.out_channels == 3
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in features.items())
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 3, 96, 96)).shape == (2, 3)
+
+
+def test_a_file_missing_more_than_the_head_is_refused(tmp_path: Path) -> None:
+    sd = torchvision.models.resnet18(num_classes=10).state_dict()
+    del sd["layer1.0.conv1.weight"]
+    torch.save(sd, tmp_path / "partial.pth")
+    with pytest.raises(RuntimeError, match="missing keys.*layer1.0.conv1.weight"):
+        torchvision_model("resnet18", 3, weights=str(tmp_path / "partial.pth"))

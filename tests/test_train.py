@@ -35,7 +35,7 @@ from histoflow.training import merge_csv_metrics, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
-GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment"]
+GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "protocol", "experiment"]
 CLASSES = ["CLL", "FL", "MCL"]  # the lymphoma config's classes, so data=lymphoma works unchanged
 SUBPROCESS_TIMEOUT_S = 300
 
@@ -62,6 +62,16 @@ def make_images(root: Path, widths: tuple[int, ...]) -> Path:
         for i in range(10):
             pixels = np.clip(rng.normal(tint, 40, (68, widths[i % len(widths)], 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{name}-{i:03d}.png")
+    return root
+
+
+def write_cases(root: Path, per_case: int = 2) -> Path:
+    """root/cases.csv (image,label,group): every `per_case` images of a class are one case (protocol=cases)."""
+    rows = ["image,label,group"]
+    for image in sorted(root.glob("*/*.png")):
+        index = int(image.stem.rsplit("-", 1)[1])
+        rows.append(f"{image.parent.name}/{image.name},{image.parent.name},{image.parent.name}-{index // per_case}")
+    (root / "cases.csv").write_text("\n".join(rows) + "\n")
     return root
 
 
@@ -251,7 +261,7 @@ def test_summarize_sweep(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))
 def test_experiment_fast_dev_run(experiment: str, tmp_path: Path) -> None:
-    make_images(tmp_path / "images", widths=(100,))  # equal sizes: tile data sets need them
+    write_cases(make_images(tmp_path / "images", widths=(100,)))  # equal sizes: tile data sets need them
     overrides = [f"experiment={experiment}", *tiny_overrides(tmp_path), "trainer.fast_dev_run=true", "logger=csv"]
     cfg = compose_train(overrides, tmp_path / "run")
     if "weights" in cfg.model:

@@ -1,8 +1,10 @@
 """Patient-level folds: assign every image's group to one fold, save the split, check it for leaks.
 
-Two kinds of split, both grouped and stratified by class:
+Three kinds of split, all grouped (and stratified by class where there is a choice):
 - `kfold` (scikit-learn's StratifiedGroupKFold): folds "1".."k"; within each fold a grouped `val_fraction` is flagged for validation, so
   training on the other folds can validate on their flagged images without touching the test fold.
+- `leave_one_group_out`: every group (patient) is its own fold, "1".."number of groups" in sorted group order, so
+  each training run sees all patients but one.
 - `fractions`: folds "train", "val", "test" (e.g. 0.4/0.2/0.4, the tissue-tile use case): each class's
   groups are cut at the cumulative fractions, so even three tiles per class split 1/1/1.
 """
@@ -26,7 +28,7 @@ MANIFEST_COLUMNS = ["index", "image", "label", "group", "fold", "val", "sha256",
 class SplitConfig:
     """How images are split into folds."""
 
-    kind: str = "kfold"  # kfold | fractions
+    kind: str = "kfold"  # kfold | leave_one_group_out | fractions
     k: int = 5
     val_fraction: float = 0.1  # kfold: share of each fold's groups held out for validation
     val_groups_per_class: int = 0  # kfold, > 0 instead of val_fraction: this many groups of every class, each
@@ -39,8 +41,11 @@ class SplitConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in cfg.items() if k in names})
 
-    def test_folds(self) -> list[str]:
-        """The folds a training run may hold out as its test set (the `fold` option of train.py)."""
+    def test_folds(self, rows: list[dict] | None = None) -> list[str]:
+        """The folds a training run may hold out as its test set (the `fold` option of train.py); leave one group
+        out has as many as the manifest `rows` have groups."""
+        if self.kind == "leave_one_group_out":
+            return [str(i) for i in range(1, len({r["group"] for r in rows or ()}) + 1)]
         return [str(i) for i in range(1, self.k + 1)] if self.kind == "kfold" else ["test"]
 
 
@@ -104,14 +109,17 @@ def assign_folds(labels: list[str], groups: list[str], cfg: SplitConfig) -> tupl
     """Fold name and validation flag of every image, grouped and stratified, deterministic for the seed."""
     y, g = np.asarray(labels), np.asarray(groups)
     val = np.zeros(len(y), dtype=bool)
-    if cfg.kind == "kfold":
-        idx = _grouped_folds(y, g, cfg.k, cfg.seed, "data.split.k")
+    if cfg.kind in ("kfold", "leave_one_group_out"):
+        if cfg.kind == "kfold":
+            idx = _grouped_folds(y, g, cfg.k, cfg.seed, "data.split.k")
+        else:
+            idx = np.unique(g, return_inverse=True)[1]
         names = np.array([str(i + 1) for i in idx])
         if cfg.val_groups_per_class > 0:
             val = _class_aware_validation(y, g, idx, cfg.val_groups_per_class, cfg.seed + 1)
         elif cfg.val_fraction > 0:
             n_val = max(2, round(1 / cfg.val_fraction))
-            for f in range(cfg.k):
+            for f in range(int(idx.max()) + 1):
                 members = np.flatnonzero(idx == f)
                 largest_class = max(np.unique(y[members], return_counts=True)[1])
                 n = min(n_val, len(np.unique(g[members])), largest_class)
@@ -124,7 +132,7 @@ def assign_folds(labels: list[str], groups: list[str], cfg: SplitConfig) -> tupl
     if cfg.kind == "fractions":
         names = _fraction_split(y, g, cfg.fractions, cfg.seed)
         return names.tolist(), (names == "val").tolist()
-    raise ValueError(f"data.split.kind={cfg.kind!r}: expected kfold or fractions")
+    raise ValueError(f"data.split.kind={cfg.kind!r}: expected kfold, leave_one_group_out or fractions")
 
 
 def validation_gaps(labels: list[str], folds: list[str], val: list[bool]) -> dict[str, list[str]]:

@@ -231,8 +231,9 @@ def prepare_dataset(data: Mapping[str, Any], quiet: bool = False) -> PreparedDat
     settings = {"format": FORMAT, "source": {k: v for k, v in asdict(source).items() if k not in ("root", "url", "mirrors")},
                 "split": asdict(split), "patches": asdict(patches), "samples_per_shard": samples_per_shard,
                 "on_bad_image": on_bad}
-    if not split.val_groups_per_class:  # absent when off, so folders prepared before the option stay valid
-        del settings["split"]["val_groups_per_class"]
+    for section, key, off in (("split", "val_groups_per_class", 0), ("source", "groups", None)):
+        if settings[section][key] == off:  # absent when off, so folders prepared before the option stay valid
+            del settings[section][key]
     stain = StainNormalizer.from_config(StainConfig.from_config(data.get("stain")))
     if stain is not None:  # the fitted reference, not its path, keys the folder; absent when off (older folders stay)
         settings["stain"] = stain.state()
@@ -274,7 +275,8 @@ def prepare_dataset(data: Mapping[str, Any], quiet: bool = False) -> PreparedDat
     side = patches.side(rows[0]["height"], rows[0]["width"])
     stats_dir = out / "stats"
     stats_dir.mkdir(exist_ok=True)
-    for t, s in _fold_stats(shard_dir, jobs, split.test_folds(), side).items():
+    test_folds = split.test_folds(rows)
+    for t, s in _fold_stats(shard_dir, jobs, test_folds, side).items():
         np.savez(stats_dir / f"fold-{t}.npz", **s)
     shard_records = []
     for j in jobs:
@@ -282,7 +284,7 @@ def prepare_dataset(data: Mapping[str, Any], quiet: bool = False) -> PreparedDat
             shard_records.append({"file": j.name, "fold": j.fold, "part": j.part, "samples": int(z["count"]),
                                   "images": len(j.images)})
     record = {"format": FORMAT, "name": data.get("name", "data"), "root": str(root), "classes": classes,
-              "patch_side": side, "test_folds": split.test_folds(), "settings": settings, "images": len(rows),
+              "patch_side": side, "test_folds": test_folds, "settings": settings, "images": len(rows),
               "samples": sum(s["samples"] for s in shard_records), "shards": shard_records,
               "skipped": len(problems), "seconds": round(time.perf_counter() - t0, 2)}
     tmp = out / f".{RECORD}.tmp"

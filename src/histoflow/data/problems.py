@@ -14,8 +14,8 @@ FIXES = {
     "empty-class": "add images to the folder, remove it, or list the wanted classes in data.classes",
     "unknown-class": "add the class to data.classes or remove the file",
     "no-label": "rename the file so data.label_regex matches it, or use data.labels=folder",
-    "conflicting-labels": "the same image bytes appear under two classes: keep one copy",
-    "no-group": "rename the file so data.group_regex matches it, or give groups in a CSV (data.labels=csv)",
+    "conflicting-labels": "one image with two labels (two class folders, or a table that disagrees): keep one",
+    "no-group": "list the image in the data.groups table, or rename the file so data.group_regex matches it",
     "missing": "fix the path in the CSV or add the file",
 }
 

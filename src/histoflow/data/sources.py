@@ -31,6 +31,7 @@ class SourceConfig:
     csv: str | None = None  # labels=csv: columns image,label[,group]; paths relative to root
     group_regex: str | None = None  # first capture group of the file name names the patient/slide
     group_block: int | None = None  # with group_regex: group = captured number // block (contiguous blocks)
+    groups: str | None = None  # a table image,group[,label] (paths relative to root): the patient of every image
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "SourceConfig":
@@ -77,6 +78,41 @@ def _group(name: str, label: str, cfg: SourceConfig) -> str | None:
     if cfg.group_block:
         key = str(int(key) // cfg.group_block)
     return f"{label}/{key}" if cfg.group_block else key
+
+
+def _table_path(name: str, root: Path) -> Path:
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def read_groups(cfg: SourceConfig, root: Path) -> dict[str, tuple[str, str | None]]:
+    """image (relative to root) -> (group, label or None) from the data.groups table."""
+    table = _table_path(cfg.groups or "", root)
+    if not table.is_file():
+        raise FileNotFoundError(f"data.groups={cfg.groups}: no table at {table}. Fix: point data.groups at a CSV "
+                                "with columns image,group[,label] (paths relative to data.root), or choose another "
+                                "protocol (protocol=images: every image its own patient)")
+    with open(table, newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"image", "group"} <= set(reader.fieldnames or ()):
+            raise ValueError(f"{table}: columns {reader.fieldnames}; expected image,group[,label]")
+        return {Path(row["image"]).as_posix(): (row["group"], row.get("label") or None) for row in reader}
+
+
+def _apply_groups(records: list[ImageRecord], cfg: SourceConfig, root: Path) -> tuple[list[ImageRecord], list[Problem]]:
+    """Each image's group from the data.groups table; a label there must agree with the image's label."""
+    table, where = read_groups(cfg, root), _table_path(cfg.groups or "", root)
+    kept, problems = [], []
+    for r in records:
+        group, label = table.get(r.path, (None, None))
+        if group is None:
+            problems.append(Problem(str(root / r.path), "no-group", f"not listed in {where}"))
+        elif label is not None and label != r.label:
+            problems.append(Problem(str(root / r.path), "conflicting-labels",
+                                    f"{where} says {label!r}, data.labels={cfg.labels} says {r.label!r}"))
+        else:
+            kept.append(ImageRecord(r.path, r.label, group))
+    return kept, problems
 
 
 def list_images(cfg: SourceConfig, root: Path) -> tuple[list[ImageRecord], list[Problem]]:
@@ -132,6 +168,9 @@ def list_images(cfg: SourceConfig, root: Path) -> tuple[list[ImageRecord], list[
         else:
             group = group or _group(path.name, label, cfg) or rel
             records.append(ImageRecord(rel, label, group))
+    if cfg.groups:
+        records, unmatched = _apply_groups(records, cfg, root)
+        problems += unmatched
     if classes is not None:
         present = {r.label for r in records}
         problems += [Problem(f"{root}/{c}", "empty-class", "listed in data.classes but no images found")

@@ -14,23 +14,33 @@ COMPILE_PREFIX = "_orig_mod."
 FILE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 
-def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    """Dotted name and module of the last nn.Linear in the model: its classification head."""
-    found = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+def classifier_head(model: nn.Module) -> tuple[str, nn.Linear | nn.Conv2d]:
+    """Dotted name and module of the classification head: the last nn.Linear, or the last nn.Conv2d where that
+    comes later (SqueezeNet classifies with a 1x1 convolution)."""
+    found = [(name, module) for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
     if not found:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to use as classification head")
+        raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to use as classification head")
     return found[-1]
 
 
+def _out_features(head: nn.Linear | nn.Conv2d) -> int:
+    return head.out_features if isinstance(head, nn.Linear) else head.out_channels
+
+
 def _set_head(model: nn.Module, num_classes: int) -> None:
-    """Replace the last nn.Linear by a fresh one with num_classes outputs unless it already has them."""
-    name, head = last_linear(model)
-    if head.out_features == num_classes:
+    """Replace the head by a fresh one with num_classes outputs unless it already has them."""
+    name, head = classifier_head(model)
+    if _out_features(head) == num_classes:
         return
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(head, nn.Linear):
+        new: nn.Module = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
+    else:
+        new = nn.Conv2d(head.in_channels, num_classes, head.kernel_size, head.stride, head.padding,
+                        bias=head.bias is not None)
     # setattr also works for Sequential children ("classifier.6"), and on every supported torch version.
-    setattr(parent, child, nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
+    setattr(parent, child, new)
 
 
 def _strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -52,17 +62,22 @@ def clean_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _load_into(model: nn.Module, checkpoint: Mapping[str, Any], source: str) -> None:
-    """Load a checkpoint whose head may have any number of classes (e.g. ImageNet's 1000) into model."""
+    """Load a checkpoint whose head may have any number of classes (e.g. ImageNet's 1000), or no head at all (an
+    encoder's features only: the new head keeps its fresh initialisation), into model."""
     state_dict = clean_state_dict(checkpoint)
-    head_name, _ = last_linear(model)
+    head_name, _ = classifier_head(model)
     head_weight = state_dict.get(f"{head_name}.weight")
     if head_weight is not None:
         # Size the head like the file's so the whole file loads strictly; it is resized afterwards.
         _set_head(model, int(head_weight.shape[0]))
     try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as err:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:  # a tensor of another shape
         raise RuntimeError(f"weights {source} do not fit model {type(model).__name__}: {err}") from err
+    not_head = [k for k in missing if not k.startswith(f"{head_name}.")]
+    if unexpected or not_head or (missing and head_weight is not None):
+        raise RuntimeError(f"weights {source} do not fit model {type(model).__name__}: missing keys {missing}, "
+                           f"unexpected keys {unexpected} (only the classification head {head_name} may be absent)")
 
 
 def _torchvision_weights(name: str, weights: str) -> Any:
@@ -115,7 +130,7 @@ def torchvision_model(
             ) from err
     _set_head(model, num_classes)
     if freeze_backbone:
-        _, head = last_linear(model)
+        _, head = classifier_head(model)
         head_params = {id(p) for p in head.parameters()}
         # BatchNorm running statistics still update in train mode; only gradients are switched off here.
         for param in model.parameters():
