@@ -17,7 +17,7 @@ from histoflow.reports import (
     save_confusion_matrix,
     summarize_folds,
 )
-from histoflow.results import GROUPED, PER_IMAGE, _protocol
+from histoflow.data.folds import BLOCKS, CASES, LOCO, PER_IMAGE, protocol_of
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["CLL", "FL", "MCL"]
@@ -165,6 +165,10 @@ def test_plot_training_curves_header_only(tmp_path: Path) -> None:
     assert_valid_png(plot_training_curves(csv_path, tmp_path / "curves.png"))
 
 
-def test_results_protocol_is_grouped_only_where_a_group_joins_images() -> None:
-    assert _protocol([{"group": "a.png"}, {"group": "b.png"}]) == PER_IMAGE  # a CSV group per image: per image
-    assert _protocol([{"group": "CLL/0"}, {"group": "CLL/0"}, {"group": "FL/1"}]) == GROUPED
+def test_the_protocol_is_read_from_the_data_config_and_grouped_only_where_a_group_joins_images() -> None:
+    joined = ["CLL/0", "CLL/0", "FL/1"]
+    assert protocol_of({"groups": "cases.csv"}, ["a.png", "b.png"]) == PER_IMAGE  # a group per image: per image
+    assert protocol_of({"groups": "cases.csv"}, joined) == CASES
+    assert protocol_of({"labels": "csv", "csv": "cases.csv"}, joined) == CASES
+    assert protocol_of({"groups": "cases.csv", "split": {"kind": "leave_one_group_out"}}, joined) == LOCO
+    assert protocol_of({"group_regex": r"-(\d+)\.", "group_block": 8}, joined) == BLOCKS

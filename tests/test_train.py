@@ -248,7 +248,10 @@ def test_summarize_sweep(tmp_path: Path) -> None:
         (run / "test_metrics.json").write_text(json.dumps({"fold": fold, "test/acc_macro": acc, "train/loss": 0.1,
                                                            "best_checkpoint": None}))
         save_confusion_matrix(np.eye(3, dtype=np.int64) * (job + 1), CLASSES, run / "confusion_test")
+        (run / ".hydra").mkdir()
+        (run / ".hydra" / "config.yaml").write_text("data:\n  groups: cases.csv\n  split: {kind: kfold}\n")
     summary = summarize_sweep(tmp_path).read_text()
+    assert "Protocol: case folds" in summary and json.loads((tmp_path / "summary.json").read_text())["protocol"]
     assert "| fold 3 | 1.000 |" in summary and "| mean ± sd | 0.750 ± 0.250 |" in summary
     assert "train/loss" not in summary
     cm, classes = read_confusion_csv(tmp_path / "confusion_pooled.csv")

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from histoflow.data.folds import protocol_of
 from histoflow.reports import (folds_markdown, matrix_markdown, read_confusion_csv, save_confusion_matrix,
                                summarize_folds)
 from histoflow.training import METRICS_FILE
@@ -52,8 +53,12 @@ def summarize_sweep(sweep_dir: str | Path) -> Path | None:
         return None
 
     summary = summarize_folds(per_fold)
+    configs = sorted(sweep_dir.glob("*/.hydra/config.yaml"), key=_job_number)
+    data = OmegaConf.to_container(OmegaConf.load(configs[0]).data, resolve=False) if configs else {}
+    protocol = protocol_of(data)
     shown = sorted(m for m in summary if m.startswith("test/")) + sorted(m for m in summary if m.endswith("_best"))
-    lines = [f"# Cross-validation summary: {sweep_dir}", "", f"{len(per_fold)} runs; mean ± sd (ddof=1) over runs.",
+    lines = [f"# Cross-validation summary: {sweep_dir}", "", f"{len(per_fold)} runs; mean ± sd (ddof=1) over runs. Protocol: {protocol} (the data config of "
+             "the first job).",
              "", folds_markdown(per_fold, summary, shown)]
     if pooled is not None and classes is not None:
         save_confusion_matrix(pooled, classes, sweep_dir / "confusion_pooled", f"pooled test folds ({len(per_fold)})")
@@ -63,7 +68,7 @@ def summarize_sweep(sweep_dir: str | Path) -> Path | None:
     out = sweep_dir / "summary.md"
     out.write_text("\n".join(lines))
     (sweep_dir / "summary.json").write_text(json.dumps(
-        {"per_fold": per_fold, "summary": summary, "pooled_confusion": None if pooled is None else pooled.tolist(),
+        {"protocol": protocol, "per_fold": per_fold, "summary": summary, "pooled_confusion": None if pooled is None else pooled.tolist(),
          "classes": classes}, indent=1))
     log.info("cross-validation summary: %s\n%s", out, folds_markdown(per_fold, summary, shown))
     return out

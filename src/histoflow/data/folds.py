@@ -135,6 +135,24 @@ def assign_folds(labels: list[str], groups: list[str], cfg: SplitConfig) -> tupl
     raise ValueError(f"data.split.kind={cfg.kind!r}: expected kfold, leave_one_group_out or fractions")
 
 
+PER_IMAGE, BLOCKS, CASES, LOCO, NAMED = ("per-image folds", "block folds", "case folds", "leave one case out",
+                                          "file-name group folds")
+
+
+def protocol_of(data: Mapping[str, Any], groups: list[str] | None = None) -> str:
+    """What a split measures, from the data config that made it and (where known) its images' groups, the
+    manifest's column: case folds where patients come from a table, block folds for index blocks, per-image
+    folds where no group joins two images."""
+    grouped = data.get("groups") or data.get("labels") == "csv" or data.get("group_regex")
+    if not grouped or (groups is not None and len(set(groups)) == len(groups)):
+        return PER_IMAGE
+    if (data.get("split") or {}).get("kind") == "leave_one_group_out":
+        return LOCO
+    if data.get("groups") or data.get("labels") == "csv":
+        return CASES
+    return BLOCKS if data.get("group_block") else NAMED
+
+
 def validation_gaps(labels: list[str], folds: list[str], val: list[bool]) -> dict[str, list[str]]:
     """Classes absent from the validation set of each held-out fold's training run (only folds with a gap).
 
