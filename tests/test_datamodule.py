@@ -18,7 +18,7 @@ from skimage.color import hed2rgb, rgb2hed
 
 from histoflow.data.datamodule import KEY_FIELDS, ShardDataModule, shard_pipeline
 from histoflow.data.shards import decode_npy, parse_key
-from histoflow.data.transforms import PatchTransform, colour_jitter, hed_jitter, hed_to_rgb, rgb_to_hed
+from histoflow.data.transforms import PatchTransform, build_transform, colour_jitter, hed_jitter, hed_to_rgb, rgb_to_hed
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["CLL", "FL", "MCL"]
@@ -360,3 +360,23 @@ def test_scale_divides_after_the_mean_as_caffe_mean_file() -> None:
     with pytest.raises(ValueError, match="data.loader.scale"):
         PatchTransform(None, {"mean_image": mean, "channel_mean": [0, 0, 0], "channel_std": [1, 1, 1]}, "channel",
                        scale=1.0)
+
+
+def test_grey_input_is_the_luma_minus_the_grey_mean_in_every_channel() -> None:
+    patches = torch.from_numpy(np.random.default_rng(6).integers(0, 256, (2, 36, 36, 3), dtype=np.uint8))
+    mean = np.random.default_rng(7).uniform(0, 255, (36, 36, 3))
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    out = build_transform({"crop": None, "normalize": "image", "scale": 1.0, "grey": True}, {"mean_image": mean},
+                          train=False)(patches)
+    expected = torch.einsum("c,bhwc->bhw", luma, patches.float()) - torch.einsum("c,hwc->hw", luma,
+                                                                                 torch.tensor(mean).float())
+    for channel in range(3):
+        torch.testing.assert_close(out[:, channel], expected, atol=1e-3, rtol=1e-5)
+    grey_patch = torch.full((1, 36, 36, 3), 100, dtype=torch.uint8)
+    tinted = grey_patch.clone()
+    tinted[..., 0], tinted[..., 1] = 159, 70  # another colour, the same luma (+59 * 0.299 - 30 * 0.587 = 0.03)
+    stain_free = build_transform({"crop": None, "grey": True, "normalize": "none"}, {"mean_image": mean}, False)
+    torch.testing.assert_close(stain_free(tinted), stain_free(grey_patch), atol=0.5 / 255, rtol=0)
+    with pytest.raises(ValueError, match="grey=true with normalize=channel"):
+        build_transform({"normalize": "channel", "grey": True}, {"mean_image": mean, "channel_mean": [0, 0, 0],
+                                                                 "channel_std": [1, 1, 1]}, train=False)

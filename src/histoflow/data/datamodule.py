@@ -51,6 +51,7 @@ class LoaderConfig:
     flips: bool | str = True  # training: true: random flips of both axes | horizontal: mirror only (Caffe) | false
     hed_jitter: float = 0.0  # sigma of the H&E-DAB stain jitter in training; 0: off
     colour_jitter: dict[str, float] | None = None  # brightness, contrast, saturation, hue strengths in training
+    grey: bool = False  # a stain-free input: every patch as its luma in all three channels (training and prediction)
     pin_memory: bool = True  # only takes effect when CUDA is available
     persistent_workers: bool = False
     epoch_batches: int | None = None  # training batches per epoch and rank; None: training samples / (batch * ranks)

@@ -108,7 +108,7 @@ class PatchTransform:
     def __init__(self, crop: int | None, stats: Mapping[str, Any], normalize: str = "image", train: bool = False,
                  flips: bool | str = True, hed_jitter: float = 0.0,
                  stain: Callable[[np.ndarray], np.ndarray] | None = None,
-                 jitter: Mapping[str, float] | None = None, scale: float | None = None) -> None:
+                 jitter: Mapping[str, float] | None = None, scale: float | None = None, grey: bool = False) -> None:
         if normalize not in NORMALIZE:
             raise ValueError(f"data.loader.normalize={normalize!r}: expected one of {', '.join(NORMALIZE)}")
         mean_image = torch.as_tensor(np.asarray(stats["mean_image"]), dtype=torch.float32)
@@ -134,8 +134,13 @@ class PatchTransform:
             if normalize not in ("image", "none") or not scale > 0:
                 raise ValueError(f"data.loader.scale={scale}: a positive divisor, for normalize=image or none only")
             self.scale = torch.full((1, 3, 1), float(scale))
+        self.grey = bool(grey)
+        if self.grey and normalize not in ("image", "none"):
+            raise ValueError(f"data.loader.grey=true with normalize={normalize}: grey inputs take normalize=image "
+                             "(minus the grey mean image) or none")
         if normalize == "image":
-            self.mean = mean_image.permute(2, 0, 1).reshape(3, side * side).contiguous()
+            mean = mean_image.permute(2, 0, 1).reshape(3, side * side)
+            self.mean = (LUMA @ mean).expand(3, -1).contiguous() if self.grey else mean.contiguous()
         elif normalize == "channel":
             channel_mean = torch.as_tensor(np.asarray(stats["channel_mean"]), dtype=torch.float32)
             self.mean = channel_mean[:, None].expand(3, side * side).contiguous()
@@ -161,6 +166,8 @@ class PatchTransform:
         out = hed_jitter(out, self.hed_sigma) if self.train and self.hed_sigma > 0 else out.float()
         if self.train and any(self.jitter.values()):
             out = colour_jitter(out, **self.jitter)
+        if self.grey:  # a stain-free input: luma in all three channels, so any net takes it unchanged
+            out = torch.einsum("c,bcp->bp", LUMA.to(out.device), out)[:, None].expand(-1, 3, -1).contiguous()
         if self.mean is not None:
             out.sub_(torch.gather(self.mean.to(x.device).expand(n, -1, -1), 2, index))
         out = out.div_(self.scale.to(x.device)).view(n, 3, crop, crop)
@@ -183,9 +190,10 @@ class PatchTransform:
         return rows[:, :, None] * self.side + cols[:, None, :]
 
 
-def build_transform(loader: Mapping[str, Any], stats: Mapping[str, Any], train: bool) -> PatchTransform:
+def build_transform(loader: Mapping[str, Any], stats: Mapping[str, Any], train: bool,
+                    stain: Callable[[np.ndarray], np.ndarray] | None = None) -> PatchTransform:
     """The training or evaluation transform of a `data.loader` config and the prepare step's statistics."""
     return PatchTransform(crop=loader.get("crop", 32), stats=stats, normalize=loader.get("normalize", "image"),
                           train=train, flips=loader.get("flips", True),
                           hed_jitter=float(loader.get("hed_jitter", 0.0) or 0.0), jitter=loader.get("colour_jitter"),
-                          scale=loader.get("scale"))
+                          scale=loader.get("scale"), grey=bool(loader.get("grey", False)), stain=stain)

@@ -18,7 +18,7 @@ from torch import nn
 
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.stain import StainNormalizer
-from histoflow.data.transforms import PatchTransform
+from histoflow.data.transforms import PatchTransform, build_transform
 from histoflow.module import TRUSTED_TARGETS, PatchClassifier, UntrustedCheckpoint, load_classifier
 from histoflow.training import METRICS_FILE
 
@@ -150,8 +150,7 @@ def preprocessing_of(module: PatchClassifier, datamodule_state: Mapping[str, Any
     else:
         prepared = prepare_dataset(data, quiet=True)
         stats, stain = prepared.stats(hparams["config"]["fold"]), prepared.stain
-    return PatchTransform(loader.get("crop", 32), stats, loader.get("normalize", "image"), train=False,
-                          stain=StainNormalizer.from_state(stain), scale=loader.get("scale"))
+    return build_transform(loader, stats, train=False, stain=StainNormalizer.from_state(stain))
 
 
 def load_fold_model(path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS) -> FoldModel:
