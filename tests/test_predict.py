@@ -253,14 +253,13 @@ def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Pa
     acc = report["summary"]["image/acc"]
     assert "old text" not in text and text.startswith("# x\n\n## Results\n\n") and text.endswith("\n\n## After\n")
     lines = text.splitlines()
-    row = next(line for line in lines if line.startswith("| tutorial | **"))  # the recipe table
+    row = next(line for line in lines if line.startswith("| tutorial | "))  # the leaky-protocol recipe table
     header = lines[lines.index(row) - 2]
     assert row.count("|") == header.count("|")  # as many cells as the header
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
-    assert cells["per-image folds: image acc"] == f"**{acc['mean']:.3f} ± {acc['sd']:.3f}**"
-    assert cells["grouped folds: image acc"] == "–"  # the tiny sweep has folds per image only
-    assert cells["colour only, per-image: logistic / forest"] == "1.000 / 1.000"  # the tiny classes differ by tint
-    assert cells["colour only, grouped: logistic / forest"] == "–"
+    assert cells["per-image folds: image acc"] == f"{acc['mean']:.3f} ± {acc['sd']:.3f}"
+    assert cells["block folds: image acc"] == "–"  # the tiny sweep has folds per image only
+    assert cells["colour only, block: logistic / forest"] == "–"
     run = next(line for line in lines if line.startswith("| tutorial | per-image folds |"))  # the run table
     header = lines[lines.index(run) - 2]
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in run.split("|")]))
@@ -286,6 +285,22 @@ def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Pa
     results.main(["--drop", "another recipe, seed=1", *options])  # forgotten, its figures deleted
     assert not (docs / "results-another-recipe-seed-1-per-image-folds-confusion.png").exists()
     assert readme.read_text() == text and len(json.loads(record.read_text())["runs"]) == 1
+
+    runs = json.loads(record.read_text())["runs"]  # the same run as if made under case folds: the headline table
+    record.write_text(json.dumps({"runs": [*runs, {**runs[0], "protocol": "case folds"}]}))
+    results.main(options)
+    lines = readme.read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| tutorial | **"))
+    header = lines[lines.index(row) - 2]
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    low, high = report["interval"]["image/acc"]
+    assert cells["pooled [95% CI over cases]"] == f"{report['pooled']['image/acc']:.3f} [{low:.2f}, {high:.2f}]"
+    assert cells["per-image folds (leaky)"] == f"{acc['mean']:.3f} ± {acc['sd']:.3f}"
+    forest = report["colour_baselines"]["forest"]
+    assert cells["colour only: logistic / forest, pooled [CI]"].endswith(
+        f"{forest['pooled']['image/acc']:.2f} [{forest['interval']['image/acc'][0]:.2f}, "
+        f"{forest['interval']['image/acc'][1]:.2f}]")
+    assert cells["case-level acc"].startswith(f"{report['case_level']['acc']:.2f} (")
 
 
 def test_k_fold_report_of_an_ensemble_averages_each_folds_models(multirun: Path, tiny: Path, tmp_path: Path) -> None:

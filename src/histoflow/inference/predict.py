@@ -88,7 +88,7 @@ def _held_out_report(cfg: DictConfig, members: list[list[FoldModel]], grid: Patc
         votes = predict_images([root / r["image"] for r in held_out], [(m.net, m.transform) for m in models],
                                len(prepared.classes), grid, description=f"fold {fold}", **_run_options(cfg))
         checkpoints = ";".join(str(m.path) for m in models)  # several: an ensemble
-        extra = [{"fold": fold, "label": r["label"], "checkpoint": checkpoints} for r in held_out]
+        extra = [{"fold": fold, "label": r["label"], "group": r["group"], "checkpoint": checkpoints} for r in held_out]
         rows += prediction_rows(votes, prepared.classes, cfg.aggregate, extra)
         problems.update({votes.paths[i]: why for i, why in votes.problems.items()})
         log.info("fold %s: %d images in %.1f s (%.1f images/s)", fold, len(held_out), votes.seconds,

@@ -14,6 +14,7 @@ from torchmetrics.functional.classification import multiclass_calibration_error,
 
 from histoflow.inference.colour_baseline import (CLASSIFIERS, NAMES as COLOUR_NAMES, colour_features,
                                                  cross_validated_predictions)
+from histoflow.inference.uncertainty import LEVEL, RESAMPLES, case_level, group_bootstrap
 from histoflow.inference.voting import Votes
 from histoflow.reports import (folds_markdown, matrix_markdown, reliability_bins, save_confusion_matrix,
                                save_reliability_diagram, summarize_folds)
@@ -79,8 +80,22 @@ def _calibration(rows: list[dict[str, Any]], classes: list[str], png: Path, titl
     return {"ece": ece, "bins": reliability_bins(confidence, correct)}
 
 
+def _groups(rows: list[dict[str, Any]]) -> list[str]:
+    """Each row's patient (group); an image is its own group where the rows do not say."""
+    return [str(r.get("group") or r["image"]) for r in rows]
+
+
+def _interval(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
+    """95% intervals of pooled image accuracy and macro F1 from a bootstrap over groups (patients)."""
+    truth = [classes.index(r["label"]) for r in rows]
+    preds = [classes.index(r["predicted"]) for r in rows]
+    return {"method": "bootstrap over groups", "level": LEVEL, "resamples": RESAMPLES,
+            **group_bootstrap(truth, preds, _groups(rows), len(classes))}
+
+
 def _colour_baselines(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
-    """The colour-only baselines on the same folds, one per classifier: per fold, mean ± sd and pooled."""
+    """The colour-only baselines on the same folds, one per classifier: per fold, mean ± sd, pooled with its
+    interval over groups."""
     fold_order = list(dict.fromkeys(r["fold"] for r in rows))
     rows = sorted(rows, key=lambda r: str(r["image"]))  # a forest's fit depends on row order: fix it
     features = colour_features([r["image"] for r in rows])
@@ -93,7 +108,8 @@ def _colour_baselines(rows: list[dict[str, Any]], classes: list[str]) -> dict[st
         per_fold = {f"fold {f}": {m: v for m, v in _scores([r for r in scored if r["fold"] == f], classes).items()
                                   if m in metrics} for f in fold_order}
         pooled = {m: v for m, v in _scores(scored, classes).items() if m in metrics}
-        baselines[classifier] = {"per_fold": per_fold, "summary": summarize_folds(per_fold), "pooled": pooled}
+        baselines[classifier] = {"per_fold": per_fold, "summary": summarize_folds(per_fold), "pooled": pooled,
+                                 "interval": _interval(scored, classes)}
     return baselines
 
 
@@ -128,14 +144,24 @@ def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, s
         "confusion_images": cm_images.tolist(), "confusion_patches": cm_patches.tolist(),
         "misclassified": wrong, "problems": dict(problems or {}), "missing_folds": list(missing_folds),
         "calibration": calibration, "colour_baselines": _colour_baselines(rows, classes),
+        "groups": {"n": len(set(_groups(rows))), "given": all(r.get("group") for r in rows),
+                   "per_fold": {f: len({g for r, g in zip(rows, _groups(rows)) if r["fold"] == f}) for f in folds}},
+        "interval": _interval(rows, classes),
+        "case_level": case_level([r["label"] for r in rows], [r["predicted"] for r in rows],
+                                 np.array([[r[f"prob_{c}"] for c in classes] for r in rows]), _groups(rows), classes),
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     (out_dir / "report.md").write_text(_markdown(report, rows, classes))
     return report
 
 
+def _ci(interval: Sequence[float]) -> str:
+    return f"{interval[0]:.3f}–{interval[1]:.3f}"
+
+
 def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[str]) -> str:
-    s, pooled = report["settings"], report["pooled"]
+    s, pooled, ci, cases, groups = (report["settings"], report["pooled"], report["interval"], report["case_level"],
+                                    report["groups"])
     right = sum(r["predicted"] == r["label"] for r in rows)
     sources = s.get("ckpt_path", "")
     listed = isinstance(sources, list)  # an ensemble: one model per entry and fold
@@ -149,17 +175,25 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
              folds_markdown(report["per_fold"], report["summary"], FOLD_METRICS),
              "Images per fold: " + ", ".join(f"{f}: {k}" for f, k in report["images_per_fold"].items()) + ".", "",
              "## Pooled over folds", "", "| metric | value |", "|---|---:|",
-             f"| image accuracy | {pooled['image/acc']:.3f} ({right}/{len(rows)}) |",
-             f"| image macro F1 | {pooled['image/f1_macro']:.3f} |",
+             f"| image accuracy | {pooled['image/acc']:.3f} ({right}/{len(rows)}; 95% CI {_ci(ci['image/acc'])}) |",
+             f"| image macro F1 | {pooled['image/f1_macro']:.3f} (95% CI {_ci(ci['image/f1_macro'])}) |",
+             f"| case-level accuracy (majority of a case's images) | {cases['acc']:.3f} ({cases['right']}/"
+             f"{cases['groups']}; 95% CI {_ci(cases['interval'])}) |",
              f"| patch accuracy | {pooled['patch/acc']:.3f} |",
              f"| expected calibration error (images, 10 bins) | {report['calibration']['ece']:.3f} |", "",
+             f"Intervals: {ci['resamples']} bootstrap resamples of the {groups['n']} "
+             + ("groups (patients), each taking all its images: images of one patient are not independent, so the "
+                "effective sample is the patients." if groups["given"] else
+                "images (the rows name no groups: each image is taken as its own patient).")
+             + " Groups per fold: " + ", ".join(f"{f}: {k}" for f, k in groups["per_fold"].items()) + ".", "",
              "Reliability of the images' mean probabilities: `reliability_images.png`.", "",
              "## Colour-only baselines on the same folds", "",
              "Mean and sd of R, G, B per image, and a classifier fit on the other folds: how much colour alone "
              "explains (a linear model can hide what colour tells).", "",
              *[line for name, baseline in report["colour_baselines"].items()
-               for line in (f"**{COLOUR_NAMES[name]}**", "", folds_markdown(baseline["per_fold"], baseline["summary"],
-                                                                           ["image/acc", "image/f1_macro"]))],
+               for line in (f"**{COLOUR_NAMES[name]}**: pooled accuracy {baseline['pooled']['image/acc']:.3f} "
+                            f"(95% CI {_ci(baseline['interval']['image/acc'])})", "",
+                            folds_markdown(baseline["per_fold"], baseline["summary"], ["image/acc", "image/f1_macro"]))],
              "## Confusion matrix of images (rows: true, columns: predicted)", "",
              *matrix_markdown(np.array(report["confusion_images"]), classes), "",
              "![image confusion matrix](confusion_images.png)", "",

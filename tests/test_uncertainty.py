@@ -1,0 +1,94 @@
+"""Uncertainty over patients: the bootstrap resamples groups, case-level accuracy by majority."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from histoflow.inference.report import fold_report
+from histoflow.inference.uncertainty import accuracy, case_level, group_bootstrap, macro_f1
+
+CLASSES = ["A", "B"]
+
+
+def _whole_groups_right_or_wrong(n_groups: int = 10, per_group: int = 30) -> tuple[list[int], list[int], list[str]]:
+    """Half the groups all right, half all wrong: correctness is constant within a group."""
+    truth, preds, groups = [], [], []
+    for g in range(n_groups):
+        label = g % 2
+        truth += [label] * per_group
+        preds += [label if g < n_groups // 2 else 1 - label] * per_group
+        groups += [f"case{g}"] * per_group
+    return truth, preds, groups
+
+
+def test_the_interval_is_over_groups_and_wider_than_over_images() -> None:
+    truth, preds, groups = _whole_groups_right_or_wrong()
+    by_group = group_bootstrap(truth, preds, groups, 2)
+    by_image = group_bootstrap(truth, preds, [str(i) for i in range(len(truth))], 2)  # every image its own group
+    width = {k: v[1] - v[0] for k, v in (("groups", by_group["image/acc"]), ("images", by_image["image/acc"]))}
+    assert width["groups"] > 3 * width["images"]  # 10 effective samples, not 300: about sqrt(30) times wider
+    assert by_group["image/acc"][0] < 0.5 < by_group["image/acc"][1]
+
+
+def test_the_interval_holds_the_estimate_lies_in_0_1_and_is_seeded() -> None:
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, 200).tolist()
+    preds = [t if rng.random() < 0.7 else (t + 1) % 3 for t in truth]
+    groups = [f"g{i // 8}" for i in range(200)]
+    ci = group_bootstrap(truth, preds, groups, 3, seed=1)
+    cm = np.zeros((3, 3), int)
+    np.add.at(cm, (np.array(truth), np.array(preds)), 1)
+    for metric, fn in (("image/acc", accuracy), ("image/f1_macro", macro_f1)):
+        low, high = ci[metric]
+        assert 0 <= low <= float(fn(cm)) <= high <= 1
+    assert ci == group_bootstrap(truth, preds, groups, 3, seed=1)
+    assert ci != group_bootstrap(truth, preds, groups, 3, seed=2)
+
+
+def test_macro_f1_of_a_confusion_matrix_is_sklearns() -> None:
+    from sklearn.metrics import f1_score
+
+    truth, preds = [0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 1, 2, 0, 2]
+    cm = np.zeros((3, 3), int)
+    np.add.at(cm, (np.array(truth), np.array(preds)), 1)
+    assert np.isclose(macro_f1(cm), f1_score(truth, preds, average="macro"))
+
+
+def test_case_level_accuracy_by_majority_with_the_tie_rule() -> None:
+    labels = ["A"] * 3 + ["B"] * 2 + ["B"] * 2
+    predicted = ["A", "A", "B", "A", "B", "A", "A"]
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.55, 0.45], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]])
+    groups = ["x"] * 3 + ["y"] * 2 + ["z"] * 2
+    # x: majority A (right); y: 1-1 tie, mean prob B 0.625 > A 0.375 -> B (right); z: A (wrong)
+    result = case_level(labels, predicted, probs, groups, CLASSES)
+    assert (result["right"], result["groups"]) == (2, 3) and np.isclose(result["acc"], 2 / 3)
+    assert 0 <= result["interval"][0] <= result["acc"] <= result["interval"][1] <= 1
+
+
+def test_the_k_fold_report_gives_intervals_over_groups_and_case_level(tmp_path: Path) -> None:
+    rows = []
+    rng = np.random.default_rng(0)
+    for g in range(8):
+        label = CLASSES[g % 2]
+        for i in range(3):
+            path = tmp_path / f"{label}-{g}-{i}.png"
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+            predicted = label if g < 6 else CLASSES[1 - g % 2]
+            p = 0.8 if predicted == "A" else 0.2
+            rows.append({"image": str(path), "fold": str(g % 4 + 1), "label": label, "group": f"case{g}",
+                         "predicted": predicted, "patches": 4, "votes_A": 4 if predicted == "A" else 0,
+                         "votes_B": 0 if predicted == "A" else 4, "prob_A": p, "prob_B": 1 - p})
+    report = fold_report(rows, CLASSES, tmp_path, {"aggregate": "vote"})
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["groups"]["n"] == 8 and saved["groups"]["given"] and saved["groups"]["per_fold"]["1"] == 2
+    assert saved["interval"]["method"] == "bootstrap over groups"
+    low, high = saved["interval"]["image/acc"]
+    assert low <= report["pooled"]["image/acc"] == 0.75 <= high
+    assert saved["case_level"]["right"] == 6 and saved["case_level"]["groups"] == 8
+    assert "interval" in saved["colour_baselines"]["forest"]
+    text = (tmp_path / "report.md").read_text()
+    assert "95% CI" in text and "case-level accuracy" in text and "8 groups (patients)" in text
