@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from histoflow.inference.report import fold_report
-from histoflow.inference.uncertainty import accuracy, case_level, group_bootstrap, macro_f1
+from histoflow.inference.uncertainty import accuracy, case_calls, case_level, group_bootstrap, macro_f1
 
 CLASSES = ["A", "B"]
 
@@ -59,17 +60,23 @@ def test_macro_f1_of_a_confusion_matrix_is_sklearns() -> None:
 
 
 def test_case_level_accuracy_by_majority_with_the_tie_rule() -> None:
-    labels = ["A"] * 3 + ["B"] * 2 + ["B"] * 2
-    predicted = ["A", "A", "B", "A", "B", "A", "A"]
-    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.55, 0.45], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]])
-    groups = ["x"] * 3 + ["y"] * 2 + ["z"] * 2
-    # x: majority A (right); y: 1-1 tie, mean prob B 0.625 > A 0.375 -> B (right); z: A (wrong)
-    result = case_level(labels, predicted, probs, groups, CLASSES)
-    assert (result["right"], result["groups"]) == (2, 3) and np.isclose(result["acc"], 2 / 3)
+    labels = [0] * 3 + [1] * 2 + [1] * 2 + [0] * 2
+    preds = [0, 0, 1, 0, 1, 0, 0, 1, 0]
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.55, 0.45], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3],
+                      [0.45, 0.55], [0.9, 0.1]])
+    groups = ["x"] * 3 + ["y"] * 2 + ["z"] * 2 + ["w"] * 2
+    # x: majority A (right); y: 1-1 tie, mean prob of B 0.625 > A 0.375 -> B (right); z: A (wrong);
+    # w: 1-1 tie, mean prob of A 0.675 > B 0.325 -> A (right): the tie goes by probability, not by class order
+    truth, called = case_calls(labels, preds, probs, groups, 2)  # groups in sorted order: w, x, y, z
+    assert truth.tolist() == [0, 0, 1, 1] and called.tolist() == [0, 0, 1, 0]
+    result = case_level(labels, preds, probs, groups, 2)
+    assert (result["right"], result["groups"]) == (3, 4) and np.isclose(result["acc"], 3 / 4)
     assert 0 <= result["interval"][0] <= result["acc"] <= result["interval"][1] <= 1
+    assert result["interval"][0] < result["interval"][1]  # 4 cases: a wide interval
 
 
-def test_the_k_fold_report_gives_intervals_over_groups_and_case_level(tmp_path: Path) -> None:
+def _report_rows(tmp_path: Path, grouped: bool = True) -> list[dict[str, Any]]:
+    """8 cases of 3 small PNG images each in 4 folds; the last two cases all wrong (18/24 images right)."""
     rows = []
     rng = np.random.default_rng(0)
     for g in range(8):
@@ -79,16 +86,35 @@ def test_the_k_fold_report_gives_intervals_over_groups_and_case_level(tmp_path: 
             Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
             predicted = label if g < 6 else CLASSES[1 - g % 2]
             p = 0.8 if predicted == "A" else 0.2
-            rows.append({"image": str(path), "fold": str(g % 4 + 1), "label": label, "group": f"case{g}",
-                         "predicted": predicted, "patches": 4, "votes_A": 4 if predicted == "A" else 0,
-                         "votes_B": 0 if predicted == "A" else 4, "prob_A": p, "prob_B": 1 - p})
-    report = fold_report(rows, CLASSES, tmp_path, {"aggregate": "vote"})
+            rows.append({"image": str(path), "fold": str(g % 4 + 1), "label": label, "predicted": predicted,
+                         "patches": 4, "votes_A": 4 if predicted == "A" else 0, "votes_B": 0 if predicted == "A" else 4,
+                         "prob_A": p, "prob_B": 1 - p, **({"group": f"case{g}"} if grouped else {})})
+    return rows
+
+
+def test_the_k_fold_report_gives_intervals_over_groups_and_case_level(tmp_path: Path) -> None:
+    report = fold_report(_report_rows(tmp_path), CLASSES, tmp_path, {"aggregate": "vote"})
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["groups"]["n"] == 8 and saved["groups"]["given"] and saved["groups"]["per_fold"]["1"] == 2
-    assert saved["interval"]["method"] == "bootstrap over groups"
-    low, high = saved["interval"]["image/acc"]
-    assert low <= report["pooled"]["image/acc"] == 0.75 <= high
-    assert saved["case_level"]["right"] == 6 and saved["case_level"]["groups"] == 8
-    assert "interval" in saved["colour_baselines"]["forest"]
+    assert saved["groups"] == {"n": 8, "given": True, "per_fold": {"1": 2, "2": 2, "3": 2, "4": 2}}
+    interval = saved["interval"]
+    assert (interval["method"], interval["level"], interval["resamples"]) == ("bootstrap over groups", 0.95, 2000)
+    low, high = interval["image/acc"]
+    assert low < report["pooled"]["image/acc"] == 0.75 < high
+    low, high = interval["image/f1_macro"]
+    assert low < report["pooled"]["image/f1_macro"] < high
+    assert {k: saved["case_level"][k] for k in ("acc", "right", "groups")} == {"acc": 0.75, "right": 6, "groups": 8}
+    for baseline in saved["colour_baselines"].values():
+        low, high = baseline["interval"]["image/acc"]
+        assert 0 <= low <= baseline["pooled"]["image/acc"] <= high <= 1
     text = (tmp_path / "report.md").read_text()
-    assert "95% CI" in text and "case-level accuracy" in text and "8 groups (patients)" in text
+    ci = interval["image/acc"]
+    assert f"| image accuracy | 0.750 (18/24; 95% CI {ci[0]:.3f}–{ci[1]:.3f} over 8 groups) |" in text
+    assert "| case-level accuracy (majority of a case's images) | 0.750 (6/8; 95% CI" in text
+    assert "8 groups (patients)" in text and "Groups per fold: 1: 2, 2: 2, 3: 2, 4: 2." in text
+
+
+def test_rows_without_groups_take_each_image_as_its_own_group_and_say_so(tmp_path: Path) -> None:
+    fold_report(_report_rows(tmp_path, grouped=False), CLASSES, tmp_path, {"aggregate": "vote"})
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["groups"]["n"] == 24 and not saved["groups"]["given"] and saved["case_level"]["groups"] == 24
+    assert "each image is taken as its own patient" in (tmp_path / "report.md").read_text()

@@ -19,6 +19,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from histoflow.audit import DESCRIPTORS, audit, describe, summary_line, write_report
+from histoflow.audit import DESCRIPTORS, audit, describe, summary_line, write_report
 from histoflow.data.folds import (MANIFEST_COLUMNS, SplitConfig, assign_folds, check_leakage, validation_gaps,
                                   write_manifest)
 from histoflow.data.images import UnreadableImage, read_rgb
@@ -34,14 +36,14 @@ _ANNOUNCED: set[Path] = set()  # prepared folders already logged by this process
 FORMAT = 1  # bump when the shard layout changes, so old folders are not reused
 
 
-def _inspect(path: str) -> tuple[str, int, int, str] | str:
-    """(sha256, width, height, note) of a decodable image, else the reason it is bad."""
+def _inspect(path: str) -> tuple[str, int, int, str, np.ndarray] | str:
+    """(sha256, width, height, note, audit descriptor) of a decodable image, else the reason it is bad."""
     data = Path(path).read_bytes()
     try:
         image, note = read_rgb(path)
     except UnreadableImage as e:
         return str(e).split(": ", 1)[-1]
-    return hashlib.sha256(data).hexdigest(), image.shape[1], image.shape[0], note
+    return hashlib.sha256(data).hexdigest(), image.shape[1], image.shape[0], note, describe(image)
 
 
 def _map(fn, items: list, workers: int) -> Iterator:
@@ -77,9 +79,10 @@ def _union_identical(records: list[ImageRecord], hashes: list[str]) -> list[str]
 
 
 def build_manifest(records: list[ImageRecord], root: Path, classes: list[str], split: SplitConfig,
-                   patches: PatchConfig, workers: int) -> tuple[list[dict], list[Problem], list[Problem]]:
-    """Decode-check and hash every image, then assign folds; returns rows, problems, notes."""
-    problems, notes, good = [], [], []
+                   patches: PatchConfig, workers: int) -> tuple[list[dict], list[Problem], list[Problem], np.ndarray]:
+    """Decode-check and hash every image, then assign folds; returns rows, problems, notes and the rows' audit
+    descriptors."""
+    problems, notes, good, descriptors = [], [], [], {}
     with _progress() as bar:
         task = bar.add_task("checking images", total=len(records), rate="")
         t0 = time.perf_counter()
@@ -88,7 +91,7 @@ def build_manifest(records: list[ImageRecord], root: Path, classes: list[str], s
             if isinstance(res, str):
                 problems.append(Problem(str(root / r.path), "corrupt", res))
                 continue
-            sha, w, h, note = res
+            sha, w, h, note, descriptors[r.path] = res
             if patches.size and (h < patches.size or w < patches.size):
                 problems.append(Problem(str(root / r.path), "too-small", f"{w}x{h} < patch {patches.size}"))
                 continue
@@ -103,7 +106,7 @@ def build_manifest(records: list[ImageRecord], root: Path, classes: list[str], s
                          f"{sorted(by_hash[sha] - {r.label})}") for r, sha, *_ in good if sha in clashes]
     good = [g for g in good if g[1] not in clashes]
     if not good:
-        return [], problems, notes
+        return [], problems, notes, np.zeros((0, 0), np.float32)
     groups = _union_identical([g[0] for g in good], [g[1] for g in good])
     labels = [g[0].label for g in good]
     folds, val = assign_folds(labels, groups, split)
@@ -114,7 +117,20 @@ def build_manifest(records: list[ImageRecord], root: Path, classes: list[str], s
                     fold, " or ".join(missing))
     rows = [dict(zip(MANIFEST_COLUMNS, (i, r.path, r.label, grp, f, v, sha, w, h, note)))
             for i, ((r, sha, w, h, note), grp, f, v) in enumerate(zip(good, groups, folds, val))]
-    return rows, problems, notes
+    return rows, problems, notes, np.stack([descriptors[r.path] for r, *_ in good])
+
+
+def _warn_if_leaky(descriptors: np.ndarray, rows: list[dict], out: Path) -> None:
+    """The leak audit of the new split (seconds): a warning, and audit.md in the prepared folder, when look-alike
+    images sit on both sides of the folds."""
+    if len({r["fold"] for r in rows}) < 2:
+        return
+    result = audit(descriptors, [r["fold"] for r in rows], [r["image"] for r in rows])
+    report = write_report(result, out, out.name)
+    if result.verdict == "leaky":
+        log.warning("%s. Images of one patient or slide are probably on both sides of the folds: give the patients "
+                    "(data.groups=<table image,group>, protocol=cases) or check the pairs in %s "
+                    "(python -m histoflow.audit data=... shows it again)", summary_line(result), report)
 
 
 def plan_shards(rows: list[dict], classes: list[str], root: Path, patches: PatchConfig,
@@ -255,7 +271,7 @@ def prepare_dataset(data: Mapping[str, Any], quiet: bool = False) -> PreparedDat
         from histoflow.data.folds import read_manifest
         rows, notes = read_manifest(manifest), []
     else:
-        rows, bad, notes = build_manifest(records, root, classes, split, patches, workers)
+        rows, bad, notes, descriptors = build_manifest(records, root, classes, split, patches, workers)
         problems += bad
         if problems and on_bad == "error":
             raise BadInputError(problems, str(root))
@@ -263,7 +279,9 @@ def prepare_dataset(data: Mapping[str, Any], quiet: bool = False) -> PreparedDat
             raise BadInputError(problems or [Problem(str(root), "empty-class", "no images at all")], str(root))
         check_leakage(rows)
         write_problems(problems, notes, out / "problems.csv")
+        np.save(out / DESCRIPTORS, descriptors)
         write_manifest(rows, manifest)
+        _warn_if_leaky(descriptors, rows, out)
     if problems:
         log.warning("%d bad input(s) skipped, listed in %s", len(problems), out / "problems.csv")
 

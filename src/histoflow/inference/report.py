@@ -82,7 +82,7 @@ def _calibration(rows: list[dict[str, Any]], classes: list[str], png: Path, titl
 
 def _groups(rows: list[dict[str, Any]]) -> list[str]:
     """Each row's patient (group); an image is its own group where the rows do not say."""
-    return [str(r.get("group") or r["image"]) for r in rows]
+    return [str(r["group"]) if r.get("group") not in (None, "") else str(r["image"]) for r in rows]
 
 
 def _interval(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
@@ -91,6 +91,24 @@ def _interval(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
     preds = [classes.index(r["predicted"]) for r in rows]
     return {"method": "bootstrap over groups", "level": LEVEL, "resamples": RESAMPLES,
             **group_bootstrap(truth, preds, _groups(rows), len(classes))}
+
+
+def _over_groups(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
+    """The groups (how many, whether the rows named them, per fold), the intervals over groups and the case-level
+    accuracy."""
+    groups = _groups(rows)
+    given = all(r.get("group") not in (None, "") for r in rows)
+    if not given:
+        log.warning("the rows name no group for some images: each such image is taken as its own group")
+    per_fold: dict[Any, set[str]] = {}
+    for r, g in zip(rows, groups):
+        per_fold.setdefault(r["fold"], set()).add(g)
+    labels = [classes.index(r["label"]) for r in rows]
+    preds = [classes.index(r["predicted"]) for r in rows]
+    probs = np.array([[r[f"prob_{c}"] for c in classes] for r in rows], dtype=float)
+    return {"groups": {"n": len(set(groups)), "given": given, "per_fold": {f: len(g) for f, g in per_fold.items()}},
+            "interval": _interval(rows, classes),
+            "case_level": case_level(labels, preds, probs, groups, len(classes))}
 
 
 def _colour_baselines(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
@@ -118,7 +136,9 @@ def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, s
     """Write report.json, report.md, confusion_images/confusion_patches (CSV, PNG) and reliability_images.png of
     held-out predictions, with the colour-only baseline on the same folds.
 
-    rows need image, fold, label, predicted, patches, votes_<class> and prob_<class>; returns the report as a dict.
+    rows need image, fold, label, predicted, patches, votes_<class> and prob_<class>, and should have group (the
+    patient: intervals resample groups; without it each image is its own group, and the report says so); returns
+    the report as a dict.
     """
     if not rows:
         raise ValueError("no image was predicted: nothing to report")
@@ -144,11 +164,7 @@ def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, s
         "confusion_images": cm_images.tolist(), "confusion_patches": cm_patches.tolist(),
         "misclassified": wrong, "problems": dict(problems or {}), "missing_folds": list(missing_folds),
         "calibration": calibration, "colour_baselines": _colour_baselines(rows, classes),
-        "groups": {"n": len(set(_groups(rows))), "given": all(r.get("group") for r in rows),
-                   "per_fold": {f: len({g for r, g in zip(rows, _groups(rows)) if r["fold"] == f}) for f in folds}},
-        "interval": _interval(rows, classes),
-        "case_level": case_level([r["label"] for r in rows], [r["predicted"] for r in rows],
-                                 np.array([[r[f"prob_{c}"] for c in classes] for r in rows]), _groups(rows), classes),
+        **_over_groups(rows, classes),
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     (out_dir / "report.md").write_text(_markdown(report, rows, classes))
@@ -175,8 +191,10 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
              folds_markdown(report["per_fold"], report["summary"], FOLD_METRICS),
              "Images per fold: " + ", ".join(f"{f}: {k}" for f, k in report["images_per_fold"].items()) + ".", "",
              "## Pooled over folds", "", "| metric | value |", "|---|---:|",
-             f"| image accuracy | {pooled['image/acc']:.3f} ({right}/{len(rows)}; 95% CI {_ci(ci['image/acc'])}) |",
-             f"| image macro F1 | {pooled['image/f1_macro']:.3f} (95% CI {_ci(ci['image/f1_macro'])}) |",
+             f"| image accuracy | {pooled['image/acc']:.3f} ({right}/{len(rows)}; 95% CI {_ci(ci['image/acc'])} "
+             f"over {groups['n']} groups) |",
+             f"| image macro F1 | {pooled['image/f1_macro']:.3f} (95% CI {_ci(ci['image/f1_macro'])} over "
+             f"{groups['n']} groups) |",
              f"| case-level accuracy (majority of a case's images) | {cases['acc']:.3f} ({cases['right']}/"
              f"{cases['groups']}; 95% CI {_ci(cases['interval'])}) |",
              f"| patch accuracy | {pooled['patch/acc']:.3f} |",
@@ -192,8 +210,9 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
              "explains (a linear model can hide what colour tells).", "",
              *[line for name, baseline in report["colour_baselines"].items()
                for line in (f"**{COLOUR_NAMES[name]}**: pooled accuracy {baseline['pooled']['image/acc']:.3f} "
-                            f"(95% CI {_ci(baseline['interval']['image/acc'])})", "",
-                            folds_markdown(baseline["per_fold"], baseline["summary"], ["image/acc", "image/f1_macro"]))],
+                            f"(95% CI {_ci(baseline['interval']['image/acc'])} over {groups['n']} groups)", "",
+                            folds_markdown(baseline["per_fold"], baseline["summary"],
+                                           ["image/acc", "image/f1_macro"]))],
              "## Confusion matrix of images (rows: true, columns: predicted)", "",
              *matrix_markdown(np.array(report["confusion_images"]), classes), "",
              "![image confusion matrix](confusion_images.png)", "",
