@@ -20,7 +20,6 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from histoflow.audit import DESCRIPTORS, audit, describe, summary_line, write_report
-from histoflow.audit import DESCRIPTORS, audit, describe, summary_line, write_report
 from histoflow.data.folds import (MANIFEST_COLUMNS, SplitConfig, assign_folds, check_leakage, validation_gaps,
                                   write_manifest)
 from histoflow.data.images import UnreadableImage, read_rgb
