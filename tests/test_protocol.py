@@ -76,8 +76,8 @@ def test_leave_one_group_out_makes_one_fold_per_group() -> None:
     assert len(set(folds)) == 6 and not any(val)
     for g in set(groups):
         assert len({f for f, h in zip(folds, groups) if h == g}) == 1  # a group is one fold
-    assert SplitConfig(kind="leave_one_group_out").test_folds([{"group": g} for g in groups]) == [
-        str(i) for i in range(1, 7)]
+    rows = [{"group": g, "fold": f} for g, f in zip(groups, folds)]
+    assert SplitConfig(kind="leave_one_group_out").test_folds(rows) == [str(i) for i in range(1, 7)]
 
 
 def _compose(overrides: list[str]):

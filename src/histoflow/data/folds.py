@@ -43,9 +43,9 @@ class SplitConfig:
 
     def test_folds(self, rows: list[dict] | None = None) -> list[str]:
         """The folds a training run may hold out as its test set (the `fold` option of train.py); leave one group
-        out has as many as the manifest `rows` have groups."""
+        out has the folds of the manifest `rows`, one per group."""
         if self.kind == "leave_one_group_out":
-            return [str(i) for i in range(1, len({r["group"] for r in rows or ()}) + 1)]
+            return sorted({str(r["fold"]) for r in rows or ()}, key=int)
         return [str(i) for i in range(1, self.k + 1)] if self.kind == "kfold" else ["test"]
 
 
