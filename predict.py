@@ -15,10 +15,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from histoflow.errors import report_errors
 from histoflow.inference.predict import predict
 
 
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="predict")
+@report_errors
 def main(cfg: DictConfig) -> None:
     predict(cfg)
 

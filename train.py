@@ -15,10 +15,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from histoflow.errors import report_errors
 from histoflow.training import train
 
 
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="train")
+@report_errors
 def main(cfg: DictConfig) -> float | None:
     """Train one run; return its best validation score of cfg.monitor, the value a sweeper (Optuna) optimises."""
     metrics = train(cfg)

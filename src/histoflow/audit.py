@@ -251,9 +251,11 @@ def main() -> None:
     from omegaconf import DictConfig, OmegaConf
 
     from histoflow.data.prepare import prepare_dataset
+    from histoflow.errors import report_errors
 
     @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[2] / "conf"),
                 config_name="audit")
+    @report_errors
     def run(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 

@@ -12,6 +12,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
+from histoflow.errors import HistoflowError
 from histoflow.models import clean_state_dict
 from histoflow.reports import save_confusion_matrix
 
@@ -125,7 +126,7 @@ def build_net(model_cfg: Mapping[str, Any], num_classes: int, input_size: int | 
 TRUSTED_TARGETS = ("histoflow.models.", "torchvision.models.", "torch.optim.")
 
 
-class UntrustedCheckpoint(ValueError):
+class UntrustedCheckpoint(HistoflowError, ValueError):
     """A checkpoint whose stored config would build objects outside the trusted prefixes."""
 
 

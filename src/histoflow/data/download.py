@@ -20,6 +20,7 @@ import tarfile
 import urllib.error
 import urllib.request
 import zipfile
+
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
@@ -33,6 +34,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from histoflow.errors import HistoflowError
+
 log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
@@ -41,7 +44,7 @@ TIMEOUT_S = 60.0  # per socket operation: a stalled server fails this URL instea
 CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
+class DownloadError(HistoflowError, RuntimeError):
     """Every URL failed; the message lists each URL with its reason and how to supply the archive by hand."""
 
     def __init__(self, name: str, failures: list[tuple[str, str]], archive: Path):

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from histoflow.errors import HistoflowError
 from sklearn.model_selection import StratifiedGroupKFold
 
 MANIFEST_COLUMNS = ["index", "image", "label", "group", "fold", "val", "sha256", "width", "height", "note"]
@@ -49,7 +51,7 @@ class SplitConfig:
         return [str(i) for i in range(1, self.k + 1)] if self.kind == "kfold" else ["test"]
 
 
-class LeakageError(ValueError):
+class LeakageError(HistoflowError, ValueError):
     """One patient or one identical image is on both sides of a split."""
 
 

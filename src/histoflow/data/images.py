@@ -6,12 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+
 from PIL import Image
+
+from histoflow.errors import HistoflowError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 
 
-class UnreadableImage(ValueError):
+class UnreadableImage(HistoflowError, ValueError):
     """The file is not a decodable image."""
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+
 from dataclasses import dataclass
 from pathlib import Path
+
+from histoflow.errors import HistoflowError
 
 # One fix per kind of problem, so every error tells the user what to do next.
 FIXES = {
@@ -31,7 +34,7 @@ class Problem:
     detail: str = ""
 
 
-class BadInputError(ValueError):
+class BadInputError(HistoflowError, ValueError):
     """Raised with every offending file, grouped by kind of problem, and the fix for each kind."""
 
     def __init__(self, problems: list[Problem], where: str):

@@ -17,6 +17,8 @@ from typing import BinaryIO
 
 import numpy as np
 import tifffile
+
+from histoflow.errors import HistoflowError
 from PIL import Image
 from tifffile import TIFF, TiffPage
 
@@ -29,7 +31,7 @@ _CONVERT_HINT = (
 )
 
 
-class SlideError(ValueError):
+class SlideError(HistoflowError, ValueError):
     """The file is not a slide histoflow can read, or lacks what was asked of it."""
 
 

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from histoflow.errors import HistoflowError
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.stain import StainNormalizer
 from histoflow.data.transforms import PatchTransform, build_transform
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 DATAMODULE_STATE = "ShardDataModule"  # Lightning saves the datamodule's state_dict() under its class name
 
 
-class CheckpointError(ValueError):
+class CheckpointError(HistoflowError, ValueError):
     """A checkpoint that cannot be used for this prediction; the message names the file and the fix."""
 
 

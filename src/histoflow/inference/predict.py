@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from histoflow.errors import HistoflowError
 from histoflow.data.images import IMAGE_SUFFIXES
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import prepare_dataset
@@ -23,7 +24,7 @@ from histoflow.inference.voting import predict_images, tta_views
 log = logging.getLogger(__name__)
 
 
-class BadImagesError(ValueError):
+class BadImagesError(HistoflowError, ValueError):
     """Images that could not be predicted (with on_bad_image=error), reported after the others were written."""
 
 

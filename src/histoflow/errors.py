@@ -1,0 +1,44 @@
+"""The project's own errors, and how the entry points show them.
+
+A `HistoflowError` is bad input, a bad configuration or a missing file: its message names the file or key and
+the fix, so `python train.py|predict.py|-m histoflow.prepare` print that message alone and exit with status 1.
+Any other exception is a bug and keeps its traceback. `HYDRA_FULL_ERROR=1` shows the traceback of both.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+class HistoflowError(Exception):
+    """An error of the user's input or configuration whose message says what to do about it."""
+
+
+class ConfigError(HistoflowError, ValueError):
+    """A configuration value that cannot work; the message names the key (e.g. data.loader.batch_size)."""
+
+
+class MissingInputError(HistoflowError, FileNotFoundError):
+    """A file or folder that the configuration points at is not there."""
+
+
+def report_errors(task: Callable[..., T]) -> Callable[..., T]:
+    """Wrap an entry point's task function: a HistoflowError becomes its message on stderr and exit status 1."""
+
+    @functools.wraps(task)
+    def run(*args, **kwargs):
+        try:
+            return task(*args, **kwargs)
+        except HistoflowError as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            sys.stdout.flush()
+            print(f"Error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+
+    return run
