@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,3 +37,30 @@ def wsi_dir() -> Path:
 @pytest.fixture(scope="session")
 def kather_dir() -> Path:
     return _require("kather2016-sample")
+
+
+# ---------------------------------------------------------------- tiny class folders
+
+CLASSES = ["CLL", "FL", "MCL"]
+
+
+def make_images(root: Path, per_class: int = 6, size: tuple[int, int] = (80, 64), seed: int = 0) -> Path:
+    """Random RGB PNGs in one folder per class (distinct bytes, so no accidental duplicates)."""
+    rng = np.random.default_rng(seed)
+    for c in CLASSES:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{c}-{i}.png")
+    return root
+
+
+def config(root: Path, out: Path, **over) -> dict:
+    """A plain data config for make_images' folders (3 folds, 36-px patches), prepared into `out`."""
+    data = {"name": "tiny", "root": str(root), "classes": CLASSES, "labels": "folder",
+            "split": {"kind": "kfold", "k": 3, "val_fraction": 0.5, "seed": 0},
+            "patches": {"size": 36, "stride": 32, "rotations": [0, 90]},
+            "shards": {"dir": str(out), "samples_per_shard": 40, "workers": 1}}
+    for k, v in over.items():
+        data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
+    return data

@@ -27,6 +27,10 @@ class MissingInputError(HistoflowError, FileNotFoundError):
     """A file or folder that the configuration points at is not there."""
 
 
+class DamagedFileError(HistoflowError, ValueError):
+    """A file on disk is damaged (cut short, overwritten); the message names it and how to rebuild it."""
+
+
 def report_errors(task: Callable[..., T]) -> Callable[..., T]:
     """Wrap an entry point's task function: a HistoflowError becomes its message on stderr and exit status 1."""
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -28,10 +28,12 @@ import torch
 import webdataset as wds
 from omegaconf import OmegaConf
 
+from histoflow.config import at_least, read_section
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.prepared import PreparedDataset, Split
 from histoflow.data.shards import decode_npy, parse_key
 from histoflow.data.transforms import PatchTransform, build_transform
+from histoflow.errors import ConfigError, DamagedFileError
 
 KEY_FIELDS = ("image", "x", "y", "rot")  # columns of the keys tensor: manifest index, patch origin, rotation
 ROLES = ("train", "val", "test")
@@ -58,11 +60,12 @@ class LoaderConfig:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> "LoaderConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg or {}) - names)
-        if unknown:
-            raise ValueError(f"data.loader: unknown key(s) {unknown}; known: {sorted(names)}")
-        return cls(**dict(cfg or {}))
+        return read_section(cls, cfg, "data.loader")
+
+    def __post_init__(self) -> None:
+        for key, low, optional in (("batch_size", 1, False), ("eval_batch_size", 1, True), ("num_workers", 0, False),
+                                   ("shuffle_buffer", 0, False), ("crop", 1, True), ("epoch_batches", 1, True)):
+            at_least(getattr(self, key), low, f"data.loader.{key}", optional)
 
 
 def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
@@ -84,7 +87,7 @@ def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
             kind = buf[pos + 156:pos + 157]
             if kind not in (b"0", b"\0") or pos + 512 + size > len(buf):
                 problem = f"member type {kind!r}" if kind not in (b"0", b"\0") else "truncated member"
-                raise ValueError(f"{url}: {problem} at byte {pos}; the loader reads plain, complete tar members. "
+                raise DamagedFileError(f"{url}: {problem} at byte {pos}; the loader reads plain, complete tar members. "
                                  "Fix: delete the shard and re-run prepare (it rewrites missing shards)")
             name = buf[pos:pos + 100].split(b"\0", 1)[0].decode()
             if buf[pos + 345] != 0:  # ustar prefix of a long path
@@ -203,7 +206,7 @@ class ShardDataModule(L.LightningDataModule):
             self.stats: dict[str, np.ndarray] = self.prepared.stats(self.fold)
             self.split: Split = self.prepared.split(self.fold)
         if self.split.samples["train"] == 0 and stage in (None, "fit"):
-            raise ValueError(f"fold {self.fold} of {self.prepared.path} leaves no training patches. "
+            raise ConfigError(f"fold {self.fold} of {self.prepared.path} leaves no training patches. "
                              "Fix: choose another fold or more images (data.split)")
 
     def _world(self) -> tuple[int, int]:

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import csv
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-
-from histoflow.errors import HistoflowError
 from sklearn.model_selection import StratifiedGroupKFold
+
+from histoflow.config import read_section
+from histoflow.errors import ConfigError, HistoflowError
 
 MANIFEST_COLUMNS = ["index", "image", "label", "group", "fold", "val", "sha256", "width", "height", "note"]
 
@@ -39,9 +40,8 @@ class SplitConfig:
     seed: int = 0
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "SplitConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> "SplitConfig":
+        return read_section(cls, cfg, "data.split")
 
     def test_folds(self, rows: list[dict] | None = None) -> list[str]:
         """The folds a training run may hold out as its test set (the `fold` option of train.py); leave one group
@@ -59,7 +59,7 @@ def _grouped_folds(labels: np.ndarray, groups: np.ndarray, n: int, seed: int, wh
     """Fold index 0..n-1 of every item; every group lands in exactly one fold."""
     n_groups = len(np.unique(groups))
     if n_groups < n:
-        raise ValueError(f"{what}: {n_groups} groups cannot fill {n} folds. Fix: add images, lower "
+        raise ConfigError(f"{what}: {n_groups} groups cannot fill {n} folds. Fix: add images, lower "
                          "data.split.k, or use coarser fractions")
     fold = np.empty(len(labels), dtype=int)
     splitter = StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed)
@@ -67,7 +67,7 @@ def _grouped_folds(labels: np.ndarray, groups: np.ndarray, n: int, seed: int, wh
         for i, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
             fold[test] = i
     except ValueError as e:
-        raise ValueError(f"{what}: cannot make {n} stratified folds ({e}). Fix: add images or use fewer folds") from e
+        raise ConfigError(f"{what}: cannot make {n} stratified folds ({e}). Fix: add images or use fewer folds") from e
     return fold
 
 
@@ -75,7 +75,7 @@ def _fraction_split(labels: np.ndarray, groups: np.ndarray, fractions: Mapping[s
     """Split name of every item: each class's groups, in seeded random order, cut at the cumulative fractions."""
     total = sum(fractions.values())
     if not np.isclose(total, 1):
-        raise ValueError(f"data.split.fractions {dict(fractions)} must add up to 1 (they add up to {total})")
+        raise ConfigError(f"data.split.fractions {dict(fractions)} must add up to 1 (they add up to {total})")
     names, cumulative = list(fractions), np.cumsum(list(fractions.values()))
     group_ids, inverse = np.unique(groups, return_inverse=True)
     # a group's class is its most common one (patients normally have one)
@@ -134,7 +134,7 @@ def assign_folds(labels: list[str], groups: list[str], cfg: SplitConfig) -> tupl
     if cfg.kind == "fractions":
         names = _fraction_split(y, g, cfg.fractions, cfg.seed)
         return names.tolist(), (names == "val").tolist()
-    raise ValueError(f"data.split.kind={cfg.kind!r}: expected kfold, leave_one_group_out or fractions")
+    raise ConfigError(f"data.split.kind={cfg.kind!r}: expected kfold, leave_one_group_out or fractions")
 
 
 PER_IMAGE, BLOCKS, CASES, LOCO, NAMED = ("per-image folds", "block folds", "case folds", "leave one case out",

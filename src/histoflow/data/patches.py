@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image
+
+from histoflow.config import read_section
+from histoflow.errors import ConfigError
 
 
 @dataclass
@@ -20,14 +23,13 @@ class PatchConfig:
     resize: int | None = None  # tiles only: resize each tile to this side first (e.g. 224)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "PatchConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> "PatchConfig":
+        return read_section(cls, cfg, "data.patches")
 
     def __post_init__(self) -> None:
         bad = [r for r in self.rotations if r % 90]
         if bad:
-            raise ValueError(f"data.patches.rotations {bad}: only multiples of 90 degrees keep patches lossless")
+            raise ConfigError(f"data.patches.rotations {bad}: only multiples of 90 degrees keep patches lossless")
 
     def side(self, height: int, width: int) -> int:
         """Side of the stored patches for an image of this size."""

@@ -6,29 +6,35 @@ completion record is written last, and an interrupted run resumes shard by shard
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+from filelock import FileLock, Timeout
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from histoflow.audit import DESCRIPTORS, audit, describe, summary_line, write_report
+from histoflow.config import check_keys, read_section
 from histoflow.data.folds import (MANIFEST_COLUMNS, SplitConfig, assign_folds, check_leakage, validation_gaps,
                                   write_manifest)
+from histoflow.data.fingerprint import content_hashes
 from histoflow.data.images import UnreadableImage, read_rgb
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepared import RECORD, PreparedDataset
 from histoflow.data.problems import BadInputError, Problem, write_problems
-from histoflow.data.shards import ShardJob, empty_stats, write_shard
+from histoflow.data.shards import DiskFullError, ShardJob, empty_stats, write_shard
 from histoflow.data.sources import ImageRecord, SourceConfig, class_names, list_images, resolve_root
 from histoflow.data.stain import StainConfig, StainNormalizer
+from histoflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 _ANNOUNCED: set[Path] = set()  # prepared folders already logged by this process
@@ -153,12 +159,28 @@ def plan_shards(rows: list[dict], classes: list[str], root: Path, patches: Patch
     return jobs
 
 
-def _key(name: str, records: list[ImageRecord], root: Path, settings: Mapping[str, Any]) -> str:
-    """Hash of the source listing (path, size, label, group) and every setting that changes the output."""
+def _key(name: str, records: list[ImageRecord], hashes: list[str], settings: Mapping[str, Any]) -> str:
+    """Hash of the source listing (path, content, label, group) and every setting that changes the output."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for r in records:
-        h.update(f"{r.path}\0{(root / r.path).stat().st_size}\0{r.label}\0{r.group}\n".encode())
+    for r, sha in zip(records, hashes):
+        h.update(f"{r.path}\0{sha}\0{r.label}\0{r.group}\n".encode())
     return f"{name}-{h.hexdigest()[:12]}"
+
+
+@contextmanager
+def _only_writer(out: Path) -> Iterator[None]:
+    """Hold the prepared folder's lock: one process writes it, the others wait (the lock of a killed writer goes
+    with its process)."""
+    lock = FileLock(out / ".prepare.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process that prepares %s (its lock: %s)", out, lock.lock_file)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _writable(out: Path) -> None:
@@ -229,22 +251,69 @@ def _fold_stats(shard_dir: Path, jobs: list[ShardJob], test_folds: list[str], si
     return out
 
 
-def prepare_dataset(data: Mapping[str, Any], quiet: bool = False) -> PreparedDataset:
-    """Prepare (or find already prepared) shards for a data config; returns the prepared data set."""
-    source = SourceConfig.from_config(data)
-    split = SplitConfig.from_config(data.get("split", {}))
-    patches = PatchConfig.from_config(data.get("patches", {}))
-    shards_cfg = dict(data.get("shards", {}))
+DATA_SECTIONS = ("_target_", "name", "on_bad_image", "cache_dir", "split", "stain", "patches", "shards", "loader")
+
+
+@dataclass
+class ShardsConfig:
+    """The `data.shards` section: where the prepared folders go and how they are written."""
+
+    dir: str | None = None  # None: data/prepared
+    samples_per_shard: int = 4096
+    workers: int | None = None  # processes that check images and write shards; None: one per CPU
+
+
+def _announce(out: Path) -> PreparedDataset:
+    if out not in _ANNOUNCED:  # the DataModule asks in prepare_data and again in setup
+        log.info("prepared data found: %s", out)
+        _ANNOUNCED.add(out)
+    return PreparedDataset(out)
+
+
+def _one_class_error(rows: list[dict], classes: list[str], root: Path) -> ConfigError | None:
+    present = sorted({r["label"] for r in rows})
+    if len(present) > 1:
+        return None
+    return ConfigError(f"{root}: only one class ({', '.join(present)}) among the usable images, of "
+                       f"{', '.join(classes)}: a classifier needs two or more. Fix: point data.root at the folder "
+                       "that holds one folder per class, or check data.classes and data.labels")
+
+
+@dataclass
+class _Plan:
+    """A data config resolved, its source listed and its prepared folder named, before anything is written."""
+
+    name: str
+    source: SourceConfig
+    split: SplitConfig
+    patches: PatchConfig
+    shards: ShardsConfig
+    stain: StainNormalizer | None
+    root: Path
+    records: list[ImageRecord]
+    problems: list[Problem]
+    settings: dict[str, Any]
+    out: Path
+
+    @property
+    def workers(self) -> int:
+        return self.shards.workers or os.cpu_count() or 1
+
+
+def _plan(data: Mapping[str, Any]) -> _Plan:
+    """Read the config, list the source and key the folder by the images' content and every setting."""
+    source = read_section(SourceConfig, data, "data", ignore=DATA_SECTIONS)
+    split = SplitConfig.from_config(data.get("split"))
+    patches = PatchConfig.from_config(data.get("patches"))
+    shards = read_section(ShardsConfig, data.get("shards"), "data.shards")
     on_bad = data.get("on_bad_image", "error")
     if on_bad not in ("error", "skip"):
-        raise ValueError(f"data.on_bad_image={on_bad!r}: expected error or skip")
-    workers = int(shards_cfg.get("workers", os.cpu_count() or 1))
-    samples_per_shard = int(shards_cfg.get("samples_per_shard", 4096))
-
+        raise ConfigError(f"data.on_bad_image={on_bad!r}: expected error or skip")
+    name = data.get("name", "data")
     root = resolve_root(source, data.get("cache_dir") or "~/.cache/histoflow")
     records, problems = list_images(source, root)
     settings = {"format": FORMAT, "source": {k: v for k, v in asdict(source).items() if k not in ("root", "url", "mirrors")},
-                "split": asdict(split), "patches": asdict(patches), "samples_per_shard": samples_per_shard,
+                "split": asdict(split), "patches": asdict(patches), "samples_per_shard": shards.samples_per_shard,
                 "on_bad_image": on_bad}
     for section, key, off in (("split", "val_groups_per_class", 0), ("source", "groups", None)):
         if settings[section][key] == off:  # absent when off, so folders prepared before the option stay valid
@@ -252,30 +321,56 @@ def prepare_dataset(data: Mapping[str, Any], quiet: bool = False) -> PreparedDat
     stain = StainNormalizer.from_config(StainConfig.from_config(data.get("stain")))
     if stain is not None:  # the fitted reference, not its path, keys the folder; absent when off (older folders stay)
         settings["stain"] = stain.state()
-    out = Path(shards_cfg.get("dir") or "data/prepared").expanduser() / _key(
-        data.get("name", "data"), records, root, settings)
-    if (out / RECORD).is_file():
-        if out not in _ANNOUNCED:  # the DataModule asks in prepare_data and again in setup
-            log.info("prepared data found: %s", out)
-            _ANNOUNCED.add(out)
-        return PreparedDataset(out)
-    if problems and on_bad == "error":
-        raise BadInputError(problems, str(root))
-    _writable(out)
-    t0 = time.perf_counter()
+    parent = Path(shards.dir or "data/prepared").expanduser()
+    hashes = content_hashes([root / r.path for r in records], parent / f".hashes-{name}.json")
+    return _Plan(name, source, split, patches, shards, stain, root, records, problems, settings,
+                 parent / _key(name, records, hashes, settings))
 
-    classes = class_names(source, records)
+
+def prepare_dataset(data: Mapping[str, Any], quiet: bool = False) -> PreparedDataset:
+    """Prepare (or find already prepared) shards for a data config; returns the prepared data set.
+
+    One process at a time writes a folder: the others wait for its lock, then find the folder prepared.
+    """
+    plan = _plan(data)
+    if (plan.out / RECORD).is_file():
+        return _announce(plan.out)
+    if plan.problems and plan.settings["on_bad_image"] == "error":
+        raise BadInputError(plan.problems, str(plan.root))
+    _writable(plan.out)
+    with _only_writer(plan.out):
+        if (plan.out / RECORD).is_file():  # another process prepared it while this one waited
+            return _announce(plan.out)
+        try:
+            return _write(plan, quiet)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, DiskFullError):
+                raise
+            for leftover in plan.out.rglob(".*.tmp"):
+                leftover.unlink()
+            raise DiskFullError(f"{plan.out}: no space left on the device ({e}). Fix: free space there (the run "
+                                "resumes where it stopped), or set data.shards.dir to a folder on a larger disk") from e
+
+
+def _write(plan: _Plan, quiet: bool) -> PreparedDataset:
+    """Check every image into the manifest, write the shards, sum each fold's statistics, write the record last
+    (or finish what an interrupted run left); the caller holds the folder's lock."""
+    out, root, split, patches, problems = plan.out, plan.root, plan.split, plan.patches, list(plan.problems)
+    t0 = time.perf_counter()
+    classes = class_names(plan.source, plan.records)
     manifest = out / "manifest.csv"
     if manifest.is_file():  # an interrupted run made it from the same listing and settings
         from histoflow.data.folds import read_manifest
         rows, notes = read_manifest(manifest), []
     else:
-        rows, bad, notes, descriptors = build_manifest(records, root, classes, split, patches, workers)
+        rows, bad, notes, descriptors = build_manifest(plan.records, root, classes, split, patches, plan.workers)
         problems += bad
-        if problems and on_bad == "error":
+        if problems and plan.settings["on_bad_image"] == "error":
             raise BadInputError(problems, str(root))
         if not rows:
             raise BadInputError(problems or [Problem(str(root), "empty-class", "no images at all")], str(root))
+        if (error := _one_class_error(rows, classes, root)) is not None:
+            raise error
         check_leakage(rows)
         write_problems(problems, notes, out / "problems.csv")
         np.save(out / DESCRIPTORS, descriptors)
@@ -286,8 +381,8 @@ def prepare_dataset(data: Mapping[str, Any], quiet: bool = False) -> PreparedDat
 
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
-    jobs = plan_shards(rows, classes, root, patches, samples_per_shard, split.seed)
-    _run_jobs(jobs, patches, shard_dir, workers, stain)
+    jobs = plan_shards(rows, classes, root, patches, plan.shards.samples_per_shard, split.seed)
+    _run_jobs(jobs, patches, shard_dir, plan.workers, plan.stain)
 
     side = patches.side(rows[0]["height"], rows[0]["width"])
     stats_dir = out / "stats"
@@ -300,8 +395,8 @@ def prepare_dataset(data: Mapping[str, Any], quiet: bool = False) -> PreparedDat
         with np.load(shard_dir / f"{j.name}.stats.npz") as z:
             shard_records.append({"file": j.name, "fold": j.fold, "part": j.part, "samples": int(z["count"]),
                                   "images": len(j.images)})
-    record = {"format": FORMAT, "name": data.get("name", "data"), "root": str(root), "classes": classes,
-              "patch_side": side, "test_folds": test_folds, "settings": settings, "images": len(rows),
+    record = {"format": FORMAT, "name": plan.name, "root": str(root), "classes": classes,
+              "patch_side": side, "test_folds": test_folds, "settings": plan.settings, "images": len(rows),
               "samples": sum(s["samples"] for s in shard_records), "shards": shard_records,
               "skipped": len(problems), "seconds": round(time.perf_counter() - t0, 2)}
     tmp = out / f".{RECORD}.tmp"

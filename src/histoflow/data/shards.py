@@ -11,6 +11,7 @@ buffer view, ten times faster than PNG, see benchmarks/bench_prepare.py).
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import os
@@ -23,6 +24,7 @@ import numpy as np
 
 from histoflow.data.images import read_rgb
 from histoflow.data.patches import PatchConfig, extract_patches
+from histoflow.errors import ConfigError, HistoflowError
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,10 @@ def add_stats(stats: dict[str, np.ndarray], patches: np.ndarray) -> None:
     stats["count"] += len(patches)
 
 
+class DiskFullError(HistoflowError, OSError):
+    """The disk filled up while prepared data was written; the message names the folder."""
+
+
 def write_shard(job: ShardJob, patches_cfg: PatchConfig, out_dir: Path,
                 stain: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """Cut (after stain normalisation, when given), shuffle and write the job's patches; return the shard's record."""
@@ -140,23 +146,32 @@ def write_shard(job: ShardJob, patches_cfg: PatchConfig, out_dir: Path,
     patches, meta = np.concatenate(arrays), np.concatenate(meta)
     sides = {a.shape[1:] for a in arrays}
     if len(sides) > 1:
-        raise ValueError(f"tiles of different sizes {sorted(sides)} in {job.name}. Fix: set data.patches.resize")
+        raise ConfigError(f"tiles of different sizes {sorted(sides)} in {job.name}. Fix: set data.patches.resize")
     order = np.random.default_rng(job.seed).permutation(len(patches))
     stats = empty_stats(patches.shape[1])
     add_stats(stats, patches)
 
     tmp = out_dir / f".{job.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        tar = TarShard(f)
-        for i in order:
-            index, x, y, rot, label = (int(v) for v in meta[i])
-            key = sample_key(index, x, y, rot)
-            # webdataset's member order within a sample: sorted extensions
-            tar.add(f"{key}.cls", b"%d" % label)
-            tar.add(f"{key}.npy", encode_npy(patches[i]))
-        tar.close()
     stats_tmp = out_dir / f".{job.name}.{os.getpid()}.stats.npz"
-    np.savez(stats_tmp, **stats)
+    try:
+        with open(tmp, "wb") as f:
+            tar = TarShard(f)
+            for i in order:
+                index, x, y, rot, label = (int(v) for v in meta[i])
+                key = sample_key(index, x, y, rot)
+                # webdataset's member order within a sample: sorted extensions
+                tar.add(f"{key}.cls", b"%d" % label)
+                tar.add(f"{key}.npy", encode_npy(patches[i]))
+            tar.close()
+        np.savez(stats_tmp, **stats)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        stats_tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"{out_dir}: no space left on the device while writing {job.name}. Fix: free "
+                                "space there (the run resumes with the shards written so far), or set "
+                                "data.shards.dir to a folder on a larger disk") from e
+        raise
     # the stats land first: a shard file that exists always has its sums beside it
     stats_tmp.replace(out_dir / f"{job.name}.stats.npz")
     tmp.replace(out_dir / job.name)

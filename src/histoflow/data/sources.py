@@ -7,13 +7,17 @@ A source yields one record per image: its path relative to the root, its class l
 from __future__ import annotations
 
 import csv
+import logging
+import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
 
 from histoflow.data.images import IMAGE_SUFFIXES
 from histoflow.data.problems import Problem
+from histoflow.errors import ConfigError, MissingInputError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,12 +37,6 @@ class SourceConfig:
     group_block: int | None = None  # with group_regex: group = captured number // block (contiguous blocks)
     groups: str | None = None  # a table image,group[,label] (paths relative to root): the patient of every image
 
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "SourceConfig":
-        """Take this dataclass's fields from a larger (plain, resolved) data config."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names})
-
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -50,17 +48,39 @@ class ImageRecord:
 
 
 def resolve_root(cfg: SourceConfig, cache_dir: str | Path) -> Path:
-    """The local folder holding the images, fetching and unpacking the archive when needed."""
-    if cfg.root and Path(cfg.root).expanduser().is_dir():
-        return Path(cfg.root).expanduser().resolve()
+    """The local folder holding the images; only when data.root is not set, the archive at data.url, fetched and
+    unpacked once."""
+    if cfg.root:
+        root = Path(cfg.root).expanduser()
+        if root.is_dir():
+            return root.resolve()
+        what = "is a file, not a folder" if root.exists() else "no such folder"
+        raise MissingInputError(f"data.root={cfg.root}: {what}. Fix: pass data.root=<folder of class folders> "
+                                "(check the spelling), or data.root=null to download data.url")
     if cfg.url:
         from histoflow.data.download import fetch_archive
 
         unpacked = fetch_archive([cfg.url, *cfg.mirrors], cfg.checksum, Path(cache_dir).expanduser())
         return unpacked / cfg.subdir if cfg.subdir else unpacked
-    where = f"data.root={cfg.root}" if cfg.root else "data.root is not set"
-    raise FileNotFoundError(f"{where}: no such folder. Fix: pass data.root=<folder of class folders> "
-                            "or set data.url to an archive to download.")
+    raise MissingInputError("data.root is not set and there is no data.url. Fix: pass data.root=<folder of class "
+                            "folders>, or set data.url to an archive to download")
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Every file below `folder`, sorted, following linked folders (each real folder once, so a link loop ends);
+    hidden files and folders are left out."""
+    seen: set[tuple[int, int]] = set()
+    found: list[Path] = []
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:
+            log.warning("%s: a link back to a folder already listed, left out", top)
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(top) / f for f in files if not f.startswith(".") and os.path.isfile(os.path.join(top, f))]
+    return sorted(found)
 
 
 def _is_listed(path: Path) -> bool:
@@ -89,13 +109,13 @@ def read_groups(cfg: SourceConfig, root: Path) -> dict[str, tuple[str, str | Non
     """image (relative to root) -> (group, label or None) from the data.groups table."""
     table = _table_path(cfg.groups or "", root)
     if not table.is_file():
-        raise FileNotFoundError(f"data.groups={cfg.groups}: no table at {table}. Fix: point data.groups at a CSV "
+        raise MissingInputError(f"data.groups={cfg.groups}: no table at {table}. Fix: point data.groups at a CSV "
                                 "with columns image,group[,label] (paths relative to data.root), or choose another "
                                 "protocol (protocol=images: every image its own patient)")
     with open(table, newline="") as f:
         reader = csv.DictReader(f)
         if not {"image", "group"} <= set(reader.fieldnames or ()):
-            raise ValueError(f"{table}: columns {reader.fieldnames}; expected image,group[,label]")
+            raise ConfigError(f"{table}: columns {reader.fieldnames}; expected image,group[,label]")
         return {Path(row["image"]).as_posix(): (row["group"], row.get("label") or None) for row in reader}
 
 
@@ -122,7 +142,7 @@ def list_images(cfg: SourceConfig, root: Path) -> tuple[list[ImageRecord], list[
     if cfg.labels == "folder":
         class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and _is_listed(d.relative_to(root)))
         for d in class_dirs:
-            files = sorted(p for p in d.rglob("*") if p.is_file() and _is_listed(p.relative_to(root)))
+            files = files_under(d)
             if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
                 problems.append(Problem(str(d), "empty-class", "no image files in this class folder"))
             found += [(p, d.name, None) for p in files]
@@ -130,7 +150,7 @@ def list_images(cfg: SourceConfig, root: Path) -> tuple[list[ImageRecord], list[
         problems += [Problem(str(p), "unknown-class", "file outside any class folder") for p in loose
                      if p.suffix.lower() in IMAGE_SUFFIXES]
     elif cfg.labels == "prefix":
-        for p in sorted(p for p in root.rglob("*") if p.is_file() and _is_listed(p.relative_to(root))):
+        for p in files_under(root):
             m = re.search(cfg.label_regex, p.name)
             if m is None and p.suffix.lower() in IMAGE_SUFFIXES:
                 problems.append(Problem(str(p), "no-label", f"name does not match label_regex {cfg.label_regex!r}"))
@@ -142,7 +162,7 @@ def list_images(cfg: SourceConfig, root: Path) -> tuple[list[ImageRecord], list[
         table = Path(cfg.csv or "")
         table = table if table.is_absolute() else root / table
         if not table.is_file():
-            raise FileNotFoundError(f"{table}: label CSV not found. Fix: set data.csv to a file with "
+            raise MissingInputError(f"{table}: label CSV not found. Fix: set data.csv to a file with "
                                     "columns image,label[,group] (paths relative to data.root)")
         with open(table, newline="") as f:
             for row in csv.DictReader(f):
@@ -152,7 +172,7 @@ def list_images(cfg: SourceConfig, root: Path) -> tuple[list[ImageRecord], list[
                     continue
                 found.append((p, row["label"], row.get("group") or None))
     else:
-        raise ValueError(f"data.labels={cfg.labels!r}: expected folder, prefix or csv")
+        raise ConfigError(f"data.labels={cfg.labels!r}: expected folder, prefix or csv")
 
     classes = set(cfg.classes) if cfg.classes else None
     records = []

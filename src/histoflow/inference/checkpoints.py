@@ -16,10 +16,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from histoflow.errors import HistoflowError
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.stain import StainNormalizer
 from histoflow.data.transforms import PatchTransform, build_transform
+from histoflow.errors import HistoflowError
 from histoflow.module import TRUSTED_TARGETS, PatchClassifier, UntrustedCheckpoint, load_classifier
 from histoflow.training import METRICS_FILE
 

@@ -1,0 +1,75 @@
+"""Config sections read into dataclasses: one place that refuses unknown keys and values of the wrong type.
+
+Hydra answers a mistyped key of a YAML section with "use +key=value to add it"; a key added that way is read by
+nothing. Every section histoflow owns is read through `read_section`, which names such a key in full (e.g.
+`data.split.kk`) with the keys the section knows.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import MISSING, fields
+from typing import Any, Iterable, Mapping, TypeVar
+
+from histoflow.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def check_keys(cfg: Mapping[str, Any], known: Iterable[str], section: str) -> None:
+    """Refuse keys of `cfg` that nothing reads, naming them as `section.key`."""
+    known = set(known)
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        names = ", ".join(f"{section}.{k}" for k in unknown)
+        raise ConfigError(f"{names}: unknown key(s); {section} has {', '.join(sorted(known))}. Fix: correct the "
+                          "spelling (a +key override adds a key that nothing reads)")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a plain config value fits a dataclass field's annotation (ints pass for floats, not bools)."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        (item, *_) = typing.get_args(hint) or (Any,)
+        return isinstance(value, (list, tuple)) and all(_fits(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, Mapping)
+    return isinstance(value, origin or hint)
+
+
+def read_section(cls: type[T], cfg: Mapping[str, Any] | None, section: str, ignore: Iterable[str] = ()) -> T:
+    """The dataclass `cls` from a config section: unknown keys and values of the wrong type are refused by their
+    full name (`section.key=value`); keys in `ignore` belong to the caller."""
+    cfg = dict(cfg or {})
+    ignore = set(ignore)
+    check_keys(cfg, {f.name for f in fields(cls)} | ignore, section)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in cfg and not _fits(cfg[f.name], hints[f.name]):
+            expected = str(hints[f.name]).replace("typing.", "")
+            raise ConfigError(f"{section}.{f.name}={cfg[f.name]!r}: expected {expected}")
+    values = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg}
+    missing = [f.name for f in fields(cls) if f.name not in values and f.default is MISSING
+               and f.default_factory is MISSING]
+    if missing:
+        raise ConfigError(f"{', '.join(f'{section}.{m}' for m in missing)}: required")
+    return cls(**values)
+
+
+def at_least(value: Any, low: int, key: str, optional: bool = False) -> None:
+    """Refuse a number below `low` (None passes when optional), naming the key."""
+    if value is None and optional:
+        return
+    if value is None or value < low:
+        raise ConfigError(f"{key}={value!r}: must be at least {low}" + (" (or null)" if optional else ""))

@@ -1,0 +1,167 @@
+"""Faults a new user hits while preparing data: concurrent prepares, changed images, a mistyped root, links,
+a full disk, one class, typo keys, and how the entry points show the project's own errors."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import CLASSES, REPO, config, make_images
+from histoflow.data import shards
+from histoflow.data.datamodule import LoaderConfig
+from histoflow.data.prepare import prepare_dataset
+from histoflow.data.problems import BadInputError
+from histoflow.data.sources import SourceConfig, list_images
+from histoflow.errors import ConfigError, HistoflowError, MissingInputError
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under a prepared folder but its timing record, by relative path."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "dataset.json" and not p.name.startswith(".")}
+
+
+def test_concurrent_prepares_all_succeed_and_equal_a_clean_run(tmp_path: Path) -> None:
+    root = make_images(tmp_path / "images", per_class=20, size=(320, 256))
+    data = config(root, tmp_path / "shared", shards={"samples_per_shard": 16})
+    script = f"from histoflow.data.prepare import prepare_dataset; prepare_dataset({data!r}, quiet=True)"
+    procs, t0 = [], time.monotonic()
+    for delay in (0.0, 0.2, 0.5, 1.0):  # the fold jobs of a sweep, started by a launcher moments apart
+        time.sleep(max(0.0, t0 + delay - time.monotonic()))
+        procs.append(subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(outputs)
+    clean = prepare_dataset(config(root, tmp_path / "clean", shards={"samples_per_shard": 16}), quiet=True)
+    folders = [f for f in (tmp_path / "shared").iterdir() if not f.name.startswith(".")]
+    assert [f.name for f in folders] == [clean.path.name]
+    assert _tree(folders[0]) == _tree(clean.path)
+    assert not list(folders[0].glob("shards/.*.tmp"))
+
+
+def _tiff_images(root: Path) -> Path:
+    """Uncompressed TIFFs: every image of the same size has the same number of bytes, like Kather's tiles."""
+    rng = np.random.default_rng(1)
+    for c in CLASSES:
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            tifffile.imwrite(root / c / f"{c}-{i}.tif", rng.integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    return root
+
+
+def test_same_size_replacement_gives_a_new_folder_and_the_checks_run(tmp_path: Path) -> None:
+    root = _tiff_images(tmp_path / "images")
+    first = prepare_dataset(config(root, tmp_path / "prepared"), quiet=True)
+    target, other = root / "CLL" / "CLL-0.tif", root / "FL" / "FL-0.tif"
+    before = target.stat()
+    target.write_bytes(other.read_bytes())  # same size, other pixels: an FL image filed as CLL
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))  # as `cp -p` or rsync keep the old time
+    assert target.stat().st_size == before.st_size and target.stat().st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(BadInputError, match="conflicting-labels"):  # the duplicate check ran on the new bytes
+        prepare_dataset(config(root, tmp_path / "prepared"), quiet=True)
+    again = prepare_dataset(config(root, tmp_path / "prepared", on_bad_image="skip"), quiet=True)
+    assert again.path != first.path and again.record["images"] == first.record["images"] - 2
+
+
+def test_unchanged_images_are_not_hashed_again(tmp_path: Path, monkeypatch) -> None:
+    from histoflow.data import fingerprint
+
+    monkeypatch.setattr(fingerprint, "RACY_S", 0.0)  # else an image changed in the last 2 s is hashed again
+    root = make_images(tmp_path / "images")
+    data = config(root, tmp_path / "prepared")
+    first = prepare_dataset(data, quiet=True)
+    hashed, real = [], fingerprint.sha256_file
+    monkeypatch.setattr(fingerprint, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    assert prepare_dataset(data, quiet=True).path == first.path
+    assert hashed == []
+    (root / "FL" / "FL-1.png").touch()  # a new status: read again, the same bytes, the same folder
+    assert prepare_dataset(data, quiet=True).path == first.path
+    assert hashed == ["FL-1.png"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_a_mistyped_root_is_an_error_never_a_download(tmp_path: Path, kind: str) -> None:
+    root = tmp_path / "lymphoma-typo"
+    if kind == "file":
+        root.write_text("not a folder")
+    data = config(root, tmp_path / "prepared", url="http://127.0.0.1:9/never-asked.tar.gz",
+                  cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(MissingInputError, match=f"data.root={root}"):
+        prepare_dataset(data, quiet=True)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_linked_folders_inside_a_class_are_followed_once(tmp_path: Path) -> None:
+    root = make_images(tmp_path / "images", per_class=2)
+    extra = make_images(tmp_path / "elsewhere", per_class=3, seed=1)
+    (root / "CLL" / "more").symlink_to(extra / "CLL", target_is_directory=True)
+    (root / "CLL" / "loop").symlink_to(root / "CLL", target_is_directory=True)  # must not recurse forever
+    records, problems = list_images(SourceConfig(classes=CLASSES), root)
+    cll = sorted(r.path for r in records if r.label == "CLL")
+    assert cll == ["CLL/CLL-0.png", "CLL/CLL-1.png", "CLL/more/CLL-0.png", "CLL/more/CLL-1.png",
+                   "CLL/more/CLL-2.png"]
+    assert problems == []
+
+
+@pytest.mark.parametrize("key,value", [("batch_size", 0), ("batch_size", "abc"), ("eval_batch_size", -1),
+                                       ("num_workers", -2), ("shuffle_buffer", 1.5), ("crop", 0)])
+def test_loader_values_are_checked_up_front(key: str, value) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"data.loader.{key}={value!r}")):
+        LoaderConfig.from_config({key: value})
+
+
+@pytest.mark.parametrize("over,key", [({"split": {"kk": 3}}, "data.split.kk"),
+                                      ({"patches": {"strid": 16}}, "data.patches.strid"),
+                                      ({"shards": {"sample_per_shard": 9}}, "data.shards.sample_per_shard"),
+                                      ({"lables": "csv"}, "data.lables")])
+def test_unknown_keys_are_refused_with_their_full_name(tmp_path: Path, over: dict, key: str) -> None:
+    root = make_images(tmp_path / "images", per_class=2)
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        prepare_dataset(config(root, tmp_path / "prepared", **over), quiet=True)
+
+
+def test_a_full_disk_names_the_folder_and_leaves_no_temp_files(tmp_path: Path, monkeypatch) -> None:
+    root = make_images(tmp_path / "images")
+    add, calls = shards.TarShard.add, []
+
+    def fill_up(self, name: str, data: bytes) -> None:
+        calls.append(name)
+        if len(calls) > 30:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        add(self, name, data)
+
+    monkeypatch.setattr(shards.TarShard, "add", fill_up)
+    with pytest.raises(HistoflowError, match="no space left") as info:
+        prepare_dataset(config(root, tmp_path / "prepared"), quiet=True)
+    shard_dir = next((tmp_path / "prepared").iterdir()) / "shards"
+    assert str(shard_dir) in str(info.value) and "data.shards.dir" in str(info.value)
+    assert list(shard_dir.glob(".*")) == []
+    monkeypatch.setattr(shards.TarShard, "add", add)  # space freed: the run resumes
+    assert prepare_dataset(config(root, tmp_path / "prepared"), quiet=True).record["images"] == 18
+
+
+def test_one_class_is_an_error_at_prepare(tmp_path: Path) -> None:
+    root = make_images(tmp_path / "images", per_class=3)
+    for c in CLASSES[1:]:
+        for p in (root / c).iterdir():
+            p.unlink()
+        (root / c).rmdir()
+    with pytest.raises(ConfigError, match="one class"):
+        prepare_dataset(config(root, tmp_path / "prepared", classes=None), quiet=True)
+
+
+def test_the_entry_points_print_their_own_errors_without_a_traceback(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "histoflow.prepare", "data=lymphoma",
+                          f"data.root={tmp_path / 'typo'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 1
+    assert f"data.root={tmp_path / 'typo'}" in run.stderr and "Traceback" not in run.stderr + run.stdout
