@@ -1,7 +1,8 @@
 """Images on disk -> manifest with folds -> fold-aligned WebDataset shards + training means.
 
-Runs once per source listing and settings: the output folder is named by a hash of both, a
-completion record is written last, and an interrupted run resumes shard by shard.
+Runs once per source listing and settings: the output folder is named by a hash of the images' content, labels,
+groups and every setting; one process at a time writes it (a file lock), a completion record is written last,
+and an interrupted run resumes shard by shard.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,14 +20,12 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 from filelock import FileLock, Timeout
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from histoflow.audit import DESCRIPTORS, audit, describe, summary_line, write_report
-from histoflow.config import check_keys, read_section
-from histoflow.data.folds import (MANIFEST_COLUMNS, SplitConfig, assign_folds, check_leakage, validation_gaps,
-                                  write_manifest)
+from histoflow.audit import DESCRIPTORS
+from histoflow.config import read_section
 from histoflow.data.fingerprint import content_hashes
-from histoflow.data.images import UnreadableImage, read_rgb
+from histoflow.data.folds import SplitConfig, check_leakage, write_manifest
+from histoflow.data.manifest import build_manifest, one_class_error, warn_if_leaky
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepared import RECORD, PreparedDataset
 from histoflow.data.problems import BadInputError, Problem, write_problems
@@ -35,107 +33,11 @@ from histoflow.data.shards import DiskFullError, ShardJob, empty_stats, write_sh
 from histoflow.data.sources import ImageRecord, SourceConfig, class_names, list_images, resolve_root
 from histoflow.data.stain import StainConfig, StainNormalizer
 from histoflow.errors import ConfigError
+from histoflow.progress import process_map, progress_bar
 
 log = logging.getLogger(__name__)
 _ANNOUNCED: set[Path] = set()  # prepared folders already logged by this process
 FORMAT = 1  # bump when the shard layout changes, so old folders are not reused
-
-
-def _inspect(path: str) -> tuple[str, int, int, str, np.ndarray] | str:
-    """(sha256, width, height, note, audit descriptor) of a decodable image, else the reason it is bad."""
-    data = Path(path).read_bytes()
-    try:
-        image, note = read_rgb(path)
-    except UnreadableImage as e:
-        return str(e).split(": ", 1)[-1]
-    return hashlib.sha256(data).hexdigest(), image.shape[1], image.shape[0], note, describe(image)
-
-
-def _map(fn, items: list, workers: int) -> Iterator:
-    """fn over items, in order, in worker processes when there is more than one worker."""
-    if workers <= 1 or len(items) < 2:
-        yield from map(fn, items)
-        return
-    # the platform's default start method: fork on Linux, as DataLoader workers use, so no re-imports
-    with ProcessPoolExecutor(workers) as pool:
-        yield from pool.map(fn, items, chunksize=max(1, len(items) // (workers * 8)))
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
-
-
-def _union_identical(records: list[ImageRecord], hashes: list[str]) -> list[str]:
-    """Groups with identical images merged, so a duplicate can never cross a split."""
-    parent: dict[str, str] = {}
-
-    def find(g: str) -> str:
-        while parent.get(g, g) != g:
-            g = parent[g]
-        return g
-
-    first: dict[str, str] = {}
-    for r, h in zip(records, hashes):
-        if h in first and find(first[h]) != find(r.group):
-            parent[find(r.group)] = find(first[h])
-        first.setdefault(h, r.group)
-    return [find(r.group) for r in records]
-
-
-def build_manifest(records: list[ImageRecord], root: Path, classes: list[str], split: SplitConfig,
-                   patches: PatchConfig, workers: int) -> tuple[list[dict], list[Problem], list[Problem], np.ndarray]:
-    """Decode-check and hash every image, then assign folds; returns rows, problems, notes and the rows' audit
-    descriptors."""
-    problems, notes, good, descriptors = [], [], [], {}
-    with _progress() as bar:
-        task = bar.add_task("checking images", total=len(records), rate="")
-        t0 = time.perf_counter()
-        for i, (r, res) in enumerate(zip(records, _map(_inspect, [str(root / r.path) for r in records], workers))):
-            bar.update(task, advance=1, rate=f"{(i + 1) / (time.perf_counter() - t0):.0f} images/s")
-            if isinstance(res, str):
-                problems.append(Problem(str(root / r.path), "corrupt", res))
-                continue
-            sha, w, h, note, descriptors[r.path] = res
-            if patches.size and (h < patches.size or w < patches.size):
-                problems.append(Problem(str(root / r.path), "too-small", f"{w}x{h} < patch {patches.size}"))
-                continue
-            if note:
-                notes.append(Problem(str(root / r.path), "note", note))
-            good.append((r, sha, w, h, note))
-    by_hash: dict[str, set] = {}
-    for r, sha, *_ in good:
-        by_hash.setdefault(sha, set()).add(r.label)
-    clashes = {sha for sha, labels in by_hash.items() if len(labels) > 1}
-    problems += [Problem(str(root / r.path), "conflicting-labels", f"same bytes as another image of class "
-                         f"{sorted(by_hash[sha] - {r.label})}") for r, sha, *_ in good if sha in clashes]
-    good = [g for g in good if g[1] not in clashes]
-    if not good:
-        return [], problems, notes, np.zeros((0, 0), np.float32)
-    groups = _union_identical([g[0] for g in good], [g[1] for g in good])
-    labels = [g[0].label for g in good]
-    folds, val = assign_folds(labels, groups, split)
-    for fold, missing in validation_gaps(labels, folds, val).items():
-        log.warning("holding out fold %s, the grouped validation split has no %s image: selecting the 'best' epoch "
-                    "on it is biased. Fix: data.split.val_groups_per_class=2 (every class in every run's validation), "
-                    "or data.split.val_fraction=0 callbacks.model_checkpoint.monitor=null (keep the last epoch)",
-                    fold, " or ".join(missing))
-    rows = [dict(zip(MANIFEST_COLUMNS, (i, r.path, r.label, grp, f, v, sha, w, h, note)))
-            for i, ((r, sha, w, h, note), grp, f, v) in enumerate(zip(good, groups, folds, val))]
-    return rows, problems, notes, np.stack([descriptors[r.path] for r, *_ in good])
-
-
-def _warn_if_leaky(descriptors: np.ndarray, rows: list[dict], out: Path) -> None:
-    """The leak audit of the new split (seconds): a warning, and audit.md in the prepared folder, when look-alike
-    images sit on both sides of the folds."""
-    if len({r["fold"] for r in rows}) < 2:
-        return
-    result = audit(descriptors, [r["fold"] for r in rows], [r["image"] for r in rows])
-    report = write_report(result, out, out.name)
-    if result.verdict == "leaky":
-        log.warning("%s. Images of one patient or slide are probably on both sides of the folds: give the patients "
-                    "(data.groups=<table image,group>, protocol=cases) or check the pairs in %s "
-                    "(python -m histoflow.audit data=... shows it again)", summary_line(result), report)
 
 
 def plan_shards(rows: list[dict], classes: list[str], root: Path, patches: PatchConfig,
@@ -204,11 +106,11 @@ def _run_jobs(jobs: list[ShardJob], patches: PatchConfig, shard_dir: Path, worke
     if len(todo) < len(jobs):
         log.info("resuming: %d of %d shards already written", len(jobs) - len(todo), len(jobs))
     n_images = sum(len(j.images) for j in todo)
-    with _progress() as bar:
+    with progress_bar() as bar:
         t_img = bar.add_task("images", total=n_images, rate="")
         t_shard = bar.add_task("shards", total=len(todo), rate="")
         t0, done_images, done_patches, unchanged = time.perf_counter(), 0, 0, 0
-        for rec in _map(_ShardWriter(patches, shard_dir, stain), todo, workers):
+        for rec in process_map(_ShardWriter(patches, shard_dir, stain), todo, workers):
             unchanged += rec["stain_failed"]
             done_images, done_patches = done_images + rec["images"], done_patches + rec["samples"]
             dt = time.perf_counter() - t0
@@ -270,15 +172,6 @@ def _announce(out: Path) -> PreparedDataset:
     return PreparedDataset(out)
 
 
-def _one_class_error(rows: list[dict], classes: list[str], root: Path) -> ConfigError | None:
-    present = sorted({r["label"] for r in rows})
-    if len(present) > 1:
-        return None
-    return ConfigError(f"{root}: only one class ({', '.join(present)}) among the usable images, of "
-                       f"{', '.join(classes)}: a classifier needs two or more. Fix: point data.root at the folder "
-                       "that holds one folder per class, or check data.classes and data.labels")
-
-
 @dataclass
 class _Plan:
     """A data config resolved, its source listed and its prepared folder named, before anything is written."""
@@ -293,6 +186,7 @@ class _Plan:
     records: list[ImageRecord]
     problems: list[Problem]
     settings: dict[str, Any]
+    hashes: list[str]
     out: Path
 
     @property
@@ -323,7 +217,7 @@ def _plan(data: Mapping[str, Any]) -> _Plan:
         settings["stain"] = stain.state()
     parent = Path(shards.dir or "data/prepared").expanduser()
     hashes = content_hashes([root / r.path for r in records], parent / f".hashes-{name}.json")
-    return _Plan(name, source, split, patches, shards, stain, root, records, problems, settings,
+    return _Plan(name, source, split, patches, shards, stain, root, records, problems, settings, hashes,
                  parent / _key(name, records, hashes, settings))
 
 
@@ -363,19 +257,19 @@ def _write(plan: _Plan, quiet: bool) -> PreparedDataset:
         from histoflow.data.folds import read_manifest
         rows, notes = read_manifest(manifest), []
     else:
-        rows, bad, notes, descriptors = build_manifest(plan.records, root, classes, split, patches, plan.workers)
+        rows, bad, notes, descriptors = build_manifest(plan.records, plan.hashes, root, split, patches, plan.workers)
         problems += bad
         if problems and plan.settings["on_bad_image"] == "error":
             raise BadInputError(problems, str(root))
         if not rows:
             raise BadInputError(problems or [Problem(str(root), "empty-class", "no images at all")], str(root))
-        if (error := _one_class_error(rows, classes, root)) is not None:
+        if (error := one_class_error(rows, classes, root)) is not None:
             raise error
         check_leakage(rows)
         write_problems(problems, notes, out / "problems.csv")
         np.save(out / DESCRIPTORS, descriptors)
         write_manifest(rows, manifest)
-        _warn_if_leaky(descriptors, rows, out)
+        warn_if_leaky(descriptors, rows, out)
     if problems:
         log.warning("%d bad input(s) skipped, listed in %s", len(problems), out / "problems.csv")
 

@@ -15,13 +15,13 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from histoflow.data.images import UnreadableImage, read_rgb
 from histoflow.data.patches import PatchConfig, extract_patches
 from histoflow.data.transforms import PatchTransform
+from histoflow.progress import progress_bar
 
 # Test-time views of a patch: (counter-clockwise quarter turns, mirrored first); together the 8 symmetries of a square.
 VIEWS: dict[str, tuple[int, bool]] = {
@@ -199,12 +199,6 @@ class Votes:
         out = np.full(len(self.paths), -1)
         out[self.ok] = AGGREGATES[aggregate](self.votes[self.ok], self.prob_sum[self.ok])
         return out
-
-
-def progress_bar(enabled: bool = True) -> Progress:
-    """Rich progress with an images/s rate."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled)
 
 
 def resolve_device(device: str) -> torch.device:

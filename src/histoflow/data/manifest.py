@@ -1,0 +1,112 @@
+"""Every image checked into the manifest: decodable, big enough, not a duplicate of another class; grouped into
+folds, with the leak audit of the split."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from histoflow.audit import audit, describe, summary_line, write_report
+from histoflow.data.folds import MANIFEST_COLUMNS, SplitConfig, assign_folds, validation_gaps
+from histoflow.data.images import UnreadableImage, read_rgb
+from histoflow.data.patches import PatchConfig
+from histoflow.data.problems import Problem
+from histoflow.data.sources import ImageRecord
+from histoflow.errors import ConfigError
+from histoflow.progress import process_map, progress_bar
+
+log = logging.getLogger(__name__)
+
+
+def _inspect(path: str) -> tuple[int, int, str, np.ndarray] | str:
+    """(width, height, note, audit descriptor) of a decodable image, else the reason it is bad."""
+    try:
+        image, note = read_rgb(path)
+    except UnreadableImage as e:
+        return str(e).split(": ", 1)[-1]
+    return image.shape[1], image.shape[0], note, describe(image)
+
+
+def _union_identical(records: list[ImageRecord], hashes: list[str]) -> list[str]:
+    """Groups with identical images merged, so a duplicate can never cross a split."""
+    parent: dict[str, str] = {}
+
+    def find(g: str) -> str:
+        while parent.get(g, g) != g:
+            g = parent[g]
+        return g
+
+    first: dict[str, str] = {}
+    for r, h in zip(records, hashes):
+        if h in first and find(first[h]) != find(r.group):
+            parent[find(r.group)] = find(first[h])
+        first.setdefault(h, r.group)
+    return [find(r.group) for r in records]
+
+
+def build_manifest(records: list[ImageRecord], hashes: list[str], root: Path, split: SplitConfig,
+                   patches: PatchConfig, workers: int) -> tuple[list[dict], list[Problem], list[Problem], np.ndarray]:
+    """Decode-check every image (`hashes`: their sha256), then assign folds; returns rows, problems, notes and the
+    rows' audit descriptors."""
+    problems, notes, good, descriptors = [], [], [], {}
+    with progress_bar() as bar:
+        task = bar.add_task("checking images", total=len(records), rate="")
+        t0 = time.perf_counter()
+        checked = process_map(_inspect, [str(root / r.path) for r in records], workers)
+        for i, (r, sha, res) in enumerate(zip(records, hashes, checked)):
+            bar.update(task, advance=1, rate=f"{(i + 1) / (time.perf_counter() - t0):.0f} images/s")
+            if isinstance(res, str):
+                problems.append(Problem(str(root / r.path), "corrupt", res))
+                continue
+            w, h, note, descriptors[r.path] = res
+            if patches.size and (h < patches.size or w < patches.size):
+                problems.append(Problem(str(root / r.path), "too-small", f"{w}x{h} < patch {patches.size}"))
+                continue
+            if note:
+                notes.append(Problem(str(root / r.path), "note", note))
+            good.append((r, sha, w, h, note))
+    by_hash: dict[str, set] = {}
+    for r, sha, *_ in good:
+        by_hash.setdefault(sha, set()).add(r.label)
+    clashes = {sha for sha, labels in by_hash.items() if len(labels) > 1}
+    problems += [Problem(str(root / r.path), "conflicting-labels", f"same bytes as another image of class "
+                         f"{sorted(by_hash[sha] - {r.label})}") for r, sha, *_ in good if sha in clashes]
+    good = [g for g in good if g[1] not in clashes]
+    if not good:
+        return [], problems, notes, np.zeros((0, 0), np.float32)
+    groups = _union_identical([g[0] for g in good], [g[1] for g in good])
+    labels = [g[0].label for g in good]
+    folds, val = assign_folds(labels, groups, split)
+    for fold, missing in validation_gaps(labels, folds, val).items():
+        log.warning("holding out fold %s, the grouped validation split has no %s image: selecting the 'best' epoch "
+                    "on it is biased. Fix: data.split.val_groups_per_class=2 (every class in every run's validation), "
+                    "or data.split.val_fraction=0 callbacks.model_checkpoint.monitor=null (keep the last epoch)",
+                    fold, " or ".join(missing))
+    rows = [dict(zip(MANIFEST_COLUMNS, (i, r.path, r.label, grp, f, v, sha, w, h, note)))
+            for i, ((r, sha, w, h, note), grp, f, v) in enumerate(zip(good, groups, folds, val))]
+    return rows, problems, notes, np.stack([descriptors[r.path] for r, *_ in good])
+
+
+def warn_if_leaky(descriptors: np.ndarray, rows: list[dict], out: Path) -> None:
+    """The leak audit of the new split (seconds): a warning, and audit.md in the prepared folder, when look-alike
+    images sit on both sides of the folds."""
+    if len({r["fold"] for r in rows}) < 2:
+        return
+    result = audit(descriptors, [r["fold"] for r in rows], [r["image"] for r in rows])
+    report = write_report(result, out, out.name)
+    if result.verdict == "leaky":
+        log.warning("%s. Images of one patient or slide are probably on both sides of the folds: give the patients "
+                    "(data.groups=<table image,group>, protocol=cases) or check the pairs in %s "
+                    "(python -m histoflow.audit data=... shows it again)", summary_line(result), report)
+
+
+def one_class_error(rows: list[dict], classes: list[str], root: Path) -> ConfigError | None:
+    present = sorted({r["label"] for r in rows})
+    if len(present) > 1:
+        return None
+    return ConfigError(f"{root}: only one class ({', '.join(present)}) among the usable images, of "
+                       f"{', '.join(classes)}: a classifier needs two or more. Fix: point data.root at the folder "
+                       "that holds one folder per class, or check data.classes and data.labels")

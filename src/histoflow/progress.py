@@ -1,0 +1,24 @@
+"""Long work shown as it goes: rich progress bars with a rate, and a map over worker processes."""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, Iterator
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def progress_bar(enabled: bool = True) -> Progress:
+    """Rich progress whose tasks show a `rate` field (e.g. images/s) beside the count and the times."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled)
+
+
+def process_map(fn: Callable, items: list, workers: int) -> Iterator:
+    """fn over items, in order, in worker processes when there is more than one worker."""
+    if workers <= 1 or len(items) < 2:
+        yield from map(fn, items)
+        return
+    # the platform's default start method: fork on Linux, as DataLoader workers use, so no re-imports
+    with ProcessPoolExecutor(workers) as pool:
+        yield from pool.map(fn, items, chunksize=max(1, len(items) // (workers * 8)))
