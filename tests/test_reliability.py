@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from conftest import CLASSES, REPO, config, make_images
 from histoflow.data import shards
@@ -21,7 +22,7 @@ from histoflow.data.datamodule import LoaderConfig
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.problems import BadInputError
 from histoflow.data.sources import SourceConfig, list_images
-from histoflow.errors import ConfigError, HistoflowError, MissingInputError
+from histoflow.errors import ConfigError, DamagedFileError, HistoflowError, MissingInputError, message
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -165,3 +166,16 @@ def test_the_entry_points_print_their_own_errors_without_a_traceback(tmp_path: P
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert run.returncode == 1
     assert f"data.root={tmp_path / 'typo'}" in run.stderr and "Traceback" not in run.stderr + run.stdout
+
+
+class _DamagedShards(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        raise DamagedFileError("shard 1-fit-00000.tar: truncated member. Fix: delete the shard and re-run prepare")
+        yield
+
+
+def test_an_error_of_a_loader_worker_is_shown_without_the_worker_traceback() -> None:
+    with pytest.raises(DamagedFileError) as info:
+        list(torch.utils.data.DataLoader(_DamagedShards(), num_workers=1))
+    assert "Traceback" in str(info.value)  # what torch re-raises
+    assert message(info.value) == "shard 1-fit-00000.tar: truncated member. Fix: delete the shard and re-run prepare"

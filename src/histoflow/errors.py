@@ -31,6 +31,15 @@ class DamagedFileError(HistoflowError, ValueError):
     """A file on disk is damaged (cut short, overwritten); the message names it and how to rebuild it."""
 
 
+def message(error: HistoflowError) -> str:
+    """The error's own message; a DataLoader worker's error is re-raised with the worker's traceback in front."""
+    text = str(error)
+    if "Original Traceback" in text:
+        marker = f"{type(error).__module__}.{type(error).__qualname__}: "
+        text = text.rsplit(marker, 1)[-1] if marker in text else text
+    return text.rstrip()
+
+
 def report_errors(task: Callable[..., T]) -> Callable[..., T]:
     """Wrap an entry point's task function: a HistoflowError becomes its message on stderr and exit status 1."""
 
@@ -42,7 +51,7 @@ def report_errors(task: Callable[..., T]) -> Callable[..., T]:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             sys.stdout.flush()
-            print(f"Error: {e}", file=sys.stderr, flush=True)
+            print(f"Error: {message(e)}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
 
     return run

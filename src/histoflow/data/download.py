@@ -34,7 +34,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from histoflow.errors import HistoflowError
+from histoflow.errors import ConfigError, HistoflowError
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def parse_checksum(checksum: str | None) -> tuple[str | None, str | None]:
     algo, _, digest = checksum.partition(":")
     algo = algo.strip().lower()
     if algo not in HASHES or not digest.strip():
-        raise ValueError(f"data.checksum={checksum!r}: expected '<algorithm>:<hex digest>' "
+        raise ConfigError(f"data.checksum={checksum!r}: expected '<algorithm>:<hex digest>' "
                          f"with algorithm one of {', '.join(HASHES)}")
     return algo, digest.strip().lower()
 

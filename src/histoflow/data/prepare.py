@@ -32,7 +32,7 @@ from histoflow.data.problems import BadInputError, Problem, write_problems
 from histoflow.data.shards import DiskFullError, ShardJob, empty_stats, write_shard
 from histoflow.data.sources import ImageRecord, SourceConfig, class_names, list_images, resolve_root
 from histoflow.data.stain import StainConfig, StainNormalizer
-from histoflow.errors import ConfigError
+from histoflow.errors import ConfigError, HistoflowError
 from histoflow.progress import process_map, progress_bar
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,10 @@ def _only_writer(out: Path) -> Iterator[None]:
         lock.release()
 
 
+class NotWritableError(HistoflowError, PermissionError):
+    """The prepared data cannot be written where the configuration says."""
+
+
 def _writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +96,7 @@ def _writable(out: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"{out}: cannot write prepared data here ({e.strerror}). "
+        raise NotWritableError(f"{out}: cannot write prepared data here ({e.strerror}). "
                               "Fix: set data.shards.dir (or paths.data_dir) to a writable folder") from e
 
 

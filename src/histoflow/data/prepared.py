@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from histoflow.data.folds import read_manifest
+from histoflow.errors import ConfigError, MissingInputError
 
 RECORD = "dataset.json"  # the completion record, written last
 
@@ -30,7 +31,7 @@ class PreparedDataset:
         self.path = Path(path)
         record = self.path / RECORD
         if not record.is_file():
-            raise FileNotFoundError(f"{record}: no completion record; the data set was not (fully) prepared. "
+            raise MissingInputError(f"{record}: no completion record; the data set was not (fully) prepared. "
                                     "Fix: run `python -m histoflow.prepare data=...` (it resumes where it stopped)")
         self.record = json.loads(record.read_text())
         self.classes: list[str] = self.record["classes"]
@@ -49,7 +50,7 @@ class PreparedDataset:
     def _check(self, test_fold: str) -> str:
         test_fold = str(test_fold)
         if test_fold not in self.test_folds:
-            raise ValueError(f"fold={test_fold!r} is not a fold of {self.path}: choose one of {self.test_folds}")
+            raise ConfigError(f"fold={test_fold!r} is not a fold of {self.path}: choose one of {self.test_folds}")
         return test_fold
 
     def split(self, test_fold: str | int) -> Split:

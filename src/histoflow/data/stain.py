@@ -24,6 +24,7 @@ import numpy as np
 import torchstain
 
 from histoflow.data.images import read_rgb
+from histoflow.errors import ConfigError, MissingInputError
 
 log = logging.getLogger(__name__)
 METHODS = ("reinhard", "macenko")
@@ -41,12 +42,12 @@ class StainConfig:
         cfg = dict(cfg or {})
         unknown = sorted(set(cfg) - {"method", "reference"})
         if unknown:
-            raise ValueError(f"data.stain: unknown key(s) {unknown}; known: method, reference")
+            raise ConfigError(f"data.stain: unknown key(s) {unknown}; known: method, reference")
         method = cfg.get("method")
         if method not in (None, *METHODS):
-            raise ValueError(f"data.stain.method={method!r}: expected null, {' or '.join(METHODS)}")
+            raise ConfigError(f"data.stain.method={method!r}: expected null, {' or '.join(METHODS)}")
         if method and not cfg.get("reference"):
-            raise ValueError(f"data.stain.method={method} needs data.stain.reference: an image (file) whose stain "
+            raise ConfigError(f"data.stain.method={method} needs data.stain.reference: an image (file) whose stain "
                              "the others are mapped to, e.g. a well-stained training image")
         return cls(method, str(cfg["reference"]) if cfg.get("reference") else None)
 
@@ -56,7 +57,7 @@ class StainNormalizer:
 
     def __init__(self, method: str, params: Mapping[str, Any]) -> None:
         if method not in METHODS:
-            raise ValueError(f"unknown stain normalisation {method!r}: expected {' or '.join(METHODS)}")
+            raise ConfigError(f"unknown stain normalisation {method!r}: expected {' or '.join(METHODS)}")
         self.method = method
         self.params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
         self._normalizer = torchstain.normalizers.MacenkoNormalizer(backend="numpy") if method == "macenko" \
@@ -86,7 +87,7 @@ class StainNormalizer:
         assert cfg.reference is not None  # StainConfig.from_config checks it
         path = Path(cfg.reference).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"data.stain.reference={cfg.reference}: no such image. Fix: point it at an image "
+            raise MissingInputError(f"data.stain.reference={cfg.reference}: no such image. Fix: point it at an image "
                                     "file (e.g. one of the training images)")
         return cls.fit(cfg.method, read_rgb(path)[0])
 

@@ -23,6 +23,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from histoflow.errors import ConfigError
+
 NORMALIZE = ("image", "channel", "imagenet", "none")
 # what torchvision's ImageNet weights were trained on: (x / 255 - mean) / std
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -110,33 +112,33 @@ class PatchTransform:
                  stain: Callable[[np.ndarray], np.ndarray] | None = None,
                  jitter: Mapping[str, float] | None = None, scale: float | None = None, grey: bool = False) -> None:
         if normalize not in NORMALIZE:
-            raise ValueError(f"data.loader.normalize={normalize!r}: expected one of {', '.join(NORMALIZE)}")
+            raise ConfigError(f"data.loader.normalize={normalize!r}: expected one of {', '.join(NORMALIZE)}")
         mean_image = torch.as_tensor(np.asarray(stats["mean_image"]), dtype=torch.float32)
         self.side = side = mean_image.shape[0]
         crop = crop or side
         if not 0 < crop <= side:
-            raise ValueError(f"data.loader.crop={crop}: must be between 1 and the patch side {side}")
+            raise ConfigError(f"data.loader.crop={crop}: must be between 1 and the patch side {side}")
         self.crop, self.normalize, self.train = crop, normalize, train
         if flips not in (True, False, "horizontal"):
-            raise ValueError(f"data.loader.flips={flips!r}: expected true (both axes), horizontal (mirror, as Caffe) "
+            raise ConfigError(f"data.loader.flips={flips!r}: expected true (both axes), horizontal (mirror, as Caffe) "
                              "or false")
         self.flips, self.hed_sigma, self.stain = flips, float(hed_jitter), stain
         unknown = sorted(set(jitter or {}) - set(JITTER_KEYS))
         if unknown:
-            raise ValueError(f"data.loader.colour_jitter: unknown key(s) {unknown}; known: {', '.join(JITTER_KEYS)}")
+            raise ConfigError(f"data.loader.colour_jitter: unknown key(s) {unknown}; known: {', '.join(JITTER_KEYS)}")
         self.jitter = {k: float(v or 0.0) for k, v in (jitter or {}).items()}
         if not 0 <= self.jitter.get("hue", 0.0) <= 0.5:
-            raise ValueError(f"data.loader.colour_jitter.hue={self.jitter['hue']}: must be between 0 and 0.5")
+            raise ConfigError(f"data.loader.colour_jitter.hue={self.jitter['hue']}: must be between 0 and 0.5")
         # mean: (3, side*side) to subtract at each output pixel's source pixel; scale: divisor per channel
         self.mean: torch.Tensor | None = None
         self.scale = torch.full((1, 3, 1), 255.0)
         if scale is not None:
             if normalize not in ("image", "none") or not scale > 0:
-                raise ValueError(f"data.loader.scale={scale}: a positive divisor, for normalize=image or none only")
+                raise ConfigError(f"data.loader.scale={scale}: a positive divisor, for normalize=image or none only")
             self.scale = torch.full((1, 3, 1), float(scale))
         self.grey = bool(grey)
         if self.grey and normalize not in ("image", "none"):
-            raise ValueError(f"data.loader.grey=true with normalize={normalize}: grey inputs take normalize=image "
+            raise ConfigError(f"data.loader.grey=true with normalize={normalize}: grey inputs take normalize=image "
                              "(minus the grey mean image) or none")
         if normalize == "image":
             mean = mean_image.permute(2, 0, 1).reshape(3, side * side)

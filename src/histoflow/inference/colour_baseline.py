@@ -22,6 +22,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from histoflow.data.images import read_rgb
+from histoflow.errors import ConfigError
 
 # name -> a seeded, unfitted classifier; the report runs each on the same folds
 CLASSIFIERS: dict[str, Callable[[int], ClassifierMixin]] = {
@@ -44,7 +45,7 @@ def cross_validated_predictions(features: np.ndarray, labels: Sequence[str], fol
                                 seed: int = 0, classifier: str = "logistic") -> list[str]:
     """Each image's class from a `classifier` (a key of CLASSIFIERS) fit on the images of the other folds."""
     if classifier not in CLASSIFIERS:
-        raise ValueError(f"colour baseline {classifier!r}: expected one of {', '.join(CLASSIFIERS)}")
+        raise ConfigError(f"colour baseline {classifier!r}: expected one of {', '.join(CLASSIFIERS)}")
     labels, folds = np.asarray(labels), np.asarray(folds)
     predicted = np.empty(len(labels), dtype=object)
     for fold in dict.fromkeys(folds.tolist()):

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from histoflow.data.images import UnreadableImage, read_rgb
 from histoflow.data.patches import PatchConfig, extract_patches
 from histoflow.data.transforms import PatchTransform
+from histoflow.errors import ConfigError
 from histoflow.progress import progress_bar
 
 # Test-time views of a patch: (counter-clockwise quarter turns, mirrored first); together the 8 symmetries of a square.
@@ -35,7 +36,7 @@ def tta_views(tta: bool | Sequence[str]) -> list[tuple[int, bool]]:
     names = list(VIEWS) if tta is True else ["identity"] if not tta else list(tta)
     unknown = [n for n in names if n not in VIEWS]
     if unknown:
-        raise ValueError(f"tta={list(tta)}: unknown view(s) {unknown}; choose from {list(VIEWS)}, or true/false")
+        raise ConfigError(f"tta={list(tta)}: unknown view(s) {unknown}; choose from {list(VIEWS)}, or true/false")
     return [VIEWS[n] for n in names]
 
 
@@ -195,7 +196,7 @@ class Votes:
     def labels(self, aggregate: str = "vote") -> np.ndarray:
         """Predicted class index of every image (-1 where it failed), by the `aggregate` rule."""
         if aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate={aggregate!r}: expected one of {list(AGGREGATES)}")
+            raise ConfigError(f"aggregate={aggregate!r}: expected one of {list(AGGREGATES)}")
         out = np.full(len(self.paths), -1)
         out[self.ok] = AGGREGATES[aggregate](self.votes[self.ok], self.prob_sum[self.ok])
         return out

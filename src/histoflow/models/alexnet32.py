@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from histoflow.errors import ConfigError
+
 
 def _caffe_pool_size(size: int, kernel: int = 3, stride: int = 2) -> int:
     """Output side of a Caffe (ceil-mode, unpadded) pooling layer."""
@@ -27,7 +29,7 @@ class AlexNet32(nn.Module):
     def __init__(self, num_classes: int = 3, in_channels: int = 3, input_size: int = 32) -> None:
         super().__init__()
         if input_size < 3:
-            raise ValueError(f"input_size must be at least 3 pixels, got {input_size}")
+            raise ConfigError(f"input_size must be at least 3 pixels, got {input_size}")
         # Caffe rounds pooling output sizes up, so ceil_mode=True keeps 32 -> 16 -> 8 -> 4 as in the
         # original; PyTorch's floor default would give 15 -> 7 -> 3 and a different fc1.
         self.features = nn.Sequential(

@@ -9,9 +9,15 @@ import torch
 import torchvision
 from torch import nn
 
+from histoflow.errors import ConfigError, HistoflowError, MissingInputError
+
 LIGHTNING_PREFIX = "model."
 COMPILE_PREFIX = "_orig_mod."
 FILE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+
+class WeightsError(HistoflowError, RuntimeError):
+    """Pretrained weights that cannot be fetched or do not fit the model; the message says what to set."""
 
 
 def classifier_head(model: nn.Module) -> tuple[str, nn.Linear | nn.Conv2d]:
@@ -19,7 +25,7 @@ def classifier_head(model: nn.Module) -> tuple[str, nn.Linear | nn.Conv2d]:
     comes later (SqueezeNet classifies with a 1x1 convolution)."""
     found = [(name, module) for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
     if not found:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to use as classification head")
+        raise ConfigError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to use as classification head")
     return found[-1]
 
 
@@ -52,7 +58,7 @@ def clean_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     """The bare model state dict of a state dict or Lightning checkpoint (prefixes model./_orig_mod. removed)."""
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state_dict, Mapping):
-        raise ValueError("checkpoint holds no state dict (expected a mapping of tensors or a 'state_dict' entry)")
+        raise ConfigError("checkpoint holds no state dict (expected a mapping of tensors or a 'state_dict' entry)")
     state_dict = _strip_prefix(state_dict, COMPILE_PREFIX)
     if any(k.startswith(LIGHTNING_PREFIX) for k in state_dict):
         # A LightningModule's state dict also holds e.g. a loss's class-weight buffer: keep only the model.
@@ -73,10 +79,10 @@ def _load_into(model: nn.Module, checkpoint: Mapping[str, Any], source: str) -> 
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as err:  # a tensor of another shape
-        raise RuntimeError(f"weights {source} do not fit model {type(model).__name__}: {err}") from err
+        raise WeightsError(f"weights {source} do not fit model {type(model).__name__}: {err}") from err
     not_head = [k for k in missing if not k.startswith(f"{head_name}.")]
     if unexpected or not_head or (missing and head_weight is not None):
-        raise RuntimeError(f"weights {source} do not fit model {type(model).__name__}: missing keys {missing}, "
+        raise WeightsError(f"weights {source} do not fit model {type(model).__name__}: missing keys {missing}, "
                            f"unexpected keys {unexpected} (only the classification head {head_name} may be absent)")
 
 
@@ -87,7 +93,7 @@ def _torchvision_weights(name: str, weights: str) -> Any:
         return enum.verify(weights)
     except (KeyError, ValueError) as err:
         valid = ", ".join(["DEFAULT", *(w.name for w in enum)])
-        raise ValueError(
+        raise ConfigError(
             f"model.weights='{weights}' is neither an existing file, an http(s) URL, nor a torchvision "
             f"weights name of '{name}' (one of: {valid})"
         ) from err
@@ -116,14 +122,14 @@ def torchvision_model(
         path = Path(weights).expanduser()
         _load_into(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
     elif "/" in weights or "\\" in weights or weights.endswith(FILE_SUFFIXES):
-        raise FileNotFoundError(f"model.weights file '{weights}' does not exist")
+        raise MissingInputError(f"model.weights file '{weights}' does not exist")
     else:
         member = _torchvision_weights(name, weights)
         try:
             # The builder, not get_state_dict(), so it also applies the weights' own settings (e.g. inception's).
             model = torchvision.models.get_model(name, weights=member)
         except OSError as err:  # URLError and other network/file failures
-            raise RuntimeError(
+            raise WeightsError(
                 f"could not download torchvision weights '{weights}' of '{name}' from {member.url} ({err}). "
                 f"Without network, set model.weights=null for random initialisation, or download the file "
                 f"elsewhere and set model.weights to its local path (or put it in $TORCH_HOME/hub/checkpoints)."
