@@ -4,6 +4,7 @@
     python train.py experiment=janowczyk_lymphoma -m fold=1,2,3,4,5   # all folds, then summary.md
     python train.py model=resnet18 optimizer=sgd scheduler=cosine trainer.max_epochs=30
     python train.py ckpt_path=last hydra.run.dir=outputs/train/runs/<date>   # resume an interrupted run
+    python train.py -m ckpt_path=last hydra.sweep.dir=outputs/train/multirun/<date> fold=1,2,3   # ... a multirun
 
 Everything is in conf/ (train.yaml and its groups); the work is done in histoflow.training.train.
 """

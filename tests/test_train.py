@@ -7,8 +7,11 @@ Deselect them with `-m "not slow"`.
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,10 +27,12 @@ import torchvision
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
+from histoflow.errors import ConfigError, HistoflowError, MissingInputError
 from histoflow.loggers import CSVLogger
 from histoflow.module import build_net, load_classifier
 from histoflow.reports import read_confusion_csv
@@ -103,13 +108,15 @@ def tiny_overrides(base: Path) -> list[str]:
     ]
 
 
-def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
-    """The real train.yaml with overrides, as @hydra.main would give it to train() (hydra node removed)."""
+def compose_train(overrides: list[str], output_dir: Path, multirun: bool = False) -> DictConfig:
+    """The real train.yaml with overrides, as @hydra.main would give it to train() (hydra node removed);
+    multirun: as to a job of a sweep, whose folder is output_dir."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.mode = RunMode.MULTIRUN if multirun else RunMode.RUN
         HydraConfig().set_config(cfg)  # ${hydra:...} resolves as in a real run
         del cfg["hydra"]
     return cfg
@@ -426,3 +433,129 @@ def test_csv_logger_keeps_its_rows_when_killed_while_adding_a_column(tmp_path: P
     with pytest.raises(KeyboardInterrupt):
         logger.save()
     assert metrics_csv.read_text() == before
+
+
+# --- resuming, and checkpoints that survive a failed write -------------------------------------------------
+
+
+def short_run(base: Path, *extra: str) -> list[str]:
+    """Overrides of a run of two training batches an epoch, one validation batch, no test."""
+    return [*tiny_overrides(base), "logger=csv", "test=false", "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1", *extra]
+
+
+def test_resume_last_without_the_run_folder_fails_naming_where_it_looked(tiny: Path, tmp_path: Path) -> None:
+    earlier = tmp_path / "runs" / "2024-01-01_00-00-00"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "checkpoints" / "last.ckpt").touch()
+    new = tmp_path / "runs" / "2024-01-02_00-00-00"  # what Hydra makes when hydra.run.dir is not given
+    with pytest.raises(MissingInputError) as error:
+        train(compose_train(short_run(tiny, "ckpt_path=last"), new))
+    message = str(error.value)
+    assert str(new / "checkpoints") in message and "hydra.run.dir=" in message and "ckpt_path=<" in message
+    assert str(earlier) in message  # a run it could have meant
+    assert not (new / "checkpoints").exists(), "it trained from scratch"
+
+
+def test_resume_last_in_a_multirun_resumes_each_job_and_starts_the_jobs_not_begun(
+        tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # a multirun job rewrites it for Lightning's DDP children
+    sweep = tmp_path / "multirun"
+    with pytest.raises(MissingInputError) as error:  # a new sweep: nothing to resume in any job
+        train(compose_train(short_run(tiny, "ckpt_path=last"), sweep / "1", multirun=True))
+    assert str(sweep) in str(error.value) and "hydra.sweep.dir=" in str(error.value)
+
+    train(compose_train(short_run(tiny), sweep / "0", multirun=True))  # the job that ran before the interruption
+    train(compose_train(short_run(tiny, "ckpt_path=last", "fold=2"), sweep / "1", multirun=True))
+    assert checkpoint_state(sweep / "1" / "checkpoints" / "last.ckpt")["global_step"] == 2  # from scratch
+    assert sys.argv[-1] == "ckpt_path=null"  # what a DDP child of that job would have been told
+    train(compose_train(short_run(tiny, "ckpt_path=last", "trainer.max_epochs=2"), sweep / "0", multirun=True))
+    assert checkpoint_state(sweep / "0" / "checkpoints" / "last.ckpt")["global_step"] == 4  # resumed
+    assert sys.argv[-1] == f'ckpt_path="{sweep / "0" / "checkpoints" / "last.ckpt"}"'
+
+
+@pytest.mark.parametrize("kind", ["missing", "text", "tensors"])
+def test_resume_from_a_file_that_is_no_checkpoint_names_it(kind: str, tiny: Path, tmp_path: Path) -> None:
+    path = tmp_path / "model.ckpt"
+    if kind == "text":
+        path.write_text("not a checkpoint\n")
+    elif kind == "tensors":
+        torch.save({"weight": torch.zeros(3)}, path)
+    with pytest.raises(HistoflowError) as error:
+        train(compose_train(short_run(tiny, f"ckpt_path={path}"), tmp_path / "run"))
+    message = str(error.value)
+    assert str(path) in message and "ckpt_path=last hydra.run.dir=" in message
+    assert "file an issue" not in message
+
+
+def test_resume_with_another_optimizer_or_fold_fails_naming_both(tiny: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(compose_train(short_run(tiny, "optimizer=adagrad"), run))
+    for change, trained, asked in (("optimizer=sgd", "torch.optim.Adagrad", "torch.optim.SGD"), ("fold=2", "1", "2")):
+        key = change.split("=")[0]
+        with pytest.raises(ConfigError) as error:
+            train(compose_train(short_run(tiny, "ckpt_path=last", "trainer.max_epochs=2", change), run))
+        message = str(error.value)
+        assert f"{key}" in message and f"={trained}," in message and f"asks for {asked}" in message
+        assert "leave out ckpt_path" in message
+    assert checkpoint_state(run / "checkpoints" / "last.ckpt")["global_step"] == 2  # untouched
+
+
+def full_disk(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Emulate `folder` on a full disk, and the system temp folder on another file system (a tmpfs /tmp): a
+    rename into folder from elsewhere is refused (EXDEV, so a move copies), and writing a file into folder, by
+    torch.save or a copy, stops with ENOSPC after half of its bytes."""
+    real_save, real_copyfile, real_rename = torch.save, shutil.copyfile, os.rename
+
+    def half_then_full(data: bytes, handle: io.BufferedIOBase) -> None:
+        handle.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def save(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        if Path(str(getattr(f, "name", ""))).parent != folder:  # e.g. into memory
+            return real_save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        half_then_full(buffer.getvalue(), f)
+
+    def copyfile(src: str, dst: str, *args: object, **kwargs: object) -> str:
+        if Path(dst).parent != folder:
+            return real_copyfile(src, dst, *args, **kwargs)
+        with open(dst, "wb") as handle:
+            half_then_full(Path(src).read_bytes(), handle)
+
+    def rename(src: str, dst: str, *args: object, **kwargs: object) -> None:
+        if Path(dst).parent == folder != Path(src).parent:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def test_checkpoint_write_on_a_full_disk_leaves_the_previous_one_whole(
+        tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = instantiate(compose_train(tiny_overrides(tiny), tmp_path).trainer, logger=False)
+    writer = trainer.strategy.checkpoint_io  # what ModelCheckpoint's trainer.save_checkpoint writes with
+    folder = tmp_path / "checkpoints"
+    last = folder / "last.ckpt"
+    writer.save_checkpoint({"global_step": 1, "weight": torch.ones(1000)}, last)
+    full_disk(monkeypatch, folder)
+    with pytest.raises(OSError) as error:
+        writer.save_checkpoint({"global_step": 2, "weight": torch.zeros(100_000)}, last)
+    assert error.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert checkpoint_state(last)["global_step"] == 1 and torch.equal(checkpoint_state(last)["weight"], torch.ones(1000))
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"], "a partial file is left behind"
+    writer.save_checkpoint({"global_step": 2}, last)  # with room again, the write replaces it
+    assert checkpoint_state(last)["global_step"] == 2 and sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+
+
+@pytest.mark.slow
+def test_resume_last_without_the_run_folder_exits_1_with_the_fix(tiny: Path, tmp_path: Path) -> None:
+    env = env_without_wandb_account(tmp_path)
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *short_run(tiny, "ckpt_path=last")], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "hydra.run.dir=" in result.stderr and "Traceback" not in result.stderr

@@ -1,10 +1,18 @@
-"""Lightning callbacks that the library does not ship: per-epoch seeding and channels_last weights."""
+"""Lightning callbacks and plugins that the library does not ship: per-epoch seeding, channels_last weights,
+flushed logs, and checkpoints written atomically."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
 import pytorch_lightning as pl
 import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 
 class EpochSeed(Callback):
@@ -47,3 +55,35 @@ class FlushLogs(Callback):
             return
         for logger in trainer.loggers:
             logger.save()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write a checkpoint to a temporary file beside it, fsync it, then rename it over the old one (os.replace).
+
+    A write that fails (a full disk) leaves the previous checkpoint whole and removes its partial file; a kill
+    mid-write leaves the previous one whole too, and its partial file for the next save to overwrite.
+    Lightning's own writer stages the file in the system's temp folder and moves it: across file systems (a tmpfs
+    /tmp) that move is a copy, which a full disk truncates, and nothing is fsynced. Remote paths keep Lightning's.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # One fixed name per checkpoint (only rank 0 writes): a kill's leftover is overwritten by the next save.
+        temp = path.with_name(f".{path.name}.tmp")
+        try:
+            with temp.open("wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the rename itself reaches the disk
+        finally:
+            os.close(folder)
