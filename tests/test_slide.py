@@ -13,8 +13,9 @@ import tifffile
 from PIL import Image
 
 from histoflow.data import slide as slide_module
-from histoflow.data.slide import Slide, SlideError
+from histoflow.data.slide import DamagedTile, DamagedTileError, Slide, SlideError
 from histoflow.data.tissue import tile_grid, tissue_mask
+from histoflow.errors import HistoflowError
 
 # (width, height) per level, as the files hold them (CMU-1-Small-Region is 2220 wide, 2967 tall)
 REAL_SLIDES = {
@@ -297,3 +298,68 @@ def test_decoded_tile_cache_is_exact_and_bounded(wsi_dir: Path) -> None:
         assert first_pass <= len(set(reads)) * 1.2
         cached.read_region(regions[-1][0], 0, (224, 224))
         assert len(reads) == first_pass  # the last region's tiles are still cached
+
+
+# --- damaged and truncated files ------------------------------------------------------------------
+
+
+def write_jpeg_slide(path: Path, side: int = 2048) -> None:
+    """A JPEG-tiled two-level pyramid (256-px tiles, level 1 a quarter the side) of a pink disk of tissue on glass."""
+    ys, xs = np.mgrid[:side, :side]
+    image = np.full((side, side, 3), 242, np.uint8)
+    image[(xs - 0.45 * side) ** 2 + (ys - 0.45 * side) ** 2 < (0.35 * side) ** 2] = (200, 120, 170)
+    small = np.asarray(Image.fromarray(image).resize((side // 4, side // 4), Image.BOX))
+    common = {"tile": (256, 256), "photometric": "rgb", "compression": "jpeg"}
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, subifds=1, **common)
+        tif.write(small, subfiletype=1, **common)
+
+
+def zero_stored_tile(path: Path, row: int, col: int) -> None:
+    """Overwrite level 0's stored tile at (row, col) with zero bytes, as a failed disk or copy leaves it."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.series[0].levels[0].keyframe
+        index = row * -(-page.imagewidth // page.tilewidth) + col
+        offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(bytes(count))
+
+
+@pytest.fixture(scope="module")
+def damaged_jpeg_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """write_jpeg_slide's slide with its level-0 tile at row 1, column 1 zeroed."""
+    path = tmp_path_factory.mktemp("damaged") / "damaged.tif"
+    write_jpeg_slide(path)
+    zero_stored_tile(path, 1, 1)
+    return path
+
+
+def test_damaged_tile_names_the_slide_level_and_tile(damaged_jpeg_slide: Path) -> None:
+    """A region over a zeroed JPEG tile raises the project's error naming the file, level, tile and fix; every tile
+    the region overlaps is tried, and regions beside it still read."""
+    with Slide(damaged_jpeg_slide) as slide:
+        with pytest.raises(DamagedTileError) as caught:
+            slide.read_region((200, 200), 0, (100, 100))
+        message = str(caught.value)
+        assert isinstance(caught.value, HistoflowError)  # printed without a traceback by the entry points
+        assert message.startswith(f"{damaged_jpeg_slide}: level 0, stored tile row 1 col 1 (pixel x 256, y 256)")
+        assert "Jpeg8Error" in message and "re-export the slide" in message and "on_bad_image=skip" in message
+        assert caught.value.tiles == [DamagedTile(0, 1, 1, 256, 256, caught.value.tiles[0].reason)]
+        assert slide.read_region((0, 0), 0, (256, 256)).shape == (256, 256, 3)  # its neighbour is fine
+        with pytest.raises(DamagedTileError, match="level 0, stored tile row 1 col 1"):
+            slide.read_region((0, 0), 0, (2048, 2048))
+        assert slide.thumbnail(512).shape == (512, 512, 3)  # level 1 is whole
+
+
+@pytest.mark.parametrize("name", ["cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs", "kidney-48-5.tif"])
+@pytest.mark.parametrize("kept", [0.5, 0.95])
+def test_truncated_slide_is_reported_as_truncated(wsi_dir: Path, tmp_path: Path, name: str, kept: float) -> None:
+    """A slide cut short (an interrupted copy) says so, with its size, not 'holds no image' or a decoder error."""
+    data = (wsi_dir / name).read_bytes()
+    cut = tmp_path / name
+    size = int(len(data) * kept)
+    cut.write_bytes(data[:size])
+    with pytest.raises(SlideError, match=rf"{cut.name}: the file is truncated: it has {size:,} bytes"
+                                         r" but its TIFF directories need [\d,]+\. Fix: copy or download the slide"):
+        Slide(cut)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +17,17 @@ import tifffile
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from PIL import Image
+from test_slide import write_jpeg_slide, zero_stored_tile
 
 from histoflow.data.datamodule import tar_samples
 from histoflow.data.shards import decode_npy, parse_key
-from histoflow.data.slide import Slide, SlideError
+from histoflow.data.slide import DamagedTile, DamagedTileError, Slide, SlideError
 from histoflow.data.synthetic import write_pyramid
 from histoflow.data.slide_tiles import (NoTissueError, SlideTiles, TileGeometry, tissue_tiles, worker_blocks,
                                         write_slide_shards)
+from histoflow.inference import predict as predict_module
 from histoflow.inference.checkpoints import FoldModel, load_fold_model
 from histoflow.inference.slide_map import SlideConfig, default_heatmap_class, predict_slide
 from histoflow.training import train
@@ -138,8 +141,13 @@ def test_no_tissue_names_the_slide_and_the_fix(model: FoldModel, tmp_path: Path)
     path = tmp_path / "faint.tif"
     tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb", compression="zlib")
     cfg = SlideConfig(tile_size=64, num_workers=0, progress=False)
-    with pytest.raises(NoTissueError, match=r"faint\.tif: no tissue found.*Fix: lower the tissue threshold"):
+    with pytest.raises(NoTissueError, match=r"faint\.tif: no tissue found.*Fix: lower the tissue threshold") as caught:
         predict_slide(path, [(model.net, model.transform)], model.classes, cfg, tmp_path / "out")
+    # the hint names predict.py's own override keys, with values that would parse
+    hinted = dict(re.findall(r"(slide\.\w+)=([\d.]+)", str(caught.value)))
+    assert hinted == {"slide.tissue_threshold": "0.02", "slide.min_tissue": "0.1"}
+    predict_cfg = OmegaConf.load(REPO / "conf" / "predict.yaml")
+    assert all(OmegaConf.select(predict_cfg, key, default="absent") != "absent" for key in hinted)
     assert not (tmp_path / "out" / "faint.tiles.csv").exists()
     cfg.tissue_threshold = 0.02
     result = predict_slide(path, [(model.net, model.transform)], model.classes, cfg, tmp_path / "out")
@@ -257,3 +265,100 @@ def test_worker_blocks_give_each_worker_a_contiguous_block(batches: int, workers
     for j in range(w):
         mine = order[j::w]  # what the DataLoader hands worker j
         assert not mine or mine == list(range(mine[0], mine[0] + len(mine)))
+
+
+# --- damaged and truncated slides ----------------------------------------------------------------
+
+
+@pytest.fixture
+def damaged_slide(tmp_path: Path) -> Path:
+    """write_jpeg_slide's slide with its level-0 stored tile at row 3, column 2 (in the tissue) zeroed."""
+    path = tmp_path / "damaged.tif"
+    write_jpeg_slide(path)
+    zero_stored_tile(path, 3, 2)
+    return path
+
+
+def test_damaged_tile_stops_the_slide_or_is_left_out(model: FoldModel, damaged_slide: Path, tmp_path: Path) -> None:
+    """By default a zeroed stored tile stops the slide with an error naming it (no half-written outputs); with
+    skip_damaged the four 128-px tiles over it are NaN in the map, absent from the CSV and listed in the JSON."""
+    cfg = SlideConfig(tile_size=128, thumbnail_size=512, batch_size=16, num_workers=2, progress=False)
+    models = [(model.net, model.transform)]
+    with pytest.raises(DamagedTileError, match=r"damaged\.tif: level 0, stored tile row 3 col 2 \(pixel x 512, y 768\)"
+                                               r": does not decode \(Jpeg8Error"):
+        predict_slide(damaged_slide, models, model.classes, cfg, tmp_path / "stopped")
+    assert not list((tmp_path / "stopped").iterdir())
+
+    result = predict_slide(damaged_slide, models, model.classes, cfg, tmp_path / "skipped", skip_damaged=True)
+    assert [(t.level, t.row, t.col, t.x, t.y) for t in result.damaged] == [(0, 3, 2, 512, 768)]
+    assert result.left_out == 4
+    prob_map = np.load(result.map)
+    assert np.isnan(prob_map[6:8, 4:6]).all()  # grid rows 6-7, columns 4-5 lie on the damaged stored tile
+    rows = read_csv(result.csv)
+    cells = {(int(r["row"]), int(r["col"])) for r in rows}
+    assert len(rows) == result.tiles == (~np.isnan(prob_map[..., 0])).sum() > 50
+    assert not cells & {(6, 4), (6, 5), (7, 4), (7, 5)} and {(5, 4), (8, 5), (6, 3), (7, 6)} <= cells
+    meta = json.loads(result.meta.read_text())
+    assert meta["tiles"] == len(rows) and meta["damaged"]["left_out"] == [[6, 4], [6, 5], [7, 4], [7, 5]]
+    assert DamagedTile(**meta["damaged"]["stored_tiles"][0]) == result.damaged[0]
+
+
+def run_predict_on_slides(model: FoldModel, slides: list[Path], run: Path,
+                          *overrides: str) -> subprocess.CompletedProcess:
+    """`predict.py slides=[...]` with 128-px tiles and a 512-px thumbnail (a level above the damaged one)."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "predict.py"), f"ckpt_path={model.path}", f"slides=[{','.join(map(str, slides))}]",
+         "slide.tile_size=128", "slide.thumbnail_size=512", "slide.num_workers=1", "progress=false",
+         f"hydra.run.dir={run}", *overrides], capture_output=True, text=True, timeout=300)
+
+
+def test_predict_command_line_goes_on_past_damaged_and_truncated_slides(model: FoldModel, wsi_dir: Path,
+                                                                         damaged_slide: Path, tmp_path: Path) -> None:
+    """A damaged and a truncated slide before a good one: with skip the damaged tile is listed in problems.csv and
+    both readable slides are predicted; by default the run fails naming the slide, level and tile, without a
+    traceback, after predicting the good slide; either way slides.csv and problems.csv are written."""
+    truncated = tmp_path / "truncated.svs"
+    data = (wsi_dir / CMU).read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    slides = [damaged_slide, truncated, wsi_dir / CMU]
+
+    skipped = run_predict_on_slides(model, slides, tmp_path / "skip", "on_bad_image=skip")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    rows = read_csv(tmp_path / "skip" / "slides.csv")
+    assert [(Path(r["slide"]).name, r["damaged_tiles"]) for r in rows] == [("damaged.tif", "1"), (CMU, "0")]
+    problems = {Path(r["image"]).name: r for r in read_csv(tmp_path / "skip" / "problems.csv")}
+    assert set(problems) == {"damaged.tif", "truncated.svs"}
+    assert "level 0, stored tile row 3 col 2 (pixel x 512, y 768)" in problems["damaged.tif"]["problem"]
+    assert "4 tissue tiles over them are NaN" in problems["damaged.tif"]["problem"]
+    assert "the file is truncated" in problems["truncated.svs"]["problem"]
+    assert {r["action"] for r in problems.values()} == {"skipped"}
+
+    stopped = run_predict_on_slides(model, slides, tmp_path / "error")
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert f"{damaged_slide}: level 0, stored tile row 3 col 2 (pixel x 512, y 768)" in stopped.stderr
+    assert "on_bad_image=skip" in stopped.stderr and "truncated.svs: the file is truncated" in stopped.stderr
+    assert [Path(r["slide"]).name for r in read_csv(tmp_path / "error" / "slides.csv")] == [CMU]
+    problems = read_csv(tmp_path / "error" / "problems.csv")
+    assert [Path(r["image"]).name for r in problems] == ["damaged.tif", "truncated.svs"]
+    assert "stored tile row 3 col 2" in problems[0]["problem"] and problems[0]["action"] == "stopped"
+
+
+def test_slide_tables_are_written_when_a_run_breaks(model: FoldModel, wsi_dir: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected error on the second slide propagates, but slides.csv and problems.csv say what was done."""
+    real = predict_module.predict_slide
+
+    def second_breaks(path: Path, *args, **kwargs):
+        if Path(path).name == TCGA:
+            raise RuntimeError("out of device memory")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "predict_slide", second_breaks)
+    cfg = OmegaConf.create({"slides": [str(wsi_dir / CMU), str(wsi_dir / TCGA), str(wsi_dir / CMU)],
+                            "slide": {"tile_size": 256, "num_workers": 0, "progress": False}, "on_bad_image": "error"})
+    with pytest.raises(RuntimeError, match="out of device memory"):
+        predict_module._slides(cfg, [[model]], None, tmp_path, {})
+    assert [Path(r["slide"]).name for r in read_csv(tmp_path / "slides.csv")] == [CMU]
+    problems = read_csv(tmp_path / "problems.csv")
+    assert [(Path(r["image"]).name, r["action"]) for r in problems] == [(TCGA, "stopped")]
+    assert problems[0]["problem"] == "the run stopped at this slide: RuntimeError: out of device memory"

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import threading
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,32 @@ _CONVERT_HINT = (
 
 class SlideError(HistoflowError, ValueError):
     """The file is not a slide histoflow can read, or lacks what was asked of it."""
+
+
+@dataclass(frozen=True, order=True)
+class DamagedTile:
+    """A stored tile (or strip) of a slide whose bytes do not decode."""
+
+    level: int  # pyramid level; -1: the stored thumbnail
+    row: int  # its row and column among the level's stored tiles
+    col: int
+    x: int  # its top-left pixel at that level
+    y: int
+    reason: str  # what the decoder said
+
+    def __str__(self) -> str:
+        where = "the stored thumbnail" if self.level < 0 else f"level {self.level}"
+        return f"{where}, stored tile row {self.row} col {self.col} (pixel x {self.x}, y {self.y}): {self.reason}"
+
+
+class DamagedTileError(SlideError):
+    """Stored tiles of a slide do not decode; `tiles` lists them."""
+
+    def __init__(self, path: str | os.PathLike[str], tiles: list[DamagedTile]) -> None:
+        self.path, self.tiles = Path(path), tiles
+        more = f" (and {len(tiles) - 1} more damaged tiles)" if len(tiles) > 1 else ""
+        super().__init__(f"{self.path}: {tiles[0]}{more}. Fix: re-export the slide or copy it again; "
+                         "predict.py on_bad_image=skip predicts the rest of it without those tiles")
 
 
 @dataclass(frozen=True)
@@ -79,6 +107,20 @@ def _tag_mpp(page: TiffPage) -> float | None:
         return None
     mpp = microns / per_unit
     return mpp if _MPP_RANGE[0] <= mpp <= _MPP_RANGE[1] else None
+
+
+def _expected_size(tif: tifffile.TiffFile) -> int:
+    """The bytes the file's directories say it holds: up to the end of its last segment, or of the tag count of
+    the directory tifffile stopped at (the one after the last it read; beyond the end of a file cut short)."""
+    fmt, fh, at = tif.tiff, tif.filehandle, tif.pages.next_page_offset  # where the next directory's offset is kept
+    fh.seek(at)
+    raw = fh.read(fmt.offsetsize)
+    directories = [struct.unpack(fmt.offsetformat, raw)[0]] if len(raw) == fmt.offsetsize else []
+    ends = [at + fmt.offsetsize]
+    for page in list(tif.pages) + [level.keyframe for series in tif.series for level in series.levels[1:]]:
+        ends.append(int(np.max(np.add(page.dataoffsets, page.databytecounts), initial=0)))
+        directories += getattr(page, "subifds", None) or ()
+    return max(ends + [offset + fmt.tagnosize for offset in directories if offset])
 
 
 def _dtype(page: TiffPage) -> np.dtype:
@@ -173,7 +215,13 @@ class Slide:
         self._aperio = _aperio_fields(description)
 
     def _find_pages(self) -> tuple[list[TiffPage], TiffPage | None]:
-        """The level pages of the main image (and Aperio's stored thumbnail), checked decodable."""
+        """The level pages of the main image (and Aperio's stored thumbnail), checked complete and decodable."""
+        size, expected = self._tif.filehandle.size, _expected_size(self._tif)
+        if expected > size:
+            raise SlideError(
+                f"{self.path}: the file is truncated: it has {size:,} bytes but its TIFF directories need "
+                f"{expected:,}. Fix: copy or download the slide again (compare its size with the original's)"
+            )
         if not self._tif.series:
             raise SlideError(f"{self.path}: the TIFF holds no image; {_CONVERT_HINT}")
         series = self._tif.series[0]
@@ -341,6 +389,7 @@ class Slide:
         jpeg = {}
         if page.compression in (6, 7, 33007, 34892):
             jpeg = {"jpegtables": page.jpegtables, "jpegheader": page.jpegheader}
+        damaged: list[DamagedTile] = []  # every segment of the region is tried, then all damaged ones named
         for plane in range(planes):
             for row in range(y0 // seg_h, (y1 - 1) // seg_h + 1):
                 for col in range(x0 // seg_w, (x1 - 1) // seg_w + 1):
@@ -350,7 +399,14 @@ class Slide:
                         count = page.databytecounts[index]
                         if not count:
                             continue
-                        data, _, _ = decode(self._read_bytes(page.dataoffsets[index], count), index, **jpeg)
+                        stored = self._read_bytes(page.dataoffsets[index], count)
+                        try:
+                            data, _, _ = decode(stored, index, **jpeg)
+                        except (ValueError, OSError, zlib.error, RuntimeError) as exc:
+                            if isinstance(exc, RuntimeError) and type(exc).__module__ != "imagecodecs":
+                                raise  # not a codec's error of these bytes
+                            damaged.append(self._damaged(page, row, col, seg_w, seg_h, exc))
+                            continue
                         if data is None:
                             continue
                         seg = data[0]  # (h, w, samples); edge segments may come back cropped
@@ -363,4 +419,12 @@ class Slide:
                     channels = slice(plane * samples_per_plane, (plane + 1) * samples_per_plane)
                     target = raw[ay0 - y0 : ay1 - y0, ax0 - x0 : ax1 - x0, channels]
                     target[...] = seg[ay0 - sy : ay1 - sy, ax0 - sx : ax1 - sx]
+        if damaged:
+            raise DamagedTileError(self.path, damaged)
         return raw
+
+    def _damaged(self, page: TiffPage, row: int, col: int, seg_w: int, seg_h: int, exc: Exception) -> DamagedTile:
+        """The record of the stored segment at (row, col) of `page` that raised `exc` when decoded."""
+        level = next((i for i, p in enumerate(self._pages) if p is page), -1)
+        reason = f"does not decode ({type(exc).__name__}: {exc})"
+        return DamagedTile(level, row, col, col * seg_w, row * seg_h, reason)

@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from histoflow.data.shards import add_stats, empty_stats, encode_npy, sample_key
-from histoflow.data.slide import Slide, SlideError
+from histoflow.data.slide import DamagedTile, DamagedTileError, Slide, SlideError
 from histoflow.data.tissue import tile_grid, tissue_mask
 
 _STRIP_PIXELS = 1 << 24  # level pixels read at once for a run of neighbouring tiles (48 MB RGB)
@@ -84,12 +84,17 @@ def tissue_tiles(slide: Slide, geometry: TileGeometry, min_tissue: float = 0.5,
         raise NoTissueError(
             f"{slide.path}: no tissue found ({how} on saturation finds {mask.mean():.1%} of the thumbnail; no "
             f"{geometry.read_size}-px tile at level {geometry.level} is {min_tissue:.0%} covered). Fix: lower the "
-            "tissue threshold (e.g. tissue_threshold=0.02) or min_tissue (e.g. 0.1), or check that this is the slide")
+            "tissue threshold (predict.py slide.tissue_threshold=0.02) or the share of a tile that must be tissue "
+            "(slide.min_tissue=0.1), or check that this is the slide")
     return origins
 
 
 class SlideTiles(Dataset):
-    """Batches of tiles of one slide, read (and transformed) in whichever process asks; item i is batch i."""
+    """Batches of tiles of one slide, read (and transformed) in whichever process asks.
+
+    Item i is (i, batch i, damaged): `damaged` maps the position in the batch of each tile over stored slide tiles
+    that do not decode (that tile is left white) to those stored tiles.
+    """
 
     def __init__(self, path: str | os.PathLike[str], origins: np.ndarray, geometry: TileGeometry, batch_size: int,
                  transform: Callable[[np.ndarray], torch.Tensor] | None = None) -> None:
@@ -136,9 +141,25 @@ class SlideTiles(Dataset):
             start = end
         return out
 
-    def __getitem__(self, index: int) -> tuple[int, np.ndarray | torch.Tensor]:
-        tiles = self.read(self.origins[index * self.batch_size:(index + 1) * self.batch_size])
-        return index, tiles if self.transform is None else self.transform(tiles)
+    def read_damaged(self, origins: np.ndarray) -> tuple[np.ndarray, dict[int, list[DamagedTile]]]:
+        """`read`, but where stored slide tiles do not decode, the tiles over them left white and listed by position."""
+        try:
+            return self.read(origins), {}
+        except DamagedTileError:
+            pass  # which tiles of the run: each read alone (the decoded stored tiles are cached)
+        g, damaged = self.geometry, {}
+        out = np.full((len(origins), g.tile_size, g.tile_size, 3), 255, np.uint8)
+        for i in range(len(origins)):
+            try:
+                out[i] = self.read(origins[i:i + 1])[0]
+            except DamagedTileError as e:
+                damaged[i] = e.tiles
+        return out, damaged
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | torch.Tensor, dict[int, list[DamagedTile]]]:
+        # damaged tiles come back as data: an error raised in a loader worker reaches the caller as its traceback
+        tiles, damaged = self.read_damaged(self.origins[index * self.batch_size:(index + 1) * self.batch_size])
+        return index, tiles if self.transform is None else self.transform(tiles), damaged
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_slide": None, "_pid": -1}  # spawned workers open the file themselves
@@ -158,8 +179,13 @@ def worker_blocks(batches: int, workers: int) -> list[int]:
     return [int(starts[i % w] + i // w) for i in range(batches)]
 
 
+def stored_tiles(damaged: dict[int, list[DamagedTile]]) -> list[DamagedTile]:
+    """The distinct stored slide tiles of a batch's `damaged` (neighbouring tiles often share one), sorted."""
+    return sorted({t for tiles in damaged.values() for t in tiles})
+
+
 def tile_loader(tiles: SlideTiles, num_workers: int = 2, pin_memory: bool = False) -> DataLoader:
-    """(batch index, batch) of `tiles`, read by `num_workers` processes while the caller computes.
+    """Items (batch index, batch, damaged) of `tiles`, read by `num_workers` processes while the caller computes.
 
     Batches come in `worker_blocks` order (every batch exactly once, not in index order).
     """
@@ -176,7 +202,8 @@ def write_slide_shards(slide_path: str | os.PathLike[str], out_dir: str | os.Pat
     Samples are `<slide_index>-<x>-<y>-000` (level-0 tile origin) with `.npy` (uint8 tile) and `.cls` (class index:
     `labels` for the whole slide or one per tile, e.g. from annotations). Tiles are written in a seeded random order,
     so every shard samples the whole slide, and each shard gets prepare's `.stats.npz` pixel sums beside it.
-    One shard's tiles are held in memory at a time (per loader worker).
+    One shard's tiles are held in memory at a time (per loader worker). A stored slide tile that does not decode
+    raises DamagedTileError: a shard holds what the slide holds.
     """
     out, stem = Path(out_dir), name or Path(slide_path).stem
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +213,9 @@ def write_slide_shards(slide_path: str | os.PathLike[str], out_dir: str | os.Pat
     # one loader item is one shard's tiles, so the shard's sums and its members come from the same batch
     tiles = SlideTiles(slide_path, origins[order], geometry, samples_per_shard)
     records = []
-    for index, batch in tile_loader(tiles, num_workers):
+    for index, batch, damaged in tile_loader(tiles, num_workers):
+        if damaged:
+            raise DamagedTileError(slide_path, stored_tiles(damaged))
         shard_name = f"{stem}-{index:05d}.tar"
         picked = order[index * samples_per_shard:(index + 1) * samples_per_shard]
         stats = empty_stats(geometry.tile_size)

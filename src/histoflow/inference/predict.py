@@ -18,7 +18,7 @@ from histoflow.inference.checkpoints import (FoldModel, check_compatible, find_c
                                              models_by_fold)
 from histoflow.inference.report import fold_report, log_wandb, prediction_rows, write_csv, write_problems
 from histoflow.data.slide import SlideError
-from histoflow.inference.slide_map import SlideConfig, predict_slide
+from histoflow.inference.slide_map import SlideConfig, SlideResult, predict_slide
 from histoflow.inference.voting import predict_images, tta_views
 
 log = logging.getLogger(__name__)
@@ -125,26 +125,49 @@ def _images_csv(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConf
 
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
+SLIDE_COLUMNS = ["slide", "tiles", "tiles_per_s", "damaged_tiles", "map", "heatmap"]  # of slides.csv
+
+
+def _damaged_problem(result: SlideResult) -> str:
+    """problems.csv's account of a slide predicted without its damaged stored tiles."""
+    listed = "; ".join(str(t) for t in result.damaged[:5]) + ("; ..." if len(result.damaged) > 5 else "")
+    return (f"{len(result.damaged)} damaged stored tile(s) left out: {listed}. The {result.left_out} tissue tiles "
+            f"over them are NaN in {result.map.name} (as without tissue); all are listed in {result.meta.name}. "
+            "Fix: re-export the slide or copy it again")
 
 
 def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, out: Path,
             settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any]]:
-    """Whole slides: tiled inference over tissue; per slide a tile CSV, a class map and a heatmap (slides/)."""
+    """Whole slides: tiled inference over tissue; per slide a tile CSV, a class map and a heatmap (slides/).
+
+    slides.csv lists the slides predicted, whatever stops the run; a run stopped by something other than a bad
+    slide also writes problems.csv, naming the slide it stopped at.
+    """
     models = [m for ms in members for m in ms]
     spec = cfg.slides if isinstance(cfg.slides, str) else list(cfg.slides)
     paths = list_images(spec, SLIDE_SUFFIXES)
     slide_cfg = SlideConfig.from_config(OmegaConf.to_container(cfg.slide, resolve=True))
     classes = models[0].classes
     rows, problems = [], {}
-    for path in paths:
-        try:
-            result = predict_slide(path, [(m.net, m.transform) for m in models], classes, slide_cfg, out / "slides")
-        except SlideError as e:  # no tissue, unreadable file: the other slides still run
-            problems[str(path)] = str(e)
-            continue
-        rows.append({"slide": str(path), "tiles": result.tiles, "tiles_per_s": round(result.tiles_per_s, 1),
-                     "map": str(result.map), "heatmap": str(result.heatmap)})
-    write_csv(rows, out / "slides.csv")
+    try:
+        for path in paths:
+            try:
+                result = predict_slide(path, [(m.net, m.transform) for m in models], classes, slide_cfg,
+                                       out / "slides", skip_damaged=cfg.on_bad_image == "skip")
+            except SlideError as e:  # no tissue, unreadable, truncated or damaged file: the other slides still run
+                problems[str(path)] = str(e)
+                continue
+            if result.damaged:
+                problems[str(path)] = _damaged_problem(result)
+            rows.append({"slide": str(path), "tiles": result.tiles, "tiles_per_s": round(result.tiles_per_s, 1),
+                         "damaged_tiles": len(result.damaged), "map": str(result.map),
+                         "heatmap": str(result.heatmap)})
+    except BaseException as e:  # a bug or an interrupt: the tables still say what was done before it
+        problems[str(path)] = f"the run stopped at this slide: {type(e).__name__}: {e}"
+        write_problems(problems, out / "problems.csv", "stopped")
+        raise
+    finally:
+        write_csv(rows, out / "slides.csv", SLIDE_COLUMNS)
     return rows, problems, {"metrics": {"predict/slides": float(len(rows))},
                             "images": {f"predict/heatmap_{Path(r['slide']).stem}": Path(r["heatmap"]) for r in rows},
                             "tables": {"predict/slides": rows}}

@@ -7,7 +7,8 @@ the class map is written through a memory-mapped .npy and the CSV row by row. Ou
     <stem>.tiles.csv    x, y (level-0 tile origin), row, col (grid cell), predicted class, prob_<class> ...
     <stem>.map.npy      float32 (rows, cols, classes) class probabilities over the tile grid, NaN without tissue
     <stem>.heatmap.png  the probability of `heatmap_class` over the slide thumbnail
-    <stem>.json         geometry (level, downsample, tile and stride in level pixels), classes, counts, timing
+    <stem>.json         geometry (level, downsample, tile and stride in level pixels), classes, counts, timing,
+                        and the stored slide tiles that did not decode (`damaged`) with the grid cells left out
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -25,8 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from histoflow.data.slide import Slide
-from histoflow.data.slide_tiles import NoTissueError, SlideTiles, TileGeometry, tile_loader, tissue_tiles
+from histoflow.data.slide import DamagedTile, DamagedTileError, Slide
+from histoflow.data.slide_tiles import (NoTissueError, SlideTiles, TileGeometry, stored_tiles, tile_loader,
+                                        tissue_tiles)
 from histoflow.data.transforms import PatchTransform
 from histoflow.inference.heatmap import save_heatmap
 from histoflow.inference.voting import progress_bar, resolve_device
@@ -66,12 +68,14 @@ class SlideResult:
     """What predict_slide wrote and how fast."""
 
     slide: Path
-    tiles: int
+    tiles: int  # tiles predicted (tissue tiles not over a damaged stored tile)
     seconds: float
     csv: Path
     map: Path
     heatmap: Path
     meta: Path
+    damaged: list[DamagedTile] = field(default_factory=list)  # stored slide tiles left out (skip_damaged)
+    left_out: int = 0  # tissue tiles over them, NaN in the map like tiles without tissue
 
     @property
     def tiles_per_s(self) -> float:
@@ -107,8 +111,13 @@ def _probabilities(nets: Sequence[nn.Module], x: torch.Tensor, device: torch.dev
 
 
 def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTransform]], classes: Sequence[str],
-                  cfg: SlideConfig, out_dir: str | Path) -> SlideResult:
-    """Classify every tissue tile of a slide with the models (averaged); write the CSV, map, heatmap and JSON."""
+                  cfg: SlideConfig, out_dir: str | Path, skip_damaged: bool = False) -> SlideResult:
+    """Classify every tissue tile of a slide with the models (averaged); write the CSV, map, heatmap and JSON.
+
+    A stored slide tile that does not decode raises DamagedTileError (and the half-written CSV and map are
+    removed), or with `skip_damaged` the tiles over it are left out: NaN in the map, absent from the CSV, listed
+    in the JSON and the result.
+    """
     path, out = Path(path), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sides = {t.side for _, t in models}
@@ -137,39 +146,60 @@ def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTrans
     prob_map[:] = np.nan
     counts = np.zeros(k, np.int64)
     prob_sum = np.zeros(k, np.float64)
+    damaged: set[DamagedTile] = set()
+    left_out: list[int] = []  # indices into origins of the tiles over damaged stored tiles
     tiles = SlideTiles(path, origins, geometry, cfg.batch_size, _ModelInputs([t for _, t in models]))
     loader = tile_loader(tiles, cfg.num_workers, pin_memory=device.type == "cuda")
     t0, done = time.perf_counter(), 0
-    with csv_path.open("w", newline="") as handle, progress_bar(cfg.progress) as bar, torch.inference_mode():
-        writer = csv.writer(handle)
-        writer.writerow(["x", "y", "row", "col", "predicted", *(f"prob_{c}" for c in classes)])
-        task = bar.add_task(path.name, total=n, rate="")
-        for index, x in loader:
-            probs = _probabilities(nets, x, device).numpy()
-            part = slice(index * cfg.batch_size, index * cfg.batch_size + len(probs))
-            prob_map[rows[part], cols[part]] = probs
-            predicted = probs.argmax(1)
-            counts += np.bincount(predicted, minlength=k)
-            prob_sum += probs.sum(0)
-            writer.writerows([int(ox), int(oy), int(r), int(c), classes[p], *(f"{v:.6f}" for v in pr)]
-                             for (ox, oy), r, c, p, pr in zip(origins[part], rows[part], cols[part], predicted, probs))
-            done += len(probs)
-            bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - t0):.1f} tiles/s")
+    try:
+        with csv_path.open("w", newline="") as handle, progress_bar(cfg.progress) as bar, torch.inference_mode():
+            writer = csv.writer(handle)
+            writer.writerow(["x", "y", "row", "col", "predicted", *(f"prob_{c}" for c in classes)])
+            task = bar.add_task(path.name, total=n, rate="")
+            for index, x, bad in loader:
+                if bad and not skip_damaged:
+                    raise DamagedTileError(path, stored_tiles(bad))
+                damaged.update(stored_tiles(bad))
+                left_out += [index * cfg.batch_size + i for i in bad]
+                good = np.setdiff1d(np.arange(x.shape[1]), list(bad))
+                probs = _probabilities(nets, x, device).numpy()[good]
+                part = index * cfg.batch_size + good
+                prob_map[rows[part], cols[part]] = probs
+                predicted = probs.argmax(1)
+                counts += np.bincount(predicted, minlength=k)
+                prob_sum += probs.sum(0)
+                writer.writerows([int(ox), int(oy), int(r), int(c), classes[p], *(f"{v:.6f}" for v in pr)]
+                                 for (ox, oy), r, c, p, pr in zip(origins[part], rows[part], cols[part], predicted,
+                                                                  probs))
+                done += x.shape[1]
+                bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - t0):.1f} tiles/s")
+    except DamagedTileError:
+        del prob_map
+        csv_path.unlink()  # half a slide's outputs would pass for its results
+        map_path.unlink()
+        raise
     seconds = time.perf_counter() - t0
     prob_map.flush()
 
-    name = classes[heat_index]
-    title = f"{path.name}: P({name}), {n} tiles of {geometry.read_size} px at level {geometry.level}"
+    name, predicted_n = classes[heat_index], n - len(left_out)
+    title = f"{path.name}: P({name}), {predicted_n} tiles of {geometry.read_size} px at level {geometry.level}"
     save_heatmap(thumbnail, prob_map[..., heat_index], geometry, dimensions, heat_path, title)
     del prob_map  # closes the memory map
     meta = {
         "slide": str(path), "dimensions": list(dimensions), "mpp": mpp, "classes": list(classes),
-        "geometry": asdict(geometry), "tiles": n, "heatmap_class": name,
+        "geometry": asdict(geometry), "tiles": predicted_n, "heatmap_class": name,
         "predicted_tiles": dict(zip(classes, counts.tolist())),
-        "mean_probability": dict(zip(classes, (prob_sum / n).round(6).tolist())),
-        "seconds": round(seconds, 3), "tiles_per_s": round(n / max(seconds, 1e-9), 2),
+        "mean_probability": dict(zip(classes, (prob_sum / max(predicted_n, 1)).round(6).tolist())),
+        "seconds": round(seconds, 3), "tiles_per_s": round(predicted_n / max(seconds, 1e-9), 2),
+        "damaged": {"stored_tiles": [asdict(t) for t in sorted(damaged)],
+                    "left_out": [[int(rows[i]), int(cols[i])] for i in sorted(left_out)]},  # grid (row, col), NaN
         "config": asdict(cfg), "files": {"csv": csv_path.name, "map": map_path.name, "heatmap": heat_path.name},
     }
     meta_path.write_text(json.dumps(meta, indent=1))
-    log.info("%s: %d tiles in %.1f s (%.1f tiles/s) -> %s", path.name, n, seconds, n / max(seconds, 1e-9), out)
-    return SlideResult(path, n, seconds, csv_path, map_path, heat_path, meta_path)
+    log.info("%s: %d tiles in %.1f s (%.1f tiles/s) -> %s", path.name, predicted_n, seconds,
+             predicted_n / max(seconds, 1e-9), out)
+    if damaged:
+        log.warning("%s: %d damaged stored tiles; %d tissue tiles over them left out", path.name, len(damaged),
+                    len(left_out))
+    return SlideResult(path, predicted_n, seconds, csv_path, map_path, heat_path, meta_path, sorted(damaged),
+                       len(left_out))
