@@ -275,7 +275,7 @@ def test_clear_errors(tmp_path: Path) -> None:
 
 
 def test_missing_jpeg2000_codec_says_how_to_fix(wsi_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(slide_module, "_has_decoder", lambda compression: compression != 33005)
+    monkeypatch.setattr(slide_module, "has_decoder", lambda compression: compression != 33005)
     with pytest.raises(SlideError, match="JPEG 2000.*pip install imagecodecs"):
         Slide(wsi_dir / "tcga-cr-7395-01a-01-ts1.svs")
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 import threading
 import zlib
 from collections import OrderedDict
@@ -20,12 +19,14 @@ from typing import BinaryIO
 import numpy as np
 import tifffile
 
-from histoflow.errors import HistoflowError
 from PIL import Image
-from tifffile import TIFF, TiffPage
+from tifffile import TiffPage
+
+from histoflow.data.tiff import (aperio_fields, expected_size, float_or_none, has_decoder, page_dtype, tag_mpp,
+                                 to_rgb8)
+from histoflow.errors import HistoflowError
 
 _JPEG2000 = (33003, 33004, 33005, 34712)  # Aperio YCbCr/RGB J2K and the JPEG 2000 TIFF code
-_MPP_RANGE = (0.01, 50.0)  # resolution tags outside this are scanner/software defaults (72 dpi ...)
 _BAND_PIXELS = 1 << 24  # source pixels decoded at a time while making a thumbnail (48 MB RGB)
 CACHE_BYTES = 128 << 20  # decoded tiles kept per open slide (a row of 512-px tiles across a 60,000-px slide)
 _CONVERT_HINT = (
@@ -70,78 +71,6 @@ class Level:
     width: int
     height: int
     downsample: float
-
-
-def _has_decoder(compression: int) -> bool:
-    """Whether tifffile can decode this TIFF compression here (most codecs come from imagecodecs)."""
-    return compression == 1 or compression in TIFF.DECOMPRESSORS
-
-
-def _aperio_fields(description: str) -> dict[str, str]:
-    """The `key = value` fields of an Aperio ImageDescription."""
-    fields = {}
-    for part in description.split("|")[1:]:  # the first part is the free-text header
-        key, sep, value = part.partition("=")
-        if sep:
-            fields[key.strip()] = value.strip()
-    return fields
-
-
-def _float_or_none(text: str | None) -> float | None:
-    try:
-        value = float(text) if text is not None else math.nan
-    except ValueError:
-        return None
-    return value if math.isfinite(value) and value > 0 else None
-
-
-def _tag_mpp(page: TiffPage) -> float | None:
-    """Microns per pixel from the TIFF resolution tags, when the unit is a length and plausible."""
-    unit = page.tags.valueof("ResolutionUnit", 2)  # the TIFF default unit is the inch
-    res = page.tags.valueof("XResolution")
-    microns = {2: 25400.0, 3: 10000.0}.get(int(unit))
-    if microns is None or res is None:
-        return None
-    per_unit = res[0] / res[1] if isinstance(res, tuple) else float(res)
-    if not per_unit > 0:
-        return None
-    mpp = microns / per_unit
-    return mpp if _MPP_RANGE[0] <= mpp <= _MPP_RANGE[1] else None
-
-
-def _expected_size(tif: tifffile.TiffFile) -> int:
-    """The bytes the file's directories say it holds: up to the end of its last segment, or of the tag count of
-    the directory tifffile stopped at (the one after the last it read; beyond the end of a file cut short)."""
-    fmt, fh, at = tif.tiff, tif.filehandle, tif.pages.next_page_offset  # where the next directory's offset is kept
-    fh.seek(at)
-    raw = fh.read(fmt.offsetsize)
-    directories = [struct.unpack(fmt.offsetformat, raw)[0]] if len(raw) == fmt.offsetsize else []
-    ends = [at + fmt.offsetsize]
-    for page in list(tif.pages) + [level.keyframe for series in tif.series for level in series.levels[1:]]:
-        ends.append(int(np.max(np.add(page.dataoffsets, page.databytecounts), initial=0)))
-        directories += getattr(page, "subifds", None) or ()
-    return max(ends + [offset + fmt.tagnosize for offset in directories if offset])
-
-
-def _dtype(page: TiffPage) -> np.dtype:
-    """The sample dtype of a page already checked in Slide._find_pages."""
-    assert page.dtype is not None  # pages without a numpy dtype are rejected on open
-    return page.dtype
-
-
-def _to_rgb8(raw: np.ndarray, page: TiffPage) -> np.ndarray:
-    """Convert an (H, W, samples) block of `page` to (H, W, 3) uint8."""
-    if raw.dtype != np.uint8:
-        if raw.dtype.kind == "f":
-            # floats are taken as 0..1 intensities; scaling by the block's max would differ tile to tile
-            raw = np.clip(raw * 255.0, 0, 255).round().astype(np.uint8)
-        else:
-            raw = (raw.astype(np.float32) * (255.0 / np.iinfo(raw.dtype).max)).round().astype(np.uint8)
-    if page.photometric == 0:  # MINISWHITE
-        raw = 255 - raw
-    if page.photometric in (0, 1):  # gray, alpha (if any) dropped
-        return np.repeat(raw[..., :1], 3, axis=-1)
-    return np.ascontiguousarray(raw[..., :3])  # RGB (JPEG YCbCr is decoded to RGB); alpha dropped
 
 
 class _SegmentCache:
@@ -212,11 +141,11 @@ class Slide:
         self._memmaps: dict[int, np.ndarray] = {}
         self._cache = _SegmentCache(cache_bytes)
         description = self._pages[0].description if self._tif.is_svs else ""
-        self._aperio = _aperio_fields(description)
+        self._aperio = aperio_fields(description)
 
     def _find_pages(self) -> tuple[list[TiffPage], TiffPage | None]:
         """The level pages of the main image (and Aperio's stored thumbnail), checked complete and decodable."""
-        size, expected = self._tif.filehandle.size, _expected_size(self._tif)
+        size, expected = self._tif.filehandle.size, expected_size(self._tif)
         if expected > size:
             raise SlideError(
                 f"{self.path}: the file is truncated: it has {size:,} bytes but its TIFF directories need "
@@ -234,7 +163,7 @@ class Slide:
                     f"{self.path}: unsupported image layout (depth {page.imagedepth}, photometric "
                     f"{page.photometric!r}, dtype {page.dtype}); {_CONVERT_HINT}"
                 )
-            if not _has_decoder(page.compression):
+            if not has_decoder(page.compression):
                 name = getattr(page.compression, "name", str(page.compression))
                 kind = "JPEG 2000" if page.compression in _JPEG2000 else name
                 raise SlideError(
@@ -276,13 +205,13 @@ class Slide:
     def mpp(self) -> float | None:
         """Microns per pixel at level 0, or None when the file does not say."""
         if self._aperio:
-            return _float_or_none(self._aperio.get("MPP"))
-        return _tag_mpp(self._pages[0])
+            return float_or_none(self._aperio.get("MPP"))
+        return tag_mpp(self._pages[0])
 
     @property
     def objective_power(self) -> float | None:
         """Scanning objective magnification (Aperio AppMag), or None."""
-        return _float_or_none(self._aperio.get("AppMag"))
+        return float_or_none(self._aperio.get("AppMag"))
 
     def best_level_for_downsample(self, downsample: float) -> int:
         """The smallest level whose downsample does not exceed `downsample` (OpenSlide's rule)."""
@@ -361,14 +290,14 @@ class Slide:
         if page.is_memmappable and page.parent.filehandle.is_file:
             arr = self._memmaps.get(page.offset)
             if arr is None:
-                dtype = np.dtype(page.parent.byteorder + _dtype(page).char)
+                dtype = np.dtype(page.parent.byteorder + page_dtype(page).char)
                 arr = np.memmap(self.path, dtype, "r", offset=page.dataoffsets[0], shape=page.shaped)
                 self._memmaps[page.offset] = arr
             block = arr[:, 0, y0:y1, x0:x1, :]  # (planes, h, w, samples per plane)
             raw = np.moveaxis(block, 0, 2).reshape(y1 - y0, x1 - x0, -1)
         else:
             raw = self._decode_segments(page, x0, y0, x1, y1)
-        out[y0 - y : y1 - y, x0 - x : x1 - x] = _to_rgb8(raw, page)
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = to_rgb8(raw, page)
         return out
 
     def _decode_segments(self, page: TiffPage, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
@@ -381,7 +310,7 @@ class Slide:
         planes = page.samplesperpixel if page.planarconfig == 2 else 1
         samples_per_plane = page.samplesperpixel // planes
         # missing (zero-byte) segments stay white, as OpenSlide shows them
-        dtype = _dtype(page)
+        dtype = page_dtype(page)
         white = 1.0 if dtype.kind == "f" else np.iinfo(dtype).max
         raw = np.full((y1 - y0, x1 - x0, page.samplesperpixel), white, dtype)
         decode = page.decode

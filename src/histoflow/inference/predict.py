@@ -10,14 +10,14 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from histoflow.errors import HistoflowError
 from histoflow.data.images import IMAGE_SUFFIXES
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import prepare_dataset
+from histoflow.data.slide import SlideError
+from histoflow.errors import HistoflowError
 from histoflow.inference.checkpoints import (FoldModel, check_compatible, find_checkpoints, load_fold_model,
                                              models_by_fold)
 from histoflow.inference.report import fold_report, log_wandb, prediction_rows, write_csv, write_problems
-from histoflow.data.slide import SlideError
 from histoflow.inference.slide_map import SlideConfig, SlideResult, predict_slide
 from histoflow.inference.voting import predict_images, tta_views
 

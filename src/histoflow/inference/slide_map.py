@@ -31,7 +31,8 @@ from histoflow.data.slide_tiles import (NoTissueError, SlideTiles, TileGeometry,
                                         tissue_tiles)
 from histoflow.data.transforms import PatchTransform
 from histoflow.inference.heatmap import save_heatmap
-from histoflow.inference.voting import progress_bar, resolve_device
+from histoflow.inference.voting import resolve_device
+from histoflow.progress import progress_bar
 
 log = logging.getLogger(__name__)
 __all__ = ["NoTissueError", "SlideConfig", "SlideResult", "default_heatmap_class", "predict_slide"]
@@ -174,7 +175,6 @@ def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTrans
                 done += x.shape[1]
                 bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - t0):.1f} tiles/s")
     except DamagedTileError:
-        del prob_map
         csv_path.unlink()  # half a slide's outputs would pass for its results
         map_path.unlink()
         raise
