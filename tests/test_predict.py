@@ -232,6 +232,7 @@ def test_five_fold_report_each_image_by_the_model_that_held_it_out(five_fold_rep
     root = tiny / "images"
     predicted = [str(Path(r["image"]).relative_to(root)) for r in rows]
     assert sorted(predicted) == sorted(fold_of)
+    assert (out / "problems.csv").read_text().splitlines() == ["image,problem,action"]  # checked, nothing wrong
     for row, image in zip(rows, predicted):
         trained = torch.load(row["checkpoint"], map_location="cpu", weights_only=True)["hyper_parameters"]["config"]
         assert row["fold"] == fold_of[image] == str(trained["fold"])

@@ -189,15 +189,17 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
                 "views": len(_run_options(cfg)["views"]), "window": grid.size, "stride": grid.stride}
     run = _slides if cfg.get("slides") else _held_out_report if cfg.images is None else _images_csv
     rows, problems, logged = run(cfg, members, grid, out, settings)
-    if problems:
-        write_problems(problems, out / "problems.csv", "skipped" if cfg.on_bad_image == "skip" else "stopped")
+    # always written, empty when nothing went wrong: its absence would not say whether the run checked
+    write_problems(problems, out / "problems.csv", "skipped" if cfg.on_bad_image == "skip" else "stopped")
     if cfg.wandb.enabled:
         log_wandb(out, settings, {k: v for k, v in cfg.wandb.items() if k != "enabled"}, **logged)
-    log.info("predicted %d images: %s", len(rows), out)
+    what = "slide" if cfg.get("slides") else "image"
+    log.info("predicted %d %ss: %s", len(rows), what, out)
     if problems and cfg.on_bad_image == "error":
-        raise BadImagesError(f"{len(problems)} image(s) could not be predicted:\n"
+        fix = ("re-copy or re-export these slides" if cfg.get("slides") else
+               "remove or repair these files (windows need images at least as large as grid.size)")
+        raise BadImagesError(f"{len(problems)} {what}(s) could not be predicted:\n"
                              + "\n".join(f"  {why}" for why in problems.values())
-                             + f"\nThe other {len(rows)} images' results are written in {out}. Fix: remove or repair "
-                             "these files (windows need images at least as large as grid.size), or set "
+                             + f"\nThe other {len(rows)} {what}s' results are written in {out}. Fix: {fix}, or set "
                              "on_bad_image=skip to leave them out (they are listed in problems.csv)")
     return {"output_dir": str(out), "images": len(rows), "problems": len(problems)}
