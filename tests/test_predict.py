@@ -30,6 +30,7 @@ from histoflow.data.transforms import PatchTransform
 from histoflow.inference.checkpoints import (CheckpointError, check_compatible, find_checkpoints, load_fold_model,
                                              preprocessing_of)
 from histoflow.inference.predict import BadImagesError, predict
+from histoflow.inference.sweep_report import headline
 from histoflow.inference.voting import VIEWS, ImagePatches, by_votes, grid_config, predict_images, tta_views
 from histoflow.module import load_classifier
 from histoflow.reports import read_confusion_csv
@@ -241,6 +242,20 @@ def test_five_fold_report_each_image_by_the_model_that_held_it_out(five_fold_rep
         assert float(row["vote_margin"]) == pytest.approx((first - second) / 6, abs=1e-6)
         assert float(row["confidence"]) == pytest.approx(float(row[f"prob_{row['predicted']}"]), abs=1e-6)
     assert list((out / "wandb").glob("offline-run-*")), "W&B did not log offline"
+
+
+def test_the_multirun_writes_the_same_image_report_as_predict(five_fold_report: Path, multirun: Path) -> None:
+    """train.py -m fold=1,...,5 ends with predict.py's k-fold report in <multirun>/image_report/."""
+    made = multirun / "image_report"
+    for name in ("predictions.csv", "confusion_images.csv"):
+        assert (made / name).read_text() == (five_fold_report / name).read_text(), name
+    ours, theirs = (json.loads((d / "report.json").read_text()) for d in (made, five_fold_report))
+    for key in ("per_fold", "summary", "pooled", "interval", "case_level", "groups", "colour_baselines"):
+        assert ours[key] == theirs[key], key
+    assert ours["settings"]["ckpt_path"] == theirs["settings"]["ckpt_path"] == str(multirun)
+    line = headline(ours)  # what the sweep prints last
+    assert line.startswith(f"image accuracy {ours['pooled']['image/acc']:.3f} pooled over 30 images")
+    assert "each its own group" in line and "case-level" not in line  # no patients were given
 
 
 def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Path, multirun: Path,

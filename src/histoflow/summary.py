@@ -1,7 +1,8 @@
 """Cross-validation summary of a multirun: per-fold test metrics, mean ± sd, pooled confusion matrix.
 
-Runs by itself at the end of `python train.py -m fold=1,2,3,4,5` (a Hydra callback in conf/train.yaml),
-or later on any multirun folder: `python -m histoflow.summary outputs/train/multirun/<date>`.
+Runs by itself at the end of `python train.py -m fold=1,2,3,4,5` (a Hydra callback in conf/train.yaml), followed
+by the k-fold image-level report (histoflow.inference.sweep_report), or later on any multirun folder:
+`python -m histoflow.summary outputs/train/multirun/<date>`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from hydra.experimental.callback import Callback
@@ -75,10 +76,17 @@ def summarize_sweep(sweep_dir: str | Path) -> Path | None:
 
 
 class FoldSummary(Callback):
-    """Hydra callback: summarise the folds once every job of a multirun has returned."""
+    """Hydra callback: once every job of a multirun has returned, summarise the folds' patch-level test metrics
+    and (image_report) write the k-fold image-level report, predict.py's, in <multirun>/image_report/."""
+
+    def __init__(self, image_report: bool = True, predict: Sequence[str] = ()) -> None:
+        self.image_report, self.predict = image_report, list(predict)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        summarize_sweep(config.hydra.sweep.dir)
+        if summarize_sweep(config.hydra.sweep.dir) is not None and self.image_report:
+            from histoflow.inference.sweep_report import write_image_report
+
+            write_image_report(config.hydra.sweep.dir, self.predict)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,76 @@
+"""The k-fold image report of a training multirun, written into it when the sweep ends.
+
+It is `python predict.py ckpt_path=<multirun>` run in the same process: conf/predict.yaml composed with
+`ckpt_path` set to the sweep (plus any overrides), written to `<multirun>/image_report/`. Its headline figures are
+logged: pooled image accuracy with its interval over patients, mean ± sd over folds, case-level accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.initialize import get_gh_backup, restore_gh_from_backup
+from omegaconf import DictConfig, open_dict
+
+from histoflow.errors import HistoflowError, message
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
+REPORT_DIR = "image_report"
+
+
+def predict_config(overrides: Sequence[str], output_dir: Path) -> DictConfig:
+    """conf/predict.yaml with overrides, as predict.py composes it, writing to output_dir. Runs beside a Hydra
+    app (a multirun's end): that app's global state is put back afterwards."""
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("predict", overrides=list(overrides))
+    finally:
+        restore_gh_from_backup(backup)
+    with open_dict(cfg):
+        cfg.output_dir = str(output_dir)  # ${hydra:runtime.output_dir} exists only in a Hydra run
+    return cfg
+
+
+def headline(report: dict[str, Any]) -> str:
+    """The figures that matter, in one line: pooled image accuracy [interval over groups], mean ± sd over folds,
+    and case-level accuracy."""
+    pooled, summary = report["pooled"]["image/acc"], report["summary"]["image/acc"]
+    text = f"image accuracy {pooled:.3f} pooled over {report['images']} images"
+    interval, groups = report.get("interval") or {}, report.get("groups") or {}
+    given = groups.get("n", report["images"]) < report["images"]  # patients or slides, not every image its own
+    if "image/acc" in interval:
+        low, high = interval["image/acc"]
+        over = f"{groups.get('n', '?')} {'groups' if given else 'images (each its own group: no patients given)'}"
+        text += f" [{interval.get('level', 0.95):.0%} CI {low:.2f}, {high:.2f} over {over}]"
+    text += f", {summary['mean']:.3f} ± {summary['sd']:.3f} over {int(summary['n'])} folds"
+    case = report.get("case_level")
+    if case and given:
+        text += f"; case-level {case['acc']:.2f} ({case['right']}/{case['groups']})"
+    return text
+
+
+def write_image_report(sweep: str | Path, overrides: Sequence[str] = ()) -> Path | None:
+    """predict.py's k-fold report of the sweep in <sweep>/image_report/; None (with a warning saying why) where the
+    sweep holds no k-fold set of models, e.g. a sweep over settings rather than folds."""
+    from histoflow.inference.predict import predict  # torch and the models: only when a report is made
+
+    sweep = Path(sweep)
+    out = sweep / REPORT_DIR
+    try:
+        predict(predict_config([f"ckpt_path={sweep}", *overrides], out))
+    except HistoflowError as e:
+        log.warning("no image-level report for %s: %s\n(run it by hand: python predict.py ckpt_path=%s)",
+                    sweep, message(e), sweep)
+        return None
+    report = out / "report.md"
+    if (out / "report.json").is_file():
+        log.info("image-level report: %s\n  %s", report, headline(json.loads((out / "report.json").read_text())))
+    return report
