@@ -34,6 +34,7 @@ from histoflow.data.images import IMAGE_SUFFIXES
 from histoflow.data.transforms import PatchTransform
 from histoflow.inference.checkpoints import load_fold_model
 from histoflow.inference.voting import ImagePatches, grid_config, predict_images
+from histoflow.machine import AUTO, cpu_count, resolve_workers
 from histoflow.models import AlexNet32
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def main() -> int:
     parser.add_argument("--ckpt", type=Path, default=None, help="a trained checkpoint (default: fresh AlexNet32)")
     parser.add_argument("--images", type=int, default=None, help="predict only the first N images")
     defaults = OmegaConf.load(REPO / "conf" / "predict.yaml")
-    parser.add_argument("--workers", type=int, default=int(defaults.num_workers))
+    parser.add_argument("--workers", default=defaults.num_workers, help="reader workers (default: predict.yaml's)")
     parser.add_argument("--batch-size", type=int, default=int(defaults.batch_size))
     parser.add_argument("--passes", type=int, default=1, help="passes over the images")
     parser.add_argument("--chunks", type=int, default=6, help="chunks of images per pass, timed in alternation")
@@ -82,6 +83,9 @@ def main() -> int:
     if not lymphoma.is_dir():
         print(f"{lymphoma}: not found. Fix: pass --data or set HISTOFLOW_DATA to the folder holding lymphoma/")
         return 2
+    setting = args.workers if args.workers == AUTO else int(args.workers)
+    args.workers = resolve_workers(setting, "num_workers", "cuda" if torch.cuda.is_available() else "cpu")
+    print(f"reader workers: {setting} -> {args.workers} ({cpu_count()} CPUs)")
     paths = sorted(p for p in lymphoma.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[: args.images]
     net, transform = model_and_transform(args.ckpt)
     grid = grid_config(36, 32)

@@ -40,6 +40,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
 from histoflow.data.datamodule import ShardDataModule
+from histoflow.machine import cpu_count, resolve_workers
 from histoflow.module import PatchClassifier, build_net
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,16 +185,19 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=default_data)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "histoflow-bench")
     parser.add_argument("--batches", type=int, default=100, help="batches per timed pass")
-    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: the recipe's)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="loader workers (default: the recipe's data.loader.num_workers, auto resolved here)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a floor is missed")
     args = parser.parse_args()
     lymphoma = args.data / "lymphoma"
     if not lymphoma.is_dir():
         print(f"{lymphoma}: not found. Fix: pass --data or set HISTOFLOW_DATA to the folder holding lymphoma/")
         return 2
-    workers = args.workers
-    if workers is None:
-        workers = int(OmegaConf.load(REPO / "conf" / "data" / "lymphoma.yaml").loader.num_workers)
+    setting = args.workers if args.workers is not None else OmegaConf.load(
+        REPO / "conf" / "data" / "lymphoma.yaml").loader.num_workers
+    workers = resolve_workers(setting, "data.loader.num_workers", "cuda" if torch.cuda.is_available() else "cpu")
+    print(f"loader workers: {setting} -> {workers} ({cpu_count()} CPUs, "
+          f"{'a GPU' if torch.cuda.is_available() else 'no GPU'})")
     cfg = recipe(lymphoma, args.out, args.batches, workers)
     dm: ShardDataModule = instantiate(cfg.data, fold=cfg.fold)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

@@ -25,6 +25,11 @@ CLASSES = ["CLL", "FL", "MCL"]
 SKIMAGE_UNITS = -np.log(1e-6)  # skimage's stain units are optical densities divided by this
 
 
+def cpu_trainer(rank: int, world_size: int) -> SimpleNamespace:
+    """What the DataModule asks of its trainer: rank, world size, device and processes on this host."""
+    return SimpleNamespace(global_rank=rank, world_size=world_size, num_devices=world_size,
+                           strategy=SimpleNamespace(root_device=torch.device("cpu")))
+
 def make_images(root: Path, per_class: int = 6, size: tuple[int, int] = (132, 100)) -> Path:
     """Noisy PNGs whose class shows in the colour: class c has channel c bright."""
     rng = np.random.default_rng(0)
@@ -126,7 +131,7 @@ def test_every_rank_gets_the_same_number_of_batches(data: dict, alarm) -> None:
     dm = datamodule(data, num_workers=2)
     counts = []
     for rank in range(3):  # more ranks x workers than training shards
-        dm.trainer = SimpleNamespace(global_rank=rank, world_size=3)
+        dm.trainer = cpu_trainer(rank, 3)
         counts.append(sum(1 for _ in dm.train_dataloader()))
     dm.trainer = None
     assert counts == [dm.split.samples["train"] // (16 * 3)] * 3
@@ -148,7 +153,7 @@ def test_ranks_share_the_evaluation_shards(data: dict, world_size: int) -> None:
     dm = datamodule(data)
     keys = []
     for rank in range(world_size):
-        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world_size)
+        dm.trainer = cpu_trainer(rank, world_size)
         keys.append([tuple(k) for _, _, batch in dm.eval_dataloader("test", with_keys=True) for k in batch.tolist()])
     dm.trainer = None
     assert all(keys), "every rank evaluates something"

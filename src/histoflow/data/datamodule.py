@@ -34,6 +34,7 @@ from histoflow.data.prepared import PreparedDataset, Split
 from histoflow.data.shards import decode_npy, parse_key
 from histoflow.data.transforms import PatchTransform, build_transform
 from histoflow.errors import ConfigError, DamagedFileError
+from histoflow.machine import resolve_workers
 
 KEY_FIELDS = ("image", "x", "y", "rot")  # columns of the keys tensor: manifest index, patch origin, rotation
 ROLES = ("train", "val", "test")
@@ -45,7 +46,7 @@ class LoaderConfig:
 
     batch_size: int = 128
     eval_batch_size: int | None = None  # None: batch_size
-    num_workers: int = 2  # per DDP rank; fewer are started when there are fewer shards
+    num_workers: int | str = "auto"  # per DDP rank; auto: 0 on a CPU, CPUs per rank less one beside a GPU (machine.py)
     shuffle_buffer: int = 5000  # samples held per worker for shuffling (about 4 kB each); 0: off
     crop: int | None = 32  # side of the network input cut from each patch; None: the whole patch
     normalize: str = "image"  # image | channel | imagenet | none, with the training statistics of this fold
@@ -63,9 +64,10 @@ class LoaderConfig:
         return read_section(cls, cfg, "data.loader")
 
     def __post_init__(self) -> None:
-        for key, low, optional in (("batch_size", 1, False), ("eval_batch_size", 1, True), ("num_workers", 0, False),
+        for key, low, optional in (("batch_size", 1, False), ("eval_batch_size", 1, True),
                                    ("shuffle_buffer", 0, False), ("crop", 1, True), ("epoch_batches", 1, True)):
             at_least(getattr(self, key), low, f"data.loader.{key}", optional)
+        resolve_workers(self.num_workers, "data.loader.num_workers", "cpu")
 
 
 def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
@@ -240,6 +242,13 @@ class ShardDataModule(L.LightningDataModule):
         train = self.trainer is not None and self.trainer.training
         return (self.transform(train)(batch[0]), *batch[1:])
 
+    def num_workers(self) -> int:
+        """data.loader.num_workers, `auto` resolved for the trainer's device and its processes on this host."""
+        device, processes = "cpu", 1
+        if self.trainer is not None:
+            device, processes = self.trainer.strategy.root_device.type, self.trainer.num_devices
+        return resolve_workers(self.loader.num_workers, "data.loader.num_workers", device, processes)
+
     def _webloader(self, dataset: wds.DataPipeline, workers: int) -> wds.WebLoader:
         return wds.WebLoader(dataset, batch_size=None, num_workers=workers,
                              pin_memory=self.loader.pin_memory and torch.cuda.is_available(),
@@ -248,7 +257,7 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> wds.WebLoader:
         """Endless shuffled training batches (x, y), cut into epochs of epoch_batches()."""
         rank, world = self._world()
-        workers = self.loader.num_workers
+        workers = self.num_workers()
         urls = self.split.train
         # repeat the list until every rank and worker has a shard, so no worker idles
         urls = urls * math.ceil(world * max(workers, 1) / len(urls))
@@ -274,7 +283,7 @@ class ShardDataModule(L.LightningDataModule):
         if len(urls) < world:  # a rank without shards would miss the epoch-end metric sync
             rank, world = 0, 1
         # a worker beyond the shard count would only start and stop
-        workers = min(self.loader.num_workers, math.ceil(len(urls) / world))
+        workers = min(self.num_workers(), math.ceil(len(urls) / world))
         dataset = shard_pipeline(urls, None,
                                  self.loader.eval_batch_size or self.loader.batch_size, train=False,
                                  rank=rank, world_size=world, with_keys=with_keys)

@@ -19,7 +19,8 @@ from histoflow.inference.checkpoints import (FoldModel, check_compatible, find_c
                                              models_by_fold)
 from histoflow.inference.report import fold_report, log_wandb, prediction_rows, write_csv, write_problems
 from histoflow.inference.slide_map import SlideConfig, SlideResult, predict_slide
-from histoflow.inference.voting import predict_images, tta_views
+from histoflow.inference.voting import predict_images, resolve_device, tta_views
+from histoflow.machine import resolve_workers
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ def prediction_grid(cfg: Mapping[str, Any], model: FoldModel) -> PatchConfig:
 def _run_options(cfg: DictConfig) -> dict[str, Any]:
     """The predict_images arguments of the config."""
     tta = OmegaConf.to_container(cfg.tta) if OmegaConf.is_config(cfg.tta) else cfg.tta
-    return {"views": tta_views(tta), "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
+    workers = resolve_workers(cfg.num_workers, "num_workers", resolve_device(cfg.device).type)
+    return {"views": tta_views(tta), "batch_size": cfg.batch_size, "num_workers": workers,
             "device": cfg.device, "progress": cfg.progress}
 
 

@@ -32,6 +32,7 @@ from histoflow.data.slide_tiles import (NoTissueError, SlideTiles, TileGeometry,
 from histoflow.data.transforms import PatchTransform
 from histoflow.inference.heatmap import save_heatmap
 from histoflow.inference.voting import resolve_device
+from histoflow.machine import resolve_workers
 from histoflow.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ class SlideConfig:
     thumbnail_size: int = 1024  # longer side of the thumbnail for the tissue mask and the heatmap, pixels
     heatmap_class: str | None = None  # class drawn in the heatmap; None: the class named like TUM/TUMOR, else the last
     batch_size: int = 64  # tiles per forward pass
-    num_workers: int = 2  # processes reading tiles while the model runs (0: all in this process)
+    num_workers: int | str = "auto"  # processes reading tiles while the model runs (0: all in this process; auto:
+    #                                  0 on a CPU, the CPUs less one beside a GPU, histoflow.machine)
     device: str = "auto"  # auto | cpu | cuda | cuda:1
     progress: bool = True  # progress bar with tiles/s
 
@@ -150,7 +152,8 @@ def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTrans
     damaged: set[DamagedTile] = set()
     left_out: list[int] = []  # indices into origins of the tiles over damaged stored tiles
     tiles = SlideTiles(path, origins, geometry, cfg.batch_size, _ModelInputs([t for _, t in models]))
-    loader = tile_loader(tiles, cfg.num_workers, pin_memory=device.type == "cuda")
+    workers = resolve_workers(cfg.num_workers, "slide.num_workers", device.type)
+    loader = tile_loader(tiles, workers, pin_memory=device.type == "cuda")
     t0, done = time.perf_counter(), 0
     try:
         with csv_path.open("w", newline="") as handle, progress_bar(cfg.progress) as bar, torch.inference_mode():
