@@ -260,14 +260,19 @@ def test_the_multirun_writes_the_same_image_report_as_predict(five_fold_report: 
 
 def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Path, multirun: Path,
                                                              tmp_path: Path) -> None:
+    """The full section goes to docs/results.md (beside its figures), the headline table to the README; both are
+    re-rendered byte for byte from the record alone."""
     readme, record, docs = tmp_path / "README.md", tmp_path / "docs" / "results.json", tmp_path / "docs"
+    page = docs / "results.md"  # the default page: results.md beside the figures
     readme.write_text(f"# x\n\n## Results\n\n{results.BEGIN}\nold text\n{results.END}\n\n## After\n")
     options = ["--readme", str(readme), "--figures", str(docs), "--record", str(record)]
     results.main([f"tutorial={five_fold_report}", *options])
-    text = readme.read_text()
+    text, head = page.read_text(), readme.read_text()
     report = json.loads((five_fold_report / "report.json").read_text())
     acc = report["summary"]["image/acc"]
-    assert "old text" not in text and text.startswith("# x\n\n## Results\n\n") and text.endswith("\n\n## After\n")
+    assert text.startswith(f"# Results\n\n{results.BEGIN}") and text.endswith(f"{results.END}\n")  # created
+    assert "old text" not in head and head.startswith("# x\n\n## Results\n\n") and head.endswith("\n\n## After\n")
+    assert "](docs/results.md)" in head and "| tutorial |" not in head  # no case-fold run yet: an empty headline
     lines = text.splitlines()
     row = next(line for line in lines if line.startswith("| tutorial | "))  # the leaky-protocol recipe table
     header = lines[lines.index(row) - 2]
@@ -285,38 +290,59 @@ def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Pa
     assert "python train.py -m fold=1,2,3,4,5" in text and f"python predict.py ckpt_path={multirun}" in text
     figure = docs / "results-tutorial-per-image-folds-confusion.png"
     assert figure.read_bytes() == (five_fold_report / "confusion_images.png").read_bytes()
-    assert "](docs/results-tutorial-per-image-folds-confusion.png)" in text
+    assert "](results-tutorial-per-image-folds-confusion.png)" in text  # relative to the page, beside it
+    (machine,) = {r["machine"] for r in json.loads(record.read_text())["runs"]}
+    assert f"Machine: {machine}." in text and f"{os.cpu_count()} CPU cores" in machine  # from the record
 
     results.main([f"tutorial={five_fold_report}", *options])  # the same recipe and protocol again: replaced
-    assert readme.read_text() == text and len(json.loads(record.read_text())["runs"]) == 1
+    assert page.read_text() == text and readme.read_text() == head
+    assert len(json.loads(record.read_text())["runs"]) == 1
     results.main([f"another recipe, seed=1={five_fold_report}", *options])  # a new recipe, a label holding =: added
     assert len(json.loads(record.read_text())["runs"]) == 2
-    table = [line.split("|")[1].strip() for line in readme.read_text().splitlines() if line.startswith("| ")]
+    table = [line.split("|")[1].strip() for line in page.read_text().splitlines() if line.startswith("| ")]
     assert table.index("tutorial") < table.index("another recipe, seed=1")
-    rendered = readme.read_text()
-    readme.write_text(text)
+    rendered, rendered_head = page.read_text(), readme.read_text()
+    page.write_text(text.replace(results.END, f"hand-edited\n{results.END}") + "\nkept by hand\n")
+    readme.write_text(head.replace(results.END, f"hand-edited\n{results.END}"))
     results.main(options)  # from the record alone (the output folders need not exist any more)
-    assert readme.read_text() == rendered
+    assert page.read_text() == rendered + "\nkept by hand\n" and readme.read_text() == rendered_head
+    page.write_text(rendered)
     assert (docs / "results-another-recipe-seed-1-per-image-folds-confusion.png").is_file()
     results.main(["--drop", "another recipe, seed=1", *options])  # forgotten, its figures deleted
     assert not (docs / "results-another-recipe-seed-1-per-image-folds-confusion.png").exists()
-    assert readme.read_text() == text and len(json.loads(record.read_text())["runs"]) == 1
+    assert page.read_text() == text and readme.read_text() == head
+    assert len(json.loads(record.read_text())["runs"]) == 1
 
-    runs = json.loads(record.read_text())["runs"]  # the same run as if made under case folds: the headline table
-    record.write_text(json.dumps({"runs": [*runs, {**runs[0], "protocol": "case folds"}]}))
+    # the same run as if made under case folds, twice: the headline is the flagged recipe's row, first protocol
+    runs = json.loads(record.read_text())["runs"]
+    record.write_text(json.dumps({"runs": [*runs, {**runs[0], "protocol": "case folds", "headline": True},
+                                           {**runs[0], "recipe": "not flagged", "protocol": "case folds"}]}))
     results.main(options)
-    lines = readme.read_text().splitlines()
-    row = next(line for line in lines if line.startswith("| tutorial | **"))
-    header = lines[lines.index(row) - 2]
-    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
-    low, high = report["interval"]["image/acc"]
-    assert cells["pooled [95% CI over cases]"] == f"{report['pooled']['image/acc']:.3f} [{low:.2f}, {high:.2f}]"
-    assert cells["per-image folds (leaky)"] == f"{acc['mean']:.3f} ± {acc['sd']:.3f}"
-    forest = report["colour_baselines"]["forest"]
-    assert cells["colour only: logistic / forest, pooled [CI]"].endswith(
-        f"{forest['pooled']['image/acc']:.2f} [{forest['interval']['image/acc'][0]:.2f}, "
-        f"{forest['interval']['image/acc'][1]:.2f}]")
-    assert cells["case-level acc"].startswith(f"{report['case_level']['acc']:.2f} (")
+    head, text = readme.read_text(), page.read_text()
+    assert "| not flagged | **" in text and "| not flagged |" not in head  # the page has every case-fold recipe
+    for lines in (head.splitlines(), text.splitlines()):
+        row = next(line for line in lines if line.startswith("| tutorial | **"))
+        header = lines[lines.index(row) - 2]
+        cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+        assert list(cells)[1:4] == ["recipe", "image acc, mean ± sd over folds", "pooled [95% CI over cases]"]
+        low, high = report["interval"]["image/acc"]
+        assert cells["pooled [95% CI over cases]"] == f"{report['pooled']['image/acc']:.3f} [{low:.2f}, {high:.2f}]"
+        assert cells["per-image folds (leaky)"] == f"{acc['mean']:.3f} ± {acc['sd']:.3f}"
+        forest = report["colour_baselines"]["forest"]
+        assert cells["colour only: logistic / forest, pooled [CI]"].endswith(
+            f"{forest['pooled']['image/acc']:.2f} [{forest['interval']['image/acc'][0]:.2f}, "
+            f"{forest['interval']['image/acc'][1]:.2f}]")
+        assert cells["case-level acc"].startswith(f"{report['case_level']['acc']:.2f} (")
+    assert f"all {report['images']} images" in head and f"over the {report['case_level']['groups']} cases" in head
+    flagged = {"recipe": "tutorial", "protocol": "case folds", "acc": 0, "headline": True}
+    rerun = {"recipe": "tutorial", "protocol": "case folds", "acc": 1}  # a new run of it: still in the headline
+    assert results.add_record([flagged], rerun) == [{**rerun, "headline": True}]
+    records = json.loads(record.read_text())["runs"]
+    for r in records:
+        r.pop("headline", None)
+    record.write_text(json.dumps({"runs": records}))
+    results.main(options)  # none flagged: every case-fold recipe heads the README
+    assert "| not flagged | **" in readme.read_text() and "| tutorial | **" in readme.read_text()
 
 
 def test_k_fold_report_of_an_ensemble_averages_each_folds_models(multirun: Path, tiny: Path, tmp_path: Path) -> None:

@@ -38,8 +38,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 from skimage.color import rgb2lab
-from sklearn.decomposition import PCA
-from sklearn.neighbors import NearestNeighbors
+from scipy.spatial import cKDTree
 from threadpoolctl import threadpool_limits
 
 log = logging.getLogger(__name__)
@@ -98,13 +97,21 @@ def _thumbs(descriptors: np.ndarray) -> np.ndarray:
     return t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-6)
 
 
+def _principal_components(space: np.ndarray, n: int) -> np.ndarray:
+    """The rows projected on their n leading principal components (eigenvectors of the D x D covariance)."""
+    centred = space - space.mean(0)
+    _, vectors = np.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+    return centred @ vectors[:, ::-1][:, :n]
+
+
 def _neighbours(space: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Distances and indices of each row's k - 1 nearest other rows, searched by a tree in at most SEARCH_DIMS
+    """Distances and indices of each row's k - 1 nearest other rows, searched by a k-d tree in at most SEARCH_DIMS
     principal components."""
     with threadpool_limits(1):  # small matrices: BLAS threads only contend with prepare's workers or training
         if space.shape[1] > SEARCH_DIMS and len(space) > SEARCH_DIMS:
-            space = PCA(SEARCH_DIMS, random_state=0).fit_transform(space)
-        dist, idx = NearestNeighbors(n_neighbors=k, algorithm="kd_tree").fit(space).kneighbors(space)
+            space = _principal_components(space.astype(np.float64), SEARCH_DIMS)
+        dist, idx = cKDTree(space).query(space, k=k)
+    dist, idx = dist.reshape(len(space), k), idx.reshape(len(space), k)  # k = 1 gives flat arrays
     # each row itself left out, by index: an identical copy may come first among tied neighbours
     own = idx == np.arange(len(idx))[:, None]
     own[~own.any(1), -1] = True
