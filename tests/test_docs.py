@@ -1,0 +1,50 @@
+"""The README and the docs pages: every relative link resolves, and the generated results are up to date."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from histoflow import results
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")  # [text](target) and ![alt](target)
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+
+
+def links(page: Path) -> list[str]:
+    """The markdown link and image targets of a page, code blocks and inline code left out."""
+    text = re.sub(r"`[^`\n]*`", "", FENCE.sub("", page.read_text()))
+    return LINK.findall(text)
+
+
+def test_every_relative_link_points_at_a_file() -> None:
+    assert len(PAGES) > 2, "the docs pages are missing"
+    broken, seen = [], 0
+    for page in PAGES:
+        for target in links(page):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):  # http(s), mailto; an anchor
+                continue
+            seen += 1
+            path = (page.parent / target.split("#")[0]).resolve()
+            if not path.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target}")
+    assert seen > 50 and not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_every_docs_page_is_linked_from_the_readme() -> None:
+    linked = {(REPO / t.split("#")[0]).resolve() for t in links(REPO / "README.md") if not t.startswith("http")}
+    assert {p.resolve() for p in PAGES[1:]} <= linked
+
+
+def test_the_committed_results_are_rendered_from_the_record(tmp_path: Path) -> None:
+    """`python -m histoflow.results` (no runs: the record alone) reproduces the README and docs/results.md."""
+    (tmp_path / "docs").mkdir()
+    for name in ("README.md", "docs/results.md", "docs/results.json"):
+        shutil.copyfile(REPO / name, tmp_path / name)
+    results.main(["--readme", str(tmp_path / "README.md"), "--record", str(tmp_path / "docs" / "results.json"),
+                  "--figures", str(tmp_path / "docs")])
+    for name in ("README.md", "docs/results.md", "docs/results.json"):
+        assert (tmp_path / name).read_text() == (REPO / name).read_text(), f"{name}: run python -m histoflow.results"
