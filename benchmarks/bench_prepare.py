@@ -2,9 +2,12 @@
 
     python benchmarks/bench_prepare.py [--data DIR] [--workers N] [--out DIR]
 
---data names the folder holding lymphoma/ (default $HISTOFLOW_DATA, else ../shared/data beside the
-repo). Everything is written into a fresh temporary folder under --out and deleted afterwards, so
-nothing is cached between runs. Exits 0 whatever the numbers (a benchmark, not a test); 2 without data.
+Both are timed twice: inside this process, and as whole processes started from the shell, start-up
+(interpreter, imports, Hydra, the process pool) included, as a user meets them:
+`python -m histoflow.prepare data=lymphoma ...` against a script doing the tutorial's steps (this file with
+--tutorial-only). --data names the folder holding lymphoma/ (default $HISTOFLOW_DATA, else ../shared/data beside
+the repo). Everything is written into a fresh temporary folder under --out and deleted afterwards, so nothing is
+cached between runs. Exits 0 whatever the numbers (a benchmark, not a test); 2 without data.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import io
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -25,7 +29,7 @@ import webdataset as wds
 from omegaconf import OmegaConf
 from PIL import Image
 
-from histoflow.data.prepare import prepare_dataset
+from histoflow.data.prepared import PreparedDataset
 from histoflow.data.shards import decode_npy, sample_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,11 +47,30 @@ def config(lymphoma: Path, work: Path, workers: int) -> dict:
 
 def run_histoflow(lymphoma: Path, work: Path, workers: int):
     """Time one whole prepare (check + hash + folds + shards + means) into an empty folder."""
+    from histoflow.data.prepare import prepare_dataset  # here: the tutorial's process below does not import it
+
     data = config(lymphoma, work, workers)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
         ds = prepare_dataset(data, quiet=True)
     return time.perf_counter() - t0, ds
+
+
+def run_histoflow_process(lymphoma: Path, work: Path, workers: int) -> float:
+    """Seconds of `python -m histoflow.prepare data=lymphoma ...` into an empty folder, start-up included."""
+    command = [sys.executable, "-m", "histoflow.prepare", "data=lymphoma", f"data.root={lymphoma}",
+               f"data.shards.dir={work}", f"data.shards.workers={workers}", f"paths.cache_dir={work / 'cache'}",
+               f"hydra.run.dir={work / 'run'}"]
+    t0 = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def run_tutorial_process(prepared: Path, work: Path) -> float:
+    """Seconds of the tutorial's steps as a script of their own (the folds read from `prepared`'s manifest)."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--tutorial-only", str(prepared), str(work)], check=True)
+    return time.perf_counter() - t0
 
 
 def run_tutorial(ds, work: Path, size: int, stride: int, rotations: list[int]) -> tuple[float, int]:
@@ -105,7 +128,13 @@ def main() -> int:
                     help="folder holding lymphoma/ (or the lymphoma folder itself)")
     ap.add_argument("--workers", type=int, default=2, help="processes for the parallel histoflow run")
     ap.add_argument("--out", default=None, help="where the temporary folder goes (default: the system temp)")
+    ap.add_argument("--tutorial-only", nargs=2, metavar=("PREPARED", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.tutorial_only:  # the tutorial's way as a process of its own, timed by the parent
+        ds = PreparedDataset(args.tutorial_only[0])
+        p = ds.record["settings"]["patches"]
+        run_tutorial(ds, Path(args.tutorial_only[1]), p["size"], p["stride"], p["rotations"])
+        return 0
     data = Path(args.data).expanduser()
     lymphoma = data if (data / "CLL").is_dir() else data / "lymphoma"
     if not all(any((lymphoma / c).glob("*.png")) for c in ("CLL", "FL", "MCL")):
@@ -127,6 +156,9 @@ def main() -> int:
         p = ds.record["settings"]["patches"]
         t_secs, t_n = run_tutorial(ds, tmp / "tutorial", p["size"], p["stride"], p["rotations"])
         assert t_n == n_patch, f"tutorial cut {t_n} patches, histoflow {n_patch}"
+        # whole processes, side by side in this run: each started from the shell into an empty folder
+        whole = run_histoflow_process(lymphoma, tmp / "histoflow-process", args.workers)
+        t_whole = run_tutorial_process(ds.path, tmp / "tutorial-process")
 
         npy = members(sorted((ds.path / "shards").glob("*.tar")), "npy")
         png = members(sorted((tmp / "tutorial").glob("*.tar")), "png", set(npy))
@@ -143,13 +175,18 @@ def main() -> int:
     rows = [(f"histoflow, {workers(w)}", s) for w, (s, _) in results.items()]
     for name, s in rows + [("tutorial (PNG files + tar)", t_secs)]:
         print(f"{name:<32}{s:>9.2f}{n_img / s:>10.0f}{n_patch / s:>11.0f}{t_secs / s:>12.1f}x")
+    print(f"{'histoflow, whole process':<32}{whole:>9.2f}{n_img / whole:>10.0f}{n_patch / whole:>11.0f}"
+          f"{t_whole / whole:>12.1f}x  (python -m histoflow.prepare, {workers(args.workers)}, start-up included)")
+    print(f"{'tutorial, whole process':<32}{t_whole:>9.2f}{n_img / t_whole:>10.0f}{n_patch / t_whole:>11.0f}"
+          f"{1:>12.1f}x")
     if len(results) > 1:
         print(f"speed-up from {args.workers} workers: {results[1][0] / secs:.2f}x")
     print(f"\n{'read back ' + str(len(keys)) + ' patches':<32}{'patches/s':>11}")
     print(f"{'.npy (decode_npy)':<32}{npy_rate:>11.0f}\n{'PNG (PIL)':<32}{png_rate:>11.0f}"
           f"\n.npy decodes {npy_rate / png_rate:.1f}x faster than PNG\n")
-    speed, ratio = n_patch / secs, t_secs / secs
+    speed, ratio, whole_ratio = n_patch / secs, t_secs / secs, t_whole / whole
     for ok, what in [(ratio >= 5, f"histoflow ({workers(args.workers)}) >= 5x the tutorial: {ratio:.1f}x"),
+                     (whole_ratio >= 5, f"whole processes: histoflow >= 5x the tutorial: {whole_ratio:.1f}x"),
                      (speed >= 10_000, f"histoflow ({workers(args.workers)}) >= 10,000 patches/s: {speed:,.0f}")]:
         print(f"{'PASS' if ok else 'FAIL'}  {what}")
     return 0

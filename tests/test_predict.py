@@ -80,6 +80,21 @@ def test_votes_of_a_stub_model(tmp_path: Path, batch_size: int, workers: int) ->
     assert np.allclose(votes.mean_prob().sum(axis=1), 1.0)
 
 
+def test_a_bug_while_cutting_an_image_fails_the_run_not_the_image(tmp_path: Path, monkeypatch) -> None:
+    """Only what a bad image raises makes it a per-image problem: a code bug must not pass as one (and, with
+    on_bad_image=skip, end in an empty predictions.csv with exit 0)."""
+    from histoflow.inference import voting
+
+    Image.fromarray(painted([[0, 1, 1], [2, 1, 2]])).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tiny.png")  # smaller than a window
+    patches = voting.ImagePatches([tmp_path / "a.png", tmp_path / "tiny.png"], grid_config(36, 32),
+                                  [plain_transform()])
+    assert patches[1].problem and "smaller than the 36-px window" in patches[1].problem
+    monkeypatch.setattr(voting, "extract_patches", lambda *a: (_ for _ in ()).throw(TypeError("a bug")))
+    with pytest.raises(TypeError, match="a bug"):
+        patches[0]
+
+
 class Scaled(nn.Module):
     """Stub net: ChannelMeans' logits times a factor (a surer or a less sure fold model)."""
 
