@@ -1,4 +1,4 @@
-"""Tests for histoflow.data.slide (region reads of SVS / tiled / plain TIFF) and histoflow.data.tissue."""
+"""Tests for histoflow.slides.reader (region reads of SVS / tiled / plain TIFF) and histoflow.slides.tissue."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from histoflow.data import slide as slide_module
-from histoflow.data.slide import DamagedTile, DamagedTileError, Slide, SlideError
-from histoflow.data.tissue import tile_grid, tissue_mask
+from histoflow.slides import reader as slide_module
+from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide, SlideError
+from histoflow.slides.tissue import tile_grid, tissue_mask
 from histoflow.errors import HistoflowError
 
 # (width, height) per level, as the files hold them (CMU-1-Small-Region is 2220 wide, 2967 tall)

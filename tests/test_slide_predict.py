@@ -23,9 +23,9 @@ from test_slide import write_jpeg_slide, zero_stored_tile
 
 from histoflow.data.datamodule import tar_samples
 from histoflow.data.shards import decode_npy, parse_key
-from histoflow.data.slide import DamagedTile, DamagedTileError, Slide, SlideError
+from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide, SlideError
 from histoflow.data.synthetic import write_pyramid
-from histoflow.data.slide_tiles import (NoTissueError, SlideTiles, TileGeometry, tissue_tiles, worker_blocks,
+from histoflow.slides.tiles import (NoTissueError, SlideTiles, TileGeometry, tissue_tiles, worker_blocks,
                                         write_slide_shards)
 from histoflow.inference import predict as predict_module
 from histoflow.inference.checkpoints import FoldModel, load_fold_model

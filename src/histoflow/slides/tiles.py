@@ -21,8 +21,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from histoflow.data.shards import add_stats, empty_stats, encode_npy, sample_key
-from histoflow.data.slide import DamagedTile, DamagedTileError, Slide, SlideError
-from histoflow.data.tissue import tile_grid, tissue_mask
+from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide, SlideError
+from histoflow.slides.tissue import tile_grid, tissue_mask
 
 _STRIP_PIXELS = 1 << 24  # level pixels read at once for a run of neighbouring tiles (48 MB RGB)
 

@@ -22,7 +22,7 @@ import tifffile
 from PIL import Image
 from tifffile import TiffPage
 
-from histoflow.data.tiff import (aperio_fields, expected_size, float_or_none, has_decoder, page_dtype, tag_mpp,
+from histoflow.slides.tiff import (aperio_fields, expected_size, float_or_none, has_decoder, page_dtype, tag_mpp,
                                  to_rgb8)
 from histoflow.errors import HistoflowError
 
