@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torchvision
 
-from histoflow.data.slide import Slide
+from histoflow.slides.reader import Slide
 from histoflow.data.synthetic import H_E_MEAN, write_pyramid
-from histoflow.data.slide_tiles import SlideTiles, TileGeometry, tissue_tiles
+from histoflow.slides.tiles import SlideTiles, TileGeometry, tissue_tiles
 from histoflow.data.transforms import PatchTransform
 from histoflow.inference.slide_map import SlideConfig, predict_slide
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from histoflow.data.slide_tiles import TileGeometry
+from histoflow.slides.tiles import TileGeometry
 
 DPI = 120
 

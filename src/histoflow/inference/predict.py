@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from histoflow.data.images import IMAGE_SUFFIXES
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import prepare_dataset
-from histoflow.data.slide import SlideError
+from histoflow.slides.reader import SlideError
 from histoflow.errors import HistoflowError
 from histoflow.inference.checkpoints import (FoldModel, check_compatible, find_checkpoints, load_fold_model,
                                              models_by_fold)

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from histoflow.data.slide import DamagedTile, DamagedTileError, Slide
-from histoflow.data.slide_tiles import (NoTissueError, SlideTiles, TileGeometry, stored_tiles, tile_loader,
+from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide
+from histoflow.slides.tiles import (NoTissueError, SlideTiles, TileGeometry, stored_tiles, tile_loader,
                                         tissue_tiles)
 from histoflow.data.transforms import PatchTransform
 from histoflow.inference.heatmap import save_heatmap
