@@ -10,10 +10,12 @@ process gets loader workers, one CPU left for the process itself.
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
 from histoflow.errors import ConfigError
 
 AUTO = "auto"
+T = TypeVar("T")
 MAX_WORKERS = 8  # beyond this, worker start-up and memory cost more than they give on these small patches
 
 
@@ -41,3 +43,9 @@ def resolve_workers(setting: int | str, key: str, device_type: str, processes: i
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
         raise ConfigError(f"{key}={setting!r}: expected auto or a number of processes (0: read in this process)")
     return setting
+
+
+def as_made(batch: T) -> T:
+    """collate_fn of a loader whose dataset yields whole batches (batch_size=None): each item as it is. A module
+    function, not a lambda, so spawned workers can pickle it."""
+    return batch

@@ -20,15 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from histoflow.data.folds import protocol_of
 from histoflow.reports import (folds_markdown, matrix_markdown, read_confusion_csv, save_confusion_matrix,
                                summarize_folds)
-from histoflow.training import METRICS_FILE
+from histoflow.training import METRICS_FILE, job_order
 
 log = logging.getLogger(__name__)
 CONFUSION_FILE = "confusion_test.csv"  # written by PatchClassifier at the end of testing
-
-
-def _job_number(path: Path) -> tuple[int, str]:
-    name = path.parent.name
-    return (int(name), name) if name.isdigit() else (sys.maxsize, name)
 
 
 def summarize_sweep(sweep_dir: str | Path) -> Path | None:
@@ -37,7 +32,7 @@ def summarize_sweep(sweep_dir: str | Path) -> Path | None:
     per_fold: dict[str, dict[str, float]] = {}
     pooled: np.ndarray | None = None
     classes: list[str] | None = None
-    for metrics_path in sorted(sweep_dir.glob(f"*/{METRICS_FILE}"), key=_job_number):
+    for metrics_path in sorted(sweep_dir.glob(f"*/{METRICS_FILE}"), key=job_order):
         metrics: dict[str, Any] = json.loads(metrics_path.read_text())
         key = f"fold {metrics['fold']}"
         if key in per_fold:  # a sweep over more than folds: say which job
@@ -54,7 +49,7 @@ def summarize_sweep(sweep_dir: str | Path) -> Path | None:
         return None
 
     summary = summarize_folds(per_fold)
-    configs = sorted(sweep_dir.glob("*/.hydra/config.yaml"), key=_job_number)
+    configs = sorted(sweep_dir.glob("*/.hydra/config.yaml"), key=job_order)
     data = OmegaConf.to_container(OmegaConf.load(configs[0]).data, resolve=False) if configs else {}
     protocol = protocol_of(data)
     shown = sorted(m for m in summary if m.startswith("test/")) + sorted(m for m in summary if m.endswith("_best"))

@@ -25,6 +25,12 @@ from histoflow.tracking import configure_wandb, finish_wandb
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "test_metrics.json"  # what the multirun summary reads from every job folder
+
+
+def job_order(path: Path) -> tuple[int, str]:
+    """Sort key of a file in a multirun's job folder (<sweep>/<job number>/...): by job number, others last."""
+    name = path.parent.name
+    return (int(name), name) if name.isdigit() else (sys.maxsize, name)
 RECENT_RUNS = 5  # how many runs holding a last checkpoint the error of an unresumable ckpt_path=last lists
 RESUME_HINT = ("ckpt_path=last hydra.run.dir=<the interrupted run's folder>, or ckpt_path=<a .ckpt that train.py "
                "wrote, e.g. <run>/checkpoints/last.ckpt>")

@@ -21,7 +21,7 @@ from histoflow.data.stain import StainNormalizer
 from histoflow.data.transforms import PatchTransform, build_transform
 from histoflow.errors import HistoflowError
 from histoflow.module import TRUSTED_TARGETS, PatchClassifier, UntrustedCheckpoint, load_classifier
-from histoflow.training import METRICS_FILE
+from histoflow.training import METRICS_FILE, job_order
 
 log = logging.getLogger(__name__)
 DATAMODULE_STATE = "ShardDataModule"  # Lightning saves the datamodule's state_dict() under its class name
@@ -46,11 +46,6 @@ class FoldModel:
     def patch_size(self) -> int:
         """Side of the windows the transform expects (the training patch side)."""
         return self.transform.side
-
-
-def _job_key(path: Path) -> tuple[int, str]:
-    name = path.parent.name
-    return (int(name), name) if name.isdigit() else (1 << 30, name)
 
 
 def _best_checkpoint(run_dir: Path) -> Path:
@@ -79,7 +74,7 @@ def find_checkpoints(ckpt_path: str | Path) -> list[Path]:
                               "run folder or a multirun folder (python train.py -m fold=1,2,3,4,5)")
     if (path / METRICS_FILE).is_file():
         return [_best_checkpoint(path)]
-    jobs = sorted(path.glob(f"*/{METRICS_FILE}"), key=_job_key)
+    jobs = sorted(path.glob(f"*/{METRICS_FILE}"), key=job_order)
     unfinished = sorted(d for d in path.iterdir() if (d / ".hydra").is_dir() and not (d / METRICS_FILE).is_file())
     if unfinished:
         log.warning("jobs without %s (not finished) left out: %s", METRICS_FILE, ", ".join(map(str, unfinished)))

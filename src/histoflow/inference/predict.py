@@ -29,7 +29,7 @@ class BadImagesError(HistoflowError, ValueError):
     """Images that could not be predicted (with on_bad_image=error), reported after the others were written."""
 
 
-def list_images(spec: str | Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
+def files_matching(spec: str | Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
     """Image files of a folder (searched recursively), a file, a glob pattern, or a list of these, in order."""
     found: list[Path] = []
     for entry in [spec] if isinstance(spec, str) else list(spec):
@@ -115,7 +115,7 @@ def _images_csv(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConf
                 settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any]]:
     """Any images, no labels: all models' averaged probabilities per patch, votes per image, in predictions.csv."""
     models = [m for ms in members for m in ms]
-    paths = list_images(cfg.images if isinstance(cfg.images, str) else list(cfg.images))
+    paths = files_matching(cfg.images if isinstance(cfg.images, str) else list(cfg.images))
     classes = models[0].classes
     check_compatible(models, classes, grid.size, f"checkpoint {models[0].path}")
     votes = predict_images(paths, [(m.net, m.transform) for m in models], len(classes), grid, **_run_options(cfg))
@@ -147,7 +147,7 @@ def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, 
     """
     models = [m for ms in members for m in ms]
     spec = cfg.slides if isinstance(cfg.slides, str) else list(cfg.slides)
-    paths = list_images(spec, SLIDE_SUFFIXES)
+    paths = files_matching(spec, SLIDE_SUFFIXES)
     slide_cfg = SlideConfig.from_config(OmegaConf.to_container(cfg.slide, resolve=True))
     classes = models[0].classes
     rows, problems = [], {}

@@ -31,7 +31,7 @@ from histoflow.slides.tiles import (NoTissueError, SlideTiles, TileGeometry, sto
                                         tissue_tiles)
 from histoflow.data.transforms import PatchTransform
 from histoflow.inference.heatmap import save_heatmap
-from histoflow.inference.voting import resolve_device
+from histoflow.inference.voting import mean_probabilities, resolve_device
 from histoflow.machine import resolve_workers
 from histoflow.progress import progress_bar
 
@@ -107,12 +107,6 @@ class _ModelInputs:
                             for t in self.transforms])
 
 
-def _probabilities(nets: Sequence[nn.Module], x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Softmax of each net on its inputs x (models, B, 3, c, c), averaged over the nets: (B, classes) on the CPU."""
-    total = sum(net(xm.to(device, non_blocking=True)).float().softmax(-1) for net, xm in zip(nets, x))
-    return (total / len(nets)).cpu()
-
-
 def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTransform]], classes: Sequence[str],
                   cfg: SlideConfig, out_dir: str | Path, skip_damaged: bool = False) -> SlideResult:
     """Classify every tissue tile of a slide with the models (averaged); write the CSV, map, heatmap and JSON.
@@ -166,7 +160,7 @@ def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTrans
                 damaged.update(stored_tiles(bad))
                 left_out += [index * cfg.batch_size + i for i in bad]
                 good = np.setdiff1d(np.arange(x.shape[1]), list(bad))
-                probs = _probabilities(nets, x, device).numpy()[good]
+                probs = mean_probabilities(nets, x.unsqueeze(2), device).numpy()[good]  # x: one view per tile
                 part = index * cfg.batch_size + good
                 prob_map[rows[part], cols[part]] = probs
                 predicted = probs.argmax(1)

@@ -22,6 +22,7 @@ from histoflow.data.images import UnreadableImage, read_rgb
 from histoflow.data.patches import PatchConfig, extract_patches
 from histoflow.data.transforms import PatchTransform
 from histoflow.errors import ConfigError
+from histoflow.machine import as_made
 from histoflow.progress import progress_bar
 
 # Test-time views of a patch: (counter-clockwise quarter turns, mirrored first); together the 8 symmetries of a square.
@@ -155,10 +156,6 @@ class PatchBatches(IterableDataset):
             yield PatchBatch(x[:, :filled] if x is not None else None, ids[:filled] if filled else None, begun, problems)
 
 
-def _unbatched(batch: PatchBatch) -> PatchBatch:
-    return batch
-
-
 def by_votes(votes: np.ndarray, prob_sum: np.ndarray) -> np.ndarray:
     """Class with the most patch votes (the tutorial's rule); a tie goes to the tied class with the higher summed
     probability, and a tie in that too to the class listed first."""
@@ -209,7 +206,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _probabilities(nets: Sequence[nn.Module], x: torch.Tensor, device: torch.device) -> torch.Tensor:
+def mean_probabilities(nets: Sequence[nn.Module], x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Class probabilities (B, C) of patches x (M, B, V, 3, c, c): softmax per view, averaged over views and nets."""
     m, b, v = x.shape[:3]
     total = torch.zeros(())
@@ -228,7 +225,7 @@ def predict_images(paths: Sequence[str | Path], models: Sequence[tuple[nn.Module
     nets = [net.to(dev).eval() for net, _ in models]
     per_batch = max(1, batch_size // len(views))  # a forward pass takes patches x views inputs
     dataset = PatchBatches(ImagePatches(paths, grid, [t for _, t in models], views), per_batch)
-    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_unbatched,
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=as_made,
                         pin_memory=dev.type == "cuda", prefetch_factor=4 if num_workers else None)
     n = len(paths)
     votes = torch.zeros(n, num_classes, dtype=torch.long)
@@ -245,7 +242,7 @@ def predict_images(paths: Sequence[str | Path], models: Sequence[tuple[nn.Module
             problems.update(batch.problems)
             done = len(batch.problems)
             if batch.x is not None:
-                probs = _probabilities(nets, batch.x, dev)
+                probs = mean_probabilities(nets, batch.x, dev)
                 votes.index_put_((batch.ids, probs.argmax(1)), torch.ones(len(probs), dtype=torch.long),
                                  accumulate=True)
                 prob_sum.index_add_(0, batch.ids, probs.double())

@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from histoflow.data.shards import add_stats, empty_stats, encode_npy, sample_key
+from histoflow.machine import as_made
 from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide, SlideError
 from histoflow.slides.tissue import tile_grid, tissue_mask
 
@@ -165,10 +166,6 @@ class SlideTiles(Dataset):
         return {**self.__dict__, "_slide": None, "_pid": -1}  # spawned workers open the file themselves
 
 
-def _unbatched(item: tuple) -> tuple:
-    return item
-
-
 def worker_blocks(batches: int, workers: int) -> list[int]:
     """An order of batch indices in which DataLoader worker j (given items j, j+w, ...) reads the j-th
     contiguous block of batches: each worker walks its own part of the slide top to bottom, so the
@@ -191,7 +188,7 @@ def tile_loader(tiles: SlideTiles, num_workers: int = 2, pin_memory: bool = Fals
     """
     # Each worker holds at most 2 batches ahead: memory is bounded by workers x batch, never by the slide.
     return DataLoader(tiles, batch_size=None, sampler=worker_blocks(len(tiles), num_workers), num_workers=num_workers,
-                      collate_fn=_unbatched, pin_memory=pin_memory, prefetch_factor=2 if num_workers else None)
+                      collate_fn=as_made, pin_memory=pin_memory, prefetch_factor=2 if num_workers else None)
 
 
 def write_slide_shards(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], labels: int | Sequence[int],
