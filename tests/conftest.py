@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,3 +70,36 @@ def config(root: Path, out: Path, **over) -> dict:
     for k, v in over.items():
         data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
     return data
+
+
+# ---------------------------------------------------------------- training runs
+
+
+@pytest.fixture()
+def leave_no_trace(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For tests that call train(): it sets WANDB_* variables and Hydra's run config; put both back."""
+    for name in ("WANDB_MODE", "WANDB_SILENT", "WANDB_CONSOLE", "WANDB_INIT_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)  # monkeypatch restores them as they were
+    yield
+    HydraConfig.instance().cfg = None  # else Lightning would think a later test runs under Hydra
+
+
+def compose_train(overrides: list[str], output_dir: Path, multirun: bool = False) -> DictConfig:
+    """The real train.yaml with overrides, as @hydra.main would give it to train() (hydra node removed);
+    multirun: as to a job of a sweep, whose folder is output_dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.mode = RunMode.MULTIRUN if multirun else RunMode.RUN
+        HydraConfig().set_config(cfg)  # ${hydra:...} resolves as in a real run
+        del cfg["hydra"]
+    return cfg
+
+
+def env_without_wandb_account(tmp: Path) -> dict[str, str]:
+    """This environment for a child process with no W&B key, mode or netrc (W&B must decide offline by itself),
+    unbuffered, one thread (tiny nets gain nothing from threads, and a shared CPU makes them wait)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return {**env, "NETRC": str(tmp / "no-netrc"), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

@@ -30,7 +30,8 @@ def cpu_trainer(rank: int, world_size: int) -> SimpleNamespace:
     return SimpleNamespace(global_rank=rank, world_size=world_size, num_devices=world_size,
                            strategy=SimpleNamespace(root_device=torch.device("cpu")))
 
-def make_images(root: Path, per_class: int = 6, size: tuple[int, int] = (132, 100)) -> Path:
+
+def coloured_images(root: Path, per_class: int = 6, size: tuple[int, int] = (132, 100)) -> Path:
     """Noisy PNGs whose class shows in the colour: class c has channel c bright."""
     rng = np.random.default_rng(0)
     for c, name in enumerate(CLASSES):
@@ -71,7 +72,7 @@ def shard_samples(paths: list[str]) -> list[tuple[str, np.ndarray, int]]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("datamodule")
-    return data_config(make_images(tmp / "images"), tmp / "prepared")
+    return data_config(coloured_images(tmp / "images"), tmp / "prepared")
 
 
 @pytest.fixture
@@ -269,7 +270,7 @@ def test_colour_jitter() -> None:
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 4 workers on a 2-core test machine
 def test_fewer_shards_than_workers(tmp_path: Path, alarm) -> None:
-    data = data_config(make_images(tmp_path / "images"), tmp_path / "prepared", samples_per_shard=10_000,
+    data = data_config(coloured_images(tmp_path / "images"), tmp_path / "prepared", samples_per_shard=10_000,
                        num_workers=4)
     dm = datamodule(data)
     assert (len(dm.split.train), len(dm.split.val), len(dm.split.test)) == (2, 2, 2)  # all fewer than the 4 workers
@@ -303,7 +304,7 @@ def test_lightning_fit(tmp_path: Path, data: dict, val_fraction: float) -> None:
     if val_fraction:
         dm = ShardDataModule(fold=2, **data)
     else:  # no validation images: no validation loader, and fit runs all the same
-        dm = ShardDataModule(fold=2, **data_config(make_images(tmp_path / "images"), tmp_path / "prepared",
+        dm = ShardDataModule(fold=2, **data_config(coloured_images(tmp_path / "images"), tmp_path / "prepared",
                                                    val_fraction=0.0))
     model = Linear()
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,

@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf
 
+from conftest import compose_train
 from histoflow.data.prepare import prepare_dataset
 from histoflow.reports import read_confusion_csv
 from histoflow.training import train
@@ -21,23 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA", "07_ADIPOSE", "08_EMPTY"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_wandb_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """train() sets WANDB_* in os.environ; put them back after each test."""
-    for name in ("WANDB_MODE", "WANDB_SILENT", "WANDB_CONSOLE", "WANDB_INIT_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)
-
-
-def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
-    """The real train.yaml with overrides, as @hydra.main gives it to train()."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        HydraConfig().set_config(cfg)
-        del cfg["hydra"]
-    return cfg
+pytestmark = pytest.mark.usefixtures("leave_no_trace")
 
 
 def kather_overrides(kather_dir: Path, work: Path) -> list[str]:

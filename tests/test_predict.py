@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
 
+from conftest import env_without_wandb_account
 from histoflow import results
 from histoflow.data.folds import read_manifest
 from histoflow.data.prepared import PreparedDataset
@@ -175,12 +176,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
-def env_offline(tmp: Path) -> dict[str, str]:
-    """This environment without any W&B account: W&B must go offline by itself."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    return {**env, "NETRC": str(tmp / "no-netrc"), "PYTHONUNBUFFERED": "1"}
-
-
 def run_script(script: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=300)
@@ -195,7 +190,7 @@ def train_tiny_folds(tiny: Path, sweep: Path, *overrides: str) -> Path:
                             "data.shards.samples_per_shard=40", "data.shards.workers=1", "++data.loader.batch_size=16",
                             "++data.loader.num_workers=0", "++data.loader.shuffle_buffer=64", "trainer.max_epochs=1",
                             "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false", "logger=csv",
-                            f"hydra.sweep.dir={sweep}", *overrides], env_offline(tiny))
+                            f"hydra.sweep.dir={sweep}", *overrides], env_without_wandb_account(tiny))
     return sweep
 
 
@@ -217,7 +212,7 @@ def five_fold_report(multirun: Path, tmp_path_factory: pytest.TempPathFactory) -
     """`python predict.py ckpt_path=<multirun>`: the k-fold report's folder."""
     out = tmp_path_factory.mktemp("predict") / "report"
     run_script("predict.py", [f"ckpt_path={multirun}", f"hydra.run.dir={out}", "wandb.enabled=true"],
-               env_offline(out.parent))
+               env_without_wandb_account(out.parent))
     return out
 
 

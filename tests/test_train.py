@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -26,12 +25,11 @@ import torch
 import torchvision
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf
 from PIL import Image
 
+from conftest import compose_train, env_without_wandb_account
 from histoflow.errors import ConfigError, HistoflowError, MissingInputError
 from histoflow.loggers import CSVLogger
 from histoflow.module import build_net, load_classifier
@@ -49,17 +47,10 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Leave no trace for other tests: WANDB_* variables (train() sets them) and Hydra's global state."""
-    for name in ("WANDB_MODE", "WANDB_SILENT", "WANDB_CONSOLE", "WANDB_INIT_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)  # monkeypatch restores them as they were
-    yield
-    HydraConfig.instance().cfg = None  # else Lightning would think a later test runs under Hydra
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("leave_no_trace")
 
 
-def make_images(root: Path, widths: tuple[int, ...]) -> Path:
+def images_of_widths(root: Path, widths: tuple[int, ...]) -> Path:
     """10 RGB images per class, 68 px high and of the given widths in turn; the classes differ in colour."""
     rng = np.random.default_rng(0)
     for name, tint in zip(CLASSES, [(200, 120, 160), (120, 160, 200), (160, 200, 120)]):
@@ -85,7 +76,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Images 100, 132 or 164 px wide (12, 16 or 20 patches of 36 px with the two rotations), so shards
     hold unequal numbers of patches; prepared once into <tiny>/work by the first test that trains."""
     base = tmp_path_factory.mktemp("tiny")
-    make_images(base / "images", widths=(100, 132, 164))
+    images_of_widths(base / "images", widths=(100, 132, 164))
     return base
 
 
@@ -108,33 +99,10 @@ def tiny_overrides(base: Path) -> list[str]:
     ]
 
 
-def compose_train(overrides: list[str], output_dir: Path, multirun: bool = False) -> DictConfig:
-    """The real train.yaml with overrides, as @hydra.main would give it to train() (hydra node removed);
-    multirun: as to a job of a sweep, whose folder is output_dir."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.mode = RunMode.MULTIRUN if multirun else RunMode.RUN
-        HydraConfig().set_config(cfg)  # ${hydra:...} resolves as in a real run
-        del cfg["hydra"]
-    return cfg
-
-
 def _tensorboard_installed() -> bool:
     import importlib.util
 
     return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
-
-
-def env_without_wandb_account(tmp: Path) -> dict[str, str]:
-    """This environment with no W&B key, mode or netrc (W&B must decide offline by itself), one thread."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env["NETRC"] = str(tmp / "no-netrc")
-    env["PYTHONUNBUFFERED"] = "1"
-    env["OMP_NUM_THREADS"] = "1"  # tiny nets gain nothing from threads, and a shared CPU makes them wait
-    return env
 
 
 def run_train(args: list[str], env: dict[str, str], timeout: float = SUBPROCESS_TIMEOUT_S) -> None:
@@ -271,7 +239,7 @@ def test_summarize_sweep(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))
 def test_experiment_fast_dev_run(experiment: str, tmp_path: Path) -> None:
-    write_cases(make_images(tmp_path / "images", widths=(100,)))  # equal sizes: tile data sets need them
+    write_cases(images_of_widths(tmp_path / "images", widths=(100,)))  # equal sizes: tile data sets need them
     overrides = [f"experiment={experiment}", *tiny_overrides(tmp_path), "trainer.fast_dev_run=true", "logger=csv"]
     cfg = compose_train(overrides, tmp_path / "run")
     if "weights" in cfg.model:
