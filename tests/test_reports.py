@@ -123,21 +123,33 @@ def write_metrics_csv(path: Path, header: list[str], rows: list[dict[str, object
 
 
 def test_plot_training_curves_three_epochs(tmp_path: Path) -> None:
-    header = ["epoch", "step", "train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "train/loss_epoch"]
+    """Every curve, from the columns PatchClassifier logs (sparse like CSVLogger: step rows, one validation row and
+    one epoch-aggregate row an epoch)."""
+    import matplotlib.pyplot as plt
+
+    from histoflow.reports import LOSS_CURVES, SCORE_CURVES, _plot_panel
+
+    header = ["epoch", "step", "train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc_micro",
+              "val/acc_macro", "val/f1_macro"]
     rows: list[dict[str, object]] = []
     step = 0
     for epoch in range(3):
-        # Sparse like CSVLogger: several step rows, one validation row, one epoch-aggregate row.
         for _ in range(4):
-            rows.append({"epoch": epoch, "step": step, "train/loss": 1.0 / (step + 1), "train/acc": 0.5})
+            rows.append({"epoch": epoch, "step": step, "train/loss_step": 1.0 / (step + 1)})
             step += 1
-        rows.append({"epoch": epoch, "step": step - 1, "val/loss": 0.9 - 0.1 * epoch, "val/acc": 0.6 + 0.1 * epoch,
-                     "val/f1_macro": 0.5 + 0.1 * epoch})
-        rows.append({"epoch": epoch, "step": step - 1, "train/loss_epoch": 0.8 - 0.1 * epoch})
+        rows.append({"epoch": epoch, "step": step - 1, "val/loss": 0.9 - 0.1 * epoch, "val/acc_micro": 0.6,
+                     "val/acc_macro": 0.6 + 0.1 * epoch, "val/f1_macro": 0.5 + 0.1 * epoch})
+        rows.append({"epoch": epoch, "step": step - 1, "train/loss_epoch": 0.8 - 0.1 * epoch, "train/acc": 0.5})
     csv_path = write_metrics_csv(tmp_path / "metrics.csv", header, rows)
     out = plot_training_curves(csv_path, tmp_path / "plots" / "curves.png")
     assert out == tmp_path / "plots" / "curves.png"
     assert_valid_png(out)
+    text_rows = [{k: str(v) for k, v in r.items()} for r in rows]
+    for curves in (LOSS_CURVES, SCORE_CURVES):  # each curve drawn: no name that nothing logs
+        fig, ax = plt.subplots()
+        _plot_panel(ax, text_rows, header, curves, "")
+        assert [line.get_label() for line in ax.lines] == [label for label, _ in curves]
+        plt.close(fig)
 
 
 def test_plot_training_curves_uses_last_value_per_epoch(tmp_path: Path) -> None:
@@ -154,8 +166,8 @@ def test_plot_training_curves_uses_last_value_per_epoch(tmp_path: Path) -> None:
 
 
 def test_plot_training_curves_single_epoch_without_val(tmp_path: Path) -> None:
-    rows = [{"epoch": 0, "step": s, "train/loss": 1.0 - 0.1 * s} for s in range(3)]
-    csv_path = write_metrics_csv(tmp_path / "metrics.csv", ["epoch", "step", "train/loss"], rows)
+    rows = [{"epoch": 0, "step": s, "train/loss_step": 1.0 - 0.1 * s} for s in range(3)]
+    csv_path = write_metrics_csv(tmp_path / "metrics.csv", ["epoch", "step", "train/loss_step"], rows)
     out = plot_training_curves(csv_path, tmp_path / "curves.png")
     assert_valid_png(out)
 

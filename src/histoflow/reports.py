@@ -14,16 +14,15 @@ from matplotlib.ticker import MaxNLocator
 CSV_CORNER = "true\\predicted"
 DPI = 120
 
-# Curves drawn by plot_training_curves: (label, candidate columns in order of preference).
-# The "_epoch" variants come first because they are Lightning's true epoch aggregates, whereas the
-# bare names may be per-step values of which only the last of each epoch is kept.
+# Curves drawn by plot_training_curves: (label, candidate columns in order of preference), the names
+# PatchClassifier logs. train/loss is logged per step and per epoch (Lightning's epoch aggregate is
+# train/loss_epoch, preferred; train/loss_step the per-step values); train/acc once per epoch.
 LOSS_CURVES: list[tuple[str, tuple[str, ...]]] = [
-    ("train loss", ("train/loss_epoch", "train/loss")),
+    ("train loss", ("train/loss_epoch", "train/loss_step")),
     ("val loss", ("val/loss",)),
 ]
 SCORE_CURVES: list[tuple[str, tuple[str, ...]]] = [
-    ("train acc", ("train/acc_epoch", "train/acc")),
-    ("val acc", ("val/acc",)),
+    ("train acc", ("train/acc",)),
     ("val acc (micro)", ("val/acc_micro",)),
     ("val acc (macro)", ("val/acc_macro",)),
     ("val F1 (macro)", ("val/f1_macro",)),

@@ -114,7 +114,7 @@ def record_run(spec: str, figures: Path, readme_dir: Path) -> dict[str, Any]:
         "prepare_s": prepare_s, "train_minutes": minutes, "predict_s": predict_s,
         "commands": [*("python train.py -m " + " ".join(OmegaConf.load(sweep / "multirun.yaml").hydra.overrides.task)
                        for sweep in sweeps), "python predict.py " + " ".join(predict_args)],
-        "settings": {k: report["settings"].get(k) for k in ("aggregate", "window", "stride", "tta")},
+        "settings": {k: report["settings"].get(k) for k in ("aggregate", "window", "stride", "views")},
         "figures": {k: os.path.relpath(v, readme_dir) for k, v in shown.items()},
         "machine": machine(),
     }
@@ -288,7 +288,9 @@ def render(records: list[dict[str, Any]], figures_from: Path = Path("."), page_d
         settings = r["settings"]
         lines += [f"<details><summary><b>{r['recipe']}</b>, {r['protocol']}: commands and figures</summary>", "",
                   f"{r['images']} images; aggregate {settings.get('aggregate')}, {settings.get('window')}-px windows "
-                  f"at stride {settings.get('stride')}.", "", "```bash", *r["commands"], "```", "",
+                  f"at stride {settings.get('stride')}"
+                  + (f", {settings['views']} test-time views" if (settings.get("views") or 1) > 1 else "") + ".",
+                  "", "```bash", *r["commands"], "```", "",
                   " ".join(f"![{r['recipe']}, {r['protocol']}: {name}]"
                            f"({Path(os.path.relpath(figures_from / file, page_dir)).as_posix()})"
                            for name, file in r["figures"].items()), "", "</details>", ""]
