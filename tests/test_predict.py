@@ -268,6 +268,14 @@ def test_the_multirun_writes_the_same_image_report_as_predict(five_fold_report: 
     assert "each its own group" in line and "case-level" not in line  # no patients were given
 
 
+def test_a_run_is_recorded_from_the_report_its_multirun_wrote(multirun: Path, tmp_path: Path) -> None:
+    """<multirun>/image_report/ records like a predict.py report, with the training command alone."""
+    record = results.record_run(f"tiny recipe={multirun / 'image_report'}", tmp_path / "figures", tmp_path)
+    assert [c.split()[:3] for c in record["commands"]] == [["python", "train.py", "-m"]]
+    assert record["images"] == 30 and len(record["image_acc"]) == 5 and record["predict_s"] is None
+    assert all((tmp_path / f).is_file() for f in record["figures"].values())
+
+
 def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Path, multirun: Path,
                                                              tmp_path: Path) -> None:
     """The full section goes to docs/results.md (beside its figures), the headline table to the README; both are

@@ -85,6 +85,8 @@ def record_run(spec: str, figures: Path, readme_dir: Path) -> dict[str, Any]:
     overrides = report_dir / ".hydra" / "overrides.yaml"
     given = f"[{','.join(map(str, sweeps))}]" if isinstance(ckpt_path, list) else ckpt_path  # as on a command line
     predict_args = list(OmegaConf.load(overrides)) if overrides.is_file() else [f"ckpt_path={given}"]
+    # the report the multirun wrote itself (<multirun>/image_report/) needs no predict.py command
+    by_sweep = report_dir.resolve().parent in [sweep.resolve() for sweep in sweeps] and not overrides.is_file()
 
     cm = np.array(report["confusion_images"], dtype=float)
     recall = dict(zip(report["classes"], (np.diag(cm) / np.maximum(cm.sum(1), 1)).tolist()))
@@ -113,7 +115,7 @@ def record_run(spec: str, figures: Path, readme_dir: Path) -> dict[str, Any]:
                    for name, baseline in report["colour_baselines"].items()},
         "prepare_s": prepare_s, "train_minutes": minutes, "predict_s": predict_s,
         "commands": [*("python train.py -m " + " ".join(OmegaConf.load(sweep / "multirun.yaml").hydra.overrides.task)
-                       for sweep in sweeps), "python predict.py " + " ".join(predict_args)],
+                       for sweep in sweeps), *([] if by_sweep else ["python predict.py " + " ".join(predict_args)])],
         "settings": {k: report["settings"].get(k) for k in ("aggregate", "window", "stride", "views")},
         "figures": {k: os.path.relpath(v, readme_dir) for k, v in shown.items()},
         "machine": machine(),

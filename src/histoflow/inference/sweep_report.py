@@ -62,7 +62,7 @@ def write_image_report(sweep: str | Path, overrides: Sequence[str] = ()) -> Path
     sweep holds no k-fold set of models, e.g. a sweep over settings rather than folds."""
     from histoflow.inference.predict import predict  # torch and the models: only when a report is made
 
-    sweep = Path(sweep)
+    sweep = Path(sweep).resolve()  # the report names its checkpoints wherever it is read from
     out = sweep / REPORT_DIR
     try:
         predict(predict_config([f"ckpt_path={sweep}", *overrides], out))
