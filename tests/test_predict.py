@@ -16,8 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
@@ -32,6 +30,7 @@ from histoflow.inference.checkpoints import (CheckpointError, check_compatible, 
                                              preprocessing_of)
 from histoflow.inference.predict import BadImagesError, predict
 from histoflow.inference.sweep_report import headline
+from histoflow.inference.sweep_report import predict_config as sweep_predict_config
 from histoflow.inference.voting import VIEWS, ImagePatches, by_votes, grid_config, predict_images, tta_views
 from histoflow.module import load_classifier
 from histoflow.reports import read_confusion_csv
@@ -201,10 +200,7 @@ def multirun(tiny: Path) -> Path:
 
 def predict_config(overrides: list[str], output_dir: Path) -> DictConfig:
     """conf/predict.yaml with overrides, as predict.py would get it, writing to output_dir."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose("predict", overrides=[*overrides, f"output_dir={output_dir}", "progress=false",
-                                             "num_workers=0"])
+    return sweep_predict_config([*overrides, "progress=false", "num_workers=0"], output_dir)
 
 
 @pytest.fixture(scope="module")

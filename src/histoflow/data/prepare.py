@@ -11,7 +11,6 @@ import errno
 import hashlib
 import json
 import logging
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ from histoflow.data.shards import DiskFullError, ShardJob, empty_stats, write_sh
 from histoflow.data.sources import ImageRecord, SourceConfig, class_names, list_images, resolve_root
 from histoflow.data.stain import StainConfig, StainNormalizer
 from histoflow.errors import ConfigError, HistoflowError
+from histoflow.machine import cpu_count
 from histoflow.progress import process_map, progress_bar
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class _Plan:
 
     @property
     def workers(self) -> int:
-        return self.shards.workers or os.cpu_count() or 1
+        return self.shards.workers or cpu_count()
 
 
 def _plan(data: Mapping[str, Any]) -> _Plan:

@@ -24,6 +24,7 @@ import numpy as np
 import torchstain
 
 from histoflow.data.images import read_rgb
+from histoflow.config import check_keys
 from histoflow.errors import ConfigError, MissingInputError
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,7 @@ class StainConfig:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> StainConfig:
         cfg = dict(cfg or {})
-        unknown = sorted(set(cfg) - {"method", "reference"})
-        if unknown:
-            raise ConfigError(f"data.stain: unknown key(s) {unknown}; known: method, reference")
+        check_keys(cfg, ("method", "reference"), "data.stain")
         method = cfg.get("method")
         if method not in (None, *METHODS):
             raise ConfigError(f"data.stain.method={method!r}: expected null, {' or '.join(METHODS)}")

@@ -14,7 +14,7 @@ from histoflow.data.images import IMAGE_SUFFIXES
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import prepare_dataset
 from histoflow.slides.reader import SlideError
-from histoflow.errors import HistoflowError
+from histoflow.errors import ConfigError, HistoflowError, MissingInputError
 from histoflow.inference.checkpoints import (FoldModel, check_compatible, find_checkpoints, load_fold_model,
                                              models_by_fold)
 from histoflow.inference.report import fold_report, log_wandb, prediction_rows, write_csv, write_problems
@@ -42,7 +42,7 @@ def files_matching(spec: str | Sequence[str], suffixes: Sequence[str] = IMAGE_SU
         else:
             files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
-            raise FileNotFoundError(f"images={entry}: no image files ({' '.join(suffixes)}) found there. "
+            raise MissingInputError(f"images={entry}: no image files ({' '.join(suffixes)}) found there. "
                                     "Fix: pass a folder, a file, a glob pattern such as 'dir/**/*.png', or a list")
         found += files
     return list(dict.fromkeys(found))  # a file matched twice is predicted once
@@ -81,7 +81,7 @@ def _held_out_report(cfg: DictConfig, members: list[list[FoldModel]], grid: Patc
             data = OmegaConf.to_container(OmegaConf.merge(m.config["data"], overrides), resolve=True)
             found = prepare_dataset(data, quiet=True)  # returns at once when the data set is prepared
             if prepared is not None and found.path != prepared.path:
-                raise ValueError(f"{m.path} was trained on {found.path}, other models on {prepared.path}: "
+                raise ConfigError(f"{m.path} was trained on {found.path}, other models on {prepared.path}: "
                                  "one report needs the folds of one data set")
             prepared = found
         assert prepared is not None
@@ -180,7 +180,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.on_bad_image not in ("error", "skip"):
-        raise ValueError(f"on_bad_image={cfg.on_bad_image!r}: expected error or skip")
+        raise ConfigError(f"on_bad_image={cfg.on_bad_image!r}: expected error or skip")
     listed = OmegaConf.is_list(cfg.ckpt_path)  # a list: an ensemble, one member per entry
     sources = [str(s) for s in cfg.ckpt_path] if listed else [str(cfg.ckpt_path)]
     members = [[load_fold_model(p, cfg.trusted_targets) for p in find_checkpoints(s)] for s in sources]

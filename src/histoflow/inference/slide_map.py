@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -26,14 +26,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide
-from histoflow.slides.tiles import (NoTissueError, SlideTiles, TileGeometry, stored_tiles, tile_loader,
-                                        tissue_tiles)
+from histoflow.config import read_section
 from histoflow.data.transforms import PatchTransform
+from histoflow.errors import ConfigError
 from histoflow.inference.heatmap import save_heatmap
 from histoflow.inference.voting import mean_probabilities, resolve_device
 from histoflow.machine import resolve_workers
 from histoflow.progress import progress_bar
+from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide
+from histoflow.slides.tiles import NoTissueError, SlideTiles, TileGeometry, stored_tiles, tile_loader, tissue_tiles
 
 log = logging.getLogger(__name__)
 __all__ = ["NoTissueError", "SlideConfig", "SlideResult", "default_heatmap_class", "predict_slide"]
@@ -59,11 +60,7 @@ class SlideConfig:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> SlideConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg or {}) - names)
-        if unknown:
-            raise ValueError(f"slide: unknown key(s) {unknown}; known: {sorted(names)}")
-        return cls(**dict(cfg or {}))
+        return read_section(cls, cfg, "slide")
 
 
 @dataclass
@@ -89,7 +86,7 @@ def default_heatmap_class(classes: Sequence[str], wanted: str | None = None) -> 
     """Index of `wanted`, or of the first class named like TUM/TUMOR (e.g. 01_TUMOR), else of the last class."""
     if wanted is not None:
         if wanted not in classes:
-            raise ValueError(f"heatmap_class={wanted!r} is not a class of this model: {list(classes)}")
+            raise ConfigError(f"slide.heatmap_class={wanted!r} is not a class of this model: {list(classes)}")
         return list(classes).index(wanted)
     tumour = [i for i, c in enumerate(classes) if re.search(r"(^|[^A-Z])TUM", c.upper())]
     return tumour[0] if tumour else len(classes) - 1
@@ -119,7 +116,7 @@ def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTrans
     out.mkdir(parents=True, exist_ok=True)
     sides = {t.side for _, t in models}
     if len(sides) != 1:
-        raise ValueError(f"the models take patches of different sides {sorted(sides)}: predict a slide with one kind")
+        raise ConfigError(f"the models take patches of different sides {sorted(sides)}: predict a slide with one kind")
     side = sides.pop()
     heat_index = default_heatmap_class(classes, cfg.heatmap_class)
     device = resolve_device(cfg.device)

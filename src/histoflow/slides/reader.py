@@ -18,13 +18,12 @@ from typing import BinaryIO
 
 import numpy as np
 import tifffile
-
 from PIL import Image
 from tifffile import TiffPage
 
+from histoflow.errors import HistoflowError, MissingInputError
 from histoflow.slides.tiff import (aperio_fields, expected_size, float_or_none, has_decoder, page_dtype, tag_mpp,
-                                 to_rgb8)
-from histoflow.errors import HistoflowError
+                                   to_rgb8)
 
 _JPEG2000 = (33003, 33004, 33005, 34712)  # Aperio YCbCr/RGB J2K and the JPEG 2000 TIFF code
 _BAND_PIXELS = 1 << 24  # source pixels decoded at a time while making a thumbnail (48 MB RGB)
@@ -118,7 +117,7 @@ class Slide:
     def __init__(self, path: str | os.PathLike[str], cache_bytes: int = CACHE_BYTES) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no such slide file; check the path (and HISTOFLOW_DATA)")
+            raise MissingInputError(f"{self.path}: no such slide file; check the path (and HISTOFLOW_DATA)")
         try:
             self._tif = tifffile.TiffFile(self.path)
         except (tifffile.TiffFileError, ValueError) as exc:
