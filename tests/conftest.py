@@ -103,3 +103,30 @@ def env_without_wandb_account(tmp: Path) -> dict[str, str]:
     unbuffered, one thread (tiny nets gain nothing from threads, and a shared CPU makes them wait)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     return {**env, "NETRC": str(tmp / "no-netrc"), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+# ---------------------------------------------------------------- figures
+
+
+@pytest.fixture()
+def saved_figures(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every matplotlib Figure saved while the test runs (savefig still writes the file), to read what was drawn."""
+    from matplotlib.figure import Figure
+
+    figures: list[Figure] = []
+    savefig = Figure.savefig
+
+    def recording(self: Figure, *args: object, **kwargs: object) -> object:
+        figures.append(self)
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording)
+    return figures
+
+
+def plotted_lines(figure) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """{axes title: {line label: (x values, y values)}} of a figure's labelled lines."""
+    return {ax.get_title(): {line.get_label(): ([float(x) for x in line.get_xdata()],
+                                                [float(y) for y in line.get_ydata()])
+                             for line in ax.lines if not line.get_label().startswith("_")}
+            for ax in figure.axes}

@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from conftest import CLASSES, compose_train, make_images
+from conftest import CLASSES, compose_train, make_images, plotted_lines
 from histoflow.callbacks import ChannelsLast
 from histoflow.training import train
 
@@ -69,10 +69,11 @@ def tiny_overrides(base: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("trainer", ["gpu", "cpu"])
-def test_gpu_trainer_runs_bf16_and_channels_last_on_cpu(trainer: str, tmp_path: Path) -> None:
+def test_gpu_trainer_runs_bf16_and_channels_last_on_cpu(trainer: str, tmp_path: Path, saved_figures: list) -> None:
     """trainer=gpu with only the device swapped (accelerator=cpu) fits three batches under bf16 autocast with
     channels_last weights, and its checkpoint keeps float32 weights (mixed, not bf16-true); trainer=cpu, the
-    control, runs none of that, so the assertions tell the two apart."""
+    control, runs none of that, so the assertions tell the two apart. The run's training curves plot what it
+    logged."""
     make_images(tmp_path / "images", per_class=6, size=(100, 68))
     overrides = [*tiny_overrides(tmp_path), f"trainer={trainer}"]
     if trainer == "gpu":
@@ -97,6 +98,12 @@ def test_gpu_trainer_runs_bf16_and_channels_last_on_cpu(trainer: str, tmp_path: 
     conv = saved["state_dict"]["model.features.0.weight"]
     assert conv.dtype == torch.float32  # bf16-mixed keeps the master weights in float32
     assert conv.is_contiguous(memory_format=torch.channels_last) is gpu  # the layout is saved as trained
+
+    (curves,) = [lines for lines in map(plotted_lines, saved_figures) if "loss" in lines]  # training_curves.png
+    assert (tmp_path / "run" / "training_curves.png").is_file()
+    assert curves["loss"]["train loss"] == ([0.0], [pytest.approx(metrics["train/loss_epoch"], rel=1e-5)])
+    assert curves["loss"]["train loss"][1][0] == pytest.approx(sum(probe.losses) / 3, rel=1e-3)  # mean of batches
+    assert curves["accuracy / F1"]["val acc (macro)"] == ([0.0], [pytest.approx(metrics["val/acc_macro"], rel=1e-5)])
 
 
 # --- the real lymphoma images: case folds -> k-fold image report ------------------------------------

@@ -9,6 +9,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+from conftest import plotted_lines
 from histoflow.reports import (
     confusion_figure,
     folds_markdown,
@@ -122,13 +123,10 @@ def write_metrics_csv(path: Path, header: list[str], rows: list[dict[str, object
     return path
 
 
-def test_plot_training_curves_three_epochs(tmp_path: Path) -> None:
+def test_plot_training_curves_three_epochs(tmp_path: Path, saved_figures: list) -> None:
     """Every curve, from the columns PatchClassifier logs (sparse like CSVLogger: step rows, one validation row and
-    one epoch-aggregate row an epoch)."""
-    import matplotlib.pyplot as plt
-
-    from histoflow.reports import LOSS_CURVES, SCORE_CURVES, _plot_panel
-
+    one epoch-aggregate row an epoch): each plotted series is its column's value at every epoch, the epoch
+    aggregate of the training loss rather than its per-step values."""
     header = ["epoch", "step", "train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc_micro",
               "val/acc_macro", "val/f1_macro"]
     rows: list[dict[str, object]] = []
@@ -144,37 +142,55 @@ def test_plot_training_curves_three_epochs(tmp_path: Path) -> None:
     out = plot_training_curves(csv_path, tmp_path / "plots" / "curves.png")
     assert out == tmp_path / "plots" / "curves.png"
     assert_valid_png(out)
-    text_rows = [{k: str(v) for k, v in r.items()} for r in rows]
-    for curves in (LOSS_CURVES, SCORE_CURVES):  # each curve drawn: no name that nothing logs
-        fig, ax = plt.subplots()
-        _plot_panel(ax, text_rows, header, curves, "")
-        assert [line.get_label() for line in ax.lines] == [label for label, _ in curves]
-        plt.close(fig)
+    (figure,) = saved_figures
+    epochs = [0.0, 1.0, 2.0]
+    expected = {
+        "loss": {"train loss": [0.8, 0.7, 0.6], "val loss": [0.9, 0.8, 0.7]},
+        "accuracy / F1": {"train acc": [0.5] * 3, "val acc (micro)": [0.6] * 3, "val acc (macro)": [0.6, 0.7, 0.8],
+                          "val F1 (macro)": [0.5, 0.6, 0.7]},
+    }
+    drawn = plotted_lines(figure)
+    assert list(drawn) == list(expected)  # the two panels, in order
+    for panel, curves in expected.items():
+        assert list(drawn[panel]) == list(curves)  # each curve drawn, in order, and no other
+        for label, values in curves.items():
+            xs, ys = drawn[panel][label]
+            assert xs == epochs and ys == pytest.approx(values), (panel, label)
 
 
-def test_plot_training_curves_uses_last_value_per_epoch(tmp_path: Path) -> None:
-    from histoflow.reports import _epoch_series
-
+def test_plot_training_curves_uses_last_value_per_epoch(tmp_path: Path, saved_figures: list) -> None:
+    """Without an epoch aggregate the training loss is the last step value logged in each epoch; an empty cell
+    is not a value."""
     rows = [
-        {"epoch": "0", "step": "0", "train/loss": "3.0"},
-        {"epoch": "0", "step": "1", "train/loss": "2.0"},
-        {"epoch": "0", "step": "1", "train/loss": ""},
-        {"epoch": "1", "step": "2", "train/loss": "1.0"},
+        {"epoch": "0", "step": "0", "train/loss_step": "3.0"},
+        {"epoch": "0", "step": "1", "train/loss_step": "2.0"},
+        {"epoch": "0", "step": "1", "train/loss_step": ""},
+        {"epoch": "1", "step": "2", "train/loss_step": "1.0"},
     ]
-    assert _epoch_series(rows, "train/loss") == ([0, 1], [2.0, 1.0])
-    assert _epoch_series(rows, "val/loss") == ([], [])
+    csv_path = write_metrics_csv(tmp_path / "metrics.csv", ["epoch", "step", "train/loss_step"], rows)
+    plot_training_curves(csv_path, tmp_path / "curves.png")
+    (figure,) = saved_figures
+    assert plotted_lines(figure) == {"loss": {"train loss": ([0.0, 1.0], [2.0, 1.0])}, "accuracy / F1": {}}
 
 
-def test_plot_training_curves_single_epoch_without_val(tmp_path: Path) -> None:
+def test_plot_training_curves_single_epoch_without_val(tmp_path: Path, saved_figures: list) -> None:
     rows = [{"epoch": 0, "step": s, "train/loss_step": 1.0 - 0.1 * s} for s in range(3)]
     csv_path = write_metrics_csv(tmp_path / "metrics.csv", ["epoch", "step", "train/loss_step"], rows)
     out = plot_training_curves(csv_path, tmp_path / "curves.png")
     assert_valid_png(out)
+    (figure,) = saved_figures
+    assert plotted_lines(figure) == {"loss": {"train loss": ([0.0], [pytest.approx(0.8)])}, "accuracy / F1": {}}
+    (line,) = figure.axes[0].lines
+    assert line.get_marker() == "o"  # a one-point series stays visible
+    assert [t.get_text() for t in figure.axes[1].texts] == ["no data"]
 
 
-def test_plot_training_curves_header_only(tmp_path: Path) -> None:
+def test_plot_training_curves_header_only(tmp_path: Path, saved_figures: list) -> None:
     csv_path = write_metrics_csv(tmp_path / "metrics.csv", ["epoch", "step"], [])
     assert_valid_png(plot_training_curves(csv_path, tmp_path / "curves.png"))
+    (figure,) = saved_figures
+    assert plotted_lines(figure) == {"loss": {}, "accuracy / F1": {}}
+    assert [[t.get_text() for t in ax.texts] for ax in figure.axes] == [["no data"], ["no data"]]
 
 
 def test_the_protocol_is_read_from_the_data_config_and_grouped_only_where_a_group_joins_images() -> None:
