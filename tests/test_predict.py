@@ -89,7 +89,7 @@ def test_a_bug_while_cutting_an_image_fails_the_run_not_the_image(tmp_path: Path
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tiny.png")  # smaller than a window
     patches = voting.ImagePatches([tmp_path / "a.png", tmp_path / "tiny.png"], grid_config(36, 32),
                                   [plain_transform()])
-    assert patches[1].problem and "smaller than the 36-px window" in patches[1].problem
+    assert patches[1].problem.kind == "too-small" and "smaller than the 36-px window" in patches[1].problem.detail
     monkeypatch.setattr(voting, "extract_patches", lambda *a: (_ for _ in ()).throw(TypeError("a bug")))
     with pytest.raises(TypeError, match="a bug"):
         patches[0]
@@ -239,7 +239,7 @@ def test_five_fold_report_each_image_by_the_model_that_held_it_out(five_fold_rep
     root = tiny / "images"
     predicted = [str(Path(r["image"]).relative_to(root)) for r in rows]
     assert sorted(predicted) == sorted(fold_of)
-    assert (out / "problems.csv").read_text().splitlines() == ["image,problem,action"]  # checked, nothing wrong
+    assert (out / "problems.csv").read_text().splitlines() == ["path,kind,detail,action"]  # checked, nothing wrong
     for row, image in zip(rows, predicted):
         trained = torch.load(row["checkpoint"], map_location="cpu", weights_only=True)["hyper_parameters"]["config"]
         assert row["fold"] == fold_of[image] == str(trained["fold"])
@@ -406,8 +406,9 @@ def test_unlabelled_images_csv_and_bad_images(multirun: Path, tiny: Path, tmp_pa
     assert all(r["predicted"] in CLASSES and int(r["patches"]) == 6 for r in rows)
     assert all(sum(int(r[f"votes_{c}"]) for c in CLASSES) == 6 for r in rows)
     assert all(np.isclose(sum(float(r[f"prob_{c}"]) for c in CLASSES), 1, atol=1e-4) for r in rows)
-    problems = (tmp_path / "a" / "problems.csv").read_text()
-    assert "broken.png" in problems and "tiny.png" in problems and "skipped" in problems
+    with (tmp_path / "a" / "problems.csv").open(newline="") as handle:  # prepare's format: path,kind,detail,action
+        problems = {Path(r["path"]).name: (r["kind"], r["action"]) for r in csv.DictReader(handle)}
+    assert problems == {"broken.png": ("corrupt", "skipped"), "tiny.png": ("too-small", "skipped")}
 
     # error: the good images are still written, then the error names every bad file
     cfg = predict_config([f"ckpt_path={multirun}", f"images={folder}"], tmp_path / "b")

@@ -326,11 +326,13 @@ def test_predict_command_line_goes_on_past_damaged_and_truncated_slides(model: F
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     rows = read_csv(tmp_path / "skip" / "slides.csv")
     assert [(Path(r["slide"]).name, r["damaged_tiles"]) for r in rows] == [("damaged.tif", "1"), (CMU, "0")]
-    problems = {Path(r["image"]).name: r for r in read_csv(tmp_path / "skip" / "problems.csv")}
+    problems = {Path(r["path"]).name: r for r in read_csv(tmp_path / "skip" / "problems.csv")}
     assert set(problems) == {"damaged.tif", "truncated.svs"}
-    assert "level 0, stored tile row 3 col 2 (pixel x 512, y 768)" in problems["damaged.tif"]["problem"]
-    assert "4 tissue tiles over them are NaN" in problems["damaged.tif"]["problem"]
-    assert "the file is truncated" in problems["truncated.svs"]["problem"]
+    assert "level 0, stored tile row 3 col 2 (pixel x 512, y 768)" in problems["damaged.tif"]["detail"]
+    assert "4 tissue tiles over them are NaN" in problems["damaged.tif"]["detail"]
+    assert "the file is truncated" in problems["truncated.svs"]["detail"]
+    kinds = {name: r["kind"] for name, r in problems.items()}
+    assert kinds == {"damaged.tif": "damaged-tiles", "truncated.svs": "unreadable"}
     assert {r["action"] for r in problems.values()} == {"skipped"}
 
     stopped = run_predict_on_slides(model, slides, tmp_path / "error")
@@ -339,8 +341,8 @@ def test_predict_command_line_goes_on_past_damaged_and_truncated_slides(model: F
     assert "on_bad_image=skip" in stopped.stderr and "truncated.svs: the file is truncated" in stopped.stderr
     assert [Path(r["slide"]).name for r in read_csv(tmp_path / "error" / "slides.csv")] == [CMU]
     problems = read_csv(tmp_path / "error" / "problems.csv")
-    assert [Path(r["image"]).name for r in problems] == ["damaged.tif", "truncated.svs"]
-    assert "stored tile row 3 col 2" in problems[0]["problem"] and problems[0]["action"] == "stopped"
+    assert [Path(r["path"]).name for r in problems] == ["damaged.tif", "truncated.svs"]
+    assert "stored tile row 3 col 2" in problems[0]["detail"] and problems[0]["action"] == "stopped"
 
 
 def test_slide_tables_are_written_when_a_run_breaks(model: FoldModel, wsi_dir: Path, tmp_path: Path,
@@ -360,5 +362,5 @@ def test_slide_tables_are_written_when_a_run_breaks(model: FoldModel, wsi_dir: P
         predict_module._slides(cfg, [[model]], None, tmp_path, {})
     assert [Path(r["slide"]).name for r in read_csv(tmp_path / "slides.csv")] == [CMU]
     problems = read_csv(tmp_path / "problems.csv")
-    assert [(Path(r["image"]).name, r["action"]) for r in problems] == [(TCGA, "stopped")]
-    assert problems[0]["problem"] == "the run stopped at this slide: RuntimeError: out of device memory"
+    assert [(Path(r["path"]).name, r["kind"], r["action"]) for r in problems] == [(TCGA, "run-stopped", "stopped")]
+    assert problems[0]["detail"] == "the run stopped at this slide: RuntimeError: out of device memory"

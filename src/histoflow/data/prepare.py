@@ -270,7 +270,7 @@ def _write(plan: _Plan, quiet: bool) -> PreparedDataset:
         if (error := one_class_error(rows, classes, root)) is not None:
             raise error
         check_leakage(rows)
-        write_problems(problems, notes, out / "problems.csv")
+        write_problems(out / "problems.csv", skipped=problems, kept=notes)
         np.save(out / DESCRIPTORS, descriptors)
         write_manifest(rows, manifest)
         warn_if_leaky(descriptors, rows, out)

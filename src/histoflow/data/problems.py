@@ -1,4 +1,5 @@
-"""Bad inputs found while preparing data: collected, reported all at once, each with its fix."""
+"""Bad inputs, found while preparing data or predicting: collected, reported all at once, each with its fix, and
+listed in problems.csv (one format for both)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import csv
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from histoflow.errors import HistoflowError
 
@@ -47,10 +49,14 @@ class BadInputError(HistoflowError, ValueError):
         super().__init__("\n".join(lines))
 
 
-def write_problems(problems: list[Problem], notes: list[Problem], path: Path) -> None:
-    """Write skipped files and conversion notes to a CSV (kind 'note:*' marks a kept, converted file)."""
+COLUMNS = ["path", "kind", "detail", "action"]  # of problems.csv
+
+
+def write_problems(path: Path, **by_action: Iterable[Problem]) -> Path:
+    """problems.csv: each problem (path, kind, detail) with what was done about it, the keyword it is passed under:
+    skipped or stopped (a bad input), kept (an image converted, e.g. to 8-bit RGB). A header alone: nothing wrong."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "kind", "detail", "action"])
-        w.writerows([p.path, p.kind, p.detail, "skipped"] for p in problems)
-        w.writerows([p.path, p.kind, p.detail, "kept"] for p in notes)
+        w.writerow(COLUMNS)
+        w.writerows([p.path, p.kind, p.detail, action] for action, problems in by_action.items() for p in problems)
+    return path

@@ -13,14 +13,16 @@ from omegaconf import DictConfig, OmegaConf
 from histoflow.data.images import IMAGE_SUFFIXES
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import prepare_dataset
-from histoflow.slides.reader import SlideError
+from histoflow.data.problems import Problem, write_problems
 from histoflow.errors import ConfigError, HistoflowError, MissingInputError
 from histoflow.inference.checkpoints import (FoldModel, check_compatible, find_checkpoints, load_fold_model,
                                              models_by_fold)
-from histoflow.inference.report import fold_report, log_wandb, prediction_rows, write_csv, write_problems
+from histoflow.inference.report import fold_report, log_wandb, prediction_rows, write_csv
 from histoflow.inference.slide_map import SlideConfig, SlideResult, predict_slide
 from histoflow.inference.voting import predict_images, resolve_device, tta_views
 from histoflow.machine import resolve_workers
+from histoflow.slides.reader import DamagedTileError, SlideError
+from histoflow.slides.tiles import NoTissueError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ def _run_options(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _held_out_report(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, out: Path,
-                     settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any]]:
+                     settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[Problem], dict[str, Any]]:
     """Each fold's models (one per ensemble member) on that fold's held-out images (from the manifest), then the
     k-fold report.
 
@@ -74,7 +76,7 @@ def _held_out_report(cfg: DictConfig, members: list[list[FoldModel]], grid: Patc
     by_fold = models_by_fold(members)
     overrides = cfg.get("data") or {}
     rows: list[dict[str, Any]] = []
-    problems: dict[str, str] = {}
+    problems: list[Problem] = []
     prepared = None
     for fold, models in by_fold.items():
         for m in models:
@@ -93,7 +95,7 @@ def _held_out_report(cfg: DictConfig, members: list[list[FoldModel]], grid: Patc
         checkpoints = ";".join(str(m.path) for m in models)  # several: an ensemble
         extra = [{"fold": fold, "label": r["label"], "group": r["group"], "checkpoint": checkpoints} for r in held_out]
         rows += prediction_rows(votes, prepared.classes, cfg.aggregate, extra)
-        problems.update({votes.paths[i]: why for i, why in votes.problems.items()})
+        problems += votes.problems.values()
         log.info("fold %s: %d images in %.1f s (%.1f images/s)", fold, len(held_out), votes.seconds,
                  len(held_out) / max(votes.seconds, 1e-9))
     assert prepared is not None  # find_checkpoints returns at least one
@@ -112,7 +114,7 @@ def _held_out_report(cfg: DictConfig, members: list[list[FoldModel]], grid: Patc
 
 
 def _images_csv(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, out: Path,
-                settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any]]:
+                settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[Problem], dict[str, Any]]:
     """Any images, no labels: all models' averaged probabilities per patch, votes per image, in predictions.csv."""
     models = [m for ms in members for m in ms]
     paths = files_matching(cfg.images if isinstance(cfg.images, str) else list(cfg.images))
@@ -121,8 +123,7 @@ def _images_csv(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConf
     votes = predict_images(paths, [(m.net, m.transform) for m in models], len(classes), grid, **_run_options(cfg))
     rows = prediction_rows(votes, classes, cfg.aggregate)
     write_csv(rows, out / "predictions.csv")
-    problems = {votes.paths[i]: why for i, why in votes.problems.items()}
-    return rows, problems, {"metrics": {"predict/images": float(len(rows))}, "images": {},
+    return rows, list(votes.problems.values()), {"metrics": {"predict/images": float(len(rows))}, "images": {},
                             "tables": {"predict/predictions": rows}}
 
 
@@ -130,16 +131,24 @@ SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 SLIDE_COLUMNS = ["slide", "tiles", "tiles_per_s", "damaged_tiles", "map", "heatmap"]  # of slides.csv
 
 
-def _damaged_problem(result: SlideResult) -> str:
+def _damaged_problem(path: Path, result: SlideResult) -> Problem:
     """problems.csv's account of a slide predicted without its damaged stored tiles."""
     listed = "; ".join(str(t) for t in result.damaged[:5]) + ("; ..." if len(result.damaged) > 5 else "")
-    return (f"{len(result.damaged)} damaged stored tile(s) left out: {listed}. The {result.left_out} tissue tiles "
-            f"over them are NaN in {result.map.name} (as without tissue); all are listed in {result.meta.name}. "
-            "Fix: re-export the slide or copy it again")
+    return Problem(str(path), "damaged-tiles",
+                   f"{len(result.damaged)} damaged stored tile(s) left out: {listed}. The {result.left_out} tissue "
+                   f"tiles over them are NaN in {result.map.name} (as without tissue); all are listed in "
+                   f"{result.meta.name}. Fix: re-export the slide or copy it again")
+
+
+def _slide_problem(path: Path, error: SlideError) -> Problem:
+    """problems.csv's account of a slide that could not be predicted."""
+    kind = ("no-tissue" if isinstance(error, NoTissueError) else
+            "damaged-tiles" if isinstance(error, DamagedTileError) else "unreadable")
+    return Problem(str(path), kind, str(error))
 
 
 def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, out: Path,
-            settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Any]]:
+            settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[Problem], dict[str, Any]]:
     """Whole slides: tiled inference over tissue; per slide a tile CSV, a class map and a heatmap (slides/).
 
     slides.csv lists the slides predicted, whatever stops the run; a run stopped by something other than a bad
@@ -150,23 +159,24 @@ def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, 
     paths = files_matching(spec, SLIDE_SUFFIXES)
     slide_cfg = SlideConfig.from_config(OmegaConf.to_container(cfg.slide, resolve=True))
     classes = models[0].classes
-    rows, problems = [], {}
+    rows: list[dict[str, Any]] = []
+    problems: list[Problem] = []
     try:
         for path in paths:
             try:
                 result = predict_slide(path, [(m.net, m.transform) for m in models], classes, slide_cfg,
                                        out / "slides", skip_damaged=cfg.on_bad_image == "skip")
             except SlideError as e:  # no tissue, unreadable, truncated or damaged file: the other slides still run
-                problems[str(path)] = str(e)
+                problems.append(_slide_problem(path, e))
                 continue
             if result.damaged:
-                problems[str(path)] = _damaged_problem(result)
+                problems.append(_damaged_problem(path, result))
             rows.append({"slide": str(path), "tiles": result.tiles, "tiles_per_s": round(result.tiles_per_s, 1),
                          "damaged_tiles": len(result.damaged), "map": str(result.map),
                          "heatmap": str(result.heatmap)})
     except BaseException as e:  # a bug or an interrupt: the tables still say what was done before it
-        problems[str(path)] = f"the run stopped at this slide: {type(e).__name__}: {e}"
-        write_problems(problems, out / "problems.csv", "stopped")
+        problems.append(Problem(str(path), "run-stopped", f"the run stopped at this slide: {type(e).__name__}: {e}"))
+        write_problems(out / "problems.csv", stopped=problems)
         raise
     finally:
         write_csv(rows, out / "slides.csv", SLIDE_COLUMNS)
@@ -192,7 +202,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     run = _slides if cfg.get("slides") else _held_out_report if cfg.images is None else _images_csv
     rows, problems, logged = run(cfg, members, grid, out, settings)
     # always written, empty when nothing went wrong: its absence would not say whether the run checked
-    write_problems(problems, out / "problems.csv", "skipped" if cfg.on_bad_image == "skip" else "stopped")
+    write_problems(out / "problems.csv", **{"skipped" if cfg.on_bad_image == "skip" else "stopped": problems})
     if cfg.wandb.enabled:
         log_wandb(out, settings, {k: v for k, v in cfg.wandb.items() if k != "enabled"}, **logged)
     what = "slide" if cfg.get("slides") else "image"
@@ -201,7 +211,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         fix = ("re-copy or re-export these slides" if cfg.get("slides") else
                "remove or repair these files (windows need images at least as large as grid.size)")
         raise BadImagesError(f"{len(problems)} {what}(s) could not be predicted:\n"
-                             + "\n".join(f"  {why}" for why in problems.values())
+                             + "\n".join(f"  {p.detail}" for p in problems)
                              + f"\nThe other {len(rows)} {what}s' results are written in {out}. Fix: {fix}, or set "
                              "on_bad_image=skip to leave them out (they are listed in problems.csv)")
     return {"output_dir": str(out), "images": len(rows), "problems": len(problems)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import multiclass_calibration_error, multiclass_f1_score
 
+from histoflow.data.problems import Problem
 from histoflow.inference.colour_baseline import (CLASSIFIERS, NAMES as COLOUR_NAMES, colour_features,
                                                  cross_validated_predictions)
 from histoflow.inference.uncertainty import LEVEL, RESAMPLES, case_level, group_bootstrap
@@ -52,12 +54,6 @@ def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str] | None 
         writer.writeheader()
         writer.writerows(rows)
     return path
-
-
-def write_problems(problems: Mapping[str, str], path: Path, action: str) -> Path:
-    """The images that could not be predicted: path, problem, and what was done (skipped or stopped)."""
-    return write_csv([{"image": p, "problem": why, "action": action} for p, why in problems.items()], path,
-                     ["image", "problem", "action"])
 
 
 def _scores(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, float]:
@@ -132,7 +128,7 @@ def _colour_baselines(rows: list[dict[str, Any]], classes: list[str]) -> dict[st
 
 
 def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, settings: Mapping[str, Any],
-                problems: Mapping[str, str] | None = None, missing_folds: Sequence[str] = ()) -> dict[str, Any]:
+                problems: Sequence[Problem] = (), missing_folds: Sequence[str] = ()) -> dict[str, Any]:
     """Write report.json, report.md, confusion_images/confusion_patches (CSV, PNG) and reliability_images.png of
     held-out predictions, with the colour-only baseline on the same folds.
 
@@ -162,7 +158,7 @@ def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, s
         "images_per_fold": {f: sum(r["fold"] == f for r in rows) for f in folds},
         "per_fold": per_fold, "summary": summary, "pooled": pooled,
         "confusion_images": cm_images.tolist(), "confusion_patches": cm_patches.tolist(),
-        "misclassified": wrong, "problems": dict(problems or {}), "missing_folds": list(missing_folds),
+        "misclassified": wrong, "problems": [asdict(p) for p in problems], "missing_folds": list(missing_folds),
         "calibration": calibration, "colour_baselines": _colour_baselines(rows, classes),
         **_over_groups(rows, classes),
     }
@@ -228,7 +224,7 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
         lines.append("None.")
     if report["problems"]:
         lines += ["", f"## Images not predicted ({len(report['problems'])})", ""]
-        lines += [f"- {why}" for why in report["problems"].values()]
+        lines += [f"- {p['detail']}" for p in report["problems"]]
     if report["missing_folds"]:
         lines += ["", f"Folds without a model (their images are not in this report): {report['missing_folds']}."]
     return "\n".join(lines) + "\n"

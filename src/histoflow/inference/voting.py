@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from histoflow.data.images import UnreadableImage, read_rgb
 from histoflow.data.patches import PatchConfig, extract_patches
+from histoflow.data.problems import Problem
 from histoflow.data.transforms import PatchTransform
 from histoflow.errors import ConfigError
 from histoflow.machine import as_made
@@ -53,7 +54,7 @@ class ImageItem:
     index: int
     x: torch.Tensor | None = None
     origins: torch.Tensor | None = None  # (patches, 2): x, y of each window's top-left corner
-    problem: str = ""
+    problem: Problem | None = None
 
 
 class ImagePatches(Dataset):
@@ -70,12 +71,13 @@ class ImagePatches(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> ImageItem:
+        path = str(self.paths[index])
         try:
             return self._patches(index)
         except UnreadableImage as e:
-            return ImageItem(index, problem=str(e))
+            return ImageItem(index, problem=Problem(path, "corrupt", str(e)))
         except MemoryError as e:  # a huge image must not stop the others; a bug elsewhere still fails the run
-            return ImageItem(index, problem=f"{self.paths[index]}: {type(e).__name__}: {e}")
+            return ImageItem(index, problem=Problem(path, "out-of-memory", f"{path}: {type(e).__name__}: {e}"))
 
     def _patches(self, index: int) -> ImageItem:
         path = self.paths[index]
@@ -87,8 +89,8 @@ class ImagePatches(Dataset):
                 windows, xs, ys, _ = extract_patches(t.stain(image) if t.stain else image, self.grid)
                 if not len(windows):
                     h, w = image.shape[:2]
-                    return ImageItem(index,
-                                     problem=f"{path}: {w}x{h} px is smaller than the {self.grid.size}-px window")
+                    return ImageItem(index, problem=Problem(
+                        str(path), "too-small", f"{path}: {w}x{h} px is smaller than the {self.grid.size}-px window"))
                 # views of the raw windows, before normalising, as training rotated raw patches before the mean
                 views = np.stack([np.rot90(windows[:, :, ::-1] if flip else windows, k, axes=(1, 2))
                                   for k, flip in self.views], axis=1)  # (N, V, s, s, 3)
@@ -107,7 +109,7 @@ class PatchBatch:
     x: torch.Tensor | None  # (models, patches, views, 3, c, c)
     ids: torch.Tensor | None  # (patches,) image index of each patch
     begun: list[tuple[int, int]]  # (image, its patch count) for images whose first patches are in x
-    problems: list[tuple[int, str]]  # (image, what went wrong) for images that failed since the last batch
+    problems: list[tuple[int, Problem]]  # (image, what went wrong) for images that failed since the last batch
 
     def pin_memory(self) -> "PatchBatch":
         """Page-locked copy for fast copies to a GPU (the DataLoader calls this when pin_memory is on)."""
@@ -134,7 +136,7 @@ class PatchBatches(IterableDataset):
         mine = range(worker.id, len(self.images), worker.num_workers) if worker else range(len(self.images))
         x, ids, filled = None, torch.empty(self.per_batch, dtype=torch.long), 0
         begun: list[tuple[int, int]] = []
-        problems: list[tuple[int, str]] = []
+        problems: list[tuple[int, Problem]] = []
         for index in mine:
             item = self.images[index]
             if item.x is None:
@@ -179,7 +181,7 @@ class Votes:
     votes: np.ndarray  # (images, classes) int64
     prob_sum: np.ndarray  # (images, classes) float64
     patches: np.ndarray  # (images,) int64; 0 for a failed image
-    problems: dict[int, str] = field(default_factory=dict)  # image index -> what went wrong
+    problems: dict[int, Problem] = field(default_factory=dict)  # image index -> what went wrong
     seconds: float = 0.0
 
     @property
@@ -232,7 +234,7 @@ def predict_images(paths: Sequence[str | Path], models: Sequence[tuple[nn.Module
     prob_sum = torch.zeros(n, num_classes, dtype=torch.float64)
     patches = np.zeros(n, dtype=np.int64)
     waiting = np.zeros(n, dtype=np.int64)  # patches of each image not inferred yet
-    problems: dict[int, str] = {}
+    problems: dict[int, Problem] = {}
     t0, finished = time.perf_counter(), 0
     with progress_bar(progress) as bar, torch.inference_mode():
         task = bar.add_task(description, total=n, rate="")
