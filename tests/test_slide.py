@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from skimage import measure
 
 from histoflow.slides import reader as slide_module
 from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide, SlideError
@@ -91,13 +92,32 @@ def test_thumbnail_bounded_and_faithful(wsi_dir: Path, name: str, max_size: int)
         assert np.abs(thumb.astype(int) - np.asarray(expected, int)).mean() < 8
 
 
+def off_background(thumb: np.ndarray, distance: float = 40.0) -> np.ndarray:
+    """An estimate of the tissue independent of tissue_mask's saturation: the pixels farther than `distance` (RGB
+    units) from the slide's own background, the median colour of the thumbnail's 4-px border (no slide here has
+    tissue there), less specks under 0.05% of the thumbnail."""
+    rgb = thumb.astype(np.float64)
+    border = np.concatenate([rgb[:4], rgb[-4:], rgb[:, :4].swapaxes(0, 1), rgb[:, -4:].swapaxes(0, 1)], axis=1)
+    background = np.median(border.reshape(-1, 3), axis=0)
+    far = np.linalg.norm(rgb - background, axis=-1) > distance
+    labels = measure.label(far)
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= 0.0005 * far.size
+    keep[0] = False
+    return keep[labels]
+
+
 @pytest.mark.parametrize("name", sorted(REAL_SLIDES))
 def test_tissue_mask_on_real_slides(wsi_dir: Path, name: str) -> None:
+    """The mask's tissue is the slide's off-background part: a share within 20% of the estimate's (about 32% of
+    CMU-1, 0.3% of the kidney slide's one small piece, 62% of the TCGA slide) and the same pixels (IoU >= 0.75)."""
     with Slide(wsi_dir / name) as slide:
         thumb = slide.thumbnail(512)
     mask = tissue_mask(thumb)
     assert mask.dtype == bool and mask.shape == thumb.shape[:2]
-    assert 0 < mask.mean() < 0.95
+    estimate = off_background(thumb)
+    assert mask.mean() == pytest.approx(estimate.mean(), rel=0.2)
+    assert (mask & estimate).sum() / (mask | estimate).sum() >= 0.75
 
 
 def brute_force_grid(slide: Slide, tile: int, level: int, stride: int, mask: np.ndarray, min_tissue: float) -> set:
