@@ -5,13 +5,17 @@ from __future__ import annotations
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterator
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
 
 
-def progress_bar(enabled: bool = True) -> Progress:
-    """Rich progress whose tasks show a `rate` field (e.g. images/s) beside the count and the times."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled)
+def progress_bar(enabled: bool = True, download: bool = False) -> Progress:
+    """Rich progress whose tasks show a `rate` field (e.g. images/s) beside the count and the times; `download`:
+    bytes received and the transfer speed instead, the bar gone once done."""
+    counts = (DownloadColumn(), TransferSpeedColumn()) if download else (MofNCompleteColumn(),
+                                                                         TextColumn("{task.fields[rate]}"))
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), *counts, TimeElapsedColumn(),
+                    TimeRemainingColumn(), disable=not enabled, transient=download)
 
 
 def process_map(fn: Callable, items: list, workers: int) -> Iterator:

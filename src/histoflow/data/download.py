@@ -25,16 +25,9 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from filelock import FileLock
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from histoflow.errors import ConfigError, HistoflowError
+from histoflow.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +169,7 @@ def _download(url: str, part: Path, algo: str, label: str) -> str:
     with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response, open(part, "wb") as out:
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
-        columns = (TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-        with Progress(*columns, transient=True) as progress:
+        with progress_bar(download=True) as progress:
             task = progress.add_task(label, total=total)
             while chunk := response.read(CHUNK):
                 out.write(chunk)
