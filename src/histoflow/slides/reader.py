@@ -10,7 +10,6 @@ import math
 import os
 import threading
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -18,6 +17,7 @@ from typing import BinaryIO
 
 import numpy as np
 import tifffile
+from cachetools import LRUCache
 from PIL import Image
 from tifffile import TiffPage
 
@@ -72,42 +72,6 @@ class Level:
     downsample: float
 
 
-class _SegmentCache:
-    """Decoded tiles/strips by (page, segment), least recently used dropped first beyond `max_bytes`.
-
-    Neighbouring reads share stored tiles (a 224-px grid over 256-px tiles decodes most tiles twice
-    without it); the budget keeps memory bounded whatever the slide's size.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes, self.bytes = int(max_bytes), 0
-        self._items: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[int, int]) -> np.ndarray | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: tuple[int, int], value: np.ndarray) -> None:
-        if value.nbytes > self.max_bytes:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            self.bytes += value.nbytes - (old.nbytes if old is not None else 0)
-            self._items[key] = value
-            while self.bytes > self.max_bytes:
-                _, dropped = self._items.popitem(last=False)
-                self.bytes -= dropped.nbytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self.bytes = 0
-
-
 class Slide:
     """A whole-slide image opened for region reads; use as a context manager.
 
@@ -138,7 +102,10 @@ class Slide:
         self._pid = -1
         self._lock = threading.Lock()
         self._memmaps: dict[int, np.ndarray] = {}
-        self._cache = _SegmentCache(cache_bytes)
+        # decoded tiles/strips by (page, segment), least recently used dropped first beyond cache_bytes: neighbouring
+        # reads share stored tiles (a 224-px grid over 256-px tiles decodes most tiles twice without it)
+        self._cache: LRUCache[tuple[int, int], np.ndarray] = LRUCache(cache_bytes, getsizeof=lambda seg: seg.nbytes)
+        self._cache_lock = threading.Lock()  # cachetools' caches are not thread-safe
         description = self._pages[0].description if self._tif.is_svs else ""
         self._aperio = aperio_fields(description)
 
@@ -176,7 +143,8 @@ class Slide:
     def close(self) -> None:
         """Close the file handles."""
         self._memmaps.clear()
-        self._cache.clear()
+        with self._cache_lock:
+            self._cache.clear()
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -322,7 +290,8 @@ class Slide:
             for row in range(y0 // seg_h, (y1 - 1) // seg_h + 1):
                 for col in range(x0 // seg_w, (x1 - 1) // seg_w + 1):
                     index = (plane * rows + row) * cols + col
-                    seg = self._cache.get((page.offset, index))
+                    with self._cache_lock:
+                        seg = self._cache.get((page.offset, index))
                     if seg is None:
                         count = page.databytecounts[index]
                         if not count:
@@ -338,7 +307,9 @@ class Slide:
                         if data is None:
                             continue
                         seg = data[0]  # (h, w, samples); edge segments may come back cropped
-                        self._cache.put((page.offset, index), seg)
+                        if seg.nbytes <= self._cache.maxsize:  # a larger one LRUCache refuses (ValueError)
+                            with self._cache_lock:
+                                self._cache[page.offset, index] = seg
                     sy, sx = row * seg_h, col * seg_w
                     ay0, ax0 = max(y0, sy), max(x0, sx)
                     ay1, ax1 = min(y1, sy + seg.shape[0]), min(x1, sx + seg.shape[1])
