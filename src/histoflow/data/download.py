@@ -7,6 +7,11 @@ Cache layout for an archive named `NAME` (by default the primary URL's file name
 - `NAME.complete`: written last; while it exists and matches, no request is made at all
 - `NAME.tar.gz.part`, `NAME.unpacking/`: in-progress work, discarded when left by an interrupted run
 - `NAME.lock`: held while fetching, so parallel jobs sharing the cache download only once
+
+Not pooch (1.9): its Untar extracts without tarfile's "data" filter before Python 3.12, so a
+`../` member lands outside the cache (tried: it does on 3.11); it fetches no file:// URL or local path, tries one
+URL (no mirrors), reuses an unverified file fetched from another URL, holds no lock across jobs, and draws its bar
+with tqdm beside rich's. All of this module but `_download` and `file_digest` would stay, so it stays whole.
 """
 
 from __future__ import annotations
