@@ -26,7 +26,8 @@ import torch
 import webdataset as wds
 from omegaconf import OmegaConf
 
-from histoflow.data.datamodule import ShardDataModule, tar_samples
+from histoflow.data.datamodule import ShardDataModule
+from histoflow.data.shards import tar_samples
 
 REPO = Path(__file__).resolve().parents[1]
 

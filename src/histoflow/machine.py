@@ -1,4 +1,5 @@
-"""Worker counts chosen from the machine: `num_workers: auto` for the training loader, prediction and slides.
+"""The machine: the device a model runs on, and worker counts for `num_workers: auto` (training loader,
+prediction, slides).
 
 Measured on the 2-core CPU of this project (benchmarks/bench_train.py): the in-process shard loader reads
 ~110,000 patches/s, 40 times what the net's training step consumes, while two loader processes take cores from
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import os
 from typing import TypeVar
+
+import torch
 
 from histoflow.errors import ConfigError
 
@@ -49,3 +52,10 @@ def as_made(batch: T) -> T:
     """collate_fn of a loader whose dataset yields whole batches (batch_size=None): each item as it is. A module
     function, not a lambda, so spawned workers can pickle it."""
     return batch
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU; otherwise the device named."""
+    if device == AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

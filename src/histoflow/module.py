@@ -8,12 +8,13 @@ from typing import Any, Callable, Iterable, Mapping
 import hydra
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from histoflow.errors import HistoflowError
-from histoflow.models import clean_state_dict
+from histoflow.errors import ConfigError, HistoflowError
+from histoflow.models import build_encoder, clean_state_dict, encoder_with_head
 from histoflow.reports import save_confusion_matrix
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]  # an optimizer config's _partial_: called with the parameters
@@ -43,6 +44,7 @@ class PatchClassifier(pl.LightningModule):
         scheduler: SchedulerFactory | None = None,
         input_size: int | None = None,
         config: Mapping[str, Any] | None = None,
+        feature_dim: int | None = None,
     ) -> None:
         super().__init__()
         # The factories are rebuilt from `config` when needed; keeping them out of the checkpoint keeps it
@@ -117,10 +119,19 @@ class PatchClassifier(pl.LightningModule):
                                                           "interval": "epoch"}}
 
 
-def build_net(model_cfg: Mapping[str, Any], num_classes: int, input_size: int | None) -> nn.Module:
-    """The net of a `model` config with num_classes, and input_size where the config lists it, from the data."""
-    extra = {"input_size": input_size} if "input_size" in model_cfg else {}
-    return hydra.utils.instantiate(model_cfg, num_classes=num_classes, **extra)
+def build_net(model_cfg: Mapping[str, Any], num_classes: int, input_size: int | None,
+              in_features: int | None = None) -> nn.Module:
+    """The net of a `model` config with num_classes, and where the config lists them, from the data: input_size
+    (the input side) and in_features (a head's, the encoder's feature width)."""
+    cfg = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else dict(model_cfg)
+    cfg.pop("preprocess", None)  # the data loader's business (models.preprocess), not the constructor's
+    extra: dict[str, Any] = {"input_size": input_size} if "input_size" in cfg else {}
+    if "in_features" in cfg:
+        if in_features is None:
+            raise ConfigError(f"model {cfg.get('_target_')} is a head on frozen features: it needs an encoder. "
+                              "Fix: add encoder=<name> (conf/encoder), e.g. encoder=squeezenet1_1_imagenet")
+        extra["in_features"] = in_features
+    return hydra.utils.instantiate(cfg, num_classes=num_classes, **extra)
 
 
 TRUSTED_TARGETS = ("histoflow.models.", "torchvision.models.", "torch.optim.")
@@ -151,7 +162,7 @@ def load_classifier(checkpoint_path: str | Path, trusted: Iterable[str] = TRUSTE
     checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
     hparams = checkpoint["hyper_parameters"]
     config, classes = hparams["config"], hparams["classes"]
-    bad = untrusted_targets(config.get("model"), trusted)
+    bad = untrusted_targets([config.get("model"), config.get("encoder")], trusted)
     if bad:
         raise UntrustedCheckpoint(f"{checkpoint_path}: its config would instantiate {bad}, which are not trusted. "
                                   f"Fix: if you trust this checkpoint, add the prefixes to trusted_targets "
@@ -159,7 +170,10 @@ def load_classifier(checkpoint_path: str | Path, trusted: Iterable[str] = TRUSTE
     model_cfg = dict(config["model"])
     if "weights" in model_cfg:
         model_cfg["weights"] = None  # the checkpoint holds every weight: no pretrained download needed
-    net = build_net(model_cfg, len(classes), hparams["input_size"])
+    net = build_net(model_cfg, len(classes), hparams["input_size"], hparams.get("feature_dim"))
     net.load_state_dict(clean_state_dict(checkpoint))
+    if config.get("encoder"):  # a head on frozen features: predicts patches through its encoder, rebuilt as trained
+        net = encoder_with_head(build_encoder(config["encoder"], hparams["input_size"])[0], net)
     # no optimizer: a loaded classifier predicts; training resumes through Trainer.fit(ckpt_path=...)
-    return PatchClassifier(net, optimizer=None, classes=classes, input_size=hparams["input_size"], config=config)
+    return PatchClassifier(net, optimizer=None, classes=classes, input_size=hparams["input_size"], config=config,
+                           feature_dim=hparams.get("feature_dim"))

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger
 
 from histoflow.callbacks import FlushLogs
+from histoflow.models import model_preprocess
 from histoflow.module import PatchClassifier, build_net
 from histoflow.reports import plot_training_curves
 from histoflow.resume import ddp_children_rerun_this_job, resume_checkpoint
@@ -76,11 +77,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ddp_children_rerun_this_job(resume)
     pl.seed_everything(cfg.seed, workers=True)
 
-    # The data decides the net's head and input size, so it is prepared before the net is built.
-    datamodule = hydra.utils.instantiate(cfg.data, fold=cfg.fold)
+    # The data decides the net's head and input size, so it is prepared before the net is built; a pretrained
+    # model (or the frozen encoder a head sits on) decides the input's size and normalisation.
+    encoder = cfg.get("encoder")
+    preprocess = model_preprocess(encoder or cfg.model, "encoder" if encoder else "model")
+    datamodule = hydra.utils.instantiate(cfg.data, fold=cfg.fold, encoder=encoder, _recursive_=False,
+                                         preprocess=preprocess.loader() if preprocess else None)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    net = build_net(cfg.model, datamodule.num_classes, datamodule.input_size)
+    net = build_net(cfg.model, datamodule.num_classes, datamodule.input_size, datamodule.feature_dim)
     module = PatchClassifier(
         net,
         optimizer=hydra.utils.instantiate(cfg.optimizer),
@@ -88,6 +93,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         classes=list(datamodule.classes),
         input_size=datamodule.input_size,
         config=OmegaConf.to_container(cfg, resolve=True),  # in the checkpoint and, as hparams, in every logger
+        feature_dim=datamodule.feature_dim,
     )
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)

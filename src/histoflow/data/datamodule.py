@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -29,11 +29,12 @@ import webdataset as wds
 from omegaconf import OmegaConf
 
 from histoflow.config import at_least, read_section
+from histoflow.data.embeddings import EmbeddedDataset, embed_dataset
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.prepared import PreparedDataset, Split
-from histoflow.data.shards import decode_npy, parse_key
+from histoflow.data.shards import parse_key, stack_npy, tar_samples
 from histoflow.data.transforms import PatchTransform, build_transform
-from histoflow.errors import ConfigError, DamagedFileError
+from histoflow.errors import ConfigError
 from histoflow.machine import resolve_workers
 
 KEY_FIELDS = ("image", "x", "y", "rot")  # columns of the keys tensor: manifest index, patch origin, rotation
@@ -49,7 +50,11 @@ class LoaderConfig:
     num_workers: int | str = "auto"  # per DDP rank; auto: 0 on a CPU, CPUs per rank less one beside a GPU (machine.py)
     shuffle_buffer: int = 5000  # samples held per worker for shuffling (about 4 kB each); 0: off
     crop: int | None = 32  # side of the network input cut from each patch; None: the whole patch
-    normalize: str = "image"  # image | channel | imagenet | none, with the training statistics of this fold
+    normalize: str = "image"  # image | channel | imagenet | fixed (mean, std) | none; image/channel: this fold's statistics
+    mean: list[float] | None = None  # normalize=fixed: RGB mean in 0-1 units, e.g. a pretrained encoder's
+    std: list[float] | None = None
+    resize: int | None = None  # scale each crop to this side for the net (a pretrained encoder's input); None: as cut
+    interpolation: str = "bilinear"  # of resize: nearest | bilinear | bicubic
     scale: float | None = None  # image | none: divide by this after subtracting (None: 255); Caffe's mean_file: 1
     flips: bool | str = True  # training: true: random flips of both axes | horizontal: mirror only (Caffe) | false
     hed_jitter: float = 0.0  # sigma of the H&E-DAB stain jitter in training; 0: off
@@ -70,42 +75,6 @@ class LoaderConfig:
         resolve_workers(self.num_workers, "data.loader.num_workers", "cpu")
 
 
-def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
-    """Samples of local tar shards, as wds.tarfile_to_samples gives them ({"__key__", "__url__", ext: bytes}),
-    about five times faster.
-
-    Python's tarfile spends ~20 us on each 512-byte header, two per patch, and webdataset's generic
-    grouping of members into samples as much again: together they capped the loader below 20,000
-    patches/s per worker. The shards prepare writes hold only plain ustar members, a sample's members
-    next to each other (shards.TarShard), read and grouped directly here.
-    """
-    for item in src:
-        url = item["url"]
-        with open(url, "rb") as f:
-            buf = f.read()
-        pos, sample = 0, None
-        while pos + 512 <= len(buf) and buf[pos] != 0:  # a zero block ends the archive
-            size = int(buf[pos + 124:pos + 136].rstrip(b"\0 ") or b"0", 8)
-            kind = buf[pos + 156:pos + 157]
-            if kind not in (b"0", b"\0") or pos + 512 + size > len(buf):
-                problem = f"member type {kind!r}" if kind not in (b"0", b"\0") else "truncated member"
-                raise DamagedFileError(f"{url}: {problem} at byte {pos}; the loader reads plain, complete tar members. "
-                                 "Fix: delete the shard and re-run prepare (it rewrites missing shards)")
-            name = buf[pos:pos + 100].split(b"\0", 1)[0].decode()
-            if buf[pos + 345] != 0:  # ustar prefix of a long path
-                name = buf[pos + 345:pos + 500].split(b"\0", 1)[0].decode() + "/" + name
-            dot = name.find(".", name.rfind("/") + 1)  # webdataset's rule: the key ends at the basename's first dot
-            key, ext = (name[:dot], name[dot + 1:]) if dot >= 0 else (name, "")
-            if sample is None or key != sample["__key__"]:
-                if sample is not None:
-                    yield sample
-                sample = {"__key__": key, "__url__": url}
-            sample[ext] = buf[pos + 512:pos + 512 + size]
-            pos += 512 + (size + 511) // 512 * 512
-        if sample is not None:
-            yield sample
-
-
 def _rank_shards(src: Iterable[dict], rank: int, world_size: int) -> Iterator[dict]:
     """This DDP rank's share of the shards."""
     # unlike wds.split_by_node, rank and world size are fixed when the loader is built, so workers started
@@ -123,19 +92,6 @@ def _shuffled_samples(src: Iterable[Any], size: int) -> Iterator[Any]:
     """Buffer shuffle, filled before the first sample so the first batches are mixed too."""
     rng = random.Random(random.getrandbits(64))
     return wds.shuffle(size, initial=size, rng=rng)(src)
-
-
-def stack_npy(payloads: list[bytes]) -> np.ndarray:
-    """Decode and stack .npy payloads into one (B, ...) array."""
-    # equal headers (the rule in a shard) are parsed once and the pixels joined in one copy: about ten
-    # times faster than stacking per-sample decodes
-    first = decode_npy(payloads[0])
-    start = len(payloads[0]) - first.nbytes
-    head = payloads[0][:start]
-    if first.flags.c_contiguous and all(len(p) == len(payloads[0]) and p[:start] == head for p in payloads):
-        pixels = bytearray().join([memoryview(p)[start:] for p in payloads])  # writable, as torch wants
-        return np.frombuffer(pixels, dtype=first.dtype).reshape(len(payloads), *first.shape)
-    return np.stack([decode_npy(p) for p in payloads])
 
 
 def _collate(samples: list[dict], with_keys: bool) -> tuple[torch.Tensor, ...]:
@@ -182,21 +138,43 @@ def shard_pipeline(urls: list[str], transform: PatchTransform | None, batch_size
     return wds.DataPipeline(*stages)
 
 
-class ShardDataModule(L.LightningDataModule):
-    """Prepared shards of one held-out fold as Lightning loaders; built from the whole `data` config."""
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
-    def __init__(self, fold: int | str = 1, **data: Any) -> None:
+
+class ShardDataModule(L.LightningDataModule):
+    """Prepared shards of one held-out fold as Lightning loaders; built from the whole `data` config.
+
+    preprocess: data.loader values a pretrained model sets (models.Preprocess.loader(): resize, normalize=fixed
+    with its mean and std). encoder: a model config; then the samples are the frozen encoder's feature vectors of
+    the patches (data.embeddings, made once in prepare_data), for a head to train on.
+    """
+
+    def __init__(self, fold: int | str = 1, encoder: Mapping[str, Any] | None = None,
+                 preprocess: Mapping[str, Any] | None = None, **data: Any) -> None:
         super().__init__()
-        self.data: dict[str, Any] = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-                                     for k, v in data.items()}
+        self.data: dict[str, Any] = {k: _plain(v) for k, v in data.items()}
         self.fold = str(fold)
         self.loader = LoaderConfig.from_config(self.data.get("loader"))
+        if preprocess:
+            self.loader = replace(self.loader, **_plain(preprocess))
+        self.encoder: dict[str, Any] | None = _plain(encoder) or None
         self.prepared: PreparedDataset | None = None
+        self.features: EmbeddedDataset | None = None
+        self.feature_dim: int | None = None  # the encoder's feature width, with an encoder
         self._transforms: dict[bool, PatchTransform] = {}
 
+    def embeddings(self, prepared: PreparedDataset) -> EmbeddedDataset:
+        """The encoder's features of the prepared patches: found, or made (resumed) now."""
+        return embed_dataset(prepared, self.encoder, asdict(self.loader),
+                             batch_size=self.loader.eval_batch_size or self.loader.batch_size)
+
     def prepare_data(self) -> None:
-        """Prepare the shards once (Lightning calls this on one process per node)."""
-        prepare_dataset(self.data)
+        """Prepare the shards once, and embed them when there is an encoder (Lightning calls this on one process
+        per node)."""
+        prepared = prepare_dataset(self.data)
+        if self.encoder:
+            self.embeddings(prepared)
 
     def setup(self, stage: str | None = None) -> None:
         """Open the prepared data of this fold; sets classes, num_classes, input_size, stats, split."""
@@ -204,9 +182,12 @@ class ShardDataModule(L.LightningDataModule):
             self.prepared = prepare_dataset(self.data, quiet=True)  # returns at once when prepared
             self.classes: list[str] = self.prepared.classes
             self.num_classes = len(self.classes)
-            self.input_size: int = self.loader.crop or self.prepared.patch_side
+            self.input_size: int = self.loader.resize or self.loader.crop or self.prepared.patch_side
             self.stats: dict[str, np.ndarray] = self.prepared.stats(self.fold)
             self.split: Split = self.prepared.split(self.fold)
+            if self.encoder:
+                self.features = self.embeddings(self.prepared)  # returns at once when embedded
+                self.split, self.feature_dim = self.features.split(self.fold), self.features.dim
         if self.split.samples["train"] == 0 and stage in (None, "fit"):
             raise ConfigError(f"fold {self.fold} of {self.prepared.path} leaves no training patches. "
                              "Fix: choose another fold or more images (data.split)")
@@ -232,7 +213,8 @@ class ShardDataModule(L.LightningDataModule):
         return self._transforms[train]
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, ...], dataloader_idx: int) -> tuple[torch.Tensor, ...]:
-        """Crop, flip and normalise uint8 patches where the model runs (the GPU, when there is one).
+        """Crop, flip and normalise uint8 patches where the model runs (the GPU, when there is one); feature
+        vectors (with an encoder) pass as they are.
 
         Loader workers ship uint8 patches: a third of the bytes of float crops, and passing batches
         between processes, not reading the shards, was what capped a loader with workers.
@@ -303,5 +285,9 @@ class ShardDataModule(L.LightningDataModule):
         """What prediction needs to rebuild the evaluation transform, saved in every checkpoint."""
         if self.prepared is None:
             return {}
-        return {"classes": list(self.classes), "fold": self.fold, "loader": asdict(self.loader),
-                "stats": {k: torch.as_tensor(v) for k, v in self.stats.items()}, "stain": self.prepared.stain}
+        state = {"classes": list(self.classes), "fold": self.fold, "loader": asdict(self.loader),
+                 "stats": {k: torch.as_tensor(v) for k, v in self.stats.items()}, "stain": self.prepared.stain}
+        if self.features is not None:  # what prediction checks before it runs the encoder again
+            state["encoder"] = {"dim": self.features.dim, "weights_sha256": self.features.record["weights_sha256"],
+                                "embeddings": str(self.features.path)}
+        return state

@@ -7,7 +7,10 @@ window. Normalisation uses the training statistics of the prepare step:
   output pixel came from, i.e. the mean is cropped (and flipped) exactly as the patch was, as Caffe's
   DataTransformer does; then divide by 255. Evaluation gives the centre crop of (patch - mean) / 255.
 - ``channel``: subtract the training channel mean, divide by the channel standard deviation.
+- ``imagenet`` / ``fixed``: (x / 255 - mean) / std with ImageNet's or given numbers (an encoder's, in 0-1 units).
 - ``none``: divide by 255.
+
+A ``resize`` side then scales the crops to a pretrained encoder's input size (one interpolate per batch).
 
 Why not torchvision.transforms.v2: a v2 transform draws one set of random parameters per call, so on
 a batch every patch would get the same crop and flip, while per-patch calls of v2 crop, flips and
@@ -18,14 +21,16 @@ the patches of a batch are one gather.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from histoflow.errors import ConfigError
 
-NORMALIZE = ("image", "channel", "imagenet", "none")
+NORMALIZE = ("image", "channel", "imagenet", "fixed", "none")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 # what torchvision's ImageNet weights were trained on: (x / 255 - mean) / std
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -110,7 +115,9 @@ class PatchTransform:
     def __init__(self, crop: int | None, stats: Mapping[str, Any], normalize: str = "image", train: bool = False,
                  flips: bool | str = True, hed_jitter: float = 0.0,
                  stain: Callable[[np.ndarray], np.ndarray] | None = None,
-                 jitter: Mapping[str, float] | None = None, scale: float | None = None, grey: bool = False) -> None:
+                 jitter: Mapping[str, float] | None = None, scale: float | None = None, grey: bool = False,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, resize: int | None = None,
+                 interpolation: str = "bilinear") -> None:
         if normalize not in NORMALIZE:
             raise ConfigError(f"data.loader.normalize={normalize!r}: expected one of {', '.join(NORMALIZE)}")
         mean_image = torch.as_tensor(np.asarray(stats["mean_image"]), dtype=torch.float32)
@@ -148,9 +155,20 @@ class PatchTransform:
             self.mean = channel_mean[:, None].expand(3, side * side).contiguous()
             std = torch.as_tensor(np.asarray(stats["channel_std"]), dtype=torch.float32)
             self.scale = torch.clamp(std, min=1e-3).reshape(1, 3, 1)  # a blank channel has std 0
-        elif normalize == "imagenet":
-            self.mean = (torch.tensor(IMAGENET_MEAN) * 255.0)[:, None].expand(3, side * side).contiguous()
-            self.scale = (torch.tensor(IMAGENET_STD) * 255.0).reshape(1, 3, 1)
+        elif normalize in ("imagenet", "fixed"):
+            if normalize == "imagenet":
+                mean, std = IMAGENET_MEAN, IMAGENET_STD
+            elif mean is None or std is None or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+                raise ConfigError(f"data.loader.normalize=fixed takes data.loader.mean and data.loader.std, three "
+                                  f"numbers each in 0-1 units (std > 0), e.g. an encoder's; got mean={mean}, std={std}")
+            self.mean = (torch.tensor(mean, dtype=torch.float32) * 255.0)[:, None].expand(3, side * side).contiguous()
+            self.scale = (torch.tensor(std, dtype=torch.float32) * 255.0).reshape(1, 3, 1)
+        if resize is not None and not resize > 0:
+            raise ConfigError(f"data.loader.resize={resize}: a positive side in pixels, or null (the crop as cut)")
+        if interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"data.loader.interpolation={interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
+        self.resize = None if resize in (None, crop) else int(resize)
+        self.interpolation = interpolation
 
     def __call__(self, patches: torch.Tensor | np.ndarray) -> torch.Tensor:
         """(B, S, S, 3) or (S, S, 3) uint8 -> (B, 3, c, c) or (3, c, c) float32, on the patches' device."""
@@ -173,7 +191,15 @@ class PatchTransform:
         if self.mean is not None:
             out.sub_(torch.gather(self.mean.to(x.device).expand(n, -1, -1), 2, index))
         out = out.div_(self.scale.to(x.device)).view(n, 3, crop, crop)
+        if self.resize:
+            out = F.interpolate(out, size=(self.resize, self.resize), mode=self.interpolation,
+                                **({} if self.interpolation == "nearest" else {"align_corners": False}))
         return out[0] if single else out
+
+    @property
+    def out_side(self) -> int:
+        """Side of the network input this transform makes: the resize side, else the crop."""
+        return self.resize or self.crop
 
     def _source_pixels(self, n: int) -> torch.Tensor:
         """Flat source index (n, c, c) of each output pixel: crop offset plus any flips."""
@@ -198,4 +224,6 @@ def build_transform(loader: Mapping[str, Any], stats: Mapping[str, Any], train: 
     return PatchTransform(crop=loader.get("crop", 32), stats=stats, normalize=loader.get("normalize", "image"),
                           train=train, flips=loader.get("flips", True),
                           hed_jitter=float(loader.get("hed_jitter", 0.0) or 0.0), jitter=loader.get("colour_jitter"),
-                          scale=loader.get("scale"), grey=bool(loader.get("grey", False)), stain=stain)
+                          scale=loader.get("scale"), grey=bool(loader.get("grey", False)), stain=stain,
+                          mean=loader.get("mean"), std=loader.get("std"), resize=loader.get("resize"),
+                          interpolation=loader.get("interpolation", "bilinear"))

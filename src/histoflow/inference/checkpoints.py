@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from histoflow.data.fingerprint import sha256_file
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.stain import StainNormalizer
 from histoflow.data.transforms import PatchTransform, build_transform
@@ -149,20 +150,38 @@ def preprocessing_of(module: PatchClassifier, datamodule_state: Mapping[str, Any
     return build_transform(loader, stats, train=False, stain=StainNormalizer.from_state(stain))
 
 
+def check_encoder_weights(path: Path, encoder: Mapping[str, Any] | None, state: Mapping[str, Any] | None) -> None:
+    """A head's checkpoint holds the head only: its encoder is rebuilt from the encoder config, whose weights file
+    must still be the one the head was trained on."""
+    trained = ((state or {}).get("encoder") or {}).get("weights_sha256")
+    weights = (encoder or {}).get("weights")
+    if not trained or weights is None:
+        return
+    file = Path(str(weights)).expanduser()
+    if not file.is_file():
+        raise CheckpointError(f"{path}: its head was trained on the features of encoder weights {weights}, which "
+                              "are not there. Fix: put that file back where it was (the head needs those very weights)")
+    if sha256_file(file) != trained:
+        raise CheckpointError(f"{path}: the encoder weights {file} changed since its head was trained (sha256 "
+                              f"{trained[:12]}... then). Fix: restore those weights, or train the head again")
+
+
 def load_fold_model(path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS) -> FoldModel:
     """A checkpoint as a FoldModel on the CPU, in eval mode, after checking its config may be instantiated."""
     path = Path(path)
     checkpoint = read_checkpoint(path)
     hparams = checkpoint["hyper_parameters"]
     config = hparams["config"]
+    check_encoder_weights(path, config.get("encoder"), checkpoint.get(DATAMODULE_STATE))
     try:
         module = load_classifier(path, trusted)
     except UntrustedCheckpoint as e:
         raise CheckpointError(str(e)) from e
     transform = preprocessing_of(module, checkpoint.get(DATAMODULE_STATE))
-    if hparams["input_size"] and transform.crop != hparams["input_size"]:
-        raise CheckpointError(f"{path}: the net takes {hparams['input_size']}-px inputs but its preprocessing crops "
-                              f"{transform.crop} px. Fix: retrain, or use a checkpoint whose data.loader.crop matches")
+    if hparams["input_size"] and transform.out_side != hparams["input_size"]:
+        raise CheckpointError(f"{path}: the net takes {hparams['input_size']}-px inputs but its preprocessing makes "
+                              f"{transform.out_side} px. Fix: retrain, or use a checkpoint whose data.loader.crop "
+                              "(and resize) match")
     return FoldModel(path, str(config["fold"]), list(hparams["classes"]), module.model.eval(), transform, config)
 
 

@@ -34,14 +34,17 @@ def _out_features(head: nn.Linear | nn.Conv2d) -> int:
 
 
 def _set_head(model: nn.Module, num_classes: int) -> None:
-    """Replace the head by a fresh one with num_classes outputs unless it already has them."""
+    """Replace the head by a fresh one with num_classes outputs unless it already has them; num_classes=0: by the
+    identity, so the model gives its pooled features (an encoder)."""
     name, head = classifier_head(model)
     if _out_features(head) == num_classes:
         return
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(head, nn.Linear):
-        new: nn.Module = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
+    if num_classes == 0:
+        new: nn.Module = nn.Identity()
+    elif isinstance(head, nn.Linear):
+        new = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
     else:
         new = nn.Conv2d(head.in_channels, num_classes, head.kernel_size, head.stride, head.padding,
                         bias=head.bias is not None)
@@ -135,7 +138,7 @@ def torchvision_model(
                 f"elsewhere and set model.weights to its local path (or put it in $TORCH_HOME/hub/checkpoints)."
             ) from err
     _set_head(model, num_classes)
-    if freeze_backbone:
+    if freeze_backbone and num_classes:
         _, head = classifier_head(model)
         head_params = {id(p) for p in head.parameters()}
         # BatchNorm running statistics still update in train mode; only gradients are switched off here.

@@ -16,11 +16,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from histoflow.data.shards import add_stats, empty_stats, encode_npy, sample_key
+from histoflow.data.shards import add_sample, add_stats, atomic_shard, empty_stats, sample_key
 from histoflow.machine import as_made
 from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide, SlideError
 from histoflow.slides.tissue import tile_grid, tissue_mask
@@ -217,13 +216,10 @@ def write_slide_shards(slide_path: str | os.PathLike[str], out_dir: str | os.Pat
         picked = order[index * samples_per_shard:(index + 1) * samples_per_shard]
         stats = empty_stats(geometry.tile_size)
         add_stats(stats, batch)
-        tmp = out / f".{shard_name}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0, user="histoflow", group="histoflow") as tar:
+        with atomic_shard(out / shard_name) as tar:
             for tile, i in zip(batch, picked):
                 x, y = (int(v) for v in origins[i])
-                tar.write({"__key__": sample_key(slide_index, x, y, 0), "npy": encode_npy(tile),
-                           "cls": b"%d" % int(per_tile[i])})
-        np.savez(out / f"{shard_name}.stats.npz", **stats)  # sums first: a shard that exists has them beside it
-        tmp.replace(out / shard_name)
+                add_sample(tar, sample_key(slide_index, x, y, 0), int(per_tile[i]), tile)
+            np.savez(out / f"{shard_name}.stats.npz", **stats)  # sums first: a shard that exists has them beside it
         records.append({"file": shard_name, "samples": len(batch), "slide": str(slide_path)})
     return sorted(records, key=lambda r: r["file"])
