@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +54,22 @@ def test_saved_numbers_rebuild_the_same_normaliser() -> None:
     assert StainNormalizer.from_state(None) is None
 
 
-def test_an_image_without_stain_is_left_as_it_was() -> None:
+def test_an_image_without_stain_is_left_as_it_was(caplog: pytest.LogCaptureFixture) -> None:
     normalise = StainNormalizer.fit("macenko", he_image(0, 1.0, 0.6))
     blank = np.full((32, 32, 3), 250, np.uint8)
-    np.testing.assert_array_equal(normalise(blank), blank)
+    with caplog.at_level(logging.WARNING, logger="histoflow.data.stain"):
+        np.testing.assert_array_equal(normalise(blank), blank)
     assert normalise.failed == 1
+    assert "macenko stain normalisation left an image unchanged: too little stain" in caplog.text
+
+
+def test_a_bug_in_normalising_raises_instead_of_leaving_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only Macenko's too-little-stain failure leaves an image as it was; any other error is not hidden."""
+    normalise = StainNormalizer.fit("reinhard", he_image(0, 1.0, 0.6))
+    monkeypatch.setattr(normalise._normalizer, "normalize", lambda image: image[..., 5])
+    with pytest.raises(IndexError):
+        normalise(he_image(1, 0.45, 1.1))
+    assert normalise.failed == 0
 
 
 def test_config_errors_say_the_fix(tmp_path: Path) -> None:

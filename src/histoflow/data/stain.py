@@ -109,8 +109,12 @@ class StainNormalizer:
                     out, _, _ = self._normalizer.normalize(image, stains=False)
                 else:
                     out = self._normalizer.normalize(image)
-        except (np.linalg.LinAlgError, ValueError, IndexError) as e:  # e.g. no stained pixel to estimate from
+        except np.linalg.LinAlgError as e:
+            # torchstain's Macenko with fewer than 4 stained pixels (optical density >= 0.15 in every channel): the
+            # covariance it takes eigenvectors of is NaN. Reinhard does not fail; anything else is a bug and raises.
             self.failed += 1
-            log.debug("stain normalisation left an image unchanged: %s", e)
+            (log.warning if self.failed == 1 else log.debug)(
+                "%s stain normalisation left an image unchanged: too little stain to estimate its stain vectors "
+                "(%s); later ones at debug level, counted in `failed`", self.method, e)
             return image
         return np.asarray(out, dtype=np.uint8)
