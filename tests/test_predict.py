@@ -269,6 +269,7 @@ def test_a_run_is_recorded_from_the_report_its_multirun_wrote(multirun: Path, tm
     record = results.record_run(f"tiny recipe={multirun / 'image_report'}", tmp_path / "figures", tmp_path)
     assert [c.split()[:3] for c in record["commands"]] == [["python", "train.py", "-m"]]
     assert record["images"] == 30 and len(record["image_acc"]) == 5 and record["predict_s"] is None
+    assert record["group_table"] is None and record["group_block"] is None  # folds per image: no table, no blocks
     assert all((tmp_path / f).is_file() for f in record["figures"].values())
 
 
@@ -329,8 +330,8 @@ def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Pa
 
     # the same run as if made under case folds, twice: the headline is the flagged recipe's row, first protocol
     runs = json.loads(record.read_text())["runs"]
-    record.write_text(json.dumps({"runs": [*runs, {**runs[0], "protocol": "case folds", "headline": True},
-                                           {**runs[0], "recipe": "not flagged", "protocol": "case folds"}]}))
+    cased = {**runs[0], "protocol": "case folds", "group_table": "patients.csv"}
+    record.write_text(json.dumps({"runs": [*runs, {**cased, "headline": True}, {**cased, "recipe": "not flagged"}]}))
     results.main(options)
     head, text = readme.read_text(), page.read_text()
     assert "| not flagged | **" in text and "| not flagged |" not in head  # the page has every case-fold recipe
@@ -348,6 +349,7 @@ def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Pa
             f"{forest['interval']['image/acc'][1]:.2f}]")
         assert cells["case-level acc"].startswith(f"{report['case_level']['acc']:.2f} (")
     assert f"all {report['images']} images" in head and f"over the {report['case_level']['groups']} cases" in head
+    assert "5 folds, all" in head and "No case (patient) of `patients.csv`" in text  # the folds and table recorded
     flagged = {"recipe": "tutorial", "protocol": "case folds", "acc": 0, "headline": True}
     rerun = {"recipe": "tutorial", "protocol": "case folds", "acc": 1}  # a new run of it: still in the headline
     assert results.add_record([flagged], rerun) == [{**rerun, "headline": True}]
