@@ -1,8 +1,14 @@
-"""Shared fixtures: the real data under ../shared/data (or $HISTOFLOW_DATA), skipped when absent."""
+"""Shared fixtures and helpers: the real data under ../shared/data (or $HISTOFLOW_DATA), skipped when absent; tiny
+class folders and case tables; composed configs and training runs that leave no trace; a local HTTP server;
+the figures a test saved."""
 
 from __future__ import annotations
 
+import csv
 import os
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
@@ -48,16 +54,44 @@ def kather_dir() -> Path:
 # ---------------------------------------------------------------- tiny class folders
 
 CLASSES = ["CLL", "FL", "MCL"]
+TINTS = [(200, 120, 160), (120, 160, 200), (160, 200, 120)]  # pixels="tint": each class's mean colour
 
 
-def make_images(root: Path, per_class: int = 6, size: tuple[int, int] = (80, 64), seed: int = 0) -> Path:
-    """Random RGB PNGs in one folder per class (distinct bytes, so no accidental duplicates)."""
+def make_images(root: Path, per_class: int = 6, size: tuple[int, int] = (80, 64), seed: int = 0, *,
+                pixels: str = "noise", widths: tuple[int, ...] | None = None, digits: int = 0,
+                suffix: str = ".png") -> Path:
+    """RGB images in one folder per class of CLASSES, root/<class>/<class>-<i><suffix> (i zero-padded to `digits`),
+    `size` (width, height) or, with widths, those widths in turn at size's height. pixels: "noise" uniform random,
+    the classes alike (distinct bytes, so no accidental duplicates); "tint" noise (sd 40) around a colour per class
+    (TINTS: a model tells them apart); "channel" noise in 40-120 with class k's channel k raised by 120."""
     rng = np.random.default_rng(seed)
-    for c in CLASSES:
+    for k, c in enumerate(CLASSES):
         (root / c).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / c / f"{c}-{i}.png")
+            shape = (size[1], widths[i % len(widths)] if widths else size[0], 3)
+            if pixels == "noise":
+                image = rng.integers(0, 256, shape, dtype=np.uint8)
+            elif pixels == "tint":
+                image = np.clip(rng.normal(TINTS[k], 40, shape), 0, 255).astype(np.uint8)
+            elif pixels == "channel":
+                image = rng.integers(40, 120, shape)
+                image[..., k] += 120
+                image = image.astype(np.uint8)
+            else:
+                raise ValueError(f"pixels={pixels!r}: noise, tint or channel")
+            Image.fromarray(image).save(root / c / f"{c}-{i:0{digits}d}{suffix}")
+    return root
+
+
+def write_cases(root: Path, per_case: int = 2, group: str = "{label}-{case}") -> Path:
+    """root/cases.csv (image,label,group) for make_images' folders: every `per_case` images of a class (by index)
+    are one case, named by `group` (fields label and case, the case's number within its class)."""
+    rows = [["image", "label", "group"]]
+    for image in sorted(p for p in root.glob("*/*") if p.is_file()):
+        label, index = image.parent.name, int(image.stem.rsplit("-", 1)[1])
+        rows.append([f"{label}/{image.name}", label, group.format(label=label, case=index // per_case)])
+    with (root / "cases.csv").open("w", newline="") as handle:
+        csv.writer(handle, lineterminator="\n").writerows(rows)
     return root
 
 
@@ -72,24 +106,42 @@ def config(root: Path, out: Path, **over) -> dict:
     return data
 
 
-# ---------------------------------------------------------------- training runs
+# ---------------------------------------------------------------- configs and training runs
+
+WANDB_SET_BY_TRAIN = ("WANDB_MODE", "WANDB_SILENT", "WANDB_CONSOLE", "WANDB_INIT_TIMEOUT")
+
+
+def _no_trace(mp: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in WANDB_SET_BY_TRAIN:
+        mp.delenv(name, raising=False)  # the monkeypatch restores them as they were
+    yield
+    HydraConfig.instance().cfg = None  # else Lightning would think a later test runs under Hydra
 
 
 @pytest.fixture()
 def leave_no_trace(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """For tests that call train(): it sets WANDB_* variables and Hydra's run config; put both back."""
-    for name in ("WANDB_MODE", "WANDB_SILENT", "WANDB_CONSOLE", "WANDB_INIT_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)  # monkeypatch restores them as they were
-    yield
-    HydraConfig.instance().cfg = None  # else Lightning would think a later test runs under Hydra
+    yield from _no_trace(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def leave_no_trace_module() -> Iterator[None]:
+    """leave_no_trace for a module-scoped fixture that calls train(): both put back after the module."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield from _no_trace(mp)
+
+
+def compose_config(name: str, overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+    """conf/<name>.yaml with overrides, composed afresh (any earlier Hydra initialisation cleared)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose(name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 def compose_train(overrides: list[str], output_dir: Path, multirun: bool = False) -> DictConfig:
     """The real train.yaml with overrides, as @hydra.main would give it to train() (hydra node removed);
-    multirun: as to a job of a sweep, whose folder is output_dir."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    multirun: as to a job of a sweep, whose folder is output_dir. Sets Hydra's run config: use leave_no_trace."""
+    cfg = compose_config("train", overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir)
         cfg.hydra.mode = RunMode.MULTIRUN if multirun else RunMode.RUN
@@ -103,6 +155,45 @@ def env_without_wandb_account(tmp: Path) -> dict[str, str]:
     unbuffered, one thread (tiny nets gain nothing from threads, and a shared CPU makes them wait)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     return {**env, "NETRC": str(tmp / "no-netrc"), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+# ---------------------------------------------------------------- a local HTTP server
+
+
+class LocalServer:
+    """A static file server of `root` on 127.0.0.1 (a free port) that records the paths requested; url: its base."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.requests.append(self.path)
+                super().do_GET()
+
+            def log_message(self, *args: object) -> None:  # keep pytest output clean
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+
+@pytest.fixture()
+def http_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalServer]:
+    """A LocalServer of the empty folder tmp_path/served, running for the test; no proxy comes between."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    root = tmp_path / "served"
+    root.mkdir()
+    server = LocalServer(root)
+    thread = threading.Thread(target=server.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()
+    thread.join()
 
 
 # ---------------------------------------------------------------- figures

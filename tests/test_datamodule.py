@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
 from skimage.color import hed2rgb, rgb2hed
 
+from conftest import CLASSES, make_images
 from histoflow.data.datamodule import KEY_FIELDS, ShardDataModule, shard_pipeline
 from histoflow.data.shards import decode_npy, parse_key
 from histoflow.data.transforms import PatchTransform, build_transform, colour_jitter, hed_jitter, hed_to_rgb, rgb_to_hed
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ["CLL", "FL", "MCL"]
 SKIMAGE_UNITS = -np.log(1e-6)  # skimage's stain units are optical densities divided by this
 
 
@@ -33,14 +32,7 @@ def cpu_trainer(rank: int, world_size: int) -> SimpleNamespace:
 
 def coloured_images(root: Path, per_class: int = 6, size: tuple[int, int] = (132, 100)) -> Path:
     """Noisy PNGs whose class shows in the colour: class c has channel c bright."""
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(40, 120, (size[1], size[0], 3))
-            pixels[..., c] += 120
-            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{name}-{i}.png")
-    return root
+    return make_images(root, per_class, size, pixels="channel")
 
 
 def data_config(root: Path, out: Path, samples_per_shard: int = 40, val_fraction: float = 0.5, **loader) -> dict:

@@ -8,51 +8,15 @@ import logging
 import shutil
 import socket
 import tarfile
-import threading
 import zipfile
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
+from conftest import LocalServer
 from histoflow.data.download import DownloadError, fetch_archive, parse_checksum
 
 FILES = {"data/a/1.txt": b"one", "data/b/2.txt": b"two"}
-
-
-class Server:
-    """A static file server on 127.0.0.1 that records the paths requested."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.requests: list[str] = []
-        server = self
-
-        class Handler(SimpleHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server.requests.append(self.path)
-                super().do_GET()
-
-            def log_message(self, *args: object) -> None:  # keep pytest output clean
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    root = tmp_path / "served"
-    root.mkdir()
-    srv = Server(root)
-    thread = threading.Thread(target=srv.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
-    thread.join()
 
 
 def make_tar(path: Path, files: dict[str, bytes]) -> Path:
@@ -88,28 +52,28 @@ def assert_unpacked(root: Path) -> None:
         assert (root / name).read_bytes() == data
 
 
-def test_tar_gz_is_fetched_once_then_served_from_cache(server: Server, tmp_path: Path) -> None:
-    archive = make_tar(server.root / "set.tar.gz", FILES)
-    url = f"{server.url}/set.tar.gz"
+def test_tar_gz_is_fetched_once_then_served_from_cache(http_server: LocalServer, tmp_path: Path) -> None:
+    archive = make_tar(http_server.root / "set.tar.gz", FILES)
+    url = f"{http_server.url}/set.tar.gz"
     cache = tmp_path / "cache"
 
     first = fetch_archive([url], sha256(archive), cache)
     assert first == cache.resolve() / "set"
     assert_unpacked(first)
-    assert server.requests == ["/set.tar.gz"]
+    assert http_server.requests == ["/set.tar.gz"]
     assert not list(cache.glob("*.part")) and not (cache / "set.unpacking").exists()
 
     (first / "sentinel").touch()  # survives only if the second call neither re-downloads nor re-unpacks
     second = fetch_archive([url], sha256(archive), cache)
     assert second == first
     assert (second / "sentinel").exists()
-    assert len(server.requests) == 1
+    assert len(http_server.requests) == 1
 
 
-def test_zip_with_md5_and_sha1(server: Server, tmp_path: Path) -> None:
-    archive = make_zip(server.root / "set.zip", FILES)
+def test_zip_with_md5_and_sha1(http_server: LocalServer, tmp_path: Path) -> None:
+    archive = make_zip(http_server.root / "set.zip", FILES)
     data = archive.read_bytes()
-    url = f"{server.url}/set.zip"
+    url = f"{http_server.url}/set.zip"
     out = fetch_archive([url], "md5:" + hashlib.md5(data).hexdigest(), tmp_path / "c1")
     assert_unpacked(out)
     out = fetch_archive([url], "SHA1:" + hashlib.sha1(data).hexdigest().upper(), tmp_path / "c2", name="mine")
@@ -117,26 +81,26 @@ def test_zip_with_md5_and_sha1(server: Server, tmp_path: Path) -> None:
     assert_unpacked(out)
 
 
-def test_mirrors_tried_in_order_after_404_and_bad_checksum(server: Server, tmp_path: Path) -> None:
-    good = make_tar(server.root / "good.tar.gz", FILES)
-    make_tar(server.root / "tampered.tar.gz", {"data/a/1.txt": b"evil"})
-    urls = [f"{server.url}/missing.tar.gz", f"{server.url}/tampered.tar.gz", f"{server.url}/good.tar.gz"]
+def test_mirrors_tried_in_order_after_404_and_bad_checksum(http_server: LocalServer, tmp_path: Path) -> None:
+    good = make_tar(http_server.root / "good.tar.gz", FILES)
+    make_tar(http_server.root / "tampered.tar.gz", {"data/a/1.txt": b"evil"})
+    urls = [f"{http_server.url}/missing.tar.gz", f"{http_server.url}/tampered.tar.gz", f"{http_server.url}/good.tar.gz"]
 
     out = fetch_archive(urls, sha256(good), tmp_path / "cache", name="set")
     assert_unpacked(out)
-    assert server.requests == ["/missing.tar.gz", "/tampered.tar.gz", "/good.tar.gz"]
+    assert http_server.requests == ["/missing.tar.gz", "/tampered.tar.gz", "/good.tar.gz"]
 
 
-def test_checksum_mismatch_everywhere_fails_and_leaves_nothing(server: Server, tmp_path: Path) -> None:
-    make_tar(server.root / "set.tar.gz", FILES)
+def test_checksum_mismatch_everywhere_fails_and_leaves_nothing(http_server: LocalServer, tmp_path: Path) -> None:
+    make_tar(http_server.root / "set.tar.gz", FILES)
     cache = tmp_path / "cache"
     with pytest.raises(DownloadError, match="sha256 mismatch"):
-        fetch_archive([f"{server.url}/set.tar.gz"], "sha256:" + "0" * 64, cache)
+        fetch_archive([f"{http_server.url}/set.tar.gz"], "sha256:" + "0" * 64, cache)
     assert sorted(p.name for p in cache.iterdir()) == ["set.lock"]  # no .part, archive or folder kept
 
 
-def test_all_urls_failing_names_every_url_and_the_fix(server: Server, tmp_path: Path) -> None:
-    urls = [f"{server.url}/missing.tar.gz", closed_port_url(), (tmp_path / "nowhere.tar.gz").as_uri()]
+def test_all_urls_failing_names_every_url_and_the_fix(http_server: LocalServer, tmp_path: Path) -> None:
+    urls = [f"{http_server.url}/missing.tar.gz", closed_port_url(), (tmp_path / "nowhere.tar.gz").as_uri()]
     cache = tmp_path / "cache"
     with pytest.raises(DownloadError) as info:
         fetch_archive(urls, None, cache, name="set")
@@ -164,8 +128,8 @@ def test_local_path_and_file_url(tmp_path: Path) -> None:
     assert_unpacked(fetch_archive([archive.as_uri()], sha256(archive), tmp_path / "c2"))
 
 
-def test_interrupted_leftovers_are_discarded(server: Server, tmp_path: Path) -> None:
-    archive = make_tar(server.root / "set.tar.gz", FILES)
+def test_interrupted_leftovers_are_discarded(http_server: LocalServer, tmp_path: Path) -> None:
+    archive = make_tar(http_server.root / "set.tar.gz", FILES)
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "set.tar.gz.part").write_bytes(b"half a download")
@@ -174,42 +138,42 @@ def test_interrupted_leftovers_are_discarded(server: Server, tmp_path: Path) -> 
     (cache / "set.unpacking").mkdir()
     (cache / "set.unpacking" / "half.txt").write_text("half")
 
-    out = fetch_archive([f"{server.url}/set.tar.gz"], sha256(archive), cache)
+    out = fetch_archive([f"{http_server.url}/set.tar.gz"], sha256(archive), cache)
     assert_unpacked(out)
     assert not (out / "stale.txt").exists()
     assert not (cache / "set.tar.gz.part").exists() and not (cache / "set.unpacking").exists()
-    assert server.requests == ["/set.tar.gz"]
+    assert http_server.requests == ["/set.tar.gz"]
 
 
-def test_changed_checksum_refetches(server: Server, tmp_path: Path) -> None:
-    old = make_tar(server.root / "set.tar.gz", FILES)
+def test_changed_checksum_refetches(http_server: LocalServer, tmp_path: Path) -> None:
+    old = make_tar(http_server.root / "set.tar.gz", FILES)
     old_sum = sha256(old)
-    url = f"{server.url}/set.tar.gz"
+    url = f"{http_server.url}/set.tar.gz"
     fetch_archive([url], old_sum, tmp_path / "cache")
-    new = make_tar(server.root / "set.tar.gz", {"data/a/1.txt": b"new"})
+    new = make_tar(http_server.root / "set.tar.gz", {"data/a/1.txt": b"new"})
     out = fetch_archive([url], sha256(new), tmp_path / "cache")
     assert (out / "data/a/1.txt").read_bytes() == b"new"
-    assert len(server.requests) == 2
+    assert len(http_server.requests) == 2
 
 
-def test_unverified_archive_from_another_url_is_not_reused(server: Server, tmp_path: Path) -> None:
-    make_tar(server.root / "set.tar.gz", FILES)
-    (server.root / "v2").mkdir()
-    make_tar(server.root / "v2" / "set.tar.gz", {"data/a/1.txt": b"v2"})
-    fetch_archive([f"{server.url}/set.tar.gz"], None, tmp_path / "cache")
-    out = fetch_archive([f"{server.url}/v2/set.tar.gz"], None, tmp_path / "cache")
+def test_unverified_archive_from_another_url_is_not_reused(http_server: LocalServer, tmp_path: Path) -> None:
+    make_tar(http_server.root / "set.tar.gz", FILES)
+    (http_server.root / "v2").mkdir()
+    make_tar(http_server.root / "v2" / "set.tar.gz", {"data/a/1.txt": b"v2"})
+    fetch_archive([f"{http_server.url}/set.tar.gz"], None, tmp_path / "cache")
+    out = fetch_archive([f"{http_server.url}/v2/set.tar.gz"], None, tmp_path / "cache")
     assert (out / "data/a/1.txt").read_bytes() == b"v2"
 
 
 @pytest.mark.parametrize("tar_filters", [True, False], ids=["data-filter", "old-python-fallback"])
 def test_malicious_tar_member_is_not_written_outside(
-    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tar_filters: bool
+    http_server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tar_filters: bool
 ) -> None:
     if not tar_filters:
         monkeypatch.delattr(tarfile, "data_filter", raising=False)
-    make_tar(server.root / "evil.tar", {"data/a/1.txt": b"ok", "../../escaped.txt": b"pwned"})
+    make_tar(http_server.root / "evil.tar", {"data/a/1.txt": b"ok", "../../escaped.txt": b"pwned"})
     with pytest.raises(DownloadError, match="outside|unsafe"):
-        fetch_archive([f"{server.url}/evil.tar"], None, tmp_path / "cache")
+        fetch_archive([f"{http_server.url}/evil.tar"], None, tmp_path / "cache")
     assert not list(tmp_path.rglob("escaped.txt"))
     assert not (tmp_path / "cache" / "evil").exists()
 
@@ -221,18 +185,18 @@ def test_malicious_zip_member_is_not_written_outside(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("escaped.txt"))
 
 
-def test_not_an_archive_is_rejected(server: Server, tmp_path: Path) -> None:
-    (server.root / "set.tar.gz").write_text("<html>please log in</html>")
+def test_not_an_archive_is_rejected(http_server: LocalServer, tmp_path: Path) -> None:
+    (http_server.root / "set.tar.gz").write_text("<html>please log in</html>")
     with pytest.raises(DownloadError, match="not a zip or tar"):
-        fetch_archive([f"{server.url}/set.tar.gz"], None, tmp_path / "cache")
+        fetch_archive([f"{http_server.url}/set.tar.gz"], None, tmp_path / "cache")
 
 
 def test_missing_checksum_warns_with_the_digest_to_pin(
-    server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    http_server: LocalServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    archive = make_tar(server.root / "set.tar.gz", FILES)
+    archive = make_tar(http_server.root / "set.tar.gz", FILES)
     with caplog.at_level(logging.WARNING, logger="histoflow.data.download"):
-        fetch_archive([f"{server.url}/set.tar.gz"], None, tmp_path / "cache")
+        fetch_archive([f"{http_server.url}/set.tar.gz"], None, tmp_path / "cache")
     assert "not verified" in caplog.text
     assert sha256(archive) in caplog.text
 

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-import threading
 import urllib.error
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 
+from conftest import LocalServer
 from histoflow.models import AlexNet32, classifier_head, clean_state_dict, torchvision_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,29 +112,8 @@ def test_missing_file_and_bad_name() -> None:
         torchvision_model("resnet18", 3, weights="NOT_A_WEIGHTS_NAME")
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # keep pytest output clean
-        pass
-
-
-@pytest.fixture
-def http_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
-    """A folder served over HTTP on 127.0.0.1 (any free port), and its base URL."""
-    served = tmp_path / "served"
-    served.mkdir()
-    # A proxy configured in the environment must not intercept the local server.
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(served)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", served
-    server.shutdown()
-    server.server_close()
-
-
-def test_url_weights_load(http_dir: tuple[str, Path], tmp_path: Path) -> None:
-    base, served = http_dir
+def test_url_weights_load(http_server: LocalServer, tmp_path: Path) -> None:
+    base, served = http_server.url, http_server.root
     torch.manual_seed(1)
     imagenet = torchvision.models.shufflenet_v2_x0_5(num_classes=1000)
     torch.save(imagenet.state_dict(), served / "shufflenet.pth")

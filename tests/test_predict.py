@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
 
-from conftest import env_without_wandb_account
+from conftest import CLASSES, env_without_wandb_account, make_images
 from histoflow import results
 from histoflow.data.folds import read_manifest
 from histoflow.data.prepared import PreparedDataset
@@ -36,7 +36,6 @@ from histoflow.module import load_classifier
 from histoflow.reports import read_confusion_csv
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ["CLL", "FL", "MCL"]
 COLOURS = {0: (255, 0, 0), 1: (0, 255, 0), 2: (0, 0, 255)}  # the stub net's class of a pure-colour patch
 
 
@@ -166,12 +165,7 @@ def test_tta_views_are_the_flips_and_rotations_of_each_window(tmp_path: Path) ->
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """10 images per class, 100 x 68 px (6 windows each), class told apart by colour."""
     base = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    for name, tint in zip(CLASSES, [(200, 120, 160), (120, 160, 200), (160, 200, 120)]):
-        (base / "images" / name).mkdir(parents=True)
-        for i in range(10):
-            pixels = np.clip(rng.normal(tint, 40, (68, 100, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(base / "images" / name / f"{name}-{i:03d}.png")
+    make_images(base / "images", per_class=10, size=(100, 68), pixels="tint", digits=3)
     return base
 
 

@@ -3,39 +3,24 @@ override, leave one case out."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
-import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from PIL import Image
 
+from conftest import compose_config, make_images, write_cases
 from histoflow.data.folds import SplitConfig, assign_folds
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.problems import BadInputError
 from histoflow.data.sources import SourceConfig, list_images
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-CLASSES = ["CLL", "FL", "MCL"]
 
 
 def make_cases(root: Path, cases_per_class: int = 4, images_per_case: int = 3) -> Path:
     """Class folders of small PNGs, and root/cases.csv giving each image's case (image,label,group)."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for c in CLASSES:
-        (root / c).mkdir(parents=True)
-        for case in range(cases_per_class):
-            for i in range(images_per_case):
-                name = f"{c}/{c}-{case * images_per_case + i:04d}.png"
-                Image.fromarray(rng.integers(0, 256, (40, 72, 3), dtype=np.uint8)).save(root / name)
-                rows.append([name, c, f"{c}-case{case}"])
-    with open(root / "cases.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["image", "label", "group"], *rows])
-    return root
+    make_images(root, per_class=cases_per_class * images_per_case, size=(72, 40), digits=4)
+    return write_cases(root, per_case=images_per_case, group="{label}-case{case}")
 
 
 def test_groups_from_a_table_with_labels_from_the_folders(tmp_path: Path) -> None:
@@ -81,9 +66,7 @@ def test_leave_one_group_out_makes_one_fold_per_group() -> None:
 
 
 def _compose(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=overrides)
+    return compose_config("train", overrides)
 
 
 def test_a_protocol_switches_the_folds_and_nothing_else(tmp_path: Path) -> None:

@@ -11,9 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import tifffile
 import torch
 
 from conftest import CLASSES, REPO, config, make_images
@@ -51,12 +49,7 @@ def test_concurrent_prepares_all_succeed_and_equal_a_clean_run(tmp_path: Path) -
 
 def _tiff_images(root: Path) -> Path:
     """Uncompressed TIFFs: every image of the same size has the same number of bytes, like Kather's tiles."""
-    rng = np.random.default_rng(1)
-    for c in CLASSES:
-        (root / c).mkdir(parents=True)
-        for i in range(4):
-            tifffile.imwrite(root / c / f"{c}-{i}.tif", rng.integers(0, 256, (64, 80, 3), dtype=np.uint8))
-    return root
+    return make_images(root, per_class=4, size=(80, 64), seed=1, suffix=".tif")
 
 
 def test_same_size_replacement_gives_a_new_folder_and_the_checks_run(tmp_path: Path) -> None:

@@ -9,18 +9,15 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 import tifffile
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 from PIL import Image
 from test_slide import write_jpeg_slide, zero_stored_tile
 
+from conftest import compose_train
 from histoflow.data.datamodule import tar_samples
 from histoflow.data.shards import decode_npy, parse_key
 from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide, SlideError
@@ -39,7 +36,7 @@ MEMORY_BOUND = 2 << 30  # bytes: slide prediction of any slide stays below this
 
 
 @pytest.fixture(scope="module")
-def model(kather_dir: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch_module: None) -> FoldModel:
+def model(kather_dir: Path, tmp_path_factory: pytest.TempPathFactory, leave_no_trace_module: None) -> FoldModel:
     """The 32-px AlexNet-style net trained one batch on the Kather sample (8 classes), loaded from its checkpoint."""
     work = tmp_path_factory.mktemp("kather-model")
     overrides = ["data=kather", f"data.root={kather_dir}", f"paths.data_dir={work / 'data'}",
@@ -47,23 +44,7 @@ def model(kather_dir: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatc
                  "data.loader.crop=32", "data.loader.num_workers=0", "data.shards.workers=1", "fold=test",
                  "logger=csv", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
                  "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1", "test=false"]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(work / "run")
-        HydraConfig().set_config(cfg)
-        del cfg["hydra"]
-    return load_fold_model(train(cfg)["best_checkpoint"])
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module() -> Iterator[None]:
-    """train() sets WANDB_* in os.environ; restore them after this module."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("WANDB_MODE", "WANDB_SILENT", "WANDB_CONSOLE", "WANDB_INIT_TIMEOUT"):
-            mp.delenv(name, raising=False)
-        yield
+    return load_fold_model(train(compose_train(overrides, work / "run"))["best_checkpoint"])
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -23,13 +23,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torchvision
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from PIL import Image
 
-from conftest import compose_train, env_without_wandb_account
+from conftest import (CLASSES, LocalServer, compose_config, compose_train, env_without_wandb_account, make_images,
+                      write_cases)
 from histoflow.errors import ConfigError, HistoflowError, MissingInputError
 from histoflow.loggers import CSVLogger
 from histoflow.module import build_net, load_classifier
@@ -39,7 +37,6 @@ from histoflow.training import merge_csv_metrics, train
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "protocol", "experiment"]
-CLASSES = ["CLL", "FL", "MCL"]  # the lymphoma config's classes, so data=lymphoma works unchanged
 SUBPROCESS_TIMEOUT_S = 300
 
 
@@ -51,24 +48,9 @@ pytestmark = pytest.mark.usefixtures("leave_no_trace")
 
 
 def images_of_widths(root: Path, widths: tuple[int, ...]) -> Path:
-    """10 RGB images per class, 68 px high and of the given widths in turn; the classes differ in colour."""
-    rng = np.random.default_rng(0)
-    for name, tint in zip(CLASSES, [(200, 120, 160), (120, 160, 200), (160, 200, 120)]):
-        (root / name).mkdir(parents=True)
-        for i in range(10):
-            pixels = np.clip(rng.normal(tint, 40, (68, widths[i % len(widths)], 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{name}-{i:03d}.png")
-    return root
-
-
-def write_cases(root: Path, per_case: int = 2) -> Path:
-    """root/cases.csv (image,label,group): every `per_case` images of a class are one case (protocol=cases)."""
-    rows = ["image,label,group"]
-    for image in sorted(root.glob("*/*.png")):
-        index = int(image.stem.rsplit("-", 1)[1])
-        rows.append(f"{image.parent.name}/{image.name},{image.parent.name},{image.parent.name}-{index // per_case}")
-    (root / "cases.csv").write_text("\n".join(rows) + "\n")
-    return root
+    """10 RGB images per class (conftest's CLASSES, the lymphoma config's, so data=lymphoma works unchanged),
+    68 px high and of the given widths in turn; the classes differ in colour."""
+    return make_images(root, per_class=10, size=(widths[0], 68), pixels="tint", widths=widths, digits=3)
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +148,8 @@ def test_gpu_trainer_is_bf16_channels_last(tiny: Path, tmp_path: Path) -> None:
 
 def test_slurm_launcher_composes(tiny: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[*tiny_overrides(tiny), "hydra/launcher=slurm", "trainer=ddp"],
-                      return_hydra_config=True)
+    cfg = compose_config("train", [*tiny_overrides(tiny), "hydra/launcher=slurm", "trainer=ddp"],
+                         return_hydra_config=True)
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert launcher["tasks_per_node"] == 2 and launcher["nodes"] == 1
@@ -185,31 +165,27 @@ def test_slurm_launcher_composes(tiny: Path) -> None:
         ({"WANDB_MODE": "disabled"}, "disabled"),  # the user's choice wins
         ({"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}, "offline"),  # key, no server
         ({"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "SILENT"}, "offline"),  # accepts, never answers
-        ({"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "ANSWERING"}, "online"),  # answers (404 is an answer)
+        ({"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "ANSWERING"}, "online"),  # answers (any status would do)
     ],
 )
-def test_wandb_mode(env: dict[str, str], expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import http.server
+def test_wandb_mode(env: dict[str, str], expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                    http_server: LocalServer) -> None:
     import socket
-    import threading
 
     from histoflow.tracking import configure_wandb
 
     for name in ("WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    quiet = type("Quiet", (http.server.BaseHTTPRequestHandler,), {"log_message": lambda *a: None})
-    with socket.socket() as silent, http.server.HTTPServer(("127.0.0.1", 0), quiet) as answering:
+    with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()  # the kernel completes TCP handshakes; nothing ever reads or answers
-        threading.Thread(target=answering.serve_forever, daemon=True).start()
-        ports = {"SILENT": silent.getsockname()[1], "ANSWERING": answering.server_address[1]}
+        urls = {"SILENT": f"http://127.0.0.1:{silent.getsockname()[1]}", "ANSWERING": http_server.url}
         for name, value in env.items():
-            monkeypatch.setenv(name, f"http://127.0.0.1:{ports[value]}" if value in ports else value)
+            monkeypatch.setenv(name, urls.get(value, value))
         t0 = time.monotonic()
         assert configure_wandb() == expected
         assert time.monotonic() - t0 < 10  # a silent server costs the probe's timeout, not a hang
-        answering.shutdown()
     assert os.environ["WANDB_MODE"] == expected and os.environ["WANDB_SILENT"] == "true"
 
 
