@@ -30,13 +30,15 @@ from conftest import (CLASSES, LocalServer, compose_config, compose_train, env_w
                       write_cases)
 from histoflow.errors import ConfigError, HistoflowError, MissingInputError
 from histoflow.loggers import CSVLogger
+from histoflow.models import build_encoder
 from histoflow.module import build_net, load_classifier
 from histoflow.reports import read_confusion_csv
 from histoflow.training import merge_csv_metrics, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
-GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "protocol", "experiment"]
+GROUPS = ["data", "model", "encoder", "optimizer", "scheduler", "trainer", "logger", "callbacks", "protocol",
+          "experiment"]
 SUBPROCESS_TIMEOUT_S = 300
 
 
@@ -117,9 +119,16 @@ def test_every_group_option_composes(group: str, tiny: Path, tmp_path: Path) -> 
         plain = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
         assert plain["output_dir"] == str(tmp_path)
         if group == "model":
-            net = build_net(cfg.model, num_classes=3, input_size=64)  # torchvision's alexnet needs >= 63 px
-            with torch.no_grad():
-                assert net.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+            head = "in_features" in cfg.model  # a head on an encoder's features (model=linear_head)
+            net = build_net(cfg.model, num_classes=3, input_size=64, in_features=32 if head else None)
+            with torch.no_grad():  # torchvision's alexnet needs >= 63 px
+                assert net.eval()(torch.randn(2, 32) if head else torch.randn(2, 3, 64, 64)).shape == (2, 3)
+        if group == "encoder":
+            cfg.encoder.weights = None  # random initialisation: the real file is tested in test_embeddings
+            if "pretrained" in cfg.encoder:
+                cfg.encoder.pretrained = False  # no hub here
+            encoder, width = build_encoder(cfg.encoder, 64)
+            assert width > 0 and not any(p.requires_grad for p in encoder.parameters())
         if group == "optimizer":
             param = torch.nn.Parameter(torch.zeros(2))
             assert isinstance(instantiate(cfg.optimizer)(params=[param]), torch.optim.Optimizer)
@@ -218,8 +227,9 @@ def test_experiment_fast_dev_run(experiment: str, tmp_path: Path) -> None:
     write_cases(images_of_widths(tmp_path / "images", widths=(100,)))  # equal sizes: tile data sets need them
     overrides = [f"experiment={experiment}", *tiny_overrides(tmp_path), "trainer.fast_dev_run=true", "logger=csv"]
     cfg = compose_train(overrides, tmp_path / "run")
-    if "weights" in cfg.model:
-        cfg.model.weights = None  # no network in tests: random initialisation instead of a download
+    for net in ("model", "encoder"):
+        if cfg.get(net) and "weights" in cfg[net]:
+            cfg[net].weights = None  # no network in tests: random initialisation instead of a download
     metrics = train(cfg)
     assert 0.0 <= metrics["test/acc_macro"] <= 1.0 and np.isfinite(metrics["test/loss"])
     cm, classes = read_confusion_csv(tmp_path / "run" / "confusion_test.csv")

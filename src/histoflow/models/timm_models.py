@@ -30,7 +30,8 @@ def _offline_fix(name: str) -> str:
         HUB_PREFIX) else ""
     return (f"Fix: where a network exists, fetch the weights once (python -c \"import timm; timm.create_model("
             f"'{name}', pretrained=True)\", or huggingface-cli download), copy the weights file here and set "
-            f"{arch}model.weights=<file>; or set model.pretrained=false for random initialisation")
+            f"{arch}model.weights=<file> (encoder.weights for an encoder); or set model.pretrained=false for random "
+            "initialisation")
 
 
 def check_hub(name: str, timeout: float = HUB_TIMEOUT_S) -> None:
