@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from conftest import compose_train, make_images
 from histoflow.data import embeddings
 from histoflow.data.datamodule import ShardDataModule
-from histoflow.data.embeddings import RECORD, embed_dataset
+from histoflow.data.embeddings import RECORD
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.shards import stack_npy, tar_samples
 from histoflow.errors import ConfigError
@@ -71,7 +72,7 @@ def test_embeddings_equal_the_encoders_forward_pass(images: Path, tmp_path: Path
     features = datamodule.embeddings(prepared)
     encoder, dim = build_encoder(encoder_cfg, 40)
     assert features.dim == dim == 512
-    transform = embeddings.fold_free_transform(prepared, datamodule.loader.__dict__)
+    transform = embeddings.fold_free_transform(prepared, asdict(datamodule.loader))
     for shard in prepared.record["shards"][:2]:
         patches = shard_samples(prepared.path / "shards" / shard["file"])
         vectors = shard_samples(features.path / shard["file"])

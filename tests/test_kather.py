@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,8 @@ from omegaconf import OmegaConf
 
 from conftest import compose_train
 from histoflow.data.prepare import prepare_dataset
+from histoflow.inference.checkpoints import load_fold_model
+from histoflow.inference.slide_map import SlideConfig, predict_slide
 from histoflow.reports import read_confusion_csv
 from histoflow.training import train
 
@@ -86,3 +90,34 @@ def test_transfer_from_local_weights_file_frozen_backbone(kather_dir: Path, tmp_
     assert {"train/loss_epoch", "val/loss", "val/acc_macro"} <= set(header)
     cm, classes = read_confusion_csv(run / "confusion_test.csv")
     assert classes == CLASSES and cm.sum() > 0
+
+
+def squeezenet_weights() -> Path:
+    path = Path(os.environ.get("HISTOFLOW_WEIGHTS", REPO.parent / "shared" / "weights")) / \
+        "squeezenet1_1-imagenet-features.pth"
+    if not path.is_file():
+        pytest.skip(f"real pretrained weights {path} are absent (see ../shared/weights/README.md)")
+    return path
+
+
+def test_frozen_imagenet_features_head_and_a_tumour_map(kather_dir: Path, wsi_dir: Path, tmp_path: Path) -> None:
+    """experiment=kather_frozen_squeezenet on real tiles with the real ImageNet weights (64-px tiles for speed):
+    the tiles are embedded once, a linear head trains on them, and the head maps a real slide through its encoder."""
+    overrides = ["experiment=kather_frozen_squeezenet", *kather_overrides(kather_dir, tmp_path), *SMALL_TILES,
+                 f"encoder.weights={squeezenet_weights()}", "trainer.max_epochs=30", "data.loader.batch_size=8"]
+    run = tmp_path / "run"
+    metrics = train(compose_train(overrides, run))
+    (embedded,) = (tmp_path / "data" / "prepared").glob("*/embeddings/squeezenet1_1-*/embeddings.json")
+    assert json.loads(embedded.read_text())["dim"] == 512
+    # 8 classes, 3 tiles each: the test third holds one tile of each; ImageNet features name several
+    assert metrics["test/acc_micro"] > 1 / len(CLASSES)
+    model = load_fold_model(metrics["best_checkpoint"])
+    assert [n for n, _ in model.net.named_children()] == ["encoder", "head"] and model.patch_size == 64
+    cfg = SlideConfig(tile_size=128, batch_size=16, num_workers=0, progress=False)
+    result = predict_slide(wsi_dir / "cmu-1-small-region.svs", [(model.net, model.transform)], model.classes, cfg,
+                           tmp_path / "slides")
+    prob_map = np.load(result.map)
+    tissue = ~np.isnan(prob_map[..., 0])
+    assert prob_map.shape[-1] == 8 and tissue.any()
+    np.testing.assert_allclose(np.nansum(prob_map, axis=-1)[tissue], 1.0, atol=1e-5)
+    assert json.loads(result.meta.read_text())["heatmap_class"] == "01_TUMOR"
