@@ -22,6 +22,8 @@ RESUME_HINT = ("ckpt_path=last hydra.run.dir=<the interrupted run's folder>, or 
 RESUME_MUST_MATCH = {
     "model._target_": "its weights fit only the same net",
     "model.name": "its weights fit only the same net",
+    "encoder.name": "a head fits only the features of the same encoder",
+    "encoder.weights": "a head fits only the features of the same encoder weights",
     "optimizer._target_": "its optimizer state (e.g. SGD's momentum, Adagrad's sums) fits only the same optimizer",
     "scheduler._target_": "its scheduler state fits only the same scheduler",
     "fold": "it was fitted on another fold's training part, which holds this fold's test images",

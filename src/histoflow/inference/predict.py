@@ -19,8 +19,8 @@ from histoflow.inference.checkpoints import (FoldModel, check_compatible, find_c
                                              models_by_fold)
 from histoflow.inference.report import fold_report, log_wandb, prediction_rows, write_csv
 from histoflow.inference.slide_map import SlideConfig, SlideResult, predict_slide
-from histoflow.inference.voting import predict_images, resolve_device, tta_views
-from histoflow.machine import resolve_workers
+from histoflow.inference.voting import predict_images, tta_views
+from histoflow.machine import resolve_device, resolve_workers
 from histoflow.slides.reader import DamagedTileError, SlideError
 from histoflow.slides.tiles import NoTissueError
 

@@ -30,8 +30,8 @@ from histoflow.config import read_section
 from histoflow.data.transforms import PatchTransform
 from histoflow.errors import ConfigError
 from histoflow.inference.heatmap import save_heatmap
-from histoflow.inference.voting import mean_probabilities, resolve_device
-from histoflow.machine import resolve_workers
+from histoflow.inference.voting import mean_probabilities
+from histoflow.machine import resolve_device, resolve_workers
 from histoflow.progress import progress_bar
 from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide
 from histoflow.slides.tiles import NoTissueError, SlideTiles, TileGeometry, stored_tiles, tile_loader, tissue_tiles

@@ -23,7 +23,7 @@ from histoflow.data.patches import PatchConfig, extract_patches
 from histoflow.data.problems import Problem
 from histoflow.data.transforms import PatchTransform
 from histoflow.errors import ConfigError
-from histoflow.machine import as_made
+from histoflow.machine import as_made, resolve_device
 from histoflow.progress import progress_bar
 
 # Test-time views of a patch: (counter-clockwise quarter turns, mirrored first); together the 8 symmetries of a square.
@@ -199,13 +199,6 @@ class Votes:
         out = np.full(len(self.paths), -1)
         out[self.ok] = AGGREGATES[aggregate](self.votes[self.ok], self.prob_sum[self.ok])
         return out
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto`: the GPU when there is one, else the CPU; otherwise the device named."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def mean_probabilities(nets: Sequence[nn.Module], x: torch.Tensor, device: torch.device) -> torch.Tensor:
