@@ -2,14 +2,15 @@
 
 Hydra answers a mistyped key of a YAML section with "use +key=value to add it"; a key added that way is read by
 nothing. Every section histoflow owns is read through `read_section`, which names such a key in full (e.g.
-`data.split.kk`) with the keys the section knows.
+`data.split.kk`) with the keys the section knows; a field typed as a dataclass is read as a sub-section.
+
 """
 
 from __future__ import annotations
 
 import types
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, is_dataclass
 from typing import Any, Iterable, Mapping, TypeVar
 
 from histoflow.errors import ConfigError
@@ -50,16 +51,23 @@ def _fits(value: Any, hint: Any) -> bool:
 
 def read_section(cls: type[T], cfg: Mapping[str, Any] | None, section: str, ignore: Iterable[str] = ()) -> T:
     """The dataclass `cls` from a config section: unknown keys and values of the wrong type are refused by their
-    full name (`section.key=value`); keys in `ignore` belong to the caller."""
+    full name (`section.key=value`), fields typed as a dataclass read as sub-sections; keys in `ignore` belong to
+    the caller."""
     cfg = dict(cfg or {})
-    ignore = set(ignore)
-    check_keys(cfg, {f.name for f in fields(cls)} | ignore, section)
+    check_keys(cfg, {f.name for f in fields(cls)} | set(ignore), section)
     hints = typing.get_type_hints(cls)
+    values = {}
     for f in fields(cls):
-        if f.name in cfg and not _fits(cfg[f.name], hints[f.name]):
-            expected = str(hints[f.name]).replace("typing.", "")
-            raise ConfigError(f"{section}.{f.name}={cfg[f.name]!r}: expected {expected}")
-    values = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg}
+        if f.name not in cfg:
+            continue
+        key, value, hint = f"{section}.{f.name}", cfg[f.name], hints[f.name]
+        if is_dataclass(hint) and (value is None or isinstance(value, Mapping)):
+            value = read_section(hint, value, key)
+        elif not _fits(value, hint):
+            expected = ("a section" if is_dataclass(hint) else hint.__name__ if isinstance(hint, type)
+                        else str(hint).replace("typing.", ""))
+            raise ConfigError(f"{key}={value!r}: expected {expected}")
+        values[f.name] = value
     missing = [f.name for f in fields(cls) if f.name not in values and f.default is MISSING
                and f.default_factory is MISSING]
     if missing:

@@ -23,8 +23,8 @@ from typing import Any, Mapping
 import numpy as np
 import torchstain
 
+from histoflow.config import read_section
 from histoflow.data.images import read_rgb
-from histoflow.config import check_keys
 from histoflow.errors import ConfigError, MissingInputError
 
 log = logging.getLogger(__name__)
@@ -40,15 +40,14 @@ class StainConfig:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> StainConfig:
-        cfg = dict(cfg or {})
-        check_keys(cfg, ("method", "reference"), "data.stain")
-        method = cfg.get("method")
-        if method not in (None, *METHODS):
-            raise ConfigError(f"data.stain.method={method!r}: expected null, {' or '.join(METHODS)}")
-        if method and not cfg.get("reference"):
-            raise ConfigError(f"data.stain.method={method} needs data.stain.reference: an image (file) whose stain "
-                             "the others are mapped to, e.g. a well-stained training image")
-        return cls(method, str(cfg["reference"]) if cfg.get("reference") else None)
+        return read_section(cls, cfg, "data.stain")
+
+    def __post_init__(self) -> None:
+        if self.method not in (None, *METHODS):
+            raise ConfigError(f"data.stain.method={self.method!r}: expected null, {' or '.join(METHODS)}")
+        if self.method and not self.reference:
+            raise ConfigError(f"data.stain.method={self.method} needs data.stain.reference: an image (file) whose "
+                              "stain the others are mapped to, e.g. a well-stained training image")
 
 
 class StainNormalizer:
@@ -83,7 +82,7 @@ class StainNormalizer:
         """The normaliser fitted to cfg.reference, or None when cfg.method is null."""
         if cfg.method is None:
             return None
-        assert cfg.reference is not None  # StainConfig.from_config checks it
+        assert cfg.reference is not None  # StainConfig checks it
         path = Path(cfg.reference).expanduser()
         if not path.is_file():
             raise MissingInputError(f"data.stain.reference={cfg.reference}: no such image. Fix: point it at an image "
