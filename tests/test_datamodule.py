@@ -16,9 +16,10 @@ from omegaconf import OmegaConf
 from skimage.color import hed2rgb, rgb2hed
 
 from conftest import CLASSES, make_images
-from histoflow.data.datamodule import KEY_FIELDS, ShardDataModule, shard_pipeline
+from histoflow.data.datamodule import KEY_FIELDS, LoaderConfig, ShardDataModule, shard_pipeline
 from histoflow.data.shards import decode_npy, parse_key
 from histoflow.data.transforms import PatchTransform, build_transform, colour_jitter, hed_jitter, hed_to_rgb, rgb_to_hed
+from histoflow.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SKIMAGE_UNITS = -np.log(1e-6)  # skimage's stain units are optical densities divided by this
@@ -378,3 +379,14 @@ def test_grey_input_is_the_luma_minus_the_grey_mean_in_every_channel() -> None:
     with pytest.raises(ValueError, match="grey=true with normalize=channel"):
         build_transform({"normalize": "channel", "grey": True}, {"mean_image": mean, "channel_mean": [0, 0, 0],
                                                                  "channel_std": [1, 1, 1]}, train=False)
+
+
+def test_a_transform_takes_its_defaults_and_checks_from_the_loader_config() -> None:
+    """build_transform reads a data.loader mapping (a checkpoint's) through LoaderConfig: its defaults, its checks."""
+    stats = {"mean_image": np.full((36, 36, 3), 128.0)}
+    given, default = build_transform({}, stats, train=False), build_transform(LoaderConfig(), stats, train=False)
+    assert vars(given).keys() == vars(default).keys()
+    for name, value in vars(default).items():
+        assert torch.equal(value, vars(given)[name]) if torch.is_tensor(value) else value == vars(given)[name], name
+    with pytest.raises(ConfigError, match="data.loader.crpo: unknown key"):
+        build_transform({"crpo": 32}, stats, train=False)

@@ -21,13 +21,16 @@ the patches of a batch are one gather.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from histoflow.errors import ConfigError
+
+if TYPE_CHECKING:
+    from histoflow.data.datamodule import LoaderConfig
 
 NORMALIZE = ("image", "channel", "imagenet", "fixed", "none")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
@@ -218,12 +221,15 @@ class PatchTransform:
         return rows[:, :, None] * self.side + cols[:, None, :]
 
 
-def build_transform(loader: Mapping[str, Any], stats: Mapping[str, Any], train: bool,
+def build_transform(loader: LoaderConfig | Mapping[str, Any], stats: Mapping[str, Any], train: bool,
                     stain: Callable[[np.ndarray], np.ndarray] | None = None) -> PatchTransform:
-    """The training or evaluation transform of a `data.loader` config and the prepare step's statistics."""
-    return PatchTransform(crop=loader.get("crop", 32), stats=stats, normalize=loader.get("normalize", "image"),
-                          train=train, flips=loader.get("flips", True),
-                          hed_jitter=float(loader.get("hed_jitter", 0.0) or 0.0), jitter=loader.get("colour_jitter"),
-                          scale=loader.get("scale"), grey=bool(loader.get("grey", False)), stain=stain,
-                          mean=loader.get("mean"), std=loader.get("std"), resize=loader.get("resize"),
-                          interpolation=loader.get("interpolation", "bilinear"))
+    """The training or evaluation transform of a `data.loader` config (a LoaderConfig, or a mapping read into one:
+    its defaults and checks) and the prepare step's statistics."""
+    from histoflow.data.datamodule import LoaderConfig  # datamodule imports this module
+
+    if not isinstance(loader, LoaderConfig):
+        loader = LoaderConfig.from_config(loader)
+    return PatchTransform(crop=loader.crop, stats=stats, normalize=loader.normalize, train=train, flips=loader.flips,
+                          hed_jitter=loader.hed_jitter, jitter=loader.colour_jitter, scale=loader.scale,
+                          grey=loader.grey, stain=stain, mean=loader.mean, std=loader.std, resize=loader.resize,
+                          interpolation=loader.interpolation)
