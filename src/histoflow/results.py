@@ -27,6 +27,7 @@ flagged), and a link to the page.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -51,8 +52,20 @@ HEADLINE = "headline"  # a record's flag: its recipe is a row of the README's he
 PUBLISHED = ("published: Janowczyk & Madabhushi (2016), full-resolution images", 0.97)
 
 
+MAX_STEM = 180  # figure names stay well under the file systems' 255 bytes, "-confusion.png" included
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _figure_stem(recipe: str, protocol: str) -> str:
+    """results-<recipe>-<protocol>; a long recipe label is cut, with a hash of the whole label to keep it unique."""
+    stem = f"results-{_slug(recipe)}-{_slug(protocol)}"
+    if len(stem) <= MAX_STEM:
+        return stem
+    digest = hashlib.sha1(recipe.encode()).hexdigest()[:8]
+    return f"{stem[:MAX_STEM - len(protocol) - 10].rstrip('-')}-{digest}-{_slug(protocol)}"
 
 
 def record_run(spec: str, figures: Path, readme_dir: Path) -> dict[str, Any]:
@@ -92,7 +105,7 @@ def record_run(spec: str, figures: Path, readme_dir: Path) -> dict[str, Any]:
     cm = np.array(report["confusion_images"], dtype=float)
     recall = dict(zip(report["classes"], (np.diag(cm) / np.maximum(cm.sum(1), 1)).tolist()))
     figures.mkdir(parents=True, exist_ok=True)
-    stem = f"results-{_slug(recipe)}-{_slug(protocol)}"
+    stem = _figure_stem(recipe, protocol)
     shown = {"confusion": figures / f"{stem}-confusion.png"}
     shutil.copyfile(report_dir / "confusion_images.png", shown["confusion"])
     curves = sorted(sweeps[0].glob("*/training_curves.png"))[:1]  # the first fold's loss and accuracy
