@@ -14,17 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from omegaconf import OmegaConf
 from PIL import Image
 
 from histoflow.data.folds import LeakageError, SplitConfig, assign_folds, check_leakage, validation_gaps
 from histoflow.data.patches import PatchConfig, extract_patches, grid_origins
-from histoflow.data.prepare import prepare_dataset
+from histoflow.data.prepare import DataConfig, _resolve, prepare_dataset
 from histoflow.data.prepared import PreparedDataset
 from histoflow.data.problems import BadInputError
 from histoflow.data.shards import decode_npy, parse_key
 from histoflow.data.sources import SourceConfig, list_images
 
-from conftest import CLASSES, config, make_images
+from conftest import CLASSES, compose_config, config, make_images, write_cases
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -169,6 +170,20 @@ def test_rerun_does_nothing_and_changed_settings_use_a_new_folder(tiny, tmp_path
     assert same.path == ds.path and stamps == {p: p.stat().st_mtime_ns for p in ds.path.rglob("*")}
     other = prepare_dataset(config(root, tmp_path / "prepared", patches={"stride": 16}), quiet=True)
     assert other.path != ds.path and other.record["samples"] > ds.record["samples"]
+
+
+def test_folders_prepared_before_keep_their_names(tmp_path: Path) -> None:
+    """The folder names today's prepared data sets have (uncompressed images, so the bytes hashed are the same on
+    every machine): a change in how the config is read must find them again, not prepare them anew."""
+    root = write_cases(make_images(tmp_path / "images", per_class=4, suffix=".bmp"))
+    yaml = compose_config("prepare", [f"data.root={root}", f"data.shards.dir={tmp_path}", "data.classes=null"])
+    named = {"tiny-26637170cf34": config(root, tmp_path),
+             "tiny-882947d3e0cf": config(root, tmp_path, on_bad_image="skip"),
+             "tiny-da7057cf6d2d": config(root, tmp_path, groups="cases.csv", split={"val_groups_per_class": 1, "k": 2}),
+             "tiny-9234cb938aec": config(root, tmp_path, patches={"size": None, "resize": 40},
+                                         split={"kind": "fractions"}),
+             "lymphoma-00661987d90d": OmegaConf.to_container(yaml.data, resolve=True)}
+    assert [_resolve(DataConfig.from_config(data)).out.name for data in named.values()] == list(named)
 
 
 def test_resume_after_interruption_is_byte_identical(tiny, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -23,7 +23,7 @@ from filelock import FileLock, Timeout
 from histoflow.audit import DESCRIPTORS
 from histoflow.config import read_section
 from histoflow.data.fingerprint import content_hashes
-from histoflow.data.folds import SplitConfig, check_leakage, write_manifest
+from histoflow.data.folds import SplitConfig, check_leakage, read_manifest, write_manifest
 from histoflow.data.manifest import build_manifest, one_class_error, warn_if_leaky
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepared import RECORD, PreparedDataset
@@ -38,6 +38,165 @@ from histoflow.progress import process_map, progress_bar
 log = logging.getLogger(__name__)
 _ANNOUNCED: set[Path] = set()  # prepared folders already logged by this process
 FORMAT = 1  # bump when the shard layout changes, so old folders are not reused
+MANIFEST = "manifest.csv"
+
+
+@dataclass
+class ShardsConfig:
+    """The `data.shards` section: where the prepared folders go and how they are written."""
+
+    dir: str | None = None  # None: data/prepared
+    samples_per_shard: int = 4096
+    workers: int | None = None  # processes that check images and write shards; None: one per CPU
+
+    @property
+    def parent(self) -> Path:
+        return Path(self.dir or "data/prepared").expanduser()
+
+    @property
+    def processes(self) -> int:
+        return self.workers or cpu_count()
+
+
+@dataclass
+class DataConfig(SourceConfig):
+    """The `data` config as prepare reads it, in one read: the source's keys at its top (SourceConfig), beside
+    these, and a section per step; `loader` is the DataModule's (LoaderConfig), `_target_` Hydra's."""
+
+    name: str = "data"  # the prepared folder is <name>-<hash>
+    on_bad_image: str = "error"  # error: list every bad file and stop | skip: leave them out, listed in problems.csv
+    cache_dir: str | None = None  # downloads go here; None: ~/.cache/histoflow
+    split: SplitConfig = field(default_factory=SplitConfig)
+    stain: StainConfig = field(default_factory=StainConfig)
+    patches: PatchConfig = field(default_factory=PatchConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+
+    @classmethod
+    def from_config(cls, data: Mapping[str, Any]) -> DataConfig:
+        return read_section(cls, data, "data", ignore=("_target_", "loader"))
+
+    def __post_init__(self) -> None:
+        if self.on_bad_image not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_image={self.on_bad_image!r}: expected error or skip")
+
+    @property
+    def downloads(self) -> str:
+        return self.cache_dir or "~/.cache/histoflow"
+
+
+def prepare_dataset(data: DataConfig | Mapping[str, Any], quiet: bool = False) -> PreparedDataset:
+    """Prepare (or find already prepared) shards for a data config; returns the prepared data set.
+
+    Steps: resolve (list the source, name the folder); where that folder is not prepared yet, manifest, shards,
+    statistics and record, each resuming what an interrupted run left. One process at a time writes a folder:
+    the others wait for its lock, then find the folder prepared.
+    """
+    plan = _resolve(data if isinstance(data, DataConfig) else DataConfig.from_config(data))
+    if (plan.out / RECORD).is_file():
+        return _announce(plan.out)
+    plan.refuse_bad_inputs(plan.problems)
+    _writable(plan.out)
+    with _only_writer(plan.out), _explain_disk_full(plan.out):
+        if (plan.out / RECORD).is_file():  # another process prepared it while this one waited
+            return _announce(plan.out)
+        started = time.perf_counter()
+        rows, problems = _manifest(plan)
+        jobs = _shards(plan, rows)
+        side, test_folds = _statistics(plan, rows, jobs)
+        record = _record(plan, rows, jobs, side, test_folds, len(problems), time.perf_counter() - started)
+    if not quiet:
+        print(f"prepared {record['images']} images into {record['samples']} patches in {len(jobs)} shards\n"
+              f"  shards:   {plan.out / 'shards'}\n  manifest: {plan.out / MANIFEST}\n  means:    {plan.out / 'stats'}")
+    return PreparedDataset(plan.out)
+
+
+@dataclass
+class _Plan:
+    """A data config resolved: its source listed and its prepared folder named, before anything is written."""
+
+    cfg: DataConfig
+    stain: StainNormalizer | None
+    root: Path
+    records: list[ImageRecord]
+    problems: list[Problem]
+    classes: list[str]
+    settings: dict[str, Any]
+    hashes: list[str]
+    out: Path
+
+    def refuse_bad_inputs(self, problems: list[Problem]) -> None:
+        if problems and self.cfg.on_bad_image == "error":
+            raise BadInputError(problems, str(self.root))
+
+
+def _resolve(cfg: DataConfig) -> _Plan:
+    """List the source and key its folder by the images' content and every setting."""
+    root = resolve_root(cfg, cfg.downloads)
+    records, problems = list_images(cfg, root)
+    stain = StainNormalizer.from_config(cfg.stain)
+    settings = _settings(cfg, stain)
+    parent = cfg.shards.parent
+    hashes = content_hashes([root / r.path for r in records], parent / f".hashes-{cfg.name}.json")
+    return _Plan(cfg, stain, root, records, problems, class_names(cfg, records), settings, hashes,
+                 parent / _key(cfg.name, records, hashes, settings))
+
+
+def _settings(cfg: DataConfig, stain: StainNormalizer | None) -> dict[str, Any]:
+    """Every setting that changes the prepared data, as the folder's key has always hashed them."""
+    source = {f.name: getattr(cfg, f.name) for f in fields(SourceConfig) if f.name not in ("root", "url", "mirrors")}
+    settings = {"format": FORMAT, "source": source, "split": asdict(cfg.split), "patches": asdict(cfg.patches),
+                "samples_per_shard": cfg.shards.samples_per_shard, "on_bad_image": cfg.on_bad_image}
+    for section, key, off in (("split", "val_groups_per_class", 0), ("source", "groups", None)):
+        if settings[section][key] == off:  # absent when off, so folders prepared before the option stay valid
+            del settings[section][key]
+    if stain is not None:  # the fitted reference, not its path, keys the folder; absent when off (older folders stay)
+        settings["stain"] = stain.state()
+    return settings
+
+
+def _key(name: str, records: list[ImageRecord], hashes: list[str], settings: Mapping[str, Any]) -> str:
+    """Hash of the source listing (path, content, label, group) and every setting that changes the output."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for r, sha in zip(records, hashes):
+        h.update(f"{r.path}\0{sha}\0{r.label}\0{r.group}\n".encode())
+    return f"{name}-{h.hexdigest()[:12]}"
+
+
+def _manifest(plan: _Plan) -> tuple[list[dict], list[Problem]]:
+    """Every image checked into the manifest with its fold (the bad ones into problems.csv, the audit's descriptors
+    beside it); the rows and the bad inputs left out."""
+    path, problems = plan.out / MANIFEST, list(plan.problems)
+    if path.is_file():  # an interrupted run made it from the same listing and settings
+        rows = read_manifest(path)
+    else:
+        cfg = plan.cfg
+        rows, bad, notes, descriptors = build_manifest(plan.records, plan.hashes, plan.root, cfg.split, cfg.patches,
+                                                       cfg.shards.processes)
+        problems += bad
+        plan.refuse_bad_inputs(problems)
+        if not rows:
+            raise BadInputError(problems or [Problem(str(plan.root), "empty-class", "no images at all")],
+                                str(plan.root))
+        if (error := one_class_error(rows, plan.classes, plan.root)) is not None:
+            raise error
+        check_leakage(rows)
+        write_problems(plan.out / "problems.csv", skipped=problems, kept=notes)
+        np.save(plan.out / DESCRIPTORS, descriptors)
+        write_manifest(rows, path)
+        warn_if_leaky(descriptors, rows, plan.out)
+    if problems:
+        log.warning("%d bad input(s) skipped, listed in %s", len(problems), plan.out / "problems.csv")
+    return rows, problems
+
+
+def _shards(plan: _Plan, rows: list[dict]) -> list[ShardJob]:
+    """The shards of every (fold, part), those not written yet written now."""
+    shard_dir = plan.out / "shards"
+    shard_dir.mkdir(exist_ok=True)
+    cfg = plan.cfg
+    jobs = plan_shards(rows, plan.classes, plan.root, cfg.patches, cfg.shards.samples_per_shard, cfg.split.seed)
+    _run_jobs(jobs, cfg.patches, shard_dir, cfg.shards.processes, plan.stain)
+    return jobs
 
 
 def plan_shards(rows: list[dict], classes: list[str], root: Path, patches: PatchConfig,
@@ -59,45 +218,6 @@ def plan_shards(rows: list[dict], classes: list[str], root: Path, patches: Patch
                                      seed * 1_000_003 + len(jobs)))
                 chunk, count, n_shards = [], 0, n_shards + 1
     return jobs
-
-
-def _key(name: str, records: list[ImageRecord], hashes: list[str], settings: Mapping[str, Any]) -> str:
-    """Hash of the source listing (path, content, label, group) and every setting that changes the output."""
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for r, sha in zip(records, hashes):
-        h.update(f"{r.path}\0{sha}\0{r.label}\0{r.group}\n".encode())
-    return f"{name}-{h.hexdigest()[:12]}"
-
-
-@contextmanager
-def _only_writer(out: Path) -> Iterator[None]:
-    """Hold the prepared folder's lock: one process writes it, the others wait (the lock of a killed writer goes
-    with its process)."""
-    lock = FileLock(out / ".prepare.lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("waiting for another process that prepares %s (its lock: %s)", out, lock.lock_file)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-class NotWritableError(HistoflowError, PermissionError):
-    """The prepared data cannot be written where the configuration says."""
-
-
-def _writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise NotWritableError(f"{out}: cannot write prepared data here ({e.strerror}). "
-                              "Fix: set data.shards.dir (or paths.data_dir) to a writable folder") from e
 
 
 def _run_jobs(jobs: list[ShardJob], patches: PatchConfig, shard_dir: Path, workers: int,
@@ -135,6 +255,17 @@ class _ShardWriter:
         return write_shard(job, self.patches, self.shard_dir, self.stain)
 
 
+def _statistics(plan: _Plan, rows: list[dict], jobs: list[ShardJob]) -> tuple[int, list[str]]:
+    """Each held-out fold's training statistics in stats/fold-<fold>.npz; the patch side and the held-out folds."""
+    side = plan.cfg.patches.side(rows[0]["height"], rows[0]["width"])
+    stats_dir = plan.out / "stats"
+    stats_dir.mkdir(exist_ok=True)
+    test_folds = plan.cfg.split.test_folds(rows)
+    for t, s in _fold_stats(plan.out / "shards", jobs, test_folds, side).items():
+        np.savez(stats_dir / f"fold-{t}.npz", **s)
+    return side, test_folds
+
+
 def _fold_stats(shard_dir: Path, jobs: list[ShardJob], test_folds: list[str], side: int) -> dict[str, dict]:
     """Training sums for each held-out fold, from the per-shard sums (no second pass over pixels)."""
     per_shard = {}
@@ -157,16 +288,22 @@ def _fold_stats(shard_dir: Path, jobs: list[ShardJob], test_folds: list[str], si
     return out
 
 
-DATA_SECTIONS = ("_target_", "name", "on_bad_image", "cache_dir", "split", "stain", "patches", "shards", "loader")
-
-
-@dataclass
-class ShardsConfig:
-    """The `data.shards` section: where the prepared folders go and how they are written."""
-
-    dir: str | None = None  # None: data/prepared
-    samples_per_shard: int = 4096
-    workers: int | None = None  # processes that check images and write shards; None: one per CPU
+def _record(plan: _Plan, rows: list[dict], jobs: list[ShardJob], side: int, test_folds: list[str], skipped: int,
+            seconds: float) -> dict[str, Any]:
+    """The completion record, written last (atomically): what a later run finds the folder prepared by."""
+    shard_records = []
+    for j in jobs:
+        with np.load(plan.out / "shards" / f"{j.name}.stats.npz") as z:
+            shard_records.append({"file": j.name, "fold": j.fold, "part": j.part, "samples": int(z["count"]),
+                                  "images": len(j.images)})
+    record = {"format": FORMAT, "name": plan.cfg.name, "root": str(plan.root), "classes": plan.classes,
+              "patch_side": side, "test_folds": test_folds, "settings": plan.settings, "images": len(rows),
+              "samples": sum(s["samples"] for s in shard_records), "shards": shard_records,
+              "skipped": skipped, "seconds": round(seconds, 2)}
+    tmp = plan.out / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(plan.out / RECORD)
+    return record
 
 
 def _announce(out: Path) -> PreparedDataset:
@@ -176,131 +313,46 @@ def _announce(out: Path) -> PreparedDataset:
     return PreparedDataset(out)
 
 
-@dataclass
-class _Plan:
-    """A data config resolved, its source listed and its prepared folder named, before anything is written."""
-
-    name: str
-    source: SourceConfig
-    split: SplitConfig
-    patches: PatchConfig
-    shards: ShardsConfig
-    stain: StainNormalizer | None
-    root: Path
-    records: list[ImageRecord]
-    problems: list[Problem]
-    settings: dict[str, Any]
-    hashes: list[str]
-    out: Path
-
-    @property
-    def workers(self) -> int:
-        return self.shards.workers or cpu_count()
+@contextmanager
+def _only_writer(out: Path) -> Iterator[None]:
+    """Hold the prepared folder's lock: one process writes it, the others wait (the lock of a killed writer goes
+    with its process)."""
+    lock = FileLock(out / ".prepare.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process that prepares %s (its lock: %s)", out, lock.lock_file)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
-def _plan(data: Mapping[str, Any]) -> _Plan:
-    """Read the config, list the source and key the folder by the images' content and every setting."""
-    source = read_section(SourceConfig, data, "data", ignore=DATA_SECTIONS)
-    split = SplitConfig.from_config(data.get("split"))
-    patches = PatchConfig.from_config(data.get("patches"))
-    shards = read_section(ShardsConfig, data.get("shards"), "data.shards")
-    on_bad = data.get("on_bad_image", "error")
-    if on_bad not in ("error", "skip"):
-        raise ConfigError(f"data.on_bad_image={on_bad!r}: expected error or skip")
-    name = data.get("name", "data")
-    root = resolve_root(source, data.get("cache_dir") or "~/.cache/histoflow")
-    records, problems = list_images(source, root)
-    settings = {"format": FORMAT, "source": {k: v for k, v in asdict(source).items() if k not in ("root", "url", "mirrors")},
-                "split": asdict(split), "patches": asdict(patches), "samples_per_shard": shards.samples_per_shard,
-                "on_bad_image": on_bad}
-    for section, key, off in (("split", "val_groups_per_class", 0), ("source", "groups", None)):
-        if settings[section][key] == off:  # absent when off, so folders prepared before the option stay valid
-            del settings[section][key]
-    stain = StainNormalizer.from_config(StainConfig.from_config(data.get("stain")))
-    if stain is not None:  # the fitted reference, not its path, keys the folder; absent when off (older folders stay)
-        settings["stain"] = stain.state()
-    parent = Path(shards.dir or "data/prepared").expanduser()
-    hashes = content_hashes([root / r.path for r in records], parent / f".hashes-{name}.json")
-    return _Plan(name, source, split, patches, shards, stain, root, records, problems, settings, hashes,
-                 parent / _key(name, records, hashes, settings))
+@contextmanager
+def _explain_disk_full(out: Path) -> Iterator[None]:
+    """A full disk (or quota) as a DiskFullError that names the fix, the half-written files removed."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, DiskFullError):
+            raise
+        for leftover in out.rglob(".*.tmp"):
+            leftover.unlink()
+        raise DiskFullError(f"{out}: no space left on the device ({e}). Fix: free space there (the run resumes "
+                            "where it stopped), or set data.shards.dir to a folder on a larger disk") from e
 
 
-def prepare_dataset(data: Mapping[str, Any], quiet: bool = False) -> PreparedDataset:
-    """Prepare (or find already prepared) shards for a data config; returns the prepared data set.
-
-    One process at a time writes a folder: the others wait for its lock, then find the folder prepared.
-    """
-    plan = _plan(data)
-    if (plan.out / RECORD).is_file():
-        return _announce(plan.out)
-    if plan.problems and plan.settings["on_bad_image"] == "error":
-        raise BadInputError(plan.problems, str(plan.root))
-    _writable(plan.out)
-    with _only_writer(plan.out):
-        if (plan.out / RECORD).is_file():  # another process prepared it while this one waited
-            return _announce(plan.out)
-        try:
-            return _write(plan, quiet)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, DiskFullError):
-                raise
-            for leftover in plan.out.rglob(".*.tmp"):
-                leftover.unlink()
-            raise DiskFullError(f"{plan.out}: no space left on the device ({e}). Fix: free space there (the run "
-                                "resumes where it stopped), or set data.shards.dir to a folder on a larger disk") from e
+class NotWritableError(HistoflowError, PermissionError):
+    """The prepared data cannot be written where the configuration says."""
 
 
-def _write(plan: _Plan, quiet: bool) -> PreparedDataset:
-    """Check every image into the manifest, write the shards, sum each fold's statistics, write the record last
-    (or finish what an interrupted run left); the caller holds the folder's lock."""
-    out, root, split, patches, problems = plan.out, plan.root, plan.split, plan.patches, list(plan.problems)
-    t0 = time.perf_counter()
-    classes = class_names(plan.source, plan.records)
-    manifest = out / "manifest.csv"
-    if manifest.is_file():  # an interrupted run made it from the same listing and settings
-        from histoflow.data.folds import read_manifest
-        rows, notes = read_manifest(manifest), []
-    else:
-        rows, bad, notes, descriptors = build_manifest(plan.records, plan.hashes, root, split, patches, plan.workers)
-        problems += bad
-        if problems and plan.settings["on_bad_image"] == "error":
-            raise BadInputError(problems, str(root))
-        if not rows:
-            raise BadInputError(problems or [Problem(str(root), "empty-class", "no images at all")], str(root))
-        if (error := one_class_error(rows, classes, root)) is not None:
-            raise error
-        check_leakage(rows)
-        write_problems(out / "problems.csv", skipped=problems, kept=notes)
-        np.save(out / DESCRIPTORS, descriptors)
-        write_manifest(rows, manifest)
-        warn_if_leaky(descriptors, rows, out)
-    if problems:
-        log.warning("%d bad input(s) skipped, listed in %s", len(problems), out / "problems.csv")
-
-    shard_dir = out / "shards"
-    shard_dir.mkdir(exist_ok=True)
-    jobs = plan_shards(rows, classes, root, patches, plan.shards.samples_per_shard, split.seed)
-    _run_jobs(jobs, patches, shard_dir, plan.workers, plan.stain)
-
-    side = patches.side(rows[0]["height"], rows[0]["width"])
-    stats_dir = out / "stats"
-    stats_dir.mkdir(exist_ok=True)
-    test_folds = split.test_folds(rows)
-    for t, s in _fold_stats(shard_dir, jobs, test_folds, side).items():
-        np.savez(stats_dir / f"fold-{t}.npz", **s)
-    shard_records = []
-    for j in jobs:
-        with np.load(shard_dir / f"{j.name}.stats.npz") as z:
-            shard_records.append({"file": j.name, "fold": j.fold, "part": j.part, "samples": int(z["count"]),
-                                  "images": len(j.images)})
-    record = {"format": FORMAT, "name": plan.name, "root": str(root), "classes": classes,
-              "patch_side": side, "test_folds": test_folds, "settings": plan.settings, "images": len(rows),
-              "samples": sum(s["samples"] for s in shard_records), "shards": shard_records,
-              "skipped": len(problems), "seconds": round(time.perf_counter() - t0, 2)}
-    tmp = out / f".{RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(out / RECORD)
-    if not quiet:
-        print(f"prepared {record['images']} images into {record['samples']} patches in {len(jobs)} shards\n"
-              f"  shards:   {shard_dir}\n  manifest: {manifest}\n  means:    {stats_dir}")
-    return PreparedDataset(out)
+def _writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise NotWritableError(f"{out}: cannot write prepared data here ({e.strerror}). "
+                              "Fix: set data.shards.dir (or paths.data_dir) to a writable folder") from e
