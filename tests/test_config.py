@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping
 
 import pytest
+from omegaconf import OmegaConf
 
+from conftest import compose_config
 from histoflow.config import read_section
+from histoflow.data.datamodule import LoaderConfig
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import DataConfig
 from histoflow.data.stain import StainConfig
 from histoflow.errors import ConfigError
+from histoflow.inference.slide_map import SlideConfig
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @dataclass
@@ -57,3 +66,54 @@ def test_the_data_config_is_read_once_every_key_by_its_full_name() -> None:
                          ({"stain": {"method": "macenko"}}, "needs data.stain.reference")):
         with pytest.raises(ConfigError, match=message):
             DataConfig.from_config(bad)
+
+
+@dataclass
+class DataYaml(DataConfig):
+    """A conf/data file: prepare's keys and the DataModule's loader section."""
+
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+
+def flat(cls: type, section: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Full key -> value of a section, walked into the dataclass's sub-sections (any other key kept as it is)."""
+    hints, out = typing.get_type_hints(cls), {}
+    for key, value in section.items():
+        if is_dataclass(hints.get(key)):
+            out.update(flat(hints[key], value, f"{prefix}.{key}"))
+        else:
+            out[f"{prefix}.{key}"] = value
+    return out
+
+
+# the values users see that differ from the dataclasses' defaults (the home of every default), and why
+DELIBERATE = {
+    "data.name": "names the lymphoma data set's prepared folders",
+    "data.url": "the IICBU 2008 archive", "data.mirrors": "its mirror", "data.checksum": "its hash",
+    "data.classes": "the tutorial's classes in its order (the dataclass: the folders found)",
+    "data.cache_dir": "${paths.cache_dir}", "data.shards.dir": "${paths.data_dir}/prepared",
+    "data.shards.workers": "2 processes, since the first commit; a Python caller's default is one per CPU",
+    "slide.device": "${device}: predict.yaml's own", "slide.progress": "${progress}: predict.yaml's own",
+}
+
+
+@pytest.mark.parametrize("path, section, cls", [("data/lymphoma.yaml", "data", DataYaml),
+                                                ("predict.yaml", "slide", SlideConfig)])
+def test_the_yaml_shows_every_field_at_its_default_or_a_deliberate_override(path: str, section: str,
+                                                                             cls: type) -> None:
+    """The YAML repeats the dataclass for users (conf/data/lymphoma.yaml is the default data config; kather.yaml
+    overrides it): every field there, nothing else, and no value that silently disagrees with the dataclass."""
+    yaml = OmegaConf.to_container(OmegaConf.load(CONF / path), resolve=False)
+    yaml = {k: v for k, v in (yaml if section == "data" else yaml[section]).items() if k != "_target_"}
+    shown, default = flat(cls, yaml, section), flat(cls, asdict(cls()), section)
+    assert sorted(shown.keys() ^ default.keys()) == []
+    differ = {k for k in default if shown[k] != default[k]}
+    deliberate = {k for k in DELIBERATE if k.startswith(f"{section}.")}
+    assert {k: (shown[k], default[k]) for k in differ ^ deliberate} == {}  # key: (YAML, dataclass)
+
+
+@pytest.mark.parametrize("data", sorted(p.stem for p in (CONF / "data").glob("*.yaml")))
+def test_every_data_config_reads_without_an_unknown_key(data: str) -> None:
+    cfg = OmegaConf.to_container(compose_config("prepare", [f"data={data}"]).data, resolve=True)
+    DataConfig.from_config(cfg)
+    LoaderConfig.from_config(cfg["loader"])

@@ -4,6 +4,11 @@ Hydra answers a mistyped key of a YAML section with "use +key=value to add it"; 
 nothing. Every section histoflow owns is read through `read_section`, which names such a key in full (e.g.
 `data.split.kk`) with the keys the section knows; a field typed as a dataclass is read as a sub-section.
 
+The dataclasses are the one home of every default and type. The YAML files repeat the values for users to see
+and override, and tests/test_config.py holds them to the dataclasses (every field there, every value equal to
+its default or a listed deliberate override). They are not registered as Hydra structured configs: OmegaConf
+2.3 takes no unions (`num_workers: int | "auto"`, `flips: bool | "horizontal"`), and sections also arrive as
+plain mappings (a checkpoint's config, Python callers), which the one read checks alike.
 """
 
 from __future__ import annotations
