@@ -140,3 +140,24 @@ def test_torchvision_encoder_and_head_nets() -> None:
     assert head(torch.zeros(4, dim)).shape == (4, 3)
     with pytest.raises(ConfigError, match="encoder="):
         build_net({"_target_": "histoflow.models.MLPHead", "in_features": None}, 3, 64)
+
+
+def test_fixed_normalisation_and_resize_of_a_pretrained_encoders_input() -> None:
+    import numpy as np
+
+    from histoflow.data.transforms import PatchTransform
+
+    stats = {"mean_image": np.zeros((36, 36, 3))}
+    patches = np.zeros((2, 36, 36, 3), dtype=np.uint8)
+    patches[..., 0], patches[..., 1] = 255, 51  # red 1.0, green 0.2, blue 0.0 in 0-1 units
+    transform = PatchTransform(32, stats, "fixed", mean=[0.5, 0.2, 0.1], std=[0.25, 0.5, 0.1], resize=72,
+                               interpolation="bicubic")
+    out = transform(patches)
+    assert out.shape == (2, 3, 72, 72) and transform.out_side == 72
+    torch.testing.assert_close(out[:, 0], torch.full((2, 72, 72), 2.0))  # (1.0 - 0.5) / 0.25
+    torch.testing.assert_close(out[:, 1], torch.zeros(2, 72, 72), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[:, 2], torch.full((2, 72, 72), -1.0))
+    with pytest.raises(ConfigError, match="data.loader.mean and data.loader.std"):
+        PatchTransform(32, stats, "fixed", mean=[0.5] * 3)
+    with pytest.raises(ConfigError, match="interpolation"):
+        PatchTransform(32, stats, "none", resize=64, interpolation="lanczos")

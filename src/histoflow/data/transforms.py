@@ -151,8 +151,8 @@ class PatchTransform:
             raise ConfigError(f"data.loader.grey=true with normalize={normalize}: grey inputs take normalize=image "
                              "(minus the grey mean image) or none")
         if normalize == "image":
-            mean = mean_image.permute(2, 0, 1).reshape(3, side * side)
-            self.mean = (LUMA @ mean).expand(3, -1).contiguous() if self.grey else mean.contiguous()
+            pixels_mean = mean_image.permute(2, 0, 1).reshape(3, side * side)
+            self.mean = (LUMA @ pixels_mean).expand(3, -1).contiguous() if self.grey else pixels_mean.contiguous()
         elif normalize == "channel":
             channel_mean = torch.as_tensor(np.asarray(stats["channel_mean"]), dtype=torch.float32)
             self.mean = channel_mean[:, None].expand(3, side * side).contiguous()
