@@ -7,7 +7,9 @@ Both are timed twice: inside this process, and as whole processes started from t
 `python -m histoflow.prepare data=lymphoma ...` against a script doing the tutorial's steps (this file with
 --tutorial-only). --data names the folder holding lymphoma/ (default $HISTOFLOW_DATA, else ../shared/data beside
 the repo). Everything is written into a fresh temporary folder under --out and deleted afterwards, so nothing is
-cached between runs. Exits 0 whatever the numbers (a benchmark, not a test); 2 without data.
+cached between runs. Also times the shard writer alone: prepare's shards written again from their own members with
+TarShard and with wds.TarWriter (both byte-identical to prepare's; the whole comparison is bench_shards.py).
+Exits 0 whatever the numbers (a benchmark, not a test); 2 without data.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from histoflow.data.prepared import PreparedDataset
-from histoflow.data.shards import decode_npy, sample_key
+from histoflow.data.shards import TarShard, decode_npy, sample_key, tar_samples
 
 REPO = Path(__file__).resolve().parents[1]
 N_DECODE = 20_000
@@ -122,6 +124,40 @@ def members(tars: list[Path], ext: str, keys=None) -> dict[str, bytes]:
     return out
 
 
+def writer_seconds(tars: list[Path], work: Path, rounds: int = 2) -> dict[str, tuple[float, float]]:
+    """Best (wall, CPU) seconds of writing the shards' members again, as they are, with TarShard and with
+    wds.TarWriter (alternating); each copy must equal prepare's file byte for byte."""
+    shards = [list(tar_samples([{"url": str(t)}])) for t in tars]
+    work.mkdir(parents=True, exist_ok=True)
+
+    def tarshard(f, samples):
+        tar = TarShard(f)
+        for s in samples:
+            tar.add(f"{s['__key__']}.cls", s["cls"])
+            tar.add(f"{s['__key__']}.npy", s["npy"])
+        tar.close()
+
+    def tarwriter(f, samples):
+        with wds.TarWriter(f, encoder=False, user="histoflow", group="histoflow", mtime=0) as w:
+            for s in samples:
+                w.write({"__key__": s["__key__"], "cls": s["cls"], "npy": s["npy"]})
+
+    contenders = {"TarShard": tarshard, "wds.TarWriter": tarwriter}
+    best = dict.fromkeys(contenders, (float("inf"), float("inf")))
+    for r in range(rounds):
+        for name in list(contenders) if r % 2 == 0 else list(contenders)[::-1]:
+            write = contenders[name]
+            settle()
+            t0, c0 = time.perf_counter(), time.process_time()
+            for t, samples in zip(tars, shards):
+                with open(work / t.name, "wb") as f:
+                    write(f, samples)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
+            assert all((work / t.name).read_bytes() == t.read_bytes() for t in tars), f"{name} wrote other bytes"
+    return best
+
+
 def workers(n: int) -> str:
     return f"{n} worker{'s' * (n > 1)}"
 
@@ -177,6 +213,7 @@ def main() -> int:
         assert all(np.array_equal(decode_npy(npy[k]), np.asarray(Image.open(io.BytesIO(png[k])))) for k in keys[:200])
         npy_rate = rate(decode_npy, [npy[k] for k in keys])
         png_rate = rate(lambda b: np.asarray(Image.open(io.BytesIO(b))), [png[k] for k in keys])
+        writer = writer_seconds(sorted((ds.path / "shards").glob("*.tar")), tmp / "writer")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -195,6 +232,13 @@ def main() -> int:
     print(f"\n{'read back ' + str(len(keys)) + ' patches':<32}{'patches/s':>11}")
     print(f"{'.npy (decode_npy)':<32}{npy_rate:>11.0f}\n{'PNG (PIL)':<32}{png_rate:>11.0f}"
           f"\n.npy decodes {npy_rate / png_rate:.1f}x faster than PNG\n")
+    print(f"{'write the ' + str(n_patch) + ' patches again':<32}{'seconds':>9}{'patches/s':>11}{'CPU s':>8}  "
+          "(the same bytes, one process; best of 2)")
+    for name, (s, cpu) in writer.items():
+        print(f"{name:<32}{s:>9.2f}{n_patch / s:>11.0f}{cpu:>8.2f}")
+    (ours, ours_cpu), (theirs, theirs_cpu) = writer["TarShard"], writer["wds.TarWriter"]
+    print(f"TarShard writes {theirs / ours:.1f}x faster ({theirs_cpu / ours_cpu:.1f}x in CPU time); its {ours:.2f} s "
+          f"against prepare's {results[1][0]:.2f} s with 1 worker\n")
     speed, ratio, whole_ratio = n_patch / secs, t_secs / secs, t_whole / whole
     for ok, what in [(ratio >= 5, f"histoflow ({workers(args.workers)}) >= 5x the tutorial: {ratio:.1f}x"),
                      (whole_ratio >= 5, f"whole processes: histoflow >= 5x the tutorial: {whole_ratio:.1f}x"),
