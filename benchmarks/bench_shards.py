@@ -200,9 +200,10 @@ def main() -> int:
             print(f"\n== {kind.name}: {n:,} samples, .npy of {len(encode_npy(shards[0][0][2])):,} bytes")
 
             # write: the three writers, then the same bytes from each
-            writers = {"histoflow TarShard + add_sample (encode_npy)": lambda: write_tarshard(shards, paths["ours"]),
-                       "wds.TarWriter(encoder=False), the same bytes": lambda: write_tarwriter_bytes(shards, paths["bytes"]),
-                       "wds.TarWriter, its own encoder": lambda: write_tarwriter_encoder(shards, paths["encoder"])}
+            writers = {
+                "histoflow TarShard + add_sample (encode_npy)": lambda: write_tarshard(shards, paths["ours"]),
+                "wds.TarWriter(encoder=False), the same bytes": lambda: write_tarwriter_bytes(shards, paths["bytes"]),
+                "wds.TarWriter, its own encoder": lambda: write_tarwriter_encoder(shards, paths["encoder"])}
             rates = best_rates(writers, args.rounds)
             for c in ("bytes", "encoder"):
                 assert all(a.read_bytes() == b.read_bytes() for a, b in zip(paths["ours"], paths[c])), \
