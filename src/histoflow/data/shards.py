@@ -2,7 +2,7 @@
 
 Each sample is two tar members, `<image>-<x>-<y>-<rot>.cls` (class index) and `.npy` (a patch, or a patch's
 features), the layout `wds.TarWriter` writes and `wds.WebDataset` reads. TarShard writes it and tar_samples reads
-it, each about five times faster than webdataset's tarfile-based pair (benchmarks/bench_shards.py).
+it, 3-4 and 8-14 times faster than webdataset's tarfile-based pair (benchmarks/bench_shards.py).
 
 A shard of patches is a pure function of its job (images, seed, patch settings): the shuffled patches of a
 handful of images of one fold, and their pixel sums. Every shard is written under a temporary name and renamed
