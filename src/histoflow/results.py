@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from histoflow.data.folds import BLOCKS, CASES, PER_IMAGE, protocol_of
+from histoflow.data.folds import BLOCKS, CASES, LOCO, PER_IMAGE, protocol_of
 from histoflow.data.prepare import prepare_dataset
 from histoflow.inference.colour_baseline import CLASSIFIERS as COLOUR, NAMES as COLOUR_NAMES
 from histoflow.training import METRICS_FILE
@@ -191,9 +191,10 @@ def _colour_pooled(run: dict[str, Any]) -> str:
     return " / ".join(cells)
 
 
-def recipe_table(records: list[dict[str, Any]], only: set[str] | None = None) -> list[str]:
-    """One row per recipe measured under case folds (patients never on both sides; of `only`, where given), its
-    figures on new patients with their uncertainty over cases, and its per-image and block-fold figures beside them."""
+def recipe_table(records: list[dict[str, Any]], only: set[str] | None = None, protocol: str = CASES) -> list[str]:
+    """One row per recipe measured under case folds (patients never on both sides; or leave one case out, the
+    other protocol on new patients; of `only`, where given), its figures on new patients with their uncertainty
+    over cases, and its per-image and block-fold figures beside them."""
     classes = records[0]["classes"]
     lines = [f"| recipe | image acc, mean ± sd over folds | pooled [95% CI over cases] | macro F1 | case-level acc "
              f"| recall {' / '.join(classes)} | colour only: {' / '.join(COLOUR)}, pooled [CI] "
@@ -201,7 +202,7 @@ def recipe_table(records: list[dict[str, Any]], only: set[str] | None = None) ->
              "|---|" + "---:|" * 9]
     for recipe in dict.fromkeys(r["recipe"] for r in records):
         runs = {r["protocol"]: r for r in records if r["recipe"] == recipe}
-        cases = runs.get(CASES)
+        cases = runs.get(protocol)
         if cases is None or (only is not None and recipe not in only):
             continue
         case_level = cases.get("case_level")
@@ -221,7 +222,7 @@ def leaky_table(records: list[dict[str, Any]]) -> list[str]:
              "| training, min (all folds): per-image / block |", "|---|" + "---:|" * 6]
     for recipe in dict.fromkeys(r["recipe"] for r in records):
         runs = {r["protocol"]: r for r in records if r["recipe"] == recipe}
-        if CASES in runs:
+        if CASES in runs or LOCO in runs:
             continue
         image, blocks = runs.get(PER_IMAGE), runs.get(BLOCKS)
         recall = " / ".join(f"{blocks['recall'][c]:.2f}" for c in classes) if blocks else "–"
@@ -234,7 +235,9 @@ def leaky_table(records: list[dict[str, Any]]) -> list[str]:
 
 
 def run_table(records: list[dict[str, Any]]) -> list[str]:
-    """Every run's folds, calibration and times."""
+    """Every k-fold run's folds, calibration and times (leave one case out has a fold per case: its folds stay in
+    its own report)."""
+    records = [r for r in records if r["protocol"] != LOCO]
     folds = list(dict.fromkeys(f for r in records for f in r["image_acc"]))
     lines = ["| recipe | protocol | " + " | ".join(folds) + " | patch acc (pooled) | ECE | prepare, s "
              "| training, min per fold | report, s | date |", "|---|---|" + "---:|" * (len(folds) + 6)]
@@ -302,6 +305,7 @@ def render(records: list[dict[str, Any]], figures_from: Path = Path("."), page_d
              "same folds: how much colour alone explains. Per-image and block folds put images of a test case in "
              "training (`python -m histoflow.audit` flags both), so their columns say how much a leak flatters a "
              "recipe, not how it does on new patients.", "", *recipe_table(records), "",
+             *_loco_section(records),
              "### Earlier recipes, measured under leaky protocols only", "",
              f"Per-image folds (the tutorial's) and block folds (blocks of {_of(records, BLOCKS, 'group_block')} "
              "neighbouring indices, the project's earlier stand-in for slides: most cases hold 10-19 neighbouring "
@@ -319,6 +323,17 @@ def render(records: list[dict[str, Any]], figures_from: Path = Path("."), page_d
                            f"({Path(os.path.relpath(figures_from / file, page_dir)).as_posix()})"
                            for name, file in r["figures"].items()), "", "</details>", ""]
     return "\n".join(lines + [END])
+
+
+def _loco_section(records: list[dict[str, Any]]) -> list[str]:
+    """Leave one case out (every case its own fold, each model trained on all the others), where a run has it."""
+    if not any(r["protocol"] == LOCO for r in records):
+        return []
+    return ["### On new patients: leave one case out", "",
+            "Every case is its own fold (`protocol=loco`): each model trains on all the other cases and predicts the "
+            "images of one. Mean ± sd over folds is over single cases, whose images tend to be right or wrong "
+            "together, so it is large; the pooled figure and its interval over cases are the ones to read.", "",
+            *recipe_table(records, protocol=LOCO), ""]
 
 
 def render_headline(records: list[dict[str, Any]], page: str) -> str:
