@@ -1,12 +1,13 @@
 """Frozen features: embedding throughput against the encoder's pure forward rate, and a five-fold head sweep.
 
-    python benchmarks/bench_embed.py [--data DIR] [--out DIR] [--shards N] [--experiment NAME] [--check]
+    python benchmarks/bench_embed.py [--data DIR] [--out DIR] [--patches N] [--experiment NAME] [--check]
 
 On the real lymphoma patches with experiment=lymphoma_frozen_squeezenet (ImageNet SqueezeNet 1.1 features of
 ../shared/weights, 32-px crops upsampled to 64 px, a linear head), prints
-(a) the encoder's pure forward rate (patches/s) on N shards' patches, transformed and held in memory;
-(b) the embedding of the same shards as histoflow.data.embeddings does it (read, decode, transform, forward,
-    write atomically), patches/s; floor (b) >= 0.8 (a): reading and writing cost little beside the encoder;
+(a) the encoder's pure forward rate (patches/s) on N prepared patches, transformed and held in memory;
+(b) the embedding of the same N patches, written as one shard, as histoflow.data.embeddings embeds a shard
+    (read, decode, transform, forward, write atomically), patches/s; floor (b) >= 0.8 (a): reading and
+    writing cost little beside the encoder;
 (c) the wall time of `python train.py -m experiment=... fold=1,2,3,4,5` on the cached embeddings (every job's
     head, checkpoints, CSV logs and the fold summary; the k-fold image report, which runs encoder + head on every
     image again, timed apart as (d)); floor (c) < 120 s on the project's 2-core CPU.
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -35,7 +37,7 @@ from omegaconf import OmegaConf
 from histoflow.data.datamodule import ShardDataModule
 from histoflow.data.embeddings import embed_shard, fold_free_transform
 from histoflow.data.prepare import prepare_dataset
-from histoflow.data.shards import stack_npy, tar_samples
+from histoflow.data.shards import add_sample, atomic_shard, decode_npy, stack_npy, tar_samples
 from histoflow.machine import cpu_count
 from histoflow.models import build_encoder, model_preprocess
 
@@ -58,9 +60,10 @@ def _timed(fn) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("HISTOFLOW_DATA", REPO.parent / "shared" / "data")))
+    parser.add_argument("--data", type=Path,
+                        default=Path(os.environ.get("HISTOFLOW_DATA", REPO.parent / "shared" / "data")))
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--shards", type=int, default=2, help="patch shards timed in (a) and (b)")
+    parser.add_argument("--patches", type=int, default=1024, help="prepared patches timed in (a) and (b)")
     parser.add_argument("--experiment", default="lymphoma_frozen_squeezenet")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
@@ -81,11 +84,16 @@ def main() -> int:
     transform = fold_free_transform(prepared, loader)
     encoder, dim = build_encoder(cfg.encoder, transform.out_side)
     batch = loader["eval_batch_size"] or loader["batch_size"]
-    shards = [prepared.path / "shards" / s["file"] for s in prepared.record["shards"][:args.shards]]
-    patches = [torch.from_numpy(stack_npy([s["npy"] for s in tar_samples([{"url": str(p)}])])) for p in shards]
-    inputs = [transform(p[i:i + batch]) for p in patches for i in range(0, len(p), batch)]
-    n = sum(len(p) for p in patches)
     scratch = Path(tempfile.mkdtemp(prefix="bench-embed-shards-"))
+    urls = [{"url": str(prepared.path / "shards" / shard["file"])} for shard in prepared.record["shards"]]
+    samples = list(islice(tar_samples(urls), args.patches))
+    source = scratch / "patches.tar"
+    with atomic_shard(source) as tar:
+        for sample in samples:
+            add_sample(tar, sample["__key__"], int(sample["cls"]), decode_npy(sample["npy"]))
+    n = len(samples)
+    patches = torch.from_numpy(stack_npy([s["npy"] for s in samples]))
+    inputs = [transform(patches[i:i + batch]) for i in range(0, n, batch)]
     torch.set_grad_enabled(False)
 
     def forward() -> None:
@@ -93,8 +101,7 @@ def main() -> int:
             encoder(x)
 
     def embed() -> None:
-        for p in shards:
-            embed_shard(p, scratch / p.name, encoder, transform, batch, torch.device("cpu"))
+        embed_shard(source, scratch / "features.tar", encoder, transform, batch, torch.device("cpu"))
 
     forward()  # warm-up
     t_forward, t_embed = float("inf"), float("inf")
@@ -102,8 +109,8 @@ def main() -> int:
         t_forward, t_embed = min(t_forward, _timed(forward)), min(t_embed, _timed(embed))
     print(f"machine: {cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
           f"{'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'} (timed on the CPU)")
-    print(f"encoder {cfg.encoder.name}: {transform.out_side}-px inputs, {dim} features; {n} patches in "
-          f"{len(shards)} shards, batches of {batch}")
+    print(f"encoder {cfg.encoder.name}: {transform.out_side}-px inputs, {dim} features; {n} patches, "
+          f"batches of {batch}")
     print(f"(a) encoder forward alone:  {n / t_forward:8.0f} patches/s")
     print(f"(b) embedding (read, transform, forward, write): {n / t_embed:8.0f} patches/s  "
           f"(b)/(a) = {t_forward / t_embed:.2f} (floor {FLOOR_EMBED_VS_FORWARD})")
