@@ -15,7 +15,8 @@ A ``resize`` side then scales the crops to a pretrained encoder's input size (on
 Why not torchvision.transforms.v2: a v2 transform draws one set of random parameters per call, so on
 a batch every patch would get the same crop and flip, while per-patch calls of v2 crop, flips and
 normalise run at ~10,000 patches/s, a tenth of this module. Here the random crops and flips of all
-the patches of a batch are one gather.
+the patches of a batch are one gather. kornia.augmentation draws per-sample parameters on a batch but ran
+6x slower on these patches (17x with colour jitter) and has no HED jitter (benchmarks/bench_transforms.py).
 """
 
 from __future__ import annotations
