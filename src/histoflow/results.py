@@ -168,7 +168,10 @@ def _pm(stats: dict[str, float] | None, bold: bool = False) -> str:
 
 
 def _minutes(run: dict[str, Any] | None) -> str:
-    return f"{sum(run['train_minutes']):.0f}" if run and run["train_minutes"] else "–"
+    if not run or not run["train_minutes"]:
+        return "–"
+    total = sum(run["train_minutes"])
+    return f"{total:.0f}" if total >= 1 else f"{total:.1f}"  # heads on cached features train in seconds
 
 
 def _ci(interval: list[float] | None) -> str:
