@@ -94,6 +94,8 @@ def test_embeddings_are_keyed_by_encoder_and_weights_and_reused(images: Path, tm
         **ENCODER["preprocess"], "input_size": 48}}).embeddings(prepared)
     assert len({a.path, other_weights.path, other_size.path}) == 3
     assert a.path.parent == prepared.path / "embeddings"
+    hashes = json.loads((prepared.path / "embeddings" / ".hashes-weights.json").read_text())  # read once per file
+    assert {v["sha256"] for v in hashes.values()} >= {a.record["weights_sha256"], other_weights.record["weights_sha256"]}
     # the same encoder again: found, nothing embedded (a moved weights file with the same bytes too)
     monkeypatch.setattr(embeddings, "embed_shard", lambda *a, **k: pytest.fail("embedded again"))
     moved = tmp_path / "moved"
@@ -119,7 +121,7 @@ def test_an_interrupted_embedding_resumes_without_duplicates(images: Path, tmp_p
     monkeypatch.setattr(embeddings, "embed_shard", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         datamodule.embeddings(prepared)
-    out = next((prepared.path / "embeddings").iterdir())
+    (out,) = [p for p in (prepared.path / "embeddings").iterdir() if p.is_dir()]
     assert not (out / RECORD).exists() and sorted(p.name for p in out.glob("*.tar")) == sorted(written)
     before = {name: (out / name).stat().st_mtime_ns for name in written}
     again: list[str] = []

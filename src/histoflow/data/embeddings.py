@@ -27,7 +27,7 @@ import torch
 from filelock import FileLock
 from omegaconf import OmegaConf
 
-from histoflow.data.fingerprint import sha256_file
+from histoflow.data.fingerprint import content_hashes, sha256_file
 from histoflow.data.prepared import PreparedDataset, Split
 from histoflow.data.shards import add_sample, atomic_shard, stack_npy, tar_samples
 from histoflow.data.transforms import PatchTransform, build_transform
@@ -47,13 +47,18 @@ def _container(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
 
 
-def encoder_settings(encoder_cfg: Mapping[str, Any], loader: Mapping[str, Any]) -> dict[str, Any]:
-    """What decides the vectors of an encoder on a prepared data set: its config, weights and input preprocessing."""
+def encoder_settings(encoder_cfg: Mapping[str, Any], loader: Mapping[str, Any],
+                     hashes: Path | None = None) -> dict[str, Any]:
+    """What decides the vectors of an encoder on a prepared data set: its config, weights and input preprocessing.
+
+    hashes: a cache of the weights file's sha256 (a foundation model's file is ~1 GB: read once, not per job).
+    """
     encoder = {k: v for k, v in _container(encoder_cfg).items() if k not in NOT_DECIDING}
     weights = encoder.get("weights")
     weights_sha256 = None
     if weights is not None and Path(str(weights)).expanduser().is_file():
-        weights_sha256 = sha256_file(Path(str(weights)).expanduser())
+        file = Path(str(weights)).expanduser().resolve()
+        weights_sha256 = content_hashes([file], hashes)[0] if hashes else sha256_file(file)
         encoder["weights"] = Path(str(weights)).name  # the content counts, not where the file lies
     elif weights is not None and ("/" in str(weights) or str(weights).endswith((".pth", ".pt", ".bin", ".safetensors"))):
         raise MissingInputError(f"encoder.weights file '{weights}' does not exist. Fix: point encoder.weights at the "
@@ -122,7 +127,7 @@ def embed_dataset(prepared: PreparedDataset, encoder_cfg: Mapping[str, Any], loa
     One process at a time writes a folder; the others wait for its lock and then find it done.
     """
     loader = dict(loader)
-    settings = encoder_settings(encoder_cfg, loader)
+    settings = encoder_settings(encoder_cfg, loader, prepared.path / "embeddings" / ".hashes-weights.json")
     out = embeddings_dir(prepared, settings)
     if (out / RECORD).is_file():
         return EmbeddedDataset(out, prepared)
