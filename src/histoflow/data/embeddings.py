@@ -20,7 +20,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -107,8 +107,9 @@ def fold_free_transform(prepared: PreparedDataset, loader: Mapping[str, Any]) ->
 
 @torch.inference_mode()
 def embed_shard(src: str | Path, dst: Path, encoder: torch.nn.Module, transform: PatchTransform, batch_size: int,
-                device: torch.device) -> int:
-    """Embed one shard of patches into a shard of feature vectors with the same keys and classes; its sample count."""
+                device: torch.device, done: Callable[[int], None] | None = None) -> int:
+    """Embed one shard of patches into a shard of feature vectors with the same keys and classes; its sample count.
+    done: called with each batch's size (a progress bar)."""
     samples = list(tar_samples([{"url": str(src)}]))
     with atomic_shard(dst) as tar:
         for start in range(0, len(samples), batch_size):
@@ -117,6 +118,8 @@ def embed_shard(src: str | Path, dst: Path, encoder: torch.nn.Module, transform:
             features = encoder(x).float().cpu().numpy()
             for sample, vector in zip(part, features):
                 add_sample(tar, sample["__key__"], int(sample["cls"]), np.ascontiguousarray(vector))
+            if done is not None:
+                done(len(part))
     return len(samples)
 
 
@@ -156,10 +159,14 @@ def _embed(prepared: PreparedDataset, encoder_cfg: Mapping[str, Any], settings: 
     with progress_bar(progress) as bar:
         task = bar.add_task(f"embedding ({settings['encoder'].get('name', 'encoder')}, {dev.type})",
                             total=sum(s["samples"] for s in todo), rate="")
-        for shard in todo:
-            done += embed_shard(prepared.path / "shards" / shard["file"], out / shard["file"], encoder, transform,
-                                batch_size, dev)
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
             bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - t0):.0f} patches/s")
+
+        for shard in todo:
+            embed_shard(prepared.path / "shards" / shard["file"], out / shard["file"], encoder, transform, batch_size,
+                        dev, advance)
     record = {**settings, "dim": dim, "prepared": str(prepared.path), "samples": prepared.record["samples"],
               "shards": [s["file"] for s in shards], "seconds": round(time.perf_counter() - t0, 2),
               "device": str(dev)}
