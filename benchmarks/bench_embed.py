@@ -39,7 +39,7 @@ from histoflow.data.embeddings import embed_shard, fold_free_transform
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.shards import add_sample, atomic_shard, decode_npy, stack_npy, tar_samples
 from histoflow.machine import cpu_count
-from histoflow.models import build_encoder, model_preprocess
+from histoflow.models import build_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 FLOOR_EMBED_VS_FORWARD = 0.8  # (b) / (a)
@@ -76,9 +76,7 @@ def main() -> int:
     if cfg.encoder.get("weights") and not Path(cfg.encoder.weights).is_file():
         print(f"no encoder weights at {cfg.encoder.weights} (see ../shared/weights/README.md)", file=sys.stderr)
         return 2
-    preprocess = model_preprocess(cfg.encoder, "encoder")
-    datamodule = ShardDataModule(encoder=cfg.encoder, preprocess=preprocess.loader() if preprocess else None,
-                                 **OmegaConf.to_container(cfg.data, resolve=True))
+    datamodule = ShardDataModule(encoder=cfg.encoder, **OmegaConf.to_container(cfg.data, resolve=True))
     prepared = prepare_dataset(datamodule.data, quiet=True)
     loader = asdict(datamodule.loader)
     transform = fold_free_transform(prepared, loader)

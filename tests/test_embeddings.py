@@ -55,10 +55,7 @@ def data_config(images: Path, work: Path) -> dict:
 
 
 def module_for(images: Path, work: Path, encoder: dict) -> ShardDataModule:
-    from histoflow.models import model_preprocess
-
-    return ShardDataModule(encoder=encoder, preprocess=model_preprocess(encoder, "encoder").loader(),
-                           **data_config(images, work))
+    return ShardDataModule(encoder=encoder, **data_config(images, work))
 
 
 def shard_samples(path: Path) -> list[dict]:
@@ -94,7 +91,7 @@ def test_embeddings_are_keyed_by_encoder_and_weights_and_reused(images: Path, tm
         **ENCODER["preprocess"], "input_size": 48}}).embeddings(prepared)
     assert len({a.path, other_weights.path, other_size.path}) == 3
     assert a.path.parent == prepared.path / "embeddings"
-    hashes = json.loads((prepared.path / "embeddings" / ".hashes-weights.json").read_text())  # read once per file
+    hashes = json.loads((prepared.path / "embeddings" / embeddings.HASHES).read_text())  # read once per file
     assert {v["sha256"] for v in hashes.values()} >= {a.record["weights_sha256"], other_weights.record["weights_sha256"]}
     # the same encoder again: found, nothing embedded (a moved weights file with the same bytes too)
     monkeypatch.setattr(embeddings, "embed_shard", lambda *a, **k: pytest.fail("embedded again"))

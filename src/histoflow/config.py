@@ -18,9 +18,16 @@ import typing
 from dataclasses import MISSING, fields, is_dataclass
 from typing import Any, Iterable, Mapping, TypeVar
 
+from omegaconf import OmegaConf
+
 from histoflow.errors import ConfigError
 
 T = TypeVar("T")
+
+
+def plain(value: Any) -> Any:
+    """A Hydra/OmegaConf node as plain dicts and lists (interpolations resolved); anything else as it is."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def check_keys(cfg: Mapping[str, Any], known: Iterable[str], section: str) -> None:

@@ -17,7 +17,6 @@ from omegaconf import DictConfig
 from histoflow.data.datamodule import ShardDataModule
 from histoflow.data.prepare import prepare_dataset
 from histoflow.errors import report_errors
-from histoflow.models import model_preprocess
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -25,9 +24,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="embed")
 @report_errors
 def main(cfg: DictConfig) -> str:
-    preprocess = model_preprocess(cfg.encoder, "encoder")
-    datamodule = ShardDataModule(encoder=cfg.encoder, preprocess=preprocess.loader() if preprocess else None,
-                                 **cfg.data)
+    datamodule = ShardDataModule(encoder=cfg.encoder, **cfg.data)
     features = datamodule.embeddings(prepare_dataset(datamodule.data))
     print(f"embedded {features.record['samples']} patches into {features.dim} features each\n"
           f"  embeddings: {features.path}")

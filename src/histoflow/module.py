@@ -8,11 +8,11 @@ from typing import Any, Callable, Iterable, Mapping
 import hydra
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
+from histoflow.config import plain
 from histoflow.errors import ConfigError, HistoflowError
 from histoflow.models import build_encoder, clean_state_dict, encoder_with_head
 from histoflow.reports import save_confusion_matrix
@@ -123,7 +123,7 @@ def build_net(model_cfg: Mapping[str, Any], num_classes: int, input_size: int | 
               in_features: int | None = None) -> nn.Module:
     """The net of a `model` config with num_classes, and where the config lists them, from the data: input_size
     (the input side) and in_features (a head's, the encoder's feature width)."""
-    cfg = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else dict(model_cfg)
+    cfg = dict(plain(model_cfg))
     cfg.pop("preprocess", None)  # the data loader's business (models.preprocess), not the constructor's
     extra: dict[str, Any] = {"input_size": input_size} if "input_size" in cfg else {}
     if "in_features" in cfg:

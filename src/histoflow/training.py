@@ -78,10 +78,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
 
     # The data decides the net's head and input size, so it is prepared before the net is built; a pretrained
-    # model (or the frozen encoder a head sits on) decides the input's size and normalisation.
-    encoder = cfg.get("encoder")
-    preprocess = model_preprocess(encoder or cfg.model, "encoder" if encoder else "model")
-    datamodule = hydra.utils.instantiate(cfg.data, fold=cfg.fold, encoder=encoder, _recursive_=False,
+    # net (or the frozen encoder a head sits on, which the DataModule reads) decides the input's size and
+    # normalisation.
+    preprocess = model_preprocess(cfg.model)
+    datamodule = hydra.utils.instantiate(cfg.data, fold=cfg.fold, encoder=cfg.get("encoder"), _recursive_=False,
                                          preprocess=preprocess.loader() if preprocess else None)
     datamodule.prepare_data()
     datamodule.setup("fit")

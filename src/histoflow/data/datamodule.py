@@ -26,9 +26,8 @@ import numpy as np
 import pytorch_lightning as L
 import torch
 import webdataset as wds
-from omegaconf import OmegaConf
 
-from histoflow.config import at_least, read_section
+from histoflow.config import at_least, plain, read_section
 from histoflow.data.embeddings import EmbeddedDataset, embed_dataset
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.prepared import PreparedDataset, Split
@@ -36,6 +35,7 @@ from histoflow.data.shards import parse_key, stack_npy, tar_samples
 from histoflow.data.transforms import PatchTransform, build_transform
 from histoflow.errors import ConfigError
 from histoflow.machine import resolve_workers
+from histoflow.models import model_preprocess
 
 KEY_FIELDS = ("image", "x", "y", "rot")  # columns of the keys tensor: manifest index, patch origin, rotation
 ROLES = ("train", "val", "test")
@@ -138,27 +138,27 @@ def shard_pipeline(urls: list[str], transform: PatchTransform | None, batch_size
     return wds.DataPipeline(*stages)
 
 
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
 class ShardDataModule(L.LightningDataModule):
     """Prepared shards of one held-out fold as Lightning loaders; built from the whole `data` config.
 
-    preprocess: data.loader values a pretrained model sets (models.Preprocess.loader(): resize, normalize=fixed
+    preprocess: data.loader values a pretrained whole net sets (models.Preprocess.loader(): resize, normalize=fixed
     with its mean and std). encoder: a model config; then the samples are the frozen encoder's feature vectors of
-    the patches (data.embeddings, made once in prepare_data), for a head to train on.
+    the patches (data.embeddings, made once in prepare_data), for a head to train on, and the patches go through
+    the encoder's own preprocessing (its config's `preprocess` section).
     """
 
     def __init__(self, fold: int | str = 1, encoder: Mapping[str, Any] | None = None,
                  preprocess: Mapping[str, Any] | None = None, **data: Any) -> None:
         super().__init__()
-        self.data: dict[str, Any] = {k: _plain(v) for k, v in data.items()}
+        self.data: dict[str, Any] = {k: plain(v) for k, v in data.items()}
         self.fold = str(fold)
         self.loader = LoaderConfig.from_config(self.data.get("loader"))
+        self.encoder: dict[str, Any] | None = plain(encoder) or None
+        if self.encoder:
+            encoder_input = model_preprocess(self.encoder, "encoder")
+            preprocess = encoder_input.loader() if encoder_input else preprocess
         if preprocess:
-            self.loader = replace(self.loader, **_plain(preprocess))
-        self.encoder: dict[str, Any] | None = _plain(encoder) or None
+            self.loader = replace(self.loader, **plain(preprocess))
         self.prepared: PreparedDataset | None = None
         self.features: EmbeddedDataset | None = None
         self.feature_dim: int | None = None  # the encoder's feature width, with an encoder

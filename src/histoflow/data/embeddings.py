@@ -25,45 +25,45 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 from filelock import FileLock
-from omegaconf import OmegaConf
 
-from histoflow.data.fingerprint import content_hashes, sha256_file
+from histoflow.config import plain
+from histoflow.data.fingerprint import content_hashes
 from histoflow.data.prepared import PreparedDataset, Split
 from histoflow.data.shards import add_sample, atomic_shard, stack_npy, tar_samples
 from histoflow.data.transforms import PatchTransform, build_transform
 from histoflow.errors import ConfigError, MissingInputError
 from histoflow.machine import resolve_device
+from histoflow.models import build_encoder
 from histoflow.progress import progress_bar
 
 log = logging.getLogger(__name__)
 FORMAT = 1
 RECORD = "embeddings.json"
+HASHES = ".hashes-weights.json"  # beside the encoders' folders: the weights files' sha256 by file status
 FOLD_FREE = ("imagenet", "fixed", "none")  # normalisations that do not read the training fold's statistics
 LOADER_KEYS = ("crop", "resize", "interpolation", "normalize", "mean", "std", "scale", "grey")
 NOT_DECIDING = ("cache_dir", "freeze_backbone")  # encoder config keys that do not change a vector
 
 
-def _container(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+def weights_sha256(file: Path, root: Path) -> str:
+    """sha256 of an encoder's weights file, remembered in `root` (<prepared>/embeddings) by the file's status:
+    a foundation model's file is ~1 GB, read once rather than by every job and every prediction."""
+    return content_hashes([file.expanduser().resolve()], root / HASHES)[0]
 
 
-def encoder_settings(encoder_cfg: Mapping[str, Any], loader: Mapping[str, Any],
-                     hashes: Path | None = None) -> dict[str, Any]:
-    """What decides the vectors of an encoder on a prepared data set: its config, weights and input preprocessing.
-
-    hashes: a cache of the weights file's sha256 (a foundation model's file is ~1 GB: read once, not per job).
-    """
-    encoder = {k: v for k, v in _container(encoder_cfg).items() if k not in NOT_DECIDING}
+def encoder_settings(encoder_cfg: Mapping[str, Any], loader: Mapping[str, Any], root: Path) -> dict[str, Any]:
+    """What decides the vectors of an encoder on a prepared data set: its config, weights and input preprocessing
+    (root: the embeddings folder of the prepared data set, which caches the weights' sha256)."""
+    encoder = {k: v for k, v in plain(encoder_cfg).items() if k not in NOT_DECIDING}
     weights = encoder.get("weights")
-    weights_sha256 = None
+    digest = None
     if weights is not None and Path(str(weights)).expanduser().is_file():
-        file = Path(str(weights)).expanduser().resolve()
-        weights_sha256 = content_hashes([file], hashes)[0] if hashes else sha256_file(file)
+        digest = weights_sha256(Path(str(weights)), root)
         encoder["weights"] = Path(str(weights)).name  # the content counts, not where the file lies
     elif weights is not None and ("/" in str(weights) or str(weights).endswith((".pth", ".pt", ".bin", ".safetensors"))):
         raise MissingInputError(f"encoder.weights file '{weights}' does not exist. Fix: point encoder.weights at the "
                                 "encoder's weights file (or set HISTOFLOW_WEIGHTS to the folder holding it)")
-    return {"format": FORMAT, "encoder": encoder, "weights_sha256": weights_sha256,
+    return {"format": FORMAT, "encoder": encoder, "weights_sha256": digest,
             "input": {k: loader.get(k) for k in LOADER_KEYS}}
 
 
@@ -130,7 +130,7 @@ def embed_dataset(prepared: PreparedDataset, encoder_cfg: Mapping[str, Any], loa
     One process at a time writes a folder; the others wait for its lock and then find it done.
     """
     loader = dict(loader)
-    settings = encoder_settings(encoder_cfg, loader, prepared.path / "embeddings" / ".hashes-weights.json")
+    settings = encoder_settings(encoder_cfg, loader, prepared.path / "embeddings")
     out = embeddings_dir(prepared, settings)
     if (out / RECORD).is_file():
         return EmbeddedDataset(out, prepared)
@@ -144,8 +144,6 @@ def embed_dataset(prepared: PreparedDataset, encoder_cfg: Mapping[str, Any], loa
 
 def _embed(prepared: PreparedDataset, encoder_cfg: Mapping[str, Any], settings: Mapping[str, Any],
            transform: PatchTransform, out: Path, batch_size: int, device: str, progress: bool) -> EmbeddedDataset:
-    from histoflow.models import build_encoder  # here: models import the data package's modules, not back
-
     for leftover in out.glob(".*.tmp"):  # half-written by a killed run
         leftover.unlink()
     dev = resolve_device(device)

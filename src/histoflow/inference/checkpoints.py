@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from histoflow.data.fingerprint import sha256_file
+from histoflow.data.embeddings import weights_sha256
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.stain import StainNormalizer
 from histoflow.data.transforms import PatchTransform, build_transform
@@ -153,15 +153,15 @@ def preprocessing_of(module: PatchClassifier, datamodule_state: Mapping[str, Any
 def check_encoder_weights(path: Path, encoder: Mapping[str, Any] | None, state: Mapping[str, Any] | None) -> None:
     """A head's checkpoint holds the head only: its encoder is rebuilt from the encoder config, whose weights file
     must still be the one the head was trained on."""
-    trained = ((state or {}).get("encoder") or {}).get("weights_sha256")
-    weights = (encoder or {}).get("weights")
+    embedded = (state or {}).get("encoder") or {}
+    trained, weights = embedded.get("weights_sha256"), (encoder or {}).get("weights")
     if not trained or weights is None:
         return
     file = Path(str(weights)).expanduser()
     if not file.is_file():
         raise CheckpointError(f"{path}: its head was trained on the features of encoder weights {weights}, which "
                               "are not there. Fix: put that file back where it was (the head needs those very weights)")
-    if sha256_file(file) != trained:
+    if weights_sha256(file, Path(embedded["embeddings"]).parent) != trained:
         raise CheckpointError(f"{path}: the encoder weights {file} changed since its head was trained (sha256 "
                               f"{trained[:12]}... then). Fix: restore those weights, or train the head again")
 

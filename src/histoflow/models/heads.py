@@ -12,9 +12,9 @@ from typing import Any, Mapping
 
 import hydra
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
+from histoflow.config import plain
 from histoflow.errors import ConfigError
 
 
@@ -45,7 +45,7 @@ class MLPHead(nn.Module):
 def build_encoder(encoder_cfg: Mapping[str, Any], input_size: int) -> tuple[nn.Module, int]:
     """The frozen encoder of a model config (no head, eval mode, no gradients) and its feature width, measured by
     one forward pass at the input side it will see."""
-    cfg = OmegaConf.to_container(encoder_cfg, resolve=True) if OmegaConf.is_config(encoder_cfg) else dict(encoder_cfg)
+    cfg = dict(plain(encoder_cfg))
     cfg.pop("preprocess", None)
     cfg.pop("freeze_backbone", None)
     extra = {"input_size": input_size} if "input_size" in cfg else {}

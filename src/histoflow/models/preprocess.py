@@ -12,9 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from omegaconf import OmegaConf
-
-from histoflow.config import check_keys
+from histoflow.config import check_keys, plain
 from histoflow.errors import ConfigError
 
 AUTO = "auto"
@@ -72,7 +70,7 @@ def model_preprocess(model_cfg: Mapping[str, Any] | None, section: str = "model"
     """The Preprocess of a model config's `preprocess` section; None when it has none (the data's loader rules)."""
     if model_cfg is None:
         return None
-    model_cfg = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else model_cfg
+    model_cfg = plain(model_cfg)
     given = model_cfg.get("preprocess")
     if not given:
         return None
