@@ -157,6 +157,7 @@ def _embed(prepared: PreparedDataset, encoder_cfg: Mapping[str, Any], settings: 
     with progress_bar(progress) as bar:
         task = bar.add_task(f"embedding ({settings['encoder'].get('name', 'encoder')}, {dev.type})",
                             total=sum(s["samples"] for s in todo), rate="")
+
         def advance(n: int) -> None:
             nonlocal done
             done += n

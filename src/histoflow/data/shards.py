@@ -119,7 +119,7 @@ class TarShard:
 
 def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
     """Samples of local tar shards, as wds.tarfile_to_samples gives them ({"__key__", "__url__", ext: bytes}),
-    7-14 times faster (benchmarks/bench_shards.py, docs/benchmarks.md).
+    8-14 times faster (benchmarks/bench_shards.py, docs/benchmarks.md).
 
     Python's tarfile spends ~20 us on each 512-byte header, two per patch, and webdataset's generic
     grouping of members into samples as much again: together they capped the loader below 20,000
@@ -156,8 +156,7 @@ def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
 def stack_npy(payloads: list[bytes]) -> np.ndarray:
     """Decode and stack .npy payloads into one (B, ...) array, 45-57 times faster than np.stack of np.load on a
     shard's batches (benchmarks/bench_shards.py, docs/benchmarks.md)."""
-    # equal headers (the rule in a shard) are parsed once and the pixels joined in one copy: about ten
-    # times faster than stacking per-sample decodes
+    # equal headers (the rule in a shard) are parsed once and the pixels joined in one copy
     first = decode_npy(payloads[0])
     start = len(payloads[0]) - first.nbytes
     head = payloads[0][:start]
