@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
 
-from conftest import CLASSES, env_without_wandb_account, make_images
+from conftest import CLASSES, env_without_wandb_account, make_images, plotted_lines
 from histoflow import results
 from histoflow.data.folds import read_manifest
 from histoflow.data.prepared import PreparedDataset
@@ -268,7 +268,7 @@ def test_a_run_is_recorded_from_the_report_its_multirun_wrote(multirun: Path, tm
 
 
 def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Path, multirun: Path,
-                                                             tmp_path: Path) -> None:
+                                                             tmp_path: Path, saved_figures: list) -> None:
     """The full section goes to docs/results.md (beside its figures), the headline table to the README; both are
     re-rendered byte for byte from the record alone."""
     readme, record, docs = tmp_path / "README.md", tmp_path / "docs" / "results.json", tmp_path / "docs"
@@ -325,9 +325,17 @@ def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Pa
     # the same run as if made under case folds, twice: the headline is the flagged recipe's row, first protocol
     runs = json.loads(record.read_text())["runs"]
     cased = {**runs[0], "protocol": "case folds", "group_table": "patients.csv"}
-    record.write_text(json.dumps({"runs": [*runs, {**cased, "headline": True}, {**cased, "recipe": "not flagged"}]}))
+    record.write_text(json.dumps({"runs": [*runs, {**cased, "headline": True},
+                                           {**cased, "recipe": "not flagged", "pooled_acc": 0.25}]}))
     results.main(options)
     head, text = readme.read_text(), page.read_text()
+    # the overview: each case-fold recipe's pooled accuracy, top down, the colour forest beside it, chance
+    assert f"]({results.OVERVIEW})" in text and f"](docs/{results.OVERVIEW})" in head and (docs / results.OVERVIEW).exists()
+    (drawn,) = plotted_lines(saved_figures[-1]).values()
+    forest = report["colour_baselines"]["forest"]["pooled"]["image/acc"]
+    assert drawn["value [95% interval]"] == ([report["pooled"]["image/acc"], 0.25], [1.0, 0.0])
+    assert next(v for k, v in drawn.items() if k.startswith("colour only")) == ([forest, forest], [1.0, 0.0])
+    assert drawn["chance (1 in 3)"][0] == [1 / 3, 1 / 3]
     assert "| not flagged | **" in text and "| not flagged |" not in head  # the page has every case-fold recipe
     for lines in (head.splitlines(), text.splitlines()):
         row = next(line for line in lines if line.startswith("| tutorial | **"))
