@@ -224,8 +224,8 @@ def test_summarize_sweep(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))
 def test_experiment_fast_dev_run(experiment: str, tmp_path: Path) -> None:
-    # equal sizes (tile data sets need them), 136 px square: room for every experiment's window (at most 128 px)
-    write_cases(make_images(tmp_path / "images", per_class=10, size=(136, 136), pixels="tint", digits=3))
+    # equal sizes (tile data sets need them), 200 px square: room for every experiment's window (at most 192 px)
+    write_cases(make_images(tmp_path / "images", per_class=10, size=(200, 200), pixels="tint", digits=3))
     overrides = [f"experiment={experiment}", *tiny_overrides(tmp_path), "trainer.fast_dev_run=true", "logger=csv"]
     cfg = compose_train(overrides, tmp_path / "run")
     for net in ("model", "encoder"):
