@@ -259,10 +259,10 @@ def run_table(records: list[dict[str, Any]]) -> list[str]:
     return lines + ([""] + [f"\\* {note}" for note in notes] if notes else [])
 
 
-def save_overview(records: list[dict[str, Any]], png: Path, protocol: str = CASES) -> Path | None:
+def save_overview(records: list[dict[str, Any]], png: Path) -> Path | None:
     """The recipes under case folds at a glance: pooled image accuracy and its interval over cases, the colour-only
     forest on the same folds beside each, chance (one class in k)."""
-    runs = [r for r in records if r["protocol"] == protocol]
+    runs = [r for r in records if r["protocol"] == CASES]
     if not runs:
         return None
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +270,7 @@ def save_overview(records: list[dict[str, Any]], png: Path, protocol: str = CASE
     return save_interval_plot(
         [r["recipe"] for r in runs], [r["pooled_acc"] for r in runs],
         [(r.get("interval") or {}).get("image/acc") for r in runs], png,
-        title=f"{protocol.capitalize()}: pooled image accuracy, 95% interval over {cases} cases",
+        title=f"{CASES.capitalize()}: pooled image accuracy, 95% interval over {cases} cases",
         xlabel="image-level accuracy (vote of patches)",
         baseline=(f"colour only ({COLOUR_NAMES[FOREST]}), same folds",
                   [r["colour"].get(FOREST, {}).get("pooled") for r in runs]),
