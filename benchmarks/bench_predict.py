@@ -1,7 +1,7 @@
 """Whole-image prediction throughput (images/s) on the real lymphoma images, against the net's pure forward rate.
 
     python benchmarks/bench_predict.py [--data DIR] [--ckpt FILE] [--images N] [--workers W] [--batch-size B]
-                                       [--passes P] [--chunks K] [--check]
+                                       [--passes P] [--chunks K] [--device auto|cpu|cuda] [--json FILE] [--check]
 
 Prints (a) whole-image prediction as predict.py runs it: read each PNG, cut its 36-px grid windows
 (stride 32), centre-crop and normalise them, run the net in batches, vote per image; (b) the net's
@@ -12,7 +12,8 @@ and goes, so (a) and (b) alternate on --chunks chunks of the images and the floo
 median of the per-chunk ratios (the totals are printed too). The
 net is the lymphoma recipe's AlexNet32 (a trained --ckpt or fresh weights: the speed is the same).
 --data names the folder holding lymphoma/ (default $HISTOFLOW_DATA, else ../shared/data). Exits 0
-whatever the numbers unless --check is given (then 1 when the floor is missed); 2 without data.
+whatever the numbers unless --check is given (then 1 when the floor is missed); 2 without data. --device (default
+auto: the GPU when there is one) runs (a) and (b) there; (b) then waits for the device before its clock stops.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
+from common import add_common_args, describe, device_of, sync, write_figures
 from histoflow.data.images import IMAGE_SUFFIXES
 from histoflow.data.transforms import PatchTransform
 from histoflow.inference.checkpoints import load_fold_model
@@ -50,13 +52,15 @@ def model_and_transform(ckpt: Path | None) -> tuple[nn.Module, PatchTransform]:
     return AlexNet32(num_classes=3, input_size=32).eval(), PatchTransform(32, stats, "image", train=False)
 
 
-def forward_rate(net: nn.Module, batches: list[torch.Tensor]) -> float:
-    """Patches/s of the net alone over in-memory batches (after one warm-up batch)."""
+def forward_rate(net: nn.Module, batches: list[torch.Tensor], device: torch.device) -> float:
+    """Patches/s of the net alone over batches already on its device (after one warm-up batch)."""
     with torch.inference_mode():
         net(batches[0])
+        sync(device)
         t0 = time.perf_counter()
         for x in batches:
-            net(x)
+            net(x).softmax(-1)
+        sync(device)
         return sum(len(x) for x in batches) / (time.perf_counter() - t0)
 
 
@@ -78,16 +82,19 @@ def main() -> int:
     parser.add_argument("--passes", type=int, default=1, help="passes over the images")
     parser.add_argument("--chunks", type=int, default=6, help="chunks of images per pass, timed in alternation")
     parser.add_argument("--check", action="store_true", help="exit 1 when the floor is missed")
+    add_common_args(parser)
     args = parser.parse_args()
     lymphoma = args.data / "lymphoma"
     if not lymphoma.is_dir():
         print(f"{lymphoma}: not found. Fix: pass --data or set HISTOFLOW_DATA to the folder holding lymphoma/")
         return 2
+    device = device_of(args.device)
     setting = args.workers if args.workers == AUTO else int(args.workers)
-    args.workers = resolve_workers(setting, "num_workers", "cuda" if torch.cuda.is_available() else "cpu")
-    print(f"reader workers: {setting} -> {args.workers} ({cpu_count()} CPUs)")
+    args.workers = resolve_workers(setting, "num_workers", device.type)
+    print(f"device: {describe(device)}; reader workers: {setting} -> {args.workers} ({cpu_count()} CPUs)")
     paths = sorted(p for p in lymphoma.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[: args.images]
     net, transform = model_and_transform(args.ckpt)
+    net = net.to(device)
     grid = grid_config(36, 32)
 
     t0 = time.perf_counter()
@@ -108,10 +115,10 @@ def main() -> int:
         for chunk in np.array_split(np.arange(len(paths)), args.chunks):
             lo, hi = int(chunk[0] * per_image), int((chunk[-1] + 1) * per_image)
             c0 = cpu_seconds(resource.RUSAGE_SELF)
-            t_forward = (hi - lo) / forward_rate(net, list(patches[lo:hi].split(args.batch_size)))
+            t_forward = (hi - lo) / forward_rate(net, list(patches[lo:hi].to(device).split(args.batch_size)), device)
             c1, k1 = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
             votes = predict_images([paths[i] for i in chunk], [(net, transform)], 3, grid, batch_size=args.batch_size,
-                                   num_workers=args.workers, device="cpu", progress=False)
+                                   num_workers=args.workers, device=str(device), progress=False)
             cpu["forward"] += c1 - c0
             cpu["predict"] += cpu_seconds(resource.RUSAGE_SELF) - c1
             cpu["readers"] += cpu_seconds(resource.RUSAGE_CHILDREN) - k1  # workers, counted once they have exited
@@ -129,6 +136,11 @@ def main() -> int:
     ok = ratio >= FLOOR
     print(f"(a)/(b) = {ratio:.2f} (median of {len(ratios)} alternating chunks; {predict / forward:.2f} overall)  "
           f"floor {FLOOR:g}: {'ok' if ok else 'MISSED'}")
+    write_figures(args.json, {"device": describe(device), "batch_size": args.batch_size, "workers": args.workers,
+                              "images": len(paths), "patches_per_image": per_image,
+                              "predict_patches_per_s": predict * per_image, "forward_patches_per_s": forward * per_image,
+                              "reader_images_per_s": read, "predict_over_forward_median": ratio,
+                              "predict_over_forward_overall": predict / forward})
     return 1 if (args.check and not ok) else 0
 
 

@@ -1,6 +1,8 @@
 """Training throughput (patches/s) on the real lymphoma shards, with the janowczyk_lymphoma recipe.
 
-    python benchmarks/bench_train.py [--data DIR] [--out DIR] [--batches N] [--workers W] [--check]
+    python benchmarks/bench_train.py [--data DIR] [--out DIR] [--batches N] [--workers W] [--batch-size B]
+                                     [--device auto|cpu|cuda] [--precision 32-true|bf16-mixed] [--no-png]
+                                     [--json FILE] [--check]
 
 Prints (a) the training loader alone, streaming shards; (b) the net's pure training step (forward,
 cross-entropy, backward, Adagrad step) on real batches held in memory; (c) end-to-end training with
@@ -8,7 +10,9 @@ Lightning (PatchClassifier, its metrics, CSV logging and progress bar, the loade
 comparison, a loader reading the same patches as one PNG file each, as the tutorial's Caffe image-data
 layer does, with the same batch transform. The loaders run with 0 workers and with --workers (default:
 the data config's), and each is compared at its best. Floors: (c) >= 0.85 (b), so loading and
-bookkeeping cost little on top of the maths; (a) >= 5 (d).
+bookkeeping cost little on top of the maths; (a) >= 5 (d). On a GPU (--device, default auto) the step and
+the end-to-end run use the device with --precision (bf16-mixed: autocast) and channels_last weights, as
+trainer=gpu does, and each timed step waits for the device; --batch-size sets the batch (default the recipe's).
 
 On a machine shared with other work, timings only ever get slower: loaders report their best of 3
 passes after a warm-up pass, training its fastest 10 consecutive steps (waits for data included).
@@ -39,6 +43,8 @@ from PIL import Image
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
+from common import add_common_args, describe, device_of, sync, write_figures
+from histoflow.callbacks import ChannelsLast
 from histoflow.data.datamodule import ShardDataModule
 from histoflow.machine import cpu_count, resolve_workers
 from histoflow.module import PatchClassifier, build_net
@@ -48,11 +54,13 @@ FLOOR_END_TO_END = 0.85  # (c) / (b)
 FLOOR_SHARDS_VS_PNG = 5.0  # (a) / (d)
 
 
-def recipe(lymphoma: Path, out: Path, batches: int, workers: int) -> Any:
+def recipe(lymphoma: Path, out: Path, batches: int, workers: int, batch_size: int | None = None) -> Any:
     """train.yaml with experiment=janowczyk_lymphoma, reading lymphoma and writing under out."""
     overrides = ["experiment=janowczyk_lymphoma", f"data.root={lymphoma}", f"paths.data_dir={out}",
                  f"paths.cache_dir={out / 'cache'}", f"data.loader.num_workers={workers}",
                  f"data.loader.epoch_batches={batches}"]
+    if batch_size:
+        overrides.append(f"data.loader.batch_size={batch_size}")
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     OmegaConf.set_struct(cfg, False)
@@ -82,17 +90,25 @@ def step_rate(seconds: list[float], batch: int, window: int = 10) -> float:
     return window * batch / float(sums.min())
 
 
-def train_step_rate(cfg: Any, dm: ShardDataModule, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """(b) forward + loss + backward + optimizer step on real batches held in memory, patches/s."""
-    net = build_net(cfg.model, dm.num_classes, dm.input_size)
+def train_step_rate(cfg: Any, dm: ShardDataModule, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                    device: torch.device, precision: str) -> float:
+    """(b) forward + loss + backward + optimizer step on real batches held in memory (on the device), patches/s.
+    On a GPU: channels_last weights, autocast for bf16-mixed, and a wait for the device after every step (as
+    Lightning's logging of the step's loss does), so each step's time is its own."""
+    net = build_net(cfg.model, dm.num_classes, dm.input_size).to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
     optimizer = instantiate(cfg.optimizer)(params=net.parameters())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     seconds = []
-    for x, y in [*batches[:5], *batches]:  # the first five warm up (oneDNN picks its kernels)
+    for x, y in [*batches[:5], *batches]:  # the first five warm up (oneDNN/cuDNN pick their kernels)
         t0 = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(net(x), y)
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(net(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        sync(device)
         seconds.append(time.perf_counter() - t0)
     return step_rate(seconds[5:], len(batches[0][1]))
 
@@ -108,6 +124,7 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        sync(pl_module.device)
         now = time.perf_counter()
         self.seconds.append(now - self.last)
         self.last, self.n = now, self.n + len(batch[1])
@@ -116,8 +133,10 @@ class StepTimer(pl.Callback):
         self.epoch_rate = self.n / (time.perf_counter() - self.start)
 
 
-def end_to_end_rate(cfg: Any, dm: ShardDataModule, out: Path) -> tuple[float, float]:
-    """(c) Lightning fit over the shards with the real module, metrics, CSV logger and progress bar.
+def end_to_end_rate(cfg: Any, dm: ShardDataModule, out: Path, device: torch.device,
+                    precision: str) -> tuple[float, float]:
+    """(c) Lightning fit over the shards with the real module, metrics, CSV logger and progress bar; on a GPU as
+    trainer=gpu runs it (the precision given, channels_last, cuDNN benchmark).
 
     Returns the best-window rate of the second epoch and that epoch's overall rate (with its start-up).
     """
@@ -125,9 +144,12 @@ def end_to_end_rate(cfg: Any, dm: ShardDataModule, out: Path) -> tuple[float, fl
     module = PatchClassifier(net, optimizer=instantiate(cfg.optimizer), classes=list(dm.classes),
                              input_size=dm.input_size)
     timer = StepTimer()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, limit_val_batches=0, num_sanity_val_steps=0,
-                         logger=CSVLogger(out / "run"), enable_checkpointing=False, enable_model_summary=False,
-                         callbacks=[instantiate(cfg.callbacks.progress_bar), timer], log_every_n_steps=50)
+    gpu = device.type == "cuda"
+    trainer = pl.Trainer(accelerator="gpu" if gpu else "cpu", devices=[device.index or 0] if gpu else 1,
+                         precision=precision, benchmark=gpu or None, max_epochs=2, limit_val_batches=0,
+                         num_sanity_val_steps=0, logger=CSVLogger(out / "run"), enable_checkpointing=False,
+                         enable_model_summary=False, log_every_n_steps=50,
+                         callbacks=[instantiate(cfg.callbacks.progress_bar), timer, *([ChannelsLast()] if gpu else [])])
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         trainer.fit(module, datamodule=dm)
     return step_rate(timer.seconds[1:], dm.loader.batch_size), timer.epoch_rate
@@ -147,15 +169,10 @@ class PatchFiles(Dataset):
         return np.asarray(Image.open(path).convert("RGB")), label
 
 
-class CollateTransform:
+def collate_patches(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack decoded patches as uint8 like the shard loader, so only the reading differs (both loaders ship
     raw patches; the crop and normalisation run after transfer in training)."""
-
-    def __init__(self, transform: Any) -> None:
-        self.transform = transform
-
-    def __call__(self, samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(np.stack([s[0] for s in samples])), torch.tensor([s[1] for s in samples])
+    return torch.from_numpy(np.stack([s[0] for s in samples])), torch.tensor([s[1] for s in samples])
 
 
 def write_pngs(dm: ShardDataModule, root: Path, count: int) -> None:
@@ -187,18 +204,23 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=100, help="batches per timed pass")
     parser.add_argument("--workers", type=int, default=None,
                         help="loader workers (default: the recipe's data.loader.num_workers, auto resolved here)")
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch (default: the recipe's, 128)")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--no-png", action="store_true", help="skip the one-PNG-per-patch loader (d)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a floor is missed")
+    add_common_args(parser)
     args = parser.parse_args()
     lymphoma = args.data / "lymphoma"
     if not lymphoma.is_dir():
         print(f"{lymphoma}: not found. Fix: pass --data or set HISTOFLOW_DATA to the folder holding lymphoma/")
         return 2
+    device = device_of(args.device)
     setting = args.workers if args.workers is not None else OmegaConf.load(
         REPO / "conf" / "data" / "lymphoma.yaml").loader.num_workers
-    workers = resolve_workers(setting, "data.loader.num_workers", "cuda" if torch.cuda.is_available() else "cpu")
-    print(f"loader workers: {setting} -> {workers} ({cpu_count()} CPUs, "
-          f"{'a GPU' if torch.cuda.is_available() else 'no GPU'})")
-    cfg = recipe(lymphoma, args.out, args.batches, workers)
+    workers = resolve_workers(setting, "data.loader.num_workers", device.type)
+    print(f"device: {describe(device)}, precision {args.precision}; loader workers: {setting} -> {workers} "
+          f"({cpu_count()} CPUs)")
+    cfg = recipe(lymphoma, args.out, args.batches, workers, args.batch_size)
     dm: ShardDataModule = instantiate(cfg.data, fold=cfg.fold)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         dm.prepare_data()
@@ -207,39 +229,47 @@ def main() -> int:
     print(f"lymphoma fold {cfg.fold}: {dm.split.samples['train']:,} training patches; batch {batch}, "
           f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 
-    png_root = args.out / "png-patches"
-    write_pngs(dm, png_root, args.batches * batch)
-    files = PatchFiles(png_root, list(dm.classes))
-    collate = CollateTransform(dm.transform(train=True))
     shards = png = 0.0
     for n_workers in sorted({0, workers}):  # each loader at its best worker count, on the same footing
         dm.loader.num_workers = n_workers
         rate_a, n = loader_rate(dm.train_dataloader())
         print(f"(a) loader only, shards, {n_workers} worker(s):            {rate_a:9,.0f} patches/s "
               f"(best of 3 passes of {n:,})")
+        shards = max(shards, rate_a)
+        if args.no_png:
+            continue
+        png_root = args.out / "png-patches"
+        write_pngs(dm, png_root, args.batches * batch)
+        files = PatchFiles(png_root, list(dm.classes))
         rate_d, n = loader_rate(DataLoader(files, batch_size=batch, shuffle=True, num_workers=n_workers,
-                                           collate_fn=collate, drop_last=True, persistent_workers=n_workers > 0))
+                                           collate_fn=collate_patches, drop_last=True,
+                                           persistent_workers=n_workers > 0))
         print(f"(d) loader only, one PNG per patch, {n_workers} worker(s): {rate_d:9,.0f} patches/s "
               f"(best of 3 passes of {n:,})")
-        shards, png = max(shards, rate_a), max(png, rate_d)
+        png = max(png, rate_d)
     dm.loader.num_workers = workers
 
     train_transform = dm.transform(train=True)
-    in_memory = [(train_transform(x), y.clone()) for x, y in dm.train_dataloader()]
-    step = train_step_rate(cfg, dm, in_memory)
+    in_memory = [(train_transform(x.to(device)), y.to(device)) for x, y in dm.train_dataloader()]
+    step = train_step_rate(cfg, dm, in_memory, device, args.precision)
     del in_memory
     print(f"(b) training step, in memory:       {step:9,.0f} patches/s (best 10 steps)")
-    e2e, e2e_epoch = end_to_end_rate(cfg, dm, args.out)
+    e2e, e2e_epoch = end_to_end_rate(cfg, dm, args.out, device, args.precision)
     print(f"(c) end-to-end training, shards:    {e2e:9,.0f} patches/s (best 10 steps; {e2e_epoch:,.0f} over "
           f"the whole epoch with its start-up), {workers} worker(s)")
 
-    floors = [(f"(c)/(b) = {e2e / step:.2f}", e2e / step, FLOOR_END_TO_END),
-              (f"best (a)/best (d) = {shards / png:.1f}", shards / png, FLOOR_SHARDS_VS_PNG)]
+    floors = [(f"(c)/(b) = {e2e / step:.2f}", e2e / step, FLOOR_END_TO_END)]
+    if png:
+        floors.append((f"best (a)/best (d) = {shards / png:.1f}", shards / png, FLOOR_SHARDS_VS_PNG))
     missed = False
     for text, value, floor in floors:
         ok = value >= floor
         missed |= not ok
         print(f"{text:24s} floor {floor:g}: {'ok' if ok else 'MISSED'}")
+    write_figures(args.json, {"device": describe(device), "precision": args.precision, "batch_size": batch,
+                              "workers": workers, "loader_patches_per_s": shards, "step_patches_per_s": step,
+                              "end_to_end_patches_per_s": e2e, "end_to_end_epoch_patches_per_s": e2e_epoch,
+                              "end_to_end_over_step": e2e / step, "png_loader_patches_per_s": png or None})
     return 1 if (args.check and missed) else 0
 
 
