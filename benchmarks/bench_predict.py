@@ -1,7 +1,7 @@
 """Whole-image prediction throughput (images/s) on the real lymphoma images, against the net's pure forward rate.
 
     python benchmarks/bench_predict.py [--data DIR] [--ckpt FILE] [--images N] [--workers W] [--batch-size B]
-                                       [--passes P] [--chunks K] [--device auto|cpu|cuda] [--json FILE] [--check]
+                                       [--passes P] [--repeat R] [--chunks K] [--device auto|cpu|cuda] [--json FILE] [--check]
 
 Prints (a) whole-image prediction as predict.py runs it: read each PNG, cut its 36-px grid windows
 (stride 32), centre-crop and normalise them, run the net in batches, vote per image; (b) the net's
@@ -80,6 +80,8 @@ def main() -> int:
     parser.add_argument("--workers", default=defaults.num_workers, help="reader workers (default: predict.yaml's)")
     parser.add_argument("--batch-size", type=int, default=int(defaults.batch_size))
     parser.add_argument("--passes", type=int, default=1, help="passes over the images")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="list every image this many times: a larger set of the same files, where few are at hand")
     parser.add_argument("--chunks", type=int, default=6, help="chunks of images per pass, timed in alternation")
     parser.add_argument("--check", action="store_true", help="exit 1 when the floor is missed")
     add_common_args(parser)
@@ -92,7 +94,7 @@ def main() -> int:
     setting = args.workers if args.workers == AUTO else int(args.workers)
     args.workers = resolve_workers(setting, "num_workers", device.type)
     print(f"device: {describe(device)}; reader workers: {setting} -> {args.workers} ({cpu_count()} CPUs)")
-    paths = sorted(p for p in lymphoma.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[: args.images]
+    paths = sorted(p for p in lymphoma.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[: args.images] * args.repeat
     net, transform = model_and_transform(args.ckpt)
     net = net.to(device)
     grid = grid_config(36, 32)

@@ -76,7 +76,7 @@ def pass_rate(batches: Iterable) -> tuple[float, int]:
     return n / (time.perf_counter() - t0), n
 
 
-def loader_rate(loader: Iterable, passes: int = 3) -> tuple[float, int]:
+def loader_rate(loader: Iterable, passes: int) -> tuple[float, int]:
     """Best of `passes` epochs of a loader after a warm-up one (workers started, files cached): other load on
     a shared machine only ever slows a pass down, so the fastest is the closest to the loader's own speed."""
     pass_rate(loader)
@@ -115,12 +115,21 @@ def train_step_rate(cfg: Any, dm: ShardDataModule, batches: list[tuple[torch.Ten
 
 class StepTimer(pl.Callback):
     """Wall time of every training step of the last epoch, from one batch's end to the next (so data
-    loading, transfer, logging and metrics are all in it), and of the whole epoch."""
+    loading, transfer, logging and metrics are all in it), and of the whole epoch; split into the time from a
+    batch's end to the next one's start (fetching from the loader, transfer, the batch transform) and from its
+    start to its end (the step, metrics, logging, the progress bar)."""
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start = self.last = time.perf_counter()
         self.seconds: list[float] = []
+        self.data: list[float] = []
         self.n = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        sync(pl_module.device)
+        self.begun = time.perf_counter()
+        self.data.append(self.begun - self.last)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -134,11 +143,12 @@ class StepTimer(pl.Callback):
 
 
 def end_to_end_rate(cfg: Any, dm: ShardDataModule, out: Path, device: torch.device,
-                    precision: str) -> tuple[float, float]:
+                    precision: str) -> tuple[float, float, float, float]:
     """(c) Lightning fit over the shards with the real module, metrics, CSV logger and progress bar; on a GPU as
     trainer=gpu runs it (the precision given, channels_last, cuDNN benchmark).
 
-    Returns the best-window rate of the second epoch and that epoch's overall rate (with its start-up).
+    Returns the best-window rate of the second epoch, that epoch's overall rate (with its start-up), and the median
+    milliseconds of a step's data part (fetch, transfer, transform) and of the rest (StepTimer).
     """
     net = build_net(cfg.model, dm.num_classes, dm.input_size)
     module = PatchClassifier(net, optimizer=instantiate(cfg.optimizer), classes=list(dm.classes),
@@ -152,7 +162,20 @@ def end_to_end_rate(cfg: Any, dm: ShardDataModule, out: Path, device: torch.devi
                          callbacks=[instantiate(cfg.callbacks.progress_bar), timer, *([ChannelsLast()] if gpu else [])])
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         trainer.fit(module, datamodule=dm)
-    return step_rate(timer.seconds[1:], dm.loader.batch_size), timer.epoch_rate
+    data_ms, all_ms = 1000 * float(np.median(timer.data[1:])), 1000 * float(np.median(timer.seconds[1:]))
+    return step_rate(timer.seconds[1:], dm.loader.batch_size), timer.epoch_rate, data_ms, all_ms - data_ms
+
+
+def transform_rate(dm: ShardDataModule, batches: list[torch.Tensor], device: torch.device) -> float:
+    """Patches/s of the training transform alone (crop, flips, normalisation) on uint8 batches on the device."""
+    transform = dm.transform(train=True)
+    transform(batches[0])
+    sync(device)
+    t0 = time.perf_counter()
+    for x in batches:
+        transform(x)
+    sync(device)
+    return sum(len(x) for x in batches) / (time.perf_counter() - t0)
 
 
 class PatchFiles(Dataset):
@@ -207,6 +230,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="training batch (default: the recipe's, 128)")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--no-png", action="store_true", help="skip the one-PNG-per-patch loader (d)")
+    parser.add_argument("--passes", type=int, default=3, help="timed loader passes (after a warm-up one)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a floor is missed")
     add_common_args(parser)
     args = parser.parse_args()
@@ -232,9 +256,9 @@ def main() -> int:
     shards = png = 0.0
     for n_workers in sorted({0, workers}):  # each loader at its best worker count, on the same footing
         dm.loader.num_workers = n_workers
-        rate_a, n = loader_rate(dm.train_dataloader())
+        rate_a, n = loader_rate(dm.train_dataloader(), args.passes)
         print(f"(a) loader only, shards, {n_workers} worker(s):            {rate_a:9,.0f} patches/s "
-              f"(best of 3 passes of {n:,})")
+              f"(best of {args.passes} passes of {n:,})")
         shards = max(shards, rate_a)
         if args.no_png:
             continue
@@ -243,20 +267,25 @@ def main() -> int:
         files = PatchFiles(png_root, list(dm.classes))
         rate_d, n = loader_rate(DataLoader(files, batch_size=batch, shuffle=True, num_workers=n_workers,
                                            collate_fn=collate_patches, drop_last=True,
-                                           persistent_workers=n_workers > 0))
+                                           persistent_workers=n_workers > 0), args.passes)
         print(f"(d) loader only, one PNG per patch, {n_workers} worker(s): {rate_d:9,.0f} patches/s "
-              f"(best of 3 passes of {n:,})")
+              f"(best of {args.passes} passes of {n:,})")
         png = max(png, rate_d)
     dm.loader.num_workers = workers
 
+    raw = [(x.to(device), y.to(device)) for x, y in dm.train_dataloader()]
+    transform = transform_rate(dm, [x for x, _ in raw], device)
     train_transform = dm.transform(train=True)
-    in_memory = [(train_transform(x.to(device)), y.to(device)) for x, y in dm.train_dataloader()]
+    in_memory = [(train_transform(x), y) for x, y in raw]
+    del raw
     step = train_step_rate(cfg, dm, in_memory, device, args.precision)
     del in_memory
     print(f"(b) training step, in memory:       {step:9,.0f} patches/s (best 10 steps)")
-    e2e, e2e_epoch = end_to_end_rate(cfg, dm, args.out, device, args.precision)
+    print(f"    the training transform alone:   {transform:9,.0f} patches/s (crop, flips, normalisation)")
+    e2e, e2e_epoch, data_ms, rest_ms = end_to_end_rate(cfg, dm, args.out, device, args.precision)
     print(f"(c) end-to-end training, shards:    {e2e:9,.0f} patches/s (best 10 steps; {e2e_epoch:,.0f} over "
-          f"the whole epoch with its start-up), {workers} worker(s)")
+          f"the whole epoch with its start-up), {workers} worker(s); a step's median: {data_ms:.1f} ms fetch, "
+          f"transfer and transform, {rest_ms:.1f} ms step, metrics, logging and progress bar")
 
     floors = [(f"(c)/(b) = {e2e / step:.2f}", e2e / step, FLOOR_END_TO_END)]
     if png:
@@ -269,7 +298,9 @@ def main() -> int:
     write_figures(args.json, {"device": describe(device), "precision": args.precision, "batch_size": batch,
                               "workers": workers, "loader_patches_per_s": shards, "step_patches_per_s": step,
                               "end_to_end_patches_per_s": e2e, "end_to_end_epoch_patches_per_s": e2e_epoch,
-                              "end_to_end_over_step": e2e / step, "png_loader_patches_per_s": png or None})
+                              "end_to_end_over_step": e2e / step, "transform_patches_per_s": transform,
+                              "step_data_ms": data_ms, "step_rest_ms": rest_ms,
+                              "png_loader_patches_per_s": png or None})
     return 1 if (args.check and missed) else 0
 
 

@@ -173,6 +173,7 @@ class PatchTransform:
             raise ConfigError(f"data.loader.interpolation={interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
         self.resize = None if resize in (None, crop) else int(resize)
         self.interpolation = interpolation
+        self._on_device: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor]] = {}
 
     def __call__(self, patches: torch.Tensor | np.ndarray) -> torch.Tensor:
         """(B, S, S, 3) or (S, S, 3) uint8 -> (B, 3, c, c) or (3, c, c) float32, on the patches' device."""
@@ -185,37 +186,53 @@ class PatchTransform:
                              f"({side}, {side}, 3), the prepared patch side")
         # channel-first on uint8 is cheap; on float the HWC->CHW copy costs more than everything else
         chw = x.permute(0, 3, 1, 2).contiguous().view(n, 3, side * side)
-        index = self._source_pixels(n).to(x.device).view(n, 1, crop * crop).expand(-1, 3, -1)
+        index = self._source_pixels(n, x.device).view(n, 1, crop * crop).expand(-1, 3, -1)
         out = torch.gather(chw, 2, index)
         out = hed_jitter(out, self.hed_sigma) if self.train and self.hed_sigma > 0 else out.float()
         if self.train and any(self.jitter.values()):
             out = colour_jitter(out, **self.jitter)
         if self.grey:  # a stain-free input: luma in all three channels, so any net takes it unchanged
             out = torch.einsum("c,bcp->bp", LUMA.to(out.device), out)[:, None].expand(-1, 3, -1).contiguous()
-        if self.mean is not None:
-            out.sub_(torch.gather(self.mean.to(x.device).expand(n, -1, -1), 2, index))
-        out = out.div_(self.scale.to(x.device)).view(n, 3, crop, crop)
+        mean, scale = self._constants(x.device)
+        if mean is not None:
+            out.sub_(torch.gather(mean.expand(n, -1, -1), 2, index))
+        out = out.div_(scale).view(n, 3, crop, crop)
         if self.resize:
             out = F.interpolate(out, size=(self.resize, self.resize), mode=self.interpolation,
                                 **({} if self.interpolation == "nearest" else {"align_corners": False}))
         return out[0] if single else out
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (to loader workers, into checkpoints) without the copies on devices."""
+        return {**self.__dict__, "_on_device": {}}
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The mean and divisor on `device`, copied there once (not at every batch)."""
+        if device not in self._on_device:
+            self._on_device[device] = (None if self.mean is None else self.mean.to(device), self.scale.to(device))
+        return self._on_device[device]
 
     @property
     def out_side(self) -> int:
         """Side of the network input this transform makes: the resize side, else the crop."""
         return self.resize or self.crop
 
-    def _source_pixels(self, n: int) -> torch.Tensor:
-        """Flat source index (n, c, c) of each output pixel: crop offset plus any flips."""
-        steps = torch.arange(self.crop)
+    def _source_pixels(self, n: int, device: torch.device) -> torch.Tensor:
+        """Flat source index (n, c, c) of each output pixel: crop offset plus any flips, built on `device`.
+
+        The draws (four numbers a patch) come from the CPU generator, so a seed gives the same crops on every
+        device; the index (c * c a patch) is built where the patches are: on a GPU, building it on the CPU and
+        copying it over cost more than the training step of the 32-px net (benchmarks/gpu_check.py).
+        """
+        steps = torch.arange(self.crop, device=device)
         if self.train:
-            top = torch.randint(0, self.side - self.crop + 1, (n, 1))
-            left = torch.randint(0, self.side - self.crop + 1, (n, 1))
+            top = torch.randint(0, self.side - self.crop + 1, (n, 1)).to(device)
+            left = torch.randint(0, self.side - self.crop + 1, (n, 1)).to(device)
             rows, cols = top + steps, left + steps
             if self.flips is True:
-                rows = torch.where(torch.rand(n, 1) < 0.5, rows.flip(1), rows)
+                rows = torch.where((torch.rand(n, 1) < 0.5).to(device), rows.flip(1), rows)
             if self.flips:
-                cols = torch.where(torch.rand(n, 1) < 0.5, cols.flip(1), cols)
+                cols = torch.where((torch.rand(n, 1) < 0.5).to(device), cols.flip(1), cols)
         else:
             start = (self.side - self.crop) // 2
             rows = cols = (start + steps).expand(n, -1)
