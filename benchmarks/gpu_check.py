@@ -50,6 +50,7 @@ class Budget:
     train_epochs: int
     train_batches: int
     train_batch: int
+    eval_batches: float | int  # validation and test batches of a training run (1.0: all)
     bench_batches: int
     bench_batch: int
     predict_batch: int
@@ -62,10 +63,10 @@ class Budget:
 
 # On the GPU the timed runs must be long beside a loader's start (8 workers, ~1 s): 150 batches of 4,096 patches
 # an epoch, the kit's 48 images listed 10 times for prediction, a 20,000-px slide (~2,000 tissue tiles).
-GPU = Budget(train_epochs=3, train_batches=40, train_batch=256, bench_batches=150, bench_batch=4096,
+GPU = Budget(train_epochs=3, train_batches=40, train_batch=256, eval_batches=1.0, bench_batches=150, bench_batch=4096,
              predict_batch=4096, predict_repeat=10, embed_patches=4096, slide_side=20000, slide_batch=128,
              slide_workers=(0, 8))
-CPU = Budget(train_epochs=3, train_batches=4, train_batch=32, bench_batches=3, bench_batch=32, predict_batch=256,
+CPU = Budget(train_epochs=3, train_batches=4, train_batch=32, eval_batches=2, bench_batches=3, bench_batch=32, predict_batch=256,
              predict_repeat=1, embed_patches=16, slide_side=1200, slide_batch=8, slide_workers=(0,))
 
 # Floors of issue 28, judged on a GPU only: (figure key, floor, what it says)
@@ -278,6 +279,7 @@ def train(stage: Stage, check: Check, budget: Budget, data: Path, cuda: bool, mo
                  "optimizer.lr=0.01",
                  f"trainer.max_epochs={budget.train_epochs}", f"data.loader.epoch_batches={budget.train_batches}",
                  f"data.loader.batch_size={budget.train_batch}", "trainer.log_every_n_steps=1",
+                 f"trainer.limit_val_batches={budget.eval_batches}", f"trainer.limit_test_batches={budget.eval_batches}",
                  "callbacks.progress_bar._target_=pytorch_lightning.callbacks.TQDMProgressBar"]
     if trainer == "ddp":
         overrides += ["trainer.devices=1", "trainer.sync_batchnorm=false"]
@@ -367,7 +369,7 @@ def main() -> int:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH), str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
     check = Check(args.out, work, args.budget_s, env)
     check.say("CUDA device found: the GPU budgets" if cuda else
-              "no CUDA device here: the CPU variants with tiny budgets (floors not judged)")
+              f"{'--cpu' if args.cpu else 'no CUDA device here'}: the CPU variants with tiny budgets (floors not judged)")
     data, b = args.data, budget
     device = "cuda" if cuda else "cpu"
     check.stage("environment", environment, cuda)

@@ -7,7 +7,7 @@ Run on this (CPU) machine, which reaches the package index; the GPU machine reac
   .gpu-kit/wheels/   wheels for CPython 3.12 on manylinux x86-64 of every distribution histoflow needs (its
                      requirements, followed down) that the image lacks (benchmarks/gpu_image_packages.txt), each at
                      the version installed here, so the GPU runs what CI tests; imagecodecs keeps only the codecs
-                     histoflow's slide and image readers use (its full wheel is 28 MB of the 64 MiB that travel);
+                     histoflow's slide and image readers use (its full wheel is 25 MiB of the 64 MiB that travel);
   .gpu-kit/data/     lymphoma/: --per-class images of each class, spread over the cases of cases.csv (every case
                      kept where the count allows), with their rows of cases.csv; wsi/: the TCGA slide (JPEG 2000 tiles) unless --no-slide;
   .gpu-kit/weights/  the ImageNet SqueezeNet 1.1 features (embedding).
