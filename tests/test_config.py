@@ -91,6 +91,7 @@ DELIBERATE = {
     "data.name": "names the lymphoma data set's prepared folders",
     "data.url": "the IICBU 2008 archive", "data.mirrors": "its mirror", "data.checksum": "its hash",
     "data.classes": "the tutorial's classes in its order (the dataclass: the folders found)",
+    "data.patient_labels": "a lymphoma case has one subtype (the dataclass: tissue types may share a patient)",
     "data.cache_dir": "${paths.cache_dir}", "data.shards.dir": "${paths.data_dir}/prepared",
     "data.shards.workers": "2 processes, since the first commit; a Python caller's default is one per CPU",
     "slide.device": "${device}: predict.yaml's own", "slide.progress": "${progress}: predict.yaml's own",

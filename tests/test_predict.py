@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
 
@@ -29,11 +30,12 @@ from histoflow.data.transforms import PatchTransform
 from histoflow.inference.checkpoints import (CheckpointError, check_compatible, find_checkpoints, load_fold_model,
                                              preprocessing_of)
 from histoflow.inference.predict import BadImagesError, predict
-from histoflow.inference.sweep_report import headline
+from histoflow.inference.sweep_report import headline, write_image_report
 from histoflow.inference.sweep_report import predict_config as sweep_predict_config
 from histoflow.inference.voting import VIEWS, ImagePatches, by_votes, grid_config, predict_images, tta_views
 from histoflow.module import load_classifier
 from histoflow.reports import read_confusion_csv
+from histoflow.summary import FoldSummary
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {0: (255, 0, 0), 1: (0, 255, 0), 2: (0, 0, 255)}  # the stub net's class of a pure-colour patch
@@ -242,6 +244,33 @@ def test_five_fold_report_each_image_by_the_model_that_held_it_out(five_fold_rep
         assert float(row["vote_margin"]) == pytest.approx((first - second) / 6, abs=1e-6)
         assert float(row["confidence"]) == pytest.approx(float(row[f"prob_{row['predicted']}"]), abs=1e-6)
     assert list((out / "wandb").glob("offline-run-*")), "W&B did not log offline"
+
+
+def test_a_sweep_under_brackets_and_accents_gets_its_image_report(multirun: Path, tmp_path: Path) -> None:
+    """Issue 29.1: a multirun under `runs (copy) [1]/josé-...` once got no report (its path reached Hydra's override
+    parser unquoted) while the command exited 0."""
+    sweep = tmp_path / "runs (copy) [1]" / "josé-multirun"
+    shutil.copytree(multirun, sweep, ignore=shutil.ignore_patterns("image_report"))
+    report = write_image_report(sweep, ["progress=false", "num_workers=0"])
+    assert report == sweep.resolve() / "image_report" / "report.md" and report.is_file()
+    assert json.loads((report.parent / "report.json").read_text())["images"] == 30
+
+
+def test_a_failed_image_report_fails_the_multirun(multirun: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Hydra turns a callback's exception into a warning: the report's failure must still end the command non-zero,
+    with the command that writes it by hand."""
+    sweep = tmp_path / "sweep"
+    shutil.copytree(multirun, sweep, ignore=shutil.ignore_patterns("image_report"))
+
+    def broken(cfg: DictConfig) -> None:
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr("histoflow.inference.predict.predict", broken)
+    with pytest.raises(SystemExit) as exit_:
+        FoldSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    assert exit_.value.code == 1
+    assert "the disk went away" in caplog.text and f"python predict.py 'ckpt_path='\"'\"'{sweep}" in caplog.text
 
 
 def test_the_multirun_writes_the_same_image_report_as_predict(five_fold_report: Path, multirun: Path) -> None:

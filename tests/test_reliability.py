@@ -172,3 +172,115 @@ def test_an_error_of_a_loader_worker_is_shown_without_the_worker_traceback() -> 
         list(torch.utils.data.DataLoader(_DamagedShards(), num_workers=1))
     assert "Traceback" in str(info.value)  # what torch re-raises
     assert message(info.value) == "shard 1-fit-00000.tar: truncated member. Fix: delete the shard and re-run prepare"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_prepare_writes_a_damaged_or_missing_shard_again(tmp_path: Path, damage: str,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 29.3: the loader's fix for a damaged shard is to re-run prepare, which once found the folder prepared,
+    rewrote nothing, and left train and embed to a FileNotFoundError traceback."""
+    root = make_images(tmp_path / "images", per_class=6, size=(96, 80))
+    data = config(root, tmp_path / "prepared", shards={"samples_per_shard": 16})
+    first = prepare_dataset(data, quiet=True)
+    before = _tree(first.path)
+    shard = first.path / "shards" / first.record["shards"][1]["file"]
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:1500])
+        with pytest.raises(DamagedFileError, match="re-run prepare"):
+            list(shards.tar_samples([{"url": str(shard)}]))
+    else:
+        shard.unlink()
+    again = prepare_dataset(data, quiet=True)
+    assert again.path == first.path and _tree(again.path) == before  # the same bytes as the first run wrote
+    assert shard.name in caplog.text and "writing them again" in caplog.text
+    assert len(list(shards.tar_samples([{"url": str(shard)}]))) == first.record["shards"][1]["samples"]
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's zombie waits for PID 1, which may never reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc (Linux)")
+def test_pool_workers_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
+    """Issue 29.4: `kill -9` of a running prepare left its two pool workers (~400 MB each) asleep forever."""
+    script = f"""
+import os, sys, time
+from pathlib import Path
+from histoflow.progress import process_map
+def task(i):
+    Path({str(tmp_path)!r}, f"worker-{{os.getpid()}}").touch()
+    time.sleep(120)
+list(process_map(task, [0, 1], 2))
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("worker-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
+    assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers)
+
+
+def _groups_table(root: Path, rows: list[list[str]], bom: bool = False) -> str:
+    with (root / "patients.csv").open("w", newline="", encoding="utf-8-sig" if bom else "utf-8") as f:
+        f.write("image,group\n" + "".join(",".join(row) + "\n" for row in rows))
+    return "patients.csv"
+
+
+def _every_image(root: Path) -> list[list[str]]:
+    """Each image its patient: <class>-<index // 2> (two images a patient, one class each)."""
+    return [[f"{p.parent.name}/{p.name}", f"{p.parent.name}-{int(p.stem.rsplit('-', 1)[1]) // 2}"]
+            for p in sorted(root.glob("*/*.png"))]
+
+
+def test_a_patient_table_saved_by_excel_reads(tmp_path: Path) -> None:
+    """Issue 29.5: Excel's "CSV UTF-8" starts with a byte-order mark, once read as a column '\\ufeffimage'."""
+    root = make_images(tmp_path / "images", per_class=4)
+    cfg = SourceConfig(classes=CLASSES, groups=_groups_table(root, _every_image(root), bom=True))
+    records, problems = list_images(cfg, root)
+    assert not problems and {r.group for r in records} == {f"{c}-{i}" for c in CLASSES for i in (0, 1)}
+
+
+def test_an_image_under_two_patients_is_refused(tmp_path: Path) -> None:
+    root = make_images(tmp_path / "images", per_class=4)
+    rows = _every_image(root) + [["FL/FL-0.png", "FL-1"]]  # the last row once won in silence
+    with pytest.raises(ConfigError, match=r"1 image\(s\) listed under two patients: FL/FL-0.png \('FL-0' and 'FL-1'\)"):
+        list_images(SourceConfig(classes=CLASSES, groups=_groups_table(root, rows)), root)
+
+
+def test_a_patient_of_two_classes_is_refused_where_labels_belong_to_patients(tmp_path: Path) -> None:
+    root = make_images(tmp_path / "images", per_class=4)
+    rows = [[image, "P1" if image in ("CLL/CLL-0.png", "FL/FL-0.png") else group] for image, group in _every_image(root)]
+    table = _groups_table(root, rows)
+    with pytest.raises(ConfigError, match=r"1 patient\(s\) hold images of two or more classes: P1 \(CLL, FL\)"):
+        list_images(SourceConfig(classes=CLASSES, groups=table, patient_labels=True), root)
+    records, problems = list_images(SourceConfig(classes=CLASSES, groups=table), root)  # tissue types: allowed
+    assert not problems and {r.label for r in records if r.group == "P1"} == {"CLL", "FL"}
+
+
+def test_table_rows_for_absent_files_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_images(tmp_path / "images", per_class=4)
+    rows = _every_image(root) + [["MCL/MCL-9.png", "MCL-4"]]
+    records, problems = list_images(SourceConfig(classes=CLASSES, groups=_groups_table(root, rows)), root)
+    assert len(records) == 12 and not problems
+    assert "1 row(s) name files that are not under" in caplog.text and "MCL/MCL-9.png" in caplog.text
+
+
+def test_an_image_copied_under_another_patient_merges_them_with_a_log_line(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    root = make_images(tmp_path / "images", per_class=4)
+    (root / "CLL" / "CLL-3.png").write_bytes((root / "CLL" / "CLL-0.png").read_bytes())  # patients CLL-0 and CLL-1
+    data = config(root, tmp_path / "prepared", groups=_groups_table(root, _every_image(root)))
+    prepared = prepare_dataset(data, quiet=True)
+    assert "CLL/CLL-0.png (patient CLL-0) and CLL/CLL-3.png (patient CLL-1) are the same image" in caplog.text
+    folds = {row["image"]: row["fold"] for row in prepared.manifest()}
+    assert folds["CLL/CLL-0.png"] == folds["CLL/CLL-1.png"] == folds["CLL/CLL-2.png"] == folds["CLL/CLL-3.png"]

@@ -79,9 +79,16 @@ class FoldSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if summarize_sweep(config.hydra.sweep.dir) is not None and self.image_report:
-            from histoflow.inference.sweep_report import write_image_report
+            from histoflow.inference.sweep_report import by_hand, write_image_report
 
-            write_image_report(config.hydra.sweep.dir, self.predict)
+            try:
+                write_image_report(config.hydra.sweep.dir, self.predict)
+            except Exception as e:
+                # Hydra turns a callback's exception into a warning and exits 0: the user asked for the report,
+                # so its failure is an error line and a failed command (SystemExit passes through Hydra)
+                log.error("the image-level report of %s failed: %s: %s\nRun it by hand: %s", config.hydra.sweep.dir,
+                          type(e).__name__, e, by_hand(Path(config.hydra.sweep.dir).resolve()))
+                raise SystemExit(1) from e
 
 
 if __name__ == "__main__":

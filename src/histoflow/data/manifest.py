@@ -39,11 +39,13 @@ def _union_identical(records: list[ImageRecord], hashes: list[str]) -> list[str]
             g = parent[g]
         return g
 
-    first: dict[str, str] = {}
+    first: dict[str, ImageRecord] = {}
     for r, h in zip(records, hashes):
-        if h in first and find(first[h]) != find(r.group):
-            parent[find(r.group)] = find(first[h])
-        first.setdefault(h, r.group)
+        if h in first and find(first[h].group) != find(r.group):
+            log.warning("%s (patient %s) and %s (patient %s) are the same image: their patients are put in one "
+                        "group, so the copy cannot cross a split", first[h].path, first[h].group, r.path, r.group)
+            parent[find(r.group)] = find(first[h].group)
+        first.setdefault(h, r)
     return [find(r.group) for r in records]
 
 

@@ -92,13 +92,20 @@ def prepare_dataset(data: DataConfig | Mapping[str, Any], quiet: bool = False) -
     the others wait for its lock, then find the folder prepared.
     """
     plan = _resolve(data if isinstance(data, DataConfig) else DataConfig.from_config(data))
-    if (plan.out / RECORD).is_file():
+    if (plan.out / RECORD).is_file() and not _damaged_shards(plan.out):
         return _announce(plan.out)
     plan.refuse_bad_inputs(plan.problems)
     _writable(plan.out)
     with _only_writer(plan.out), _explain_disk_full(plan.out):
-        if (plan.out / RECORD).is_file():  # another process prepared it while this one waited
-            return _announce(plan.out)
+        if (plan.out / RECORD).is_file():  # another process prepared it while this one waited, or a shard is gone
+            damaged = _damaged_shards(plan.out)
+            if not damaged:
+                return _announce(plan.out)
+            log.warning("%s: %d shard(s) missing or not whole (%s%s): writing them again", plan.out, len(damaged),
+                        ", ".join(damaged[:5]), ", ..." if len(damaged) > 5 else "")
+            for name in damaged:
+                (plan.out / "shards" / name).unlink(missing_ok=True)
+            (plan.out / RECORD).unlink()
         started = time.perf_counter()
         rows, problems = _manifest(plan)
         jobs = _shards(plan, rows)
@@ -143,7 +150,8 @@ def _resolve(cfg: DataConfig) -> _Plan:
 
 def _settings(cfg: DataConfig, stain: StainNormalizer | None) -> dict[str, Any]:
     """Every setting that changes the prepared data, as the folder's key has always hashed them."""
-    source = {f.name: getattr(cfg, f.name) for f in fields(SourceConfig) if f.name not in ("root", "url", "mirrors")}
+    source = {f.name: getattr(cfg, f.name) for f in fields(SourceConfig)
+              if f.name not in ("root", "url", "mirrors", "patient_labels")}  # patient_labels checks, changes nothing
     settings = {"format": FORMAT, "source": source, "split": asdict(cfg.split), "patches": asdict(cfg.patches),
                 "samples_per_shard": cfg.shards.samples_per_shard, "on_bad_image": cfg.on_bad_image}
     for section, key, off in (("split", "val_groups_per_class", 0), ("source", "groups", None)):
@@ -295,7 +303,7 @@ def _record(plan: _Plan, rows: list[dict], jobs: list[ShardJob], side: int, test
     for j in jobs:
         with np.load(plan.out / "shards" / f"{j.name}.stats.npz") as z:
             shard_records.append({"file": j.name, "fold": j.fold, "part": j.part, "samples": int(z["count"]),
-                                  "images": len(j.images)})
+                                  "images": len(j.images), "bytes": (plan.out / "shards" / j.name).stat().st_size})
     record = {"format": FORMAT, "name": plan.cfg.name, "root": str(plan.root), "classes": plan.classes,
               "patch_side": side, "test_folds": test_folds, "settings": plan.settings, "images": len(rows),
               "samples": sum(s["samples"] for s in shard_records), "shards": shard_records,
@@ -304,6 +312,18 @@ def _record(plan: _Plan, rows: list[dict], jobs: list[ShardJob], side: int, test
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(plan.out / RECORD)
     return record
+
+
+def _damaged_shards(out: Path) -> list[str]:
+    """The shards the completion record lists that are missing or not of their recorded size (records written
+    before sizes were kept: missing only)."""
+    record = json.loads((out / RECORD).read_text())
+    damaged = []
+    for shard in record["shards"]:
+        path = out / "shards" / shard["file"]
+        if not path.is_file() or path.stat().st_size != shard.get("bytes", path.stat().st_size):
+            damaged.append(shard["file"])
+    return damaged
 
 
 def _announce(out: Path) -> PreparedDataset:

@@ -137,7 +137,7 @@ def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
             if kind not in (b"0", b"\0") or pos + 512 + size > len(buf):
                 problem = f"member type {kind!r}" if kind not in (b"0", b"\0") else "truncated member"
                 raise DamagedFileError(f"{url}: {problem} at byte {pos}; the loader reads plain, complete tar members. "
-                                 "Fix: delete the shard and re-run prepare (it rewrites missing shards)")
+                                 "Fix: re-run prepare with the same data options (it writes missing and damaged shards again)")
             name = buf[pos:pos + 100].split(b"\0", 1)[0].decode()
             if buf[pos + 345] != 0:  # ustar prefix of a long path
                 name = buf[pos + 345:pos + 500].split(b"\0", 1)[0].decode() + "/" + name
@@ -149,6 +149,10 @@ def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
                 sample = {"__key__": key, "__url__": url}
             sample[ext] = buf[pos + 512:pos + 512 + size]
             pos += 512 + (size + 511) // 512 * 512
+        if pos + 512 > len(buf):  # cut between members: no zero block ends the archive
+            raise DamagedFileError(f"{url}: truncated at byte {len(buf)} (no end-of-archive block); the loader reads "
+                                   "complete shards. Fix: re-run prepare with the same data options (it writes "
+                                   "missing and damaged shards again)")
         if sample is not None:
             yield sample
 

@@ -36,6 +36,8 @@ class SourceConfig:
     group_regex: str | None = None  # first capture group of the file name names the patient/slide
     group_block: int | None = None  # with group_regex: group = captured number // block (contiguous blocks)
     groups: str | None = None  # a table image,group[,label] (paths relative to root): the patient of every image
+    patient_labels: bool = False  # true: a label belongs to the patient (a diagnosis), so one group holding two
+    # classes is an error; false: a patient's images may hold several classes (tissue types of one slide)
 
 
 @dataclass(frozen=True)
@@ -112,11 +114,25 @@ def read_groups(cfg: SourceConfig, root: Path) -> dict[str, tuple[str, str | Non
         raise MissingInputError(f"data.groups={cfg.groups}: no table at {table}. Fix: point data.groups at a CSV "
                                 "with columns image,group[,label] (paths relative to data.root), or choose another "
                                 "protocol (protocol=images: every image its own patient)")
-    with open(table, newline="") as f:
+    with open(table, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(f)
         if not {"image", "group"} <= set(reader.fieldnames or ()):
             raise ConfigError(f"{table}: columns {reader.fieldnames}; expected image,group[,label]")
-        return {Path(row["image"]).as_posix(): (row["group"], row.get("label") or None) for row in reader}
+        rows = [(Path(row["image"]).as_posix(), row["group"], row.get("label") or None) for row in reader]
+    groups: dict[str, tuple[str, str | None]] = {}
+    twice = []
+    for image, group, label in rows:
+        if image in groups and groups[image][0] != group:
+            twice.append(f"{image} ({groups[image][0]!r} and {group!r})")
+        groups.setdefault(image, (group, label))
+    if twice:
+        raise ConfigError(f"{table}: {len(twice)} image(s) listed under two patients: {'; '.join(twice[:5])}"
+                          f"{'; ...' if len(twice) > 5 else ''}. Fix: give each image one row, with its own patient")
+    absent = [image for image in groups if not (root / image).is_file()]
+    if absent:
+        log.warning("%s: %d row(s) name files that are not under %s (left out): %s%s", table, len(absent), root,
+                    ", ".join(absent[:5]), ", ..." if len(absent) > 5 else "")
+    return groups
 
 
 def _apply_groups(records: list[ImageRecord], cfg: SourceConfig, root: Path) -> tuple[list[ImageRecord], list[Problem]]:
@@ -133,6 +149,20 @@ def _apply_groups(records: list[ImageRecord], cfg: SourceConfig, root: Path) -> 
         else:
             kept.append(ImageRecord(r.path, r.label, group))
     return kept, problems
+
+
+def _refuse_patients_of_two_classes(records: list[ImageRecord], cfg: SourceConfig) -> None:
+    """With data.patient_labels, every group's images share one class: a patient has one diagnosis."""
+    classes: dict[str, set[str]] = {}
+    for r in records:
+        classes.setdefault(r.group, set()).add(r.label)
+    mixed = [f"{group} ({', '.join(sorted(labels))})" for group, labels in classes.items() if len(labels) > 1]
+    if mixed:
+        where = f"data.groups={cfg.groups}" if cfg.groups else "the groups"
+        raise ConfigError(f"{where}: {len(mixed)} patient(s) hold images of two or more classes: {'; '.join(mixed[:5])}"
+                          f"{'; ...' if len(mixed) > 5 else ''}; with data.patient_labels=true a label belongs to the "
+                          "patient. Fix: correct the groups or the labels, or set data.patient_labels=false where a "
+                          "patient's images may show several classes (tissue types of one slide)")
 
 
 def list_images(cfg: SourceConfig, root: Path) -> tuple[list[ImageRecord], list[Problem]]:
@@ -164,7 +194,7 @@ def list_images(cfg: SourceConfig, root: Path) -> tuple[list[ImageRecord], list[
         if not table.is_file():
             raise MissingInputError(f"{table}: label CSV not found. Fix: set data.csv to a file with "
                                     "columns image,label[,group] (paths relative to data.root)")
-        with open(table, newline="") as f:
+        with open(table, newline="", encoding="utf-8-sig") as f:
             for row in csv.DictReader(f):
                 p = root / row["image"]
                 if not p.is_file():
@@ -191,6 +221,8 @@ def list_images(cfg: SourceConfig, root: Path) -> tuple[list[ImageRecord], list[
     if cfg.groups:
         records, unmatched = _apply_groups(records, cfg, root)
         problems += unmatched
+    if cfg.patient_labels:
+        _refuse_patients_of_two_classes(records, cfg)
     if classes is not None:
         present = {r.label for r in records}
         problems += [Problem(f"{root}/{c}", "empty-class", "listed in data.classes but no images found")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,6 +58,18 @@ def headline(report: dict[str, Any]) -> str:
     return text
 
 
+def quoted(key: str, value: str | Path) -> str:
+    """key=value as Hydra's override parser reads it back unchanged: the value quoted, so a path with brackets,
+    parentheses, commas, spaces or non-ASCII letters (`runs (copy)`, `josé-runs`) is one string."""
+    escaped = str(value).replace("'", "\\'")
+    return f"{key}='{escaped}'"
+
+
+def by_hand(sweep: Path) -> str:
+    """The shell command that writes the sweep's report."""
+    return f"python predict.py {shlex.quote(quoted('ckpt_path', sweep))}"
+
+
 def write_image_report(sweep: str | Path, overrides: Sequence[str] = ()) -> Path | None:
     """predict.py's k-fold report of the sweep in <sweep>/image_report/; None (with a warning saying why) where the
     sweep holds no k-fold set of models, e.g. a sweep over settings rather than folds."""
@@ -65,10 +78,9 @@ def write_image_report(sweep: str | Path, overrides: Sequence[str] = ()) -> Path
     sweep = Path(sweep).resolve()  # the report names its checkpoints wherever it is read from
     out = sweep / REPORT_DIR
     try:
-        predict(predict_config([f"ckpt_path={sweep}", *overrides], out))
+        predict(predict_config([quoted("ckpt_path", sweep), *overrides], out))
     except HistoflowError as e:
-        log.warning("no image-level report for %s: %s\n(run it by hand: python predict.py ckpt_path=%s)",
-                    sweep, message(e), sweep)
+        log.warning("no image-level report for %s: %s\n(run it by hand: %s)", sweep, message(e), by_hand(sweep))
         return None
     report = out / "report.md"
     if (out / "report.json").is_file():
