@@ -203,7 +203,37 @@ def test_a_head_refuses_changed_encoder_weights(head_sweep: Path, tmp_path: Path
     try:
         torch.manual_seed(5)
         torch.save(build_encoder({**ENCODER}, 40)[0].state_dict(), weights)
-        with pytest.raises(CheckpointError, match="changed since its head was trained"):
+        with pytest.raises(CheckpointError, match="are not those its head was trained on"):
             load_fold_model(checkpoint)
     finally:
         weights.write_bytes(original)
+
+
+def test_a_heads_checkpoint_works_from_any_folder_and_takes_moved_weights(images: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 29.2: encoder weights given by a relative path were kept as given, so the head's checkpoint worked only
+    from the folder it was trained in; a moved weights file had no way in."""
+    weights = Path(with_weights(tmp_path, 0)["weights"])
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    train(compose_train([*head_overrides(images, tmp_path, weights.name), "fold=1", "trainer.max_epochs=2"], run))
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]["config"]
+    assert saved["encoder"]["weights"] == str(weights.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert [name for name, _ in load_fold_model(checkpoint).net.named_children()] == ["encoder", "head"]
+    moved = tmp_path / "models" / "squeezenet.pth"
+    moved.parent.mkdir()
+    weights.rename(moved)
+    with pytest.raises(CheckpointError, match=r"Fix: pass encoder.weights=<that file>"):
+        load_fold_model(checkpoint)
+    new = make_images(tmp_path / "new", per_class=1, size=(72, 72), pixels="tint", seed=7)
+    out = tmp_path / "predicted"
+    predict(predict_config([f"ckpt_path={checkpoint}", f"images={new}", f"encoder.weights={moved}",
+                            "progress=false"], out))
+    assert (out / "predictions.csv").is_file()
+    other = with_weights(tmp_path, 1)["weights"]
+    with pytest.raises(CheckpointError, match="are not those its head was trained on"):
+        load_fold_model(checkpoint, encoder_weights=other)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import types
 import typing
 from dataclasses import MISSING, fields, is_dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping, TypeVar
 
 from omegaconf import OmegaConf
@@ -93,3 +94,29 @@ def at_least(value: Any, low: int, key: str, optional: bool = False) -> None:
         return
     if value is None or value < low:
         raise ConfigError(f"{key}={value!r}: must be at least {low}" + (" (or null)" if optional else ""))
+
+
+CHECKOUT = Path(__file__).resolve().parents[2]  # where conf/'s relative defaults (../shared/weights) start from
+
+
+def local_file(value: Any) -> Any:
+    """A relative path to a file as an absolute one, found from the working folder, else from the checkout (so
+    conf/'s `../shared/weights/...` works from any folder); names, URLs and files not found stay as given. A path
+    kept in a checkpoint must not depend on the folder a run was started from."""
+    if not isinstance(value, str) or "://" in value or not value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    for base in (Path.cwd(), CHECKOUT):
+        if (base / path).is_file():
+            return str((base / path).resolve())
+    return value
+
+
+def localize_weights(cfg: Any, sections: Iterable[str] = ("model", "encoder")) -> None:
+    """Each section's `weights` through local_file, in place (a run's config, before it is built or saved)."""
+    for section in sections:
+        node = cfg.get(section) if hasattr(cfg, "get") else None
+        if node is not None and hasattr(node, "get") and node.get("weights") is not None:
+            node["weights"] = local_file(str(node["weights"]))

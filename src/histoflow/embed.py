@@ -14,6 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from histoflow.config import localize_weights
 from histoflow.data.datamodule import ShardDataModule
 from histoflow.data.prepare import prepare_dataset
 from histoflow.errors import report_errors
@@ -24,6 +25,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="embed")
 @report_errors
 def main(cfg: DictConfig) -> str:
+    localize_weights(cfg, ["encoder"])
     datamodule = ShardDataModule(encoder=cfg.encoder, **cfg.data)
     features = datamodule.embeddings(prepare_dataset(datamodule.data))
     print(f"embedded {features.record['samples']} patches into {features.dim} features each\n"

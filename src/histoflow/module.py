@@ -153,13 +153,16 @@ def untrusted_targets(config: Any, trusted: Iterable[str]) -> list[str]:
 
 
 def load_classifier(checkpoint_path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS,
-                    map_location: str | torch.device = "cpu") -> PatchClassifier:
+                    map_location: str | torch.device = "cpu", checkpoint: Mapping[str, Any] | None = None,
+                    encoder_weights: str | None = None) -> PatchClassifier:
     """A trained PatchClassifier from a histoflow checkpoint, its net rebuilt from the config stored in it.
 
-    The file is read with weights_only=True (no pickled code runs) and the stored model config is
-    instantiated only when its `_target_`s start with a trusted prefix.
+    The file is read with weights_only=True (no pickled code runs), unless its contents are given already read
+    (`checkpoint`), and the stored model config is instantiated only when its `_target_`s start with a trusted
+    prefix. A head's encoder is rebuilt with `encoder_weights` where given, else the weights file it was trained on.
     """
-    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    if checkpoint is None:
+        checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
     hparams = checkpoint["hyper_parameters"]
     config, classes = hparams["config"], hparams["classes"]
     bad = untrusted_targets([config.get("model"), config.get("encoder")], trusted)
@@ -173,7 +176,8 @@ def load_classifier(checkpoint_path: str | Path, trusted: Iterable[str] = TRUSTE
     net = build_net(model_cfg, len(classes), hparams["input_size"], hparams.get("feature_dim"))
     net.load_state_dict(clean_state_dict(checkpoint))
     if config.get("encoder"):  # a head on frozen features: predicts patches through its encoder, rebuilt as trained
-        net = encoder_with_head(build_encoder(config["encoder"], hparams["input_size"])[0], net)
+        encoder = {**config["encoder"], **({"weights": encoder_weights} if encoder_weights else {})}
+        net = encoder_with_head(build_encoder(encoder, hparams["input_size"])[0], net)
     # no optimizer: a loaded classifier predicts; training resumes through Trainer.fit(ckpt_path=...)
     return PatchClassifier(net, optimizer=None, classes=classes, input_size=hparams["input_size"], config=config,
                            feature_dim=hparams.get("feature_dim"))

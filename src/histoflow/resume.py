@@ -12,6 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
+from histoflow.config import local_file
 from histoflow.errors import ConfigError, HistoflowError, MissingInputError
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ def check_resumable(path: Path, cfg: DictConfig) -> None:
     saved = OmegaConf.create(checkpoint["hyper_parameters"]["config"])
     for key, reason in RESUME_MUST_MATCH.items():
         theirs, ours = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
+        if key.endswith(".weights"):  # a file: the same one however it was named (relative before, absolute now)
+            theirs, ours = local_file(theirs), local_file(ours)
         if theirs != ours:
             raise ConfigError(f"ckpt_path={path} was trained with {key}={theirs}, this run asks for {ours}: {reason}. "
                               f"Fix: resume with the settings it was trained with ({key}={theirs}), or leave out "

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger
 
 from histoflow.callbacks import FlushLogs
+from histoflow.config import localize_weights
 from histoflow.models import model_preprocess
 from histoflow.module import PatchClassifier, build_net
 from histoflow.reports import plot_training_curves
@@ -70,6 +71,7 @@ def _write_reports(trainer: pl.Trainer, output_dir: Path) -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint on the held-out fold, and return the metrics (floats) and paths."""
     configure_wandb()
+    localize_weights(cfg)  # weights files by absolute path: the checkpoint works from any folder
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [FlushLogs()]

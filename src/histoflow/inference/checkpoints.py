@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from histoflow.config import local_file
 from histoflow.data.embeddings import weights_sha256
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.stain import StainNormalizer
@@ -150,31 +151,40 @@ def preprocessing_of(module: PatchClassifier, datamodule_state: Mapping[str, Any
     return build_transform(loader, stats, train=False, stain=StainNormalizer.from_state(stain))
 
 
-def check_encoder_weights(path: Path, encoder: Mapping[str, Any] | None, state: Mapping[str, Any] | None) -> None:
+def check_encoder_weights(path: Path, encoder: Mapping[str, Any] | None, state: Mapping[str, Any] | None,
+                          weights: str | None = None) -> str | None:
     """A head's checkpoint holds the head only: its encoder is rebuilt from the encoder config, whose weights file
-    must still be the one the head was trained on."""
+    must still be the one the head was trained on. `weights` (predict.yaml's encoder.weights) names that file where
+    the checkpoint's path no longer leads; it is checked against the sha256 kept. Returns the file to build from."""
     embedded = (state or {}).get("encoder") or {}
-    trained, weights = embedded.get("weights_sha256"), (encoder or {}).get("weights")
-    if not trained or weights is None:
-        return
-    file = Path(str(weights)).expanduser()
+    trained, kept = embedded.get("weights_sha256"), (encoder or {}).get("weights")
+    if not trained or (kept is None and weights is None):
+        return weights
+    given = local_file(str(weights if weights is not None else kept))
+    file = Path(given).expanduser()
     if not file.is_file():
-        raise CheckpointError(f"{path}: its head was trained on the features of encoder weights {weights}, which "
-                              "are not there. Fix: put that file back where it was (the head needs those very weights)")
+        where = "encoder.weights" if weights is not None else "its checkpoint's encoder weights"
+        raise CheckpointError(f"{path}: its head was trained on the features of encoder weights {kept}; {where} "
+                              f"{given} is not there. Fix: pass encoder.weights=<that file> (checked against the "
+                              f"sha256 kept, {trained[:12]}...), or put it back where it was")
     if weights_sha256(file, Path(embedded["embeddings"]).parent) != trained:
-        raise CheckpointError(f"{path}: the encoder weights {file} changed since its head was trained (sha256 "
-                              f"{trained[:12]}... then). Fix: restore those weights, or train the head again")
+        raise CheckpointError(f"{path}: the encoder weights {file} are not those its head was trained on (sha256 "
+                              f"{trained[:12]}... then). Fix: restore those weights (or name them with "
+                              "encoder.weights=), or train the head again")
+    return str(file)
 
 
-def load_fold_model(path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS) -> FoldModel:
-    """A checkpoint as a FoldModel on the CPU, in eval mode, after checking its config may be instantiated."""
+def load_fold_model(path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS,
+                    encoder_weights: str | None = None) -> FoldModel:
+    """A checkpoint as a FoldModel on the CPU, in eval mode, after checking its config may be instantiated; a head's
+    encoder from `encoder_weights` where given (checked against the sha256 its head was trained with)."""
     path = Path(path)
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path)  # read once: the classifier is built from these contents
     hparams = checkpoint["hyper_parameters"]
     config = hparams["config"]
-    check_encoder_weights(path, config.get("encoder"), checkpoint.get(DATAMODULE_STATE))
+    weights = check_encoder_weights(path, config.get("encoder"), checkpoint.get(DATAMODULE_STATE), encoder_weights)
     try:
-        module = load_classifier(path, trusted)
+        module = load_classifier(path, trusted, checkpoint=checkpoint, encoder_weights=weights)
     except UntrustedCheckpoint as e:
         raise CheckpointError(str(e)) from e
     transform = preprocessing_of(module, checkpoint.get(DATAMODULE_STATE))

@@ -193,7 +193,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"on_bad_image={cfg.on_bad_image!r}: expected error or skip")
     listed = OmegaConf.is_list(cfg.ckpt_path)  # a list: an ensemble, one member per entry
     sources = [str(s) for s in cfg.ckpt_path] if listed else [str(cfg.ckpt_path)]
-    members = [[load_fold_model(p, cfg.trusted_targets) for p in find_checkpoints(s)] for s in sources]
+    weights = (cfg.get("encoder") or {}).get("weights")
+    members = [[load_fold_model(p, cfg.trusted_targets, weights) for p in find_checkpoints(s)] for s in sources]
     models = [m for ms in members for m in ms]
     grid = prediction_grid(cfg.grid, models[0])
     settings = {"ckpt_path": sources if listed else sources[0],
