@@ -284,3 +284,37 @@ def test_an_image_copied_under_another_patient_merges_them_with_a_log_line(tmp_p
     assert "CLL/CLL-0.png (patient CLL-0) and CLL/CLL-3.png (patient CLL-1) are the same image" in caplog.text
     folds = {row["image"]: row["fold"] for row in prepared.manifest()}
     assert folds["CLL/CLL-0.png"] == folds["CLL/CLL-1.png"] == folds["CLL/CLL-2.png"] == folds["CLL/CLL-3.png"]
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"patches": {"stride": 0}}, "data.patches.stride=0: must be at least 1"),
+    ({"patches": {"stride": -4}}, "data.patches.stride=-4: must be at least 1"),
+    ({"patches": {"size": 0}}, "data.patches.size=0: must be at least 1"),
+    ({"patches": {"rotations": [45]}}, "only multiples of 90 degrees"),
+    ({"split": {"k": 1}}, "data.split.k=1: must be at least 2"),
+    ({"split": {"val_fraction": 1.0}}, "data.split.val_fraction=1.0"),
+    ({"split": {"kind": "fractions", "fractions": {"train": 0.5, "test": 0.6}}}, "adding up to 1"),
+    ({"patches": {"size": 5000}}, "too-small"),    # known only once the images are read
+    ({"split": {"k": 20}}, "data.split.k"),        # more folds than patients
+])
+def test_refused_values_leave_no_folder(tmp_path: Path, over: dict, message: str) -> None:
+    """Issue 29.6: stride 0 or -4, size 0 and k=1 ended in tracebacks with a half-written prepared folder, and values
+    refused cleanly still left empty folders."""
+    root = make_images(tmp_path / "images", per_class=4)
+    with pytest.raises(HistoflowError, match=re.escape(message)):
+        prepare_dataset(config(root, tmp_path / "prepared", **over), quiet=True)
+    prepared = tmp_path / "prepared"
+    assert not prepared.exists() or not [p.name for p in prepared.iterdir() if not p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("key, value", [("stride", -5), ("stride", 0), ("size", 0)])
+def test_a_prediction_grid_below_one_pixel_is_refused(key: str, value: int) -> None:
+    """Issue 29.6: grid.stride=-5 ran (4,312 patches an image) and grid.stride=0 silently became 32."""
+    from types import SimpleNamespace
+
+    from histoflow.inference.predict import prediction_grid
+
+    model = SimpleNamespace(config={"data": {"patches": {"size": 36, "stride": 32}}})
+    with pytest.raises(ConfigError, match=f"grid.{key}={value}: must be at least 1"):
+        prediction_grid({key: value}, model)
+    assert prediction_grid({"stride": 16}, model).stride == 16 and prediction_grid({}, model).stride == 32

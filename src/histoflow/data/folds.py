@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from histoflow.config import read_section
+from histoflow.config import at_least, read_section
 from histoflow.errors import ConfigError, HistoflowError
 
 MANIFEST_COLUMNS = ["index", "image", "label", "group", "fold", "val", "sha256", "width", "height", "note"]
@@ -41,6 +41,23 @@ class SplitConfig:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> "SplitConfig":
         return read_section(cls, cfg, "data.split")
+
+    def __post_init__(self) -> None:
+        """Values checked before any folder is made (k=1 once failed inside scikit-learn, leaving a half-written
+        prepared folder)."""
+        if self.kind not in ("kfold", "leave_one_group_out", "fractions"):
+            raise ConfigError(f"data.split.kind={self.kind!r}: expected kfold, leave_one_group_out or fractions")
+        if self.kind == "kfold":
+            at_least(self.k, 2, "data.split.k")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.split.val_fraction={self.val_fraction}: a share from 0 (none) to below 1")
+        at_least(self.val_groups_per_class, 0, "data.split.val_groups_per_class")
+        if self.kind == "fractions":
+            negative = {k: v for k, v in self.fractions.items() if v < 0}
+            total = sum(self.fractions.values())
+            if negative or abs(total - 1.0) > 1e-6:
+                raise ConfigError(f"data.split.fractions={dict(self.fractions)}: shares of at least 0 adding up to 1 "
+                                  f"(they add up to {total:g})")
 
     def test_folds(self, rows: list[dict] | None = None) -> list[str]:
         """The folds a training run may hold out as its test set (the `fold` option of train.py); leave one group

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
-from histoflow.config import read_section
+from histoflow.config import at_least, read_section
 from histoflow.errors import ConfigError
 
 
@@ -27,9 +27,15 @@ class PatchConfig:
         return read_section(cls, cfg, "data.patches")
 
     def __post_init__(self) -> None:
+        section = "data.patches"
+        at_least(self.size, 1, f"{section}.size", optional=True)
+        at_least(self.stride, 1, f"{section}.stride")
+        at_least(self.resize, 1, f"{section}.resize", optional=True)
         bad = [r for r in self.rotations if r % 90]
         if bad:
-            raise ConfigError(f"data.patches.rotations {bad}: only multiples of 90 degrees keep patches lossless")
+            raise ConfigError(f"{section}.rotations {bad}: only multiples of 90 degrees keep patches lossless")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ConfigError(f"{section}.min_tissue={self.min_tissue}: a share between 0 and 1")
 
     def side(self, height: int, width: int) -> int:
         """Side of the stored patches for an image of this size."""

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import logging
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -95,8 +96,9 @@ def prepare_dataset(data: DataConfig | Mapping[str, Any], quiet: bool = False) -
     if (plan.out / RECORD).is_file() and not _damaged_shards(plan.out):
         return _announce(plan.out)
     plan.refuse_bad_inputs(plan.problems)
+    new = not plan.out.exists()
     _writable(plan.out)
-    with _only_writer(plan.out), _explain_disk_full(plan.out):
+    with _only_writer(plan.out), _explain_disk_full(plan.out), _removed_if_refused(plan.out, new):
         if (plan.out / RECORD).is_file():  # another process prepared it while this one waited, or a shard is gone
             damaged = _damaged_shards(plan.out)
             if not damaged:
@@ -331,6 +333,19 @@ def _announce(out: Path) -> PreparedDataset:
         log.info("prepared data found: %s", out)
         _ANNOUNCED.add(out)
     return PreparedDataset(out)
+
+
+@contextmanager
+def _removed_if_refused(out: Path, new: bool) -> Iterator[None]:
+    """A folder this run made goes again when the data are refused before any shard is finished (a window larger
+    than the images, more folds than patients): no empty or half-written folder is left behind. An interruption or
+    a crash keeps it, so that the next run resumes."""
+    try:
+        yield
+    except HistoflowError:
+        if new and not any((out / "shards").glob("*.tar")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from histoflow.data.images import IMAGE_SUFFIXES
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.problems import Problem, write_problems
+from histoflow.config import at_least
 from histoflow.errors import ConfigError, HistoflowError, MissingInputError
 from histoflow.inference.checkpoints import (FoldModel, check_compatible, find_checkpoints, load_fold_model,
                                              models_by_fold)
@@ -53,9 +54,11 @@ def files_matching(spec: str | Sequence[str], suffixes: Sequence[str] = IMAGE_SU
 def prediction_grid(cfg: Mapping[str, Any], model: FoldModel) -> PatchConfig:
     """The grid of cfg.grid, each unset value taken from the model's training patches (36-px windows, stride 32)."""
     trained = dict(model.config["data"].get("patches") or {})
+    for key in ("size", "stride"):  # 0 once became the training value and a negative stride ran, both in silence
+        at_least(cfg.get(key), 1, f"grid.{key}", optional=True)
     size = cfg.get("size") or trained.get("size")
-    return PatchConfig(size=size, stride=int(cfg.get("stride") or trained.get("stride", 32)), rotations=[0],
-                       resize=trained.get("resize"))
+    stride = cfg.get("stride") if cfg.get("stride") is not None else trained.get("stride", 32)
+    return PatchConfig(size=size, stride=int(stride), rotations=[0], resize=trained.get("resize"))
 
 
 def _run_options(cfg: DictConfig) -> dict[str, Any]:
