@@ -423,7 +423,8 @@ def test_k_fold_report_of_an_ensemble_averages_each_folds_models(multirun: Path,
         predict(predict_config([f"ckpt_path=[{multirun},{one_fold}]"], tmp_path / "c"))
 
 
-def test_unlabelled_images_csv_and_bad_images(multirun: Path, tiny: Path, tmp_path: Path) -> None:
+def test_unlabelled_images_csv_and_bad_images(multirun: Path, tiny: Path, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
     folder = tmp_path / "new"
     (folder / "sub").mkdir(parents=True)
     for src in ["CLL/CLL-000.png", "FL/FL-001.png", "MCL/MCL-002.png"]:
@@ -442,6 +443,7 @@ def test_unlabelled_images_csv_and_bad_images(multirun: Path, tiny: Path, tmp_pa
     with (tmp_path / "a" / "problems.csv").open(newline="") as handle:  # prepare's format: path,kind,detail,action
         problems = {Path(r["path"]).name: (r["kind"], r["action"]) for r in csv.DictReader(handle)}
     assert problems == {"broken.png": ("corrupt", "skipped"), "tiny.png": ("too-small", "skipped")}
+    assert "skipped 2 image(s) that could not be predicted" in caplog.text  # issue 29: once only "predicted 3"
 
     # error: the good images are still written, then the error names every bad file
     cfg = predict_config([f"ckpt_path={multirun}", f"images={folder}"], tmp_path / "b")

@@ -318,3 +318,53 @@ def test_a_prediction_grid_below_one_pixel_is_refused(key: str, value: int) -> N
     with pytest.raises(ConfigError, match=f"grid.{key}={value}: must be at least 1"):
         prediction_grid({key: value}, model)
     assert prediction_grid({"stride": 16}, model).stride == 16 and prediction_grid({}, model).stride == 32
+
+
+def test_a_mistyped_top_level_key_is_refused(tmp_path: Path, leave_no_trace: None) -> None:
+    """Issue 29: `+seeed=3` on train and `+aggregat=mean` on predict were ignored, exit 0."""
+    from conftest import compose_config, compose_train
+    from histoflow.config import refuse_unknown_top_keys
+    from histoflow.inference.predict import predict
+    from histoflow.training import train
+
+    with pytest.raises(ConfigError, match="seeed: unknown top-level key"):
+        train(compose_train(["+seeed=3"], tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="aggregat: unknown top-level key"):
+        predict(compose_config("predict", ["ckpt_path=x", "+aggregat=mean"]))
+    for experiment in ("janowczyk_lymphoma", "lymphoma_frozen_squeezenet", "kather_transfer"):  # every real key passes
+        refuse_unknown_top_keys(compose_config("train", [f"experiment={experiment}", "trainer=gpu"]), "train")
+
+
+def test_an_encoder_under_a_net_of_patches_is_refused_before_any_work(tmp_path: Path, leave_no_trace: None) -> None:
+    """Issue 29: `encoder=squeezenet1_1_imagenet model=alexnet32` embedded everything, then died in conv2d."""
+    from conftest import compose_train
+    from histoflow.training import train
+
+    root = make_images(tmp_path / "images", per_class=4)
+    cfg = compose_train(["encoder=squeezenet1_1_imagenet", "model=alexnet32", f"data.root={root}",
+                         f"paths.data_dir={tmp_path / 'work'}", "logger=csv"], tmp_path / "run")
+    with pytest.raises(ConfigError, match="model=linear_head or model=mlp_head"):
+        train(cfg)
+    assert not (tmp_path / "work").exists()
+
+
+def test_prediction_inputs_are_named_right(tmp_path: Path) -> None:
+    """Issue 29: `tta=maybe` became the views m, a, y, b, e; a missing folder was 'no image files found there';
+    `slides=/missing` spoke of images=; slides and images together left the images out in silence."""
+    from conftest import compose_config
+    from histoflow.inference.predict import files_matching, predict
+    from histoflow.inference.voting import tta_views
+
+    with pytest.raises(ConfigError, match="tta='maybe': expected true, false or a list"):
+        tta_views("maybe")
+    with pytest.raises(MissingInputError, match="images=/nonexistent/x: no such file or folder"):
+        files_matching("/nonexistent/x")
+    with pytest.raises(MissingInputError, match=r"slides=/missing: no such file or folder"):
+        files_matching("/missing", (".svs",), key="slides")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingInputError, match=r"slides=.*empty: no slide files \(.svs\) found there.*'dir/\*.svs'"):
+        files_matching(str(tmp_path / "empty"), (".svs",), key="slides")
+    cfg = compose_config("predict", ["ckpt_path=x", "slides=a.svs", "images=b"])
+    with pytest.raises(ConfigError, match="one run predicts slides or images"):
+        predict(cfg)

@@ -120,3 +120,16 @@ def localize_weights(cfg: Any, sections: Iterable[str] = ("model", "encoder")) -
         node = cfg.get(section) if hasattr(cfg, "get") else None
         if node is not None and hasattr(node, "get") and node.get("weights") is not None:
             node["weights"] = local_file(str(node["weights"]))
+
+
+def refuse_unknown_top_keys(cfg: Mapping[str, Any], config_name: str) -> None:
+    """Refuse a top-level key that conf/<config_name>.yaml neither holds nor gets from its defaults list's groups:
+    `+seeed=3` or `+aggregat=mean`, which Hydra adds and nothing reads."""
+    yaml = OmegaConf.load(CHECKOUT / "conf" / f"{config_name}.yaml")
+    groups = {str(next(iter(entry)) if isinstance(entry, Mapping) else entry).split("@")[0]
+              for entry in yaml.get("defaults", [])}
+    unknown = sorted(set(cfg) - (set(yaml) | groups | {"hydra"}))
+    if unknown:
+        raise ConfigError(f"{', '.join(unknown)}: unknown top-level key(s); {config_name}.yaml has "
+                          f"{', '.join(sorted((set(yaml) | groups) - {'defaults', '_self_'}))}. Fix: correct the "
+                          "spelling (a +key override adds a key that nothing reads)")

@@ -15,9 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger
 
 from histoflow.callbacks import FlushLogs
-from histoflow.config import localize_weights
+from histoflow.config import localize_weights, refuse_unknown_top_keys
 from histoflow.models import model_preprocess
-from histoflow.module import PatchClassifier, build_net
+from histoflow.module import PatchClassifier, build_net, require_head
 from histoflow.reports import plot_training_curves
 from histoflow.resume import ddp_children_rerun_this_job, resume_checkpoint
 from histoflow.tracking import configure_wandb, finish_wandb
@@ -70,6 +70,7 @@ def _write_reports(trainer: pl.Trainer, output_dir: Path) -> None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint on the held-out fold, and return the metrics (floats) and paths."""
+    refuse_unknown_top_keys(cfg, "train")
     configure_wandb()
     localize_weights(cfg)  # weights files by absolute path: the checkpoint works from any folder
     output_dir = Path(cfg.output_dir)
@@ -82,6 +83,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # The data decides the net's head and input size, so it is prepared before the net is built; a pretrained
     # net (or the frozen encoder a head sits on, which the DataModule reads) decides the input's size and
     # normalisation.
+    require_head(cfg.model, bool(cfg.get("encoder")))
     preprocess = model_preprocess(cfg.model)
     datamodule = hydra.utils.instantiate(cfg.data, fold=cfg.fold, encoder=cfg.get("encoder"), _recursive_=False,
                                          preprocess=preprocess.loader() if preprocess else None)

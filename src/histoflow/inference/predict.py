@@ -14,7 +14,7 @@ from histoflow.data.images import IMAGE_SUFFIXES
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.problems import Problem, write_problems
-from histoflow.config import at_least
+from histoflow.config import at_least, refuse_unknown_top_keys
 from histoflow.errors import ConfigError, HistoflowError, MissingInputError
 from histoflow.inference.checkpoints import (FoldModel, check_compatible, find_checkpoints, load_fold_model,
                                              models_by_fold)
@@ -32,11 +32,15 @@ class BadImagesError(HistoflowError, ValueError):
     """Images that could not be predicted (with on_bad_image=error), reported after the others were written."""
 
 
-def files_matching(spec: str | Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
+def files_matching(spec: str | Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFIXES,
+                   key: str = "images") -> list[Path]:
     """Image files of a folder (searched recursively), a file, a glob pattern, or a list of these, in order."""
     found: list[Path] = []
     for entry in [spec] if isinstance(spec, str) else list(spec):
         path = Path(entry).expanduser()
+        if not glob.has_magic(str(path)) and not path.exists():
+            raise MissingInputError(f"{key}={entry}: no such file or folder. Fix: check the path (relative paths "
+                                    f"start from {Path.cwd()})")
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
@@ -45,8 +49,9 @@ def files_matching(spec: str | Sequence[str], suffixes: Sequence[str] = IMAGE_SU
         else:
             files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
-            raise MissingInputError(f"images={entry}: no image files ({' '.join(suffixes)}) found there. "
-                                    "Fix: pass a folder, a file, a glob pattern such as 'dir/**/*.png', or a list")
+            example = "'dir/**/*.png'" if key == "images" else "'dir/*.svs'"
+            raise MissingInputError(f"{key}={entry}: no {key[:-1]} files ({' '.join(suffixes)}) found there. "
+                                    f"Fix: pass a folder, a file, a glob pattern such as {example}, or a list")
         found += files
     return list(dict.fromkeys(found))  # a file matched twice is predicted once
 
@@ -159,7 +164,7 @@ def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, 
     """
     models = [m for ms in members for m in ms]
     spec = cfg.slides if isinstance(cfg.slides, str) else list(cfg.slides)
-    paths = files_matching(spec, SLIDE_SUFFIXES)
+    paths = files_matching(spec, SLIDE_SUFFIXES, key="slides")
     slide_cfg = SlideConfig.from_config(OmegaConf.to_container(cfg.slide, resolve=True))
     classes = models[0].classes
     rows: list[dict[str, Any]] = []
@@ -190,6 +195,10 @@ def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run one prediction as configured (conf/predict.yaml); returns where the results are and how many."""
+    refuse_unknown_top_keys(cfg, "predict")
+    if cfg.get("slides") and cfg.images is not None:  # the images were once left out in silence
+        raise ConfigError(f"slides={cfg.slides} and images={cfg.images}: one run predicts slides or images. Fix: "
+                          "run predict.py once for each")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.on_bad_image not in ("error", "skip"):
@@ -211,6 +220,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         log_wandb(out, settings, {k: v for k, v in cfg.wandb.items() if k != "enabled"}, **logged)
     what = "slide" if cfg.get("slides") else "image"
     log.info("predicted %d %ss: %s", len(rows), what, out)
+    if problems and cfg.on_bad_image == "skip":
+        log.warning("skipped %d %s(s) that could not be predicted (listed in %s): %s", len(problems), what,
+                    out / "problems.csv", "; ".join(p.detail for p in problems[:5]) + ("; ..." if len(problems) > 5 else ""))
     if problems and cfg.on_bad_image == "error":
         fix = ("re-copy or re-export these slides" if cfg.get("slides") else
                "remove or repair these files (windows need images at least as large as grid.size)")

@@ -35,6 +35,9 @@ VIEWS: dict[str, tuple[int, bool]] = {
 
 def tta_views(tta: bool | Sequence[str]) -> list[tuple[int, bool]]:
     """The views of `tta`: false -> the patch itself; true -> all 8 flips and rotations; or a list of VIEWS names."""
+    if isinstance(tta, str):  # `tta=maybe` once became the views m, a, y, b, e
+        raise ConfigError(f"tta={tta!r}: expected true, false or a list of views such as [identity, rot90]; "
+                          f"views: {', '.join(VIEWS)}")
     names = list(VIEWS) if tta is True else ["identity"] if not tta else list(tta)
     unknown = [n for n in names if n not in VIEWS]
     if unknown:
