@@ -368,3 +368,42 @@ def test_prediction_inputs_are_named_right(tmp_path: Path) -> None:
     cfg = compose_config("predict", ["ckpt_path=x", "slides=a.svs", "images=b"])
     with pytest.raises(ConfigError, match="one run predicts slides or images"):
         predict(cfg)
+
+
+def test_a_sweep_over_folds_the_data_lack_is_refused_before_its_first_job(tmp_path: Path) -> None:
+    """Issue 29: `train.py -m fold=1,6` trained fold 1, then refused 6 and wrote no summary."""
+    root = make_images(tmp_path / "images", per_class=4)
+    run = subprocess.run([sys.executable, str(REPO / "train.py"), "-m", "fold=1,6", f"data.root={root}",
+                          f"paths.data_dir={tmp_path / 'work'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", "logger=csv"],
+                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert run.returncode == 1
+    assert "fold=6: not folds of data.split (kind=kfold, k=5). Fix: sweep over 1,2,3,4,5" in run.stdout + run.stderr
+    assert not (tmp_path / "work").exists() and not list((tmp_path / "sweep").glob("[0-9]*"))
+
+
+def test_user_errors_of_predict_and_embed_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 29: predict without ckpt_path, device=cuda without CUDA, embedding into a read-only prepared folder:
+    each a traceback once."""
+    from conftest import compose_config
+    from histoflow.data.embeddings import embed_dataset
+    from histoflow.errors import NotWritableError
+    from histoflow.inference.predict import predict
+    from histoflow.machine import resolve_device
+
+    with pytest.raises(ConfigError, match="ckpt_path is needed"):
+        predict(compose_config("predict", ["images=somewhere"]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device=cuda: no such CUDA device here"):
+            predict(compose_config("predict", ["ckpt_path=x", "device=cuda"]))
+    with pytest.raises(ConfigError, match="slide.device=cuda:7: no such CUDA device"):
+        resolve_device("cuda:7", "slide.device")
+    root = make_images(tmp_path / "images", per_class=4)
+    prepared = prepare_dataset(config(root, tmp_path / "prepared"), quiet=True)
+
+    def refused(self: Path, *args, **kwargs) -> None:  # a read-only folder (chmod does not stop root, who runs CI)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "touch", refused)
+    with pytest.raises(NotWritableError, match="cannot write the embeddings here \\(Permission denied\\)"):
+        embed_dataset(prepared, {"_target_": "histoflow.models.torchvision_model", "name": "squeezenet1_1",
+                                 "weights": None}, {"crop": 32, "normalize": "imagenet"}, progress=False)

@@ -27,6 +27,10 @@ class MissingInputError(HistoflowError, FileNotFoundError):
     """A file or folder that the configuration points at is not there."""
 
 
+class NotWritableError(HistoflowError, PermissionError):
+    """Output cannot be written where the configuration says."""
+
+
 class DamagedFileError(HistoflowError, ValueError):
     """A file on disk is damaged (cut short, overwritten); the message names it and how to rebuild it."""
 

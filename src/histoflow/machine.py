@@ -54,8 +54,15 @@ def as_made(batch: T) -> T:
     return batch
 
 
-def resolve_device(device: str) -> torch.device:
-    """`auto`: the GPU when there is one, else the CPU; otherwise the device named."""
+def resolve_device(device: str, key: str = "device") -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU; otherwise the device named, which must be there."""
     if device == AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        named = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"{key}={device!r}: not a device ({e}). Fix: auto, cpu, cuda or cuda:N") from None
+    if named.type == "cuda" and not (torch.cuda.is_available() and (named.index or 0) < torch.cuda.device_count()):
+        raise ConfigError(f"{key}={device}: no such CUDA device here ({torch.cuda.device_count()} found). Fix: "
+                          f"{key}=auto (the GPU when there is one) or {key}=cpu")
+    return named

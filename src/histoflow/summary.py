@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from histoflow.data.folds import protocol_of
+from histoflow.data.folds import SplitConfig, protocol_of
 from histoflow.reports import (folds_markdown, matrix_markdown, read_confusion_csv, save_confusion_matrix,
                                summarize_folds)
 from histoflow.training import METRICS_FILE, job_order
@@ -70,12 +71,45 @@ def summarize_sweep(sweep_dir: str | Path) -> Path | None:
     return out
 
 
+def swept(config: DictConfig, key: str) -> list[str]:
+    """The values a multirun's command line gives `key` (one, or a sweep's)."""
+    for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
+        if override.get_key_element().lstrip("+~") == key:
+            if override.is_sweep_override():
+                return list(override.sweep_string_iterator())
+            return [override.get_value_element_as_str()]
+    return []
+
+
+def folds_not_in_split(config: DictConfig) -> list[str]:
+    """The swept folds that a k-fold or fractions split does not have (leave one group out: not known before the
+    data are listed, so none)."""
+    split = SplitConfig.from_config(config.data.get("split"))
+    if split.kind == "leave_one_group_out":
+        return []
+    return [fold for fold in swept(config, "fold") if fold not in split.test_folds()]
+
+
+def describe_split(config: DictConfig) -> str:
+    split = SplitConfig.from_config(config.data.get("split"))
+    return f"kind={split.kind}" + (f", k={split.k}" if split.kind == "kfold" else "")
+
+
 class FoldSummary(Callback):
     """Hydra callback: once every job of a multirun has returned, summarise the folds' patch-level test metrics
     and (image_report) write the k-fold image-level report, predict.py's, in <multirun>/image_report/."""
 
     def __init__(self, image_report: bool = True, predict: Sequence[str] = ()) -> None:
         self.image_report, self.predict = image_report, list(predict)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Refuse a sweep over folds the data do not have before its first job: `fold=1,6` with five folds once
+        trained fold 1, then failed on 6 and wrote no summary. (SystemExit passes through Hydra's callbacks.)"""
+        bad = folds_not_in_split(config)
+        if bad:
+            log.error("fold=%s: not folds of data.split (%s). Fix: sweep over %s", ",".join(bad), describe_split(config),
+                      ",".join(SplitConfig.from_config(config.data.get("split")).test_folds()))
+            raise SystemExit(1)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if summarize_sweep(config.hydra.sweep.dir) is not None and self.image_report:

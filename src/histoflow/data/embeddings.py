@@ -26,14 +26,14 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import numpy as np
 import torch
-from filelock import FileLock
 
 from histoflow.config import plain
 from histoflow.data.fingerprint import content_hashes
+from histoflow.data.locks import only_writer
 from histoflow.data.prepared import PreparedDataset, Split
 from histoflow.data.shards import add_sample, atomic_shard, stack_npy, tar_samples
 from histoflow.data.transforms import PatchTransform, build_transform
-from histoflow.errors import ConfigError, MissingInputError
+from histoflow.errors import ConfigError, MissingInputError, NotWritableError
 from histoflow.machine import resolve_device
 from histoflow.models import build_encoder
 from histoflow.progress import progress_bar
@@ -212,8 +212,15 @@ def embed_dataset(prepared: PreparedDataset, encoder_cfg: Mapping[str, Any], loa
     if (out / RECORD).is_file():
         return EmbeddedDataset(out, prepared)
     transform = fold_free_transform(prepared, loader)
-    out.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out / ".embed.lock")):
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise NotWritableError(f"{out}: cannot write the embeddings here ({e.strerror}); they go beside the prepared "
+                               "data. Fix: make that folder writable, or prepare the data where it can be written "
+                               "(data.shards.dir or paths.data_dir)") from e
+    with only_writer(out / ".embed.lock", f"embeds into {out}"):
         if (out / RECORD).is_file():  # another process finished it while this one waited
             return EmbeddedDataset(out, prepared)
         return _embed(prepared, encoder_cfg, settings, transform, out, batch_size, device, progress)

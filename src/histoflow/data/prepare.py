@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
-from filelock import FileLock, Timeout
 
 from histoflow.audit import DESCRIPTORS
 from histoflow.config import read_section
 from histoflow.data.fingerprint import content_hashes
+from histoflow.data.locks import only_writer
 from histoflow.data.folds import SplitConfig, check_leakage, read_manifest, write_manifest
 from histoflow.data.manifest import build_manifest, one_class_error, warn_if_leaky
 from histoflow.data.patches import PatchConfig
@@ -32,7 +32,7 @@ from histoflow.data.problems import BadInputError, Problem, write_problems
 from histoflow.data.shards import DiskFullError, ShardJob, empty_stats, write_shard
 from histoflow.data.sources import ImageRecord, SourceConfig, class_names, list_images, resolve_root
 from histoflow.data.stain import StainConfig, StainNormalizer
-from histoflow.errors import ConfigError, HistoflowError
+from histoflow.errors import ConfigError, HistoflowError, NotWritableError
 from histoflow.machine import cpu_count
 from histoflow.progress import process_map, progress_bar
 
@@ -98,7 +98,7 @@ def prepare_dataset(data: DataConfig | Mapping[str, Any], quiet: bool = False) -
     plan.refuse_bad_inputs(plan.problems)
     new = not plan.out.exists()
     _writable(plan.out)
-    with _only_writer(plan.out), _explain_disk_full(plan.out), _removed_if_refused(plan.out, new):
+    with only_writer(plan.out / ".prepare.lock", f"prepares {plan.out}"), _explain_disk_full(plan.out), _removed_if_refused(plan.out, new):
         if (plan.out / RECORD).is_file():  # another process prepared it while this one waited, or a shard is gone
             damaged = _damaged_shards(plan.out)
             if not damaged:
@@ -349,22 +349,6 @@ def _removed_if_refused(out: Path, new: bool) -> Iterator[None]:
 
 
 @contextmanager
-def _only_writer(out: Path) -> Iterator[None]:
-    """Hold the prepared folder's lock: one process writes it, the others wait (the lock of a killed writer goes
-    with its process)."""
-    lock = FileLock(out / ".prepare.lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("waiting for another process that prepares %s (its lock: %s)", out, lock.lock_file)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-@contextmanager
 def _explain_disk_full(out: Path) -> Iterator[None]:
     """A full disk (or quota) as a DiskFullError that names the fix, the half-written files removed."""
     try:
@@ -376,10 +360,6 @@ def _explain_disk_full(out: Path) -> Iterator[None]:
             leftover.unlink()
         raise DiskFullError(f"{out}: no space left on the device ({e}). Fix: free space there (the run resumes "
                             "where it stopped), or set data.shards.dir to a folder on a larger disk") from e
-
-
-class NotWritableError(HistoflowError, PermissionError):
-    """The prepared data cannot be written where the configuration says."""
 
 
 def _writable(out: Path) -> None:

@@ -196,6 +196,10 @@ def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, 
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run one prediction as configured (conf/predict.yaml); returns where the results are and how many."""
     refuse_unknown_top_keys(cfg, "predict")
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise ConfigError("ckpt_path is needed: the trained model(s) to predict with. Fix: predict.py "
+                          "ckpt_path=<a .ckpt, a training run's folder or a multirun's folder> [images=...]")
+    resolve_device(cfg.device)  # a device that is not there is refused before any checkpoint is read
     if cfg.get("slides") and cfg.images is not None:  # the images were once left out in silence
         raise ConfigError(f"slides={cfg.slides} and images={cfg.images}: one run predicts slides or images. Fix: "
                           "run predict.py once for each")

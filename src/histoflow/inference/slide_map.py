@@ -119,7 +119,7 @@ def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTrans
         raise ConfigError(f"the models take patches of different sides {sorted(sides)}: predict a slide with one kind")
     side = sides.pop()
     heat_index = default_heatmap_class(classes, cfg.heatmap_class)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "slide.device")
     nets = [net.to(device).eval() for net, _ in models]
 
     with Slide(path) as slide:
