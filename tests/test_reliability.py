@@ -407,3 +407,14 @@ def test_user_errors_of_predict_and_embed_are_one_line(tmp_path: Path, monkeypat
     with pytest.raises(NotWritableError, match="cannot write the embeddings here \\(Permission denied\\)"):
         embed_dataset(prepared, {"_target_": "histoflow.models.torchvision_model", "name": "squeezenet1_1",
                                  "weights": None}, {"crop": 32, "normalize": "imagenet"}, progress=False)
+
+
+def test_an_encoders_errors_name_the_encoder_keys(tmp_path: Path) -> None:
+    """Issue 29: an offline or mistyped `encoder=timm` named model.name / model.weights, the head's keys."""
+    from histoflow.models import build_encoder
+
+    with pytest.raises(MissingInputError, match=r"^encoder.weights file '/nonexistent/w.pth' does not exist"):
+        build_encoder({"_target_": "histoflow.models.timm_model", "name": "resnet18",
+                       "weights": "/nonexistent/w.pth"}, 64)
+    with pytest.raises(ConfigError, match=r"^encoder.name=no_such_net_xyz"):
+        build_encoder({"_target_": "histoflow.models.timm_model", "name": "no_such_net_xyz"}, 64)

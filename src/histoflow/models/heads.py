@@ -7,15 +7,17 @@ torchvision model with its classification layer replaced by the identity. Its fe
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from typing import Any, Mapping
 
 import hydra
 import torch
+from hydra.errors import InstantiationException
 from torch import nn
 
 from histoflow.config import plain
-from histoflow.errors import ConfigError
+from histoflow.errors import ConfigError, HistoflowError
 
 
 class LinearHead(nn.Module):
@@ -49,7 +51,14 @@ def build_encoder(encoder_cfg: Mapping[str, Any], input_size: int) -> tuple[nn.M
     cfg.pop("preprocess", None)
     cfg.pop("freeze_backbone", None)
     extra = {"input_size": input_size} if "input_size" in cfg else {}
-    encoder = hydra.utils.instantiate(cfg, num_classes=0, **extra).eval()
+    try:
+        encoder = hydra.utils.instantiate(cfg, num_classes=0, **extra).eval()
+    except InstantiationException as e:
+        # the model builders name their keys model.*; here the same keys are encoder.* (model.* is the head)
+        cause = e.__cause__
+        if isinstance(cause, HistoflowError):
+            raise type(cause)(re.sub(r"\bmodel\.(name|weights|pretrained)\b", r"encoder.\1", str(cause))) from cause
+        raise
     encoder.requires_grad_(False)
     with torch.inference_mode():
         out = encoder(torch.zeros(1, 3, input_size, input_size))
