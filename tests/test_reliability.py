@@ -18,7 +18,7 @@ from conftest import CLASSES, REPO, config, make_images
 from histoflow.data import shards
 from histoflow.data.datamodule import LoaderConfig
 from histoflow.data.prepare import prepare_dataset
-from histoflow.data.problems import BadInputError
+from histoflow.data.problems import FIXES, BadInputError
 from histoflow.data.sources import SourceConfig, list_images
 from histoflow.errors import ConfigError, DamagedFileError, HistoflowError, MissingInputError, message
 
@@ -418,3 +418,13 @@ def test_an_encoders_errors_name_the_encoder_keys(tmp_path: Path) -> None:
                        "weights": "/nonexistent/w.pth"}, 64)
     with pytest.raises(ConfigError, match=r"^encoder.name=no_such_net_xyz"):
         build_encoder({"_target_": "histoflow.models.timm_model", "name": "no_such_net_xyz"}, 64)
+
+
+def test_the_empty_class_folder_fix_works(tmp_path: Path) -> None:
+    """Issue 29: an empty class folder suggested data.classes=[...] without it, which still failed on that folder."""
+    root = make_images(tmp_path / "images", per_class=4)
+    (root / "EMPTY").mkdir()
+    records, problems = list_images(SourceConfig(), root)
+    assert [p.kind for p in problems] == ["empty-class"] and "data.classes" in FIXES["empty-class"]
+    records, problems = list_images(SourceConfig(classes=CLASSES), root)
+    assert not problems and {r.label for r in records} == set(CLASSES)

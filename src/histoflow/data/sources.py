@@ -58,7 +58,8 @@ def resolve_root(cfg: SourceConfig, cache_dir: str | Path) -> Path:
             return root.resolve()
         what = "is a file, not a folder" if root.exists() else "no such folder"
         raise MissingInputError(f"data.root={cfg.root}: {what}. Fix: pass data.root=<folder of class folders> "
-                                "(check the spelling), or data.root=null to download data.url")
+                                "(predict.py: +data.root=..., its data section starts empty; check the spelling), "
+                                "or data.root=null to download data.url")
     if cfg.url:
         from histoflow.data.download import fetch_archive
 
@@ -173,7 +174,8 @@ def list_images(cfg: SourceConfig, root: Path) -> tuple[list[ImageRecord], list[
         class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and _is_listed(d.relative_to(root)))
         for d in class_dirs:
             files = files_under(d)
-            if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
+            if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files) and (not cfg.classes or d.name in cfg.classes):
+                # a folder data.classes leaves out is not a class of this data set (the fix the problem suggests)
                 problems.append(Problem(str(d), "empty-class", "no image files in this class folder"))
             found += [(p, d.name, None) for p in files]
         loose = sorted(p for p in root.iterdir() if p.is_file() and _is_listed(p.relative_to(root)))
