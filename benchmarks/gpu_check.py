@@ -32,6 +32,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -356,8 +357,7 @@ def main() -> int:
     if not (args.data / "lymphoma").is_dir():
         print(f"{args.data / 'lymphoma'}: not found. Fix: run benchmarks/gpu_kit.py, or pass --data")
         return 2
-    import tempfile
-    import torch
+    import torch  # here, so that --help answers at once
 
     cuda = torch.cuda.is_available() and not args.cpu
     budget = GPU if cuda else CPU
