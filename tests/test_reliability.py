@@ -428,3 +428,32 @@ def test_the_empty_class_folder_fix_works(tmp_path: Path) -> None:
     assert [p.kind for p in problems] == ["empty-class"] and "data.classes" in FIXES["empty-class"]
     records, problems = list_images(SourceConfig(classes=CLASSES), root)
     assert not problems and {r.label for r in records} == set(CLASSES)
+
+
+@pytest.mark.parametrize("override, text", [
+    ("data.loader.batch_size=0", "Error: data.loader.batch_size=0"),
+    ("+model.dropoutt=0.5", "Error: histoflow.models.alexnet32.AlexNet32 takes no argument 'dropoutt'"),
+])
+def test_errors_inside_hydras_instantiate_are_one_line(tmp_path: Path, override: str, text: str) -> None:
+    """Issue 29: Hydra's "Error executing job" and "Error in call to target" wrapped histoflow's own messages."""
+    root = make_images(tmp_path / "images", per_class=4)
+    run = subprocess.run([sys.executable, str(REPO / "train.py"), override, f"data.root={root}",
+                          f"paths.data_dir={tmp_path / 'work'}", f"hydra.run.dir={tmp_path / 'run'}", "logger=csv",
+                          "data.split.k=2", "data.split.val_fraction=0",
+                          "trainer.max_epochs=1", "test=false"],
+                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert run.returncode == 1 and text in run.stderr, run.stderr[-2000:]
+    assert "Error in call to target" not in run.stderr and "Traceback" not in run.stderr
+    assert "Error executing job" not in run.stderr
+
+
+def test_the_leak_audit_with_groups_given_says_they_do_not_look_like_patients(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 29: with patients given, the audit still said "give the patients (data.groups=...)"."""
+    root = make_images(tmp_path / "images", per_class=6, size=(96, 80))
+    without = prepare_dataset(config(root, tmp_path / "a"), quiet=True)
+    assert "leaky" in caplog.text and "give the patients" in caplog.text  # these images look alike across folds
+    caplog.clear()
+    prepare_dataset(config(root, tmp_path / "b", groups=_groups_table(root, _every_image(root))), quiet=True)
+    assert "leaky" in caplog.text and "groups given do not look like patients" in caplog.text
+    assert "give the patients" not in caplog.text and without.record["images"] == 18

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from typing import Callable, TypeVar
 
@@ -44,18 +45,35 @@ def message(error: HistoflowError) -> str:
     return text.rstrip()
 
 
+def user_error(error: BaseException) -> HistoflowError | None:
+    """The user's error inside an exception, if it is one: a HistoflowError, also where Hydra's instantiate wrapped
+    it ("Error in call to target ..."), or an argument the target does not take (`+model.dropoutt=0.5`)."""
+    seen = error
+    while seen is not None and not isinstance(seen, HistoflowError):
+        if isinstance(seen, TypeError) and "unexpected keyword argument" in str(seen):
+            target = re.search(r"Error in call to target '([^']+)'", str(error))
+            argument = re.search(r"unexpected keyword argument '([^']+)'", str(seen))
+            return ConfigError(f"{target.group(1) if target else 'a configured object'} takes no argument "
+                               f"{argument.group(1) if argument else ''!r}. Fix: correct the spelling of that key "
+                               "(a +key override adds an argument that the object does not take)")
+        seen = seen.__cause__ or seen.__context__
+    return seen
+
+
 def report_errors(task: Callable[..., T]) -> Callable[..., T]:
-    """Wrap an entry point's task function: a HistoflowError becomes its message on stderr and exit status 1."""
+    """Wrap an entry point's task function: a user's error (user_error) becomes its message on stderr and exit
+    status 1, without Hydra's "Error executing job" and "Error in call to target" lines around it."""
 
     @functools.wraps(task)
     def run(*args, **kwargs):
         try:
             return task(*args, **kwargs)
-        except HistoflowError as e:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        except Exception as e:
+            found = user_error(e)
+            if found is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             sys.stdout.flush()
-            print(f"Error: {message(e)}", file=sys.stderr, flush=True)
+            print(f"Error: {message(found)}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
 
     return run

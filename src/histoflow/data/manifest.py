@@ -99,10 +99,18 @@ def warn_if_leaky(descriptors: np.ndarray, rows: list[dict], out: Path) -> None:
         return
     result = audit(descriptors, [r["fold"] for r in rows], [r["image"] for r in rows])
     report = write_report(result, out, out.name)
-    if result.verdict == "leaky":
-        log.warning("%s. Images of one patient or slide are probably on both sides of the folds: give the patients "
-                    "(data.groups=<table image,group>, protocol=cases) or check the pairs in %s "
-                    "(python -m histoflow.audit data=... shows it again)", summary_line(result), report)
+    if result.verdict != "leaky":
+        return
+    groups = {r["group"] for r in rows}
+    if groups == {r["image"] for r in rows}:  # every image its own group: no patients were given
+        advice = ("Images of one patient or slide are probably on both sides of the folds: give the patients "
+                  "(data.groups=<table image,group>, protocol=cases)")
+    else:
+        advice = (f"The {len(groups)} groups given do not look like patients: look-alike images sit in different "
+                  "groups on both sides of the folds, so one patient or slide is probably filed under two groups. "
+                  "Check the groups (data.groups, data.group_regex) against the pairs")
+    log.warning("%s. %s in %s (python -m histoflow.audit data=... shows it again)", summary_line(result), advice,
+                report)
 
 
 def one_class_error(rows: list[dict], classes: list[str], root: Path) -> ConfigError | None:
