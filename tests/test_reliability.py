@@ -457,3 +457,20 @@ def test_the_leak_audit_with_groups_given_says_they_do_not_look_like_patients(
     prepare_dataset(config(root, tmp_path / "b", groups=_groups_table(root, _every_image(root))), quiet=True)
     assert "leaky" in caplog.text and "groups given do not look like patients" in caplog.text
     assert "give the patients" not in caplog.text and without.record["images"] == 18
+
+
+def test_small_data_warns_once_about_validation_and_about_one_patient_folds(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 29: five near-identical validation-split warnings; a test fold of a single patient got none."""
+    root = make_images(tmp_path / "images", per_class=6)  # 3 classes x 2 patients of 3 images: 6 patients, 5 folds
+    rows = [[f"{p.parent.name}/{p.name}", f"{p.parent.name}-{int(p.stem.rsplit('-', 1)[1]) // 3}"]
+            for p in sorted(root.glob("*/*.png"))]
+    data = config(root, tmp_path / "p", groups=_groups_table(root, rows), split={"k": 5, "val_fraction": 0.5})
+    prepared = prepare_dataset(data, quiet=True)
+    validation = [r for r in caplog.records if "validation split lacks a class" in r.getMessage()]
+    assert len(validation) == 1 and validation[0].getMessage().count("fold ") >= 2
+    patients: dict[str, set[str]] = {}
+    for row in prepared.manifest():
+        patients.setdefault(row["fold"], set()).add(row["group"])
+    lone = sorted(fold for fold, held in patients.items() if len(held) == 1)
+    assert lone and f"fold(s) {', '.join(lone)} hold a single group (patient) each" in caplog.text

@@ -82,11 +82,20 @@ def build_manifest(records: list[ImageRecord], hashes: list[str], root: Path, sp
     groups = _union_identical([g[0] for g in good], [g[1] for g in good])
     labels = [g[0].label for g in good]
     folds, val = assign_folds(labels, groups, split)
-    for fold, missing in validation_gaps(labels, folds, val).items():
-        log.warning("holding out fold %s, the grouped validation split has no %s image: selecting the 'best' epoch "
-                    "on it is biased. Fix: data.split.val_groups_per_class=2 (every class in every run's validation), "
+    gaps = validation_gaps(labels, folds, val)
+    if gaps:  # one warning for all folds (it was one a fold, five near-identical lines on small data)
+        log.warning("the grouped validation split lacks a class when holding out %s: selecting the 'best' epoch on "
+                    "it is biased. Fix: data.split.val_groups_per_class=2 (every class in every run's validation), "
                     "or data.split.val_fraction=0 callbacks.model_checkpoint.monitor=null (keep the last epoch)",
-                    fold, " or ".join(missing))
+                    "; ".join(f"fold {fold} (no {' or '.join(missing)} image)" for fold, missing in gaps.items()))
+    members: dict[str, set[str]] = {}
+    for group, fold in zip(groups, folds):
+        members.setdefault(str(fold), set()).add(group)
+    lone = sorted(fold for fold, held in members.items() if len(held) == 1)
+    if lone and len(members) > 1 and split.kind != "leave_one_group_out":  # there, one group a fold is the design
+        log.warning("fold(s) %s hold a single group (patient) each: tested on one patient of one class, such a "
+                    "fold's accuracy and macro F1 say little. Fix: fewer folds (data.split.k), or more patients",
+                    ", ".join(lone))
     rows = [dict(zip(MANIFEST_COLUMNS, (i, r.path, r.label, grp, f, v, sha, w, h, note)))
             for i, ((r, sha, w, h, note), grp, f, v) in enumerate(zip(good, groups, folds, val))]
     return rows, problems, notes, np.stack([descriptors[r.path] for r, *_ in good])
