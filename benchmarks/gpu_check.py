@@ -67,7 +67,7 @@ class Budget:
 GPU = Budget(train_epochs=3, train_batches=40, train_batch=256, eval_batches=1.0, bench_batches=150, bench_batch=4096,
              predict_batch=4096, predict_repeat=10, embed_patches=4096, slide_side=20000, slide_batch=128,
              slide_workers=(0, 8))
-CPU = Budget(train_epochs=3, train_batches=4, train_batch=32, eval_batches=2, bench_batches=3, bench_batch=32, predict_batch=256,
+CPU = Budget(train_epochs=3, train_batches=4, train_batch=16, eval_batches=2, bench_batches=3, bench_batch=32, predict_batch=256,
              predict_repeat=1, embed_patches=16, slide_side=1200, slide_batch=8, slide_workers=(0,))
 
 # Floors of issue 28, judged on a GPU only: (figure key, floor, what it says)
