@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ from histoflow.resume import ddp_children_rerun_this_job, resume_checkpoint
 from histoflow.tracking import configure_wandb, finish_wandb
 
 log = logging.getLogger(__name__)
+# Lightning 2.6 on torch >= 2.10 asks torch a deprecated question at every fit and test; the notice is Lightning's
+# to act on, not the user's, and it came twice a run
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 METRICS_FILE = "test_metrics.json"  # what the multirun summary reads from every job folder
 
 
