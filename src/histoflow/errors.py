@@ -56,7 +56,7 @@ def user_error(error: BaseException) -> HistoflowError | None:
             return ConfigError(f"{target.group(1) if target else 'a configured object'} takes no argument "
                                f"{argument.group(1) if argument else ''!r}. Fix: correct the spelling of that key "
                                "(a +key override adds an argument that the object does not take)")
-        seen = seen.__cause__ or seen.__context__
+        seen = seen.__cause__  # `raise ... from`: a wrapper such as Hydra's; an error while handling another is a bug
     return seen
 
 

@@ -18,10 +18,9 @@ import hashlib
 import json
 import logging
 import re
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from queue import Full, Queue
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import numpy as np
@@ -29,11 +28,11 @@ import torch
 
 from histoflow.config import plain
 from histoflow.data.fingerprint import content_hashes
-from histoflow.data.locks import only_writer
+from histoflow.data.locks import only_writer, writable
 from histoflow.data.prepared import PreparedDataset, Split
 from histoflow.data.shards import add_sample, atomic_shard, stack_npy, tar_samples
 from histoflow.data.transforms import PatchTransform, build_transform
-from histoflow.errors import ConfigError, MissingInputError, NotWritableError
+from histoflow.errors import ConfigError, MissingInputError
 from histoflow.machine import resolve_device
 from histoflow.models import build_encoder
 from histoflow.progress import progress_bar
@@ -108,41 +107,15 @@ def fold_free_transform(prepared: PreparedDataset, loader: Mapping[str, Any]) ->
     return build_transform(loader, prepared.stats(prepared.test_folds[0]), train=False)
 
 
-def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
-    """The items of an iterator, made in a background thread up to `depth` ahead (its errors raised here)."""
-    queue: Queue = Queue(maxsize=depth)
+def prefetched(items: Iterator[T]) -> Iterator[T]:
+    """The items of an iterator, each next one made in a background thread while this one is used (its errors
+    raised here)."""
     end = object()
-    stop = threading.Event()
-
-    def put(item: object) -> bool:
-        """Hand an item over, unless the consumer has stopped (then never block)."""
-        while not stop.is_set():
-            try:
-                queue.put(item, timeout=0.1)
-                return True
-            except Full:
-                continue
-        return False
-
-    def make() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(end)
-        except BaseException as error:  # handed to the consumer, raised there
-            put(error)
-
-    thread = threading.Thread(target=make, daemon=True)
-    thread.start()
-    try:
-        while (item := queue.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
+    with ThreadPoolExecutor(1) as pool:
+        coming = pool.submit(next, items, end)
+        while (item := coming.result()) is not end:
+            coming = pool.submit(next, items, end)
             yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 def patch_batches(src: str | Path, batch_size: int, pin: bool) -> Iterator[tuple[list[str], list[int], torch.Tensor]]:
@@ -212,14 +185,8 @@ def embed_dataset(prepared: PreparedDataset, encoder_cfg: Mapping[str, Any], loa
     if (out / RECORD).is_file():
         return EmbeddedDataset(out, prepared)
     transform = fold_free_transform(prepared, loader)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").touch()
-        (out / ".write-test").unlink()
-    except OSError as e:
-        raise NotWritableError(f"{out}: cannot write the embeddings here ({e.strerror}); they go beside the prepared "
-                               "data. Fix: make that folder writable, or prepare the data where it can be written "
-                               "(data.shards.dir or paths.data_dir)") from e
+    writable(out, "the embeddings", "they go beside the prepared data: make that folder writable, or prepare the "
+             "data where it can be written (data.shards.dir or paths.data_dir)")
     with only_writer(out / ".embed.lock", f"embeds into {out}"):
         if (out / RECORD).is_file():  # another process finished it while this one waited
             return EmbeddedDataset(out, prepared)

@@ -1,5 +1,5 @@
-"""One writer at a time for a folder that several jobs may want to write (the fold jobs of a sweep, started
-together): the others wait for its lock, saying so, then find the work done."""
+"""Folders that several jobs may want to write (the fold jobs of a sweep, started together): checked writable
+before any work, then one writer at a time; the others wait for its lock, saying so, then find the work done."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Iterator
 
 from filelock import FileLock, Timeout
+
+from histoflow.errors import NotWritableError
 
 log = logging.getLogger(__name__)
 
@@ -27,3 +29,14 @@ def only_writer(lock_file: Path, what: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def writable(folder: Path, what: str, fix: str) -> None:
+    """Make `folder` (and its parents) and check that a file can be written in it; else a NotWritableError naming
+    `what` would be written there and the `fix`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".write-test").touch()
+        (folder / ".write-test").unlink()
+    except OSError as e:
+        raise NotWritableError(f"{folder}: cannot write {what} here ({e.strerror}). Fix: {fix}") from e

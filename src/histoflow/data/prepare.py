@@ -23,7 +23,7 @@ import numpy as np
 from histoflow.audit import DESCRIPTORS
 from histoflow.config import read_section
 from histoflow.data.fingerprint import content_hashes
-from histoflow.data.locks import only_writer
+from histoflow.data.locks import only_writer, writable
 from histoflow.data.folds import SplitConfig, check_leakage, read_manifest, write_manifest
 from histoflow.data.manifest import build_manifest, one_class_error, warn_if_leaky
 from histoflow.data.patches import PatchConfig
@@ -32,7 +32,7 @@ from histoflow.data.problems import BadInputError, Problem, write_problems
 from histoflow.data.shards import DiskFullError, ShardJob, empty_stats, write_shard
 from histoflow.data.sources import ImageRecord, SourceConfig, class_names, list_images, resolve_root
 from histoflow.data.stain import StainConfig, StainNormalizer
-from histoflow.errors import ConfigError, HistoflowError, NotWritableError
+from histoflow.errors import ConfigError, HistoflowError
 from histoflow.machine import cpu_count
 from histoflow.progress import process_map, progress_bar
 
@@ -97,8 +97,9 @@ def prepare_dataset(data: DataConfig | Mapping[str, Any], quiet: bool = False) -
         return _announce(plan.out)
     plan.refuse_bad_inputs(plan.problems)
     new = not plan.out.exists()
-    _writable(plan.out)
-    with only_writer(plan.out / ".prepare.lock", f"prepares {plan.out}"), _explain_disk_full(plan.out), _removed_if_refused(plan.out, new):
+    writable(plan.out, "prepared data", "set data.shards.dir (or paths.data_dir) to a writable folder")
+    lock = only_writer(plan.out / ".prepare.lock", f"prepares {plan.out}")
+    with lock, _explain_disk_full(plan.out), _removed_if_refused(plan.out, new):
         if (plan.out / RECORD).is_file():  # another process prepared it while this one waited, or a shard is gone
             damaged = _damaged_shards(plan.out)
             if not damaged:
@@ -360,14 +361,3 @@ def _explain_disk_full(out: Path) -> Iterator[None]:
             leftover.unlink()
         raise DiskFullError(f"{out}: no space left on the device ({e}). Fix: free space there (the run resumes "
                             "where it stopped), or set data.shards.dir to a folder on a larger disk") from e
-
-
-def _writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise NotWritableError(f"{out}: cannot write prepared data here ({e.strerror}). "
-                              "Fix: set data.shards.dir (or paths.data_dir) to a writable folder") from e

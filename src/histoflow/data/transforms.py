@@ -173,7 +173,6 @@ class PatchTransform:
             raise ConfigError(f"data.loader.interpolation={interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
         self.resize = None if resize in (None, crop) else int(resize)
         self.interpolation = interpolation
-        self._on_device: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor]] = {}
 
     def __call__(self, patches: torch.Tensor | np.ndarray) -> torch.Tensor:
         """(B, S, S, 3) or (S, S, 3) uint8 -> (B, 3, c, c) or (3, c, c) float32, on the patches' device."""
@@ -193,24 +192,13 @@ class PatchTransform:
             out = colour_jitter(out, **self.jitter)
         if self.grey:  # a stain-free input: luma in all three channels, so any net takes it unchanged
             out = torch.einsum("c,bcp->bp", LUMA.to(out.device), out)[:, None].expand(-1, 3, -1).contiguous()
-        mean, scale = self._constants(x.device)
-        if mean is not None:
-            out.sub_(torch.gather(mean.expand(n, -1, -1), 2, index))
-        out = out.div_(scale).view(n, 3, crop, crop)
+        if self.mean is not None:
+            out.sub_(torch.gather(self.mean.to(x.device).expand(n, -1, -1), 2, index))
+        out = out.div_(self.scale.to(x.device)).view(n, 3, crop, crop)
         if self.resize:
             out = F.interpolate(out, size=(self.resize, self.resize), mode=self.interpolation,
                                 **({} if self.interpolation == "nearest" else {"align_corners": False}))
         return out[0] if single else out
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled (to loader workers, into checkpoints) without the copies on devices."""
-        return {**self.__dict__, "_on_device": {}}
-
-    def _constants(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """The mean and divisor on `device`, copied there once (not at every batch)."""
-        if device not in self._on_device:
-            self._on_device[device] = (None if self.mean is None else self.mean.to(device), self.scale.to(device))
-        return self._on_device[device]
 
     @property
     def out_side(self) -> int:

@@ -10,11 +10,11 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from histoflow.config import at_least, refuse_unknown_top_keys
 from histoflow.data.images import IMAGE_SUFFIXES
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.problems import Problem, write_problems
-from histoflow.config import at_least, refuse_unknown_top_keys
 from histoflow.errors import ConfigError, HistoflowError, MissingInputError
 from histoflow.inference.checkpoints import (FoldModel, check_compatible, find_checkpoints, load_fold_model,
                                              models_by_fold)
@@ -225,8 +225,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     what = "slide" if cfg.get("slides") else "image"
     log.info("predicted %d %ss: %s", len(rows), what, out)
     if problems and cfg.on_bad_image == "skip":
+        shown = "; ".join(p.detail for p in problems[:5]) + ("; ..." if len(problems) > 5 else "")
         log.warning("skipped %d %s(s) that could not be predicted (listed in %s): %s", len(problems), what,
-                    out / "problems.csv", "; ".join(p.detail for p in problems[:5]) + ("; ..." if len(problems) > 5 else ""))
+                    out / "problems.csv", shown)
     if problems and cfg.on_bad_image == "error":
         fix = ("re-copy or re-export these slides" if cfg.get("slides") else
                "remove or repair these files (windows need images at least as large as grid.size)")
