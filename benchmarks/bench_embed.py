@@ -6,7 +6,7 @@
 On the real lymphoma patches with experiment=lymphoma_frozen_squeezenet (ImageNet SqueezeNet 1.1 features of
 ../shared/weights, 32-px crops upsampled to 64 px, a linear head), prints
 (a) the encoder's pure forward rate (patches/s) on N prepared patches, transformed and held in memory;
-(b) the embedding of the same N patches, written as one shard, as histoflow.data.embeddings embeds a shard
+(b) the embedding of the same N patches, written as one shard, as histoflow.features.embeddings embeds a shard
     (read, decode, transform, forward, write atomically), patches/s; floor (b) >= 0.8 (a): reading and
     writing cost little beside the encoder;
 (c) the wall time of `python train.py -m experiment=... fold=1,2,3,4,5` on the cached embeddings (every job's
@@ -34,15 +34,21 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+from common import add_common_args, describe, device_of, sync, write_figures
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from common import add_common_args, describe, device_of, sync, write_figures
+from histoflow.common.machine import cpu_count
 from histoflow.data.datamodule import ShardDataModule
-from histoflow.data.embeddings import embed_shard, fold_free_transform
 from histoflow.data.prepare import prepare_dataset
-from histoflow.data.shards import add_sample, atomic_shard, decode_npy, stack_npy, tar_samples
-from histoflow.machine import cpu_count
+from histoflow.data.shards import (
+    add_sample,
+    atomic_shard,
+    decode_npy,
+    stack_npy,
+    tar_samples,
+)
+from histoflow.features.embeddings import embed_shard, fold_free_transform
 from histoflow.models import build_encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +142,7 @@ def main() -> int:
     sweep = out / "sweep"
     command = [sys.executable, str(REPO / "train.py"), "-m", f"experiment={args.experiment}", "fold=1,2,3,4,5",
                f"data.root={lymphoma}", f"paths.data_dir={out}", f"hydra.sweep.dir={sweep}", "logger=csv",
-               "hydra.callbacks.fold_summary.image_report=false"]
+               "~hydra.callbacks.image_report"]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     t0 = time.perf_counter()
     subprocess.run(command, check=True, cwd=REPO, env=env, capture_output=True)

@@ -27,16 +27,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import add_common_args, describe, device_of, sync, write_figures
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from common import add_common_args, describe, device_of, sync, write_figures
+from histoflow.common.machine import AUTO, cpu_count, resolve_workers
 from histoflow.data.images import IMAGE_SUFFIXES
 from histoflow.data.transforms import PatchTransform
-from histoflow.inference.checkpoints import load_fold_model
+from histoflow.inference.fold_models import load_fold_model
 from histoflow.inference.voting import ImagePatches, grid_config, predict_images
-from histoflow.machine import AUTO, cpu_count, resolve_workers
 from histoflow.models import AlexNet32
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@
 
 Both are timed twice: inside this process, and as whole processes started from the shell, start-up
 (interpreter, imports, Hydra, the process pool) included, as a user meets them:
-`python -m histoflow.prepare data=lymphoma ...` against a script doing the tutorial's steps (this file with
+`histoflow prepare data=lymphoma ...` against a script doing the tutorial's steps (this file with
 --tutorial-only). --data names the folder holding lymphoma/ (default $HISTOFLOW_DATA, else ../shared/data beside
 the repo). Everything is written into a fresh temporary folder under --out and deleted afterwards, so nothing is
 cached between runs. Also times the shard writer alone: prepare's shards written again from their own members with
@@ -31,7 +31,7 @@ import webdataset as wds
 from omegaconf import OmegaConf
 from PIL import Image
 
-from histoflow.data.prepared import PreparedDataset
+from histoflow.data.dataset import PreparedDataset
 from histoflow.data.shards import TarShard, decode_npy, sample_key, tar_samples
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +56,9 @@ def settle() -> None:
 
 def run_histoflow(lymphoma: Path, work: Path, workers: int):
     """Time one whole prepare (check + hash + folds + shards + means) into an empty folder."""
-    from histoflow.data.prepare import prepare_dataset  # here: the tutorial's process below does not import it
+    from histoflow.data.prepare import (
+        prepare_dataset,  # here: the tutorial's process below does not import it
+    )
 
     data = config(lymphoma, work, workers)
     settle()
@@ -67,8 +69,8 @@ def run_histoflow(lymphoma: Path, work: Path, workers: int):
 
 
 def run_histoflow_process(lymphoma: Path, work: Path, workers: int) -> float:
-    """Seconds of `python -m histoflow.prepare data=lymphoma ...` into an empty folder, start-up included."""
-    command = [sys.executable, "-m", "histoflow.prepare", "data=lymphoma", f"data.root={lymphoma}",
+    """Seconds of `histoflow prepare data=lymphoma ...` into an empty folder, start-up included."""
+    command = [sys.executable, "-m", "histoflow.commands.prepare", "data=lymphoma", f"data.root={lymphoma}",
                f"data.shards.dir={work}", f"data.shards.workers={workers}", f"paths.cache_dir={work / 'cache'}",
                f"hydra.run.dir={work / 'run'}"]
     settle()
@@ -224,7 +226,7 @@ def main() -> int:
     for name, s in rows + [("tutorial (PNG files + tar)", t_secs)]:
         print(f"{name:<32}{s:>9.2f}{n_img / s:>10.0f}{n_patch / s:>11.0f}{t_secs / s:>12.1f}x")
     print(f"{'histoflow, whole process':<32}{whole:>9.2f}{n_img / whole:>10.0f}{n_patch / whole:>11.0f}"
-          f"{t_whole / whole:>12.1f}x  (python -m histoflow.prepare, {workers(args.workers)}, start-up included)")
+          f"{t_whole / whole:>12.1f}x  (histoflow prepare, {workers(args.workers)}, start-up included)")
     print(f"{'tutorial, whole process':<32}{t_whole:>9.2f}{n_img / t_whole:>10.0f}{n_patch / t_whole:>11.0f}"
           f"{1:>12.1f}x")
     if len(results) > 1:

@@ -44,7 +44,15 @@ import webdataset as wds
 from webdataset.autodecode import npy_loads
 from webdataset.writer import numpy_dumps
 
-from histoflow.data.shards import TarShard, add_sample, decode_npy, encode_npy, sample_key, stack_npy, tar_samples
+from histoflow.data.shards import (
+    TarShard,
+    add_sample,
+    decode_npy,
+    encode_npy,
+    sample_key,
+    stack_npy,
+    tar_samples,
+)
 
 CLEAR_MARGIN = 1.5  # a hand-written part is worth keeping where it is at least this much faster (CPU time)
 SAMPLES_PER_SHARD = 4096

@@ -36,6 +36,7 @@ from typing import Any, Iterable
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from common import add_common_args, describe, device_of, sync, write_figures
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -43,11 +44,11 @@ from PIL import Image
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
-from common import add_common_args, describe, device_of, sync, write_figures
-from histoflow.callbacks import ChannelsLast
+from histoflow.common.machine import cpu_count, resolve_workers
 from histoflow.data.datamodule import ShardDataModule
-from histoflow.machine import cpu_count, resolve_workers
-from histoflow.module import PatchClassifier, build_net
+from histoflow.models.build import build_net
+from histoflow.training.callbacks import ChannelsLast
+from histoflow.training.module import PatchClassifier
 
 REPO = Path(__file__).resolve().parents[1]
 FLOOR_END_TO_END = 0.85  # (c) / (b)
@@ -203,7 +204,7 @@ def write_pngs(dm: ShardDataModule, root: Path, count: int) -> None:
     done = root / ".complete"
     if done.is_file() and int(done.read_text()) >= count:
         return
-    from histoflow.data.datamodule import shard_pipeline
+    from histoflow.data.pipeline import shard_pipeline
 
     raw = shard_pipeline(dm.split.train, lambda x: x, dm.loader.batch_size, train=False)
     n = 0

@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-
 from common import add_common_args, describe, device_of, sync, write_figures
-from histoflow.slides.reader import Slide
+
 from histoflow.data.synthetic import H_E_MEAN, write_pyramid
-from histoflow.slides.tiles import SlideTiles, TileGeometry, tissue_tiles
 from histoflow.data.transforms import PatchTransform
 from histoflow.inference.slide_map import SlideConfig, predict_slide
+from histoflow.slides.reader import Slide
+from histoflow.slides.tiles import SlideTiles, TileGeometry, tissue_tiles
 
 FLOOR = 0.7
 H_E_STD = np.array([25.0, 25.0, 25.0])

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from histoflow.machine import resolve_device
+from histoflow.common.machine import resolve_device
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:

@@ -214,6 +214,7 @@ def environment(stage: Stage, cuda: bool) -> None:
     """Versions of what the GPU runs, and the imports of every module histoflow loads on the way."""
     import importlib
     import importlib.metadata as md
+
     import torch
 
     versions = {}
@@ -232,8 +233,8 @@ def environment(stage: Stage, cuda: bool) -> None:
                              bf16=torch.cuda.is_bf16_supported())
     failed = []
     for module in ("hydra", "omegaconf", "webdataset", "wandb", "imagecodecs", "tifffile", "torchstain", "cachetools",
-                   "histoflow.training", "histoflow.inference.predict", "histoflow.inference.slide_map",
-                   "histoflow.data.embeddings"):
+                   "histoflow.training.run", "histoflow.inference.predict", "histoflow.inference.slide_map",
+                   "histoflow.features.embeddings"):
         try:
             importlib.import_module(module)
         except Exception as e:

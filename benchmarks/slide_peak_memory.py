@@ -4,11 +4,18 @@ Run in its own process by tests/test_slide_predict.py and benchmarks/bench_wsi.p
 process, and sampled PSS of it and its loader workers together.
 """
 
-import json, os, sys, threading, time
+import json
+import os
+import sys
+import threading
+import time
+
 import numpy as np
+
 from histoflow.data.transforms import PatchTransform
 from histoflow.inference.slide_map import SlideConfig, predict_slide
 from histoflow.models import AlexNet32
+
 
 def status(pid, field):  # KiB; VmHWM is the process's own peak RSS (not inherited through fork or exec)
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, open_dict
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))  # the project's own tools (tools/results.py), not part of the package
 
 
 def shared_data_dir() -> Path:

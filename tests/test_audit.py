@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 from scipy.spatial import cKDTree
 
-import histoflow.audit as audit_module
-from histoflow.audit import audit, audit_prepared, describe
+import histoflow.data.audit as audit_module
+from histoflow.commands.audit import audit_prepared
+from histoflow.data.audit import audit, describe
 from histoflow.data.folds import SplitConfig, assign_folds
 from histoflow.data.images import read_rgb
 from histoflow.data.prepare import prepare_dataset

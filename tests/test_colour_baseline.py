@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histoflow.inference.colour_baseline import colour_features, cross_validated_predictions
-from histoflow.reports import reliability_bins, save_reliability_diagram
+from histoflow.evaluation.colour_baseline import (
+    colour_features,
+    cross_validated_predictions,
+)
+from histoflow.evaluation.figures import reliability_bins, save_reliability_diagram
 
 
 def test_colour_features_are_rgb_mean_and_sd(tmp_path: Path) -> None:

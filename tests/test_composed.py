@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import CLASSES, compose_train, make_images, plotted_lines
 from torch import nn
 
-from conftest import CLASSES, compose_train, make_images, plotted_lines
-from histoflow.callbacks import ChannelsLast
-from histoflow.training import train
+from histoflow.training.callbacks import ChannelsLast
+from histoflow.training.run import train
 
 pytestmark = pytest.mark.usefixtures("leave_no_trace")
 
@@ -133,9 +133,9 @@ def test_real_lymphoma_case_folds_train_then_image_report(lymphoma_dir: Path, tm
     """The tutorial's recipe (experiment=janowczyk_lymphoma, case folds) on 12 real images of 6 cases, 2 folds of
     two training batches each, then the k-fold image report of the sweep (what train.py -m writes at its end and
     predict.py ckpt_path=<multirun> writes): every image once, by the fold model that held its case out."""
-    from histoflow.data.folds import read_manifest
+    from histoflow.data.manifest import read_manifest
+    from histoflow.evaluation.tables import read_confusion_csv
     from histoflow.inference.sweep_report import REPORT_DIR, write_image_report
-    from histoflow.reports import read_confusion_csv
 
     root = tmp_path / "lymphoma"
     chosen = lymphoma_subset(lymphoma_dir, root)

@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import pytest
+from conftest import compose_config
 from omegaconf import OmegaConf
 
-from conftest import compose_config
-from histoflow.config import read_section
-from histoflow.data.datamodule import LoaderConfig
+from histoflow.common.config import read_section
+from histoflow.common.errors import ConfigError
+from histoflow.data.loader import LoaderConfig
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import DataConfig
 from histoflow.data.stain import StainConfig
-from histoflow.errors import ConfigError
 from histoflow.inference.slide_map import SlideConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

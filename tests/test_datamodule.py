@@ -12,14 +12,23 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import CLASSES, make_images
 from omegaconf import OmegaConf
 from skimage.color import hed2rgb, rgb2hed
 
-from conftest import CLASSES, make_images
-from histoflow.data.datamodule import KEY_FIELDS, LoaderConfig, ShardDataModule, shard_pipeline
+from histoflow.common.errors import ConfigError
+from histoflow.data.datamodule import ShardDataModule
+from histoflow.data.loader import LoaderConfig
+from histoflow.data.pipeline import KEY_FIELDS, shard_pipeline
 from histoflow.data.shards import decode_npy, parse_key
-from histoflow.data.transforms import PatchTransform, build_transform, colour_jitter, hed_jitter, hed_to_rgb, rgb_to_hed
-from histoflow.errors import ConfigError
+from histoflow.data.transforms import (
+    PatchTransform,
+    build_transform,
+    colour_jitter,
+    hed_jitter,
+    hed_to_rgb,
+    rgb_to_hed,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SKIMAGE_UNITS = -np.log(1e-6)  # skimage's stain units are optical densities divided by this

@@ -6,7 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
-from histoflow import results
+import results
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -40,11 +40,11 @@ def test_every_docs_page_is_linked_from_the_readme() -> None:
 
 
 def test_the_committed_results_are_rendered_from_the_record(tmp_path: Path) -> None:
-    """`python -m histoflow.results` (no runs: the record alone) reproduces the README and docs/results.md."""
+    """`python tools/results.py` (no runs: the record alone) reproduces the README and docs/results.md."""
     (tmp_path / "docs").mkdir()
     for name in ("README.md", "docs/results.md", "docs/results.json"):
         shutil.copyfile(REPO / name, tmp_path / name)
     results.main(["--readme", str(tmp_path / "README.md"), "--record", str(tmp_path / "docs" / "results.json"),
                   "--figures", str(tmp_path / "docs")])
     for name in ("README.md", "docs/results.md", "docs/results.json"):
-        assert (tmp_path / name).read_text() == (REPO / name).read_text(), f"{name}: run python -m histoflow.results"
+        assert (tmp_path / name).read_text() == (REPO / name).read_text(), f"{name}: run python tools/results.py"

@@ -12,8 +12,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import LocalServer
+
 from histoflow.data.download import DownloadError, fetch_archive, parse_checksum
 
 FILES = {"data/a/1.txt": b"one", "data/b/2.txt": b"two"}

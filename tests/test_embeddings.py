@@ -11,19 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import compose_train, make_images
+
+from histoflow.common.errors import ConfigError
 from histoflow.data import embeddings
 from histoflow.data.datamodule import ShardDataModule
-from histoflow.data.embeddings import RECORD
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.shards import stack_npy, tar_samples
-from histoflow.errors import ConfigError
-from histoflow.inference.checkpoints import CheckpointError, load_fold_model
+from histoflow.features.embeddings import RECORD
+from histoflow.inference.fold_models import load_fold_model
 from histoflow.inference.predict import predict
 from histoflow.inference.sweep_report import predict_config
 from histoflow.models import build_encoder
-from histoflow.training import train
+from histoflow.training.checkpoints import CheckpointError
+from histoflow.training.run import train
 
 pytestmark = pytest.mark.usefixtures("leave_no_trace")
 ENCODER = {"_target_": "histoflow.models.torchvision_model", "name": "squeezenet1_1", "weights": None,

@@ -9,14 +9,19 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-
 from conftest import compose_train, make_images
-from histoflow.errors import ConfigError, MissingInputError
-from histoflow.models import build_encoder, model_preprocess, timm_model, torchvision_model
+
+from histoflow.common.errors import ConfigError, MissingInputError
+from histoflow.models import (
+    build_encoder,
+    model_preprocess,
+    timm_model,
+    torchvision_model,
+)
+from histoflow.models.build import build_net
 from histoflow.models.timm_models import check_hub
-from histoflow.models.zoo import WeightsError
-from histoflow.module import build_net
-from histoflow.training import train
+from histoflow.models.torchvision_models import WeightsError
+from histoflow.training.run import train
 
 AUTO = {"input_size": "auto", "interpolation": "auto", "mean": "auto", "std": "auto"}
 pytestmark = pytest.mark.usefixtures("leave_no_trace")

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import compose_train
 from omegaconf import OmegaConf
 
-from conftest import compose_train
 from histoflow.data.prepare import prepare_dataset
-from histoflow.inference.checkpoints import load_fold_model
+from histoflow.evaluation.tables import read_confusion_csv
+from histoflow.inference.fold_models import load_fold_model
 from histoflow.inference.slide_map import SlideConfig, predict_slide
-from histoflow.reports import read_confusion_csv
-from histoflow.training import train
+from histoflow.training.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA", "07_ADIPOSE", "08_EMPTY"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from histoflow.data.datamodule import LoaderConfig, ShardDataModule
-from histoflow.errors import ConfigError
-from histoflow.machine import auto_workers, resolve_workers
+from histoflow.common.errors import ConfigError
+from histoflow.common.machine import auto_workers, resolve_workers
+from histoflow.data.datamodule import ShardDataModule
+from histoflow.data.loader import LoaderConfig
 
 
 def test_auto_reads_in_process_on_a_cpu_and_keeps_workers_beside_a_gpu() -> None:

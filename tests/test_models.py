@@ -8,10 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import LocalServer
 from torch import nn
 
-from conftest import LocalServer
-from histoflow.models import AlexNet32, classifier_head, clean_state_dict, torchvision_model
+from histoflow.models import (
+    AlexNet32,
+    classifier_head,
+    clean_state_dict,
+    torchvision_model,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,26 +16,36 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import results
 import torch
+from conftest import CLASSES, env_without_wandb_account, make_images, plotted_lines
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
 
-from conftest import CLASSES, env_without_wandb_account, make_images, plotted_lines
-from histoflow import results
-from histoflow.data.folds import read_manifest
-from histoflow.data.prepared import PreparedDataset
+from histoflow.data.dataset import PreparedDataset
+from histoflow.data.manifest import read_manifest
 from histoflow.data.patches import PatchConfig
 from histoflow.data.transforms import PatchTransform
-from histoflow.inference.checkpoints import (CheckpointError, check_compatible, find_checkpoints, load_fold_model,
-                                             preprocessing_of)
+from histoflow.evaluation.tables import read_confusion_csv
+from histoflow.inference.fold_models import (
+    check_compatible,
+    find_checkpoints,
+    load_fold_model,
+    preprocessing_of,
+)
 from histoflow.inference.predict import BadImagesError, predict
-from histoflow.inference.sweep_report import headline, write_image_report
+from histoflow.inference.sweep_report import ImageReport, headline, write_image_report
 from histoflow.inference.sweep_report import predict_config as sweep_predict_config
-from histoflow.inference.voting import VIEWS, ImagePatches, by_votes, grid_config, predict_images, tta_views
-from histoflow.module import load_classifier
-from histoflow.reports import read_confusion_csv
-from histoflow.summary import FoldSummary
+from histoflow.inference.voting import (
+    VIEWS,
+    ImagePatches,
+    by_votes,
+    grid_config,
+    predict_images,
+    tta_views,
+)
+from histoflow.training.checkpoints import CheckpointError, load_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {0: (255, 0, 0), 1: (0, 255, 0), 2: (0, 0, 255)}  # the stub net's class of a pure-colour patch
@@ -266,9 +276,9 @@ def test_a_failed_image_report_fails_the_multirun(multirun: Path, tmp_path: Path
     def broken(cfg: DictConfig) -> None:
         raise RuntimeError("the disk went away")
 
-    monkeypatch.setattr("histoflow.inference.predict.predict", broken)
+    monkeypatch.setattr("histoflow.inference.sweep_report.predict", broken)
     with pytest.raises(SystemExit) as exit_:
-        FoldSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+        ImageReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
     assert exit_.value.code == 1
     assert "the disk went away" in caplog.text and f"python predict.py 'ckpt_path='\"'\"'{sweep}" in caplog.text
 

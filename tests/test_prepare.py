@@ -14,18 +14,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import CLASSES, compose_config, config, make_images, write_cases
 from omegaconf import OmegaConf
 from PIL import Image
 
-from histoflow.data.folds import LeakageError, SplitConfig, assign_folds, check_leakage, validation_gaps
+from histoflow.data.dataset import PreparedDataset
+from histoflow.data.folds import (
+    LeakageError,
+    SplitConfig,
+    assign_folds,
+    check_leakage,
+    validation_gaps,
+)
 from histoflow.data.patches import PatchConfig, extract_patches, grid_origins
 from histoflow.data.prepare import DataConfig, _resolve, prepare_dataset
-from histoflow.data.prepared import PreparedDataset
 from histoflow.data.problems import BadInputError
 from histoflow.data.shards import decode_npy, parse_key
 from histoflow.data.sources import SourceConfig, list_images
-
-from conftest import CLASSES, compose_config, config, make_images, write_cases
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -341,7 +346,7 @@ def test_missing_root_names_the_fix(tmp_path: Path) -> None:
 def test_prepare_command_line(tmp_path: Path) -> None:
     root = make_images(tmp_path / "images", per_class=5)
     result = subprocess.run(
-        [sys.executable, "-m", "histoflow.prepare", f"data.root={root}", f"paths.data_dir={tmp_path / 'work'}",
+        [sys.executable, "-m", "histoflow.commands.prepare", f"data.root={root}", f"paths.data_dir={tmp_path / 'work'}",
          f"paths.log_dir={tmp_path / 'logs'}", "data.split.k=3", "data.shards.workers=1"],
         capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr

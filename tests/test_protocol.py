@@ -6,15 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import compose_config, make_images, write_cases
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import compose_config, make_images, write_cases
 from histoflow.data.folds import SplitConfig, assign_folds
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.problems import BadInputError
 from histoflow.data.sources import SourceConfig, list_images
-
 
 
 def make_cases(root: Path, cases_per_class: int = 4, images_per_case: int = 3) -> Path:

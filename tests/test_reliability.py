@@ -13,14 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CLASSES, REPO, config, make_images
+
+from histoflow.common.errors import (
+    ConfigError,
+    DamagedFileError,
+    HistoflowError,
+    MissingInputError,
+    message,
+)
 from histoflow.data import shards
-from histoflow.data.datamodule import LoaderConfig
+from histoflow.data.loader import LoaderConfig
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.problems import FIXES, BadInputError
 from histoflow.data.sources import SourceConfig, list_images
-from histoflow.errors import ConfigError, DamagedFileError, HistoflowError, MissingInputError, message
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -154,7 +160,7 @@ def test_one_class_is_an_error_at_prepare(tmp_path: Path) -> None:
 
 
 def test_the_entry_points_print_their_own_errors_without_a_traceback(tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, "-m", "histoflow.prepare", "data=lymphoma",
+    run = subprocess.run([sys.executable, "-m", "histoflow.commands.prepare", "data=lymphoma",
                           f"data.root={tmp_path / 'typo'}", f"hydra.run.dir={tmp_path / 'run'}"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert run.returncode == 1
@@ -210,7 +216,7 @@ def test_pool_workers_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
     script = f"""
 import os, sys, time
 from pathlib import Path
-from histoflow.progress import process_map
+from histoflow.common.progress import process_map
 def task(i):
     Path({str(tmp_path)!r}, f"worker-{{os.getpid()}}").touch()
     time.sleep(120)
@@ -323,9 +329,10 @@ def test_a_prediction_grid_below_one_pixel_is_refused(key: str, value: int) -> N
 def test_a_mistyped_top_level_key_is_refused(tmp_path: Path, leave_no_trace: None) -> None:
     """Issue 29: `+seeed=3` on train and `+aggregat=mean` on predict were ignored, exit 0."""
     from conftest import compose_config, compose_train
-    from histoflow.config import refuse_unknown_top_keys
+
+    from histoflow.common.config import refuse_unknown_top_keys
     from histoflow.inference.predict import predict
-    from histoflow.training import train
+    from histoflow.training.run import train
 
     with pytest.raises(ConfigError, match="seeed: unknown top-level key"):
         train(compose_train(["+seeed=3"], tmp_path / "run"))
@@ -339,7 +346,8 @@ def test_a_mistyped_top_level_key_is_refused(tmp_path: Path, leave_no_trace: Non
 def test_an_encoder_under_a_net_of_patches_is_refused_before_any_work(tmp_path: Path, leave_no_trace: None) -> None:
     """Issue 29: `encoder=squeezenet1_1_imagenet model=alexnet32` embedded everything, then died in conv2d."""
     from conftest import compose_train
-    from histoflow.training import train
+
+    from histoflow.training.run import train
 
     root = make_images(tmp_path / "images", per_class=4)
     cfg = compose_train(["encoder=squeezenet1_1_imagenet", "model=alexnet32", f"data.root={root}",
@@ -353,6 +361,7 @@ def test_prediction_inputs_are_named_right(tmp_path: Path) -> None:
     """Issue 29: `tta=maybe` became the views m, a, y, b, e; a missing folder was 'no image files found there';
     `slides=/missing` spoke of images=; slides and images together left the images out in silence."""
     from conftest import compose_config
+
     from histoflow.inference.predict import files_matching, predict
     from histoflow.inference.voting import tta_views
 
@@ -385,10 +394,11 @@ def test_user_errors_of_predict_and_embed_are_one_line(tmp_path: Path, monkeypat
     """Issue 29: predict without ckpt_path, device=cuda without CUDA, embedding into a read-only prepared folder:
     each a traceback once."""
     from conftest import compose_config
-    from histoflow.data.embeddings import embed_dataset
-    from histoflow.errors import NotWritableError
+
+    from histoflow.common.errors import NotWritableError
+    from histoflow.common.machine import resolve_device
+    from histoflow.features.embeddings import embed_dataset
     from histoflow.inference.predict import predict
-    from histoflow.machine import resolve_device
 
     with pytest.raises(ConfigError, match="ckpt_path is needed"):
         predict(compose_config("predict", ["images=somewhere"]))

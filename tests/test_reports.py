@@ -1,4 +1,4 @@
-"""Tests for histoflow.reports: confusion CSV/PNG, fold summaries and training curves."""
+"""Tests for histoflow.evaluation.figures: confusion CSV/PNG, fold summaries and training curves."""
 
 from __future__ import annotations
 
@@ -8,17 +8,19 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
-
 from conftest import plotted_lines
-from histoflow.reports import (
+
+from histoflow.data.folds import BLOCKS, CASES, LOCO, PER_IMAGE, protocol_of
+from histoflow.evaluation.figures import (
     confusion_figure,
-    folds_markdown,
     plot_training_curves,
-    read_confusion_csv,
     save_confusion_matrix,
+)
+from histoflow.evaluation.tables import (
+    folds_markdown,
+    read_confusion_csv,
     summarize_folds,
 )
-from histoflow.data.folds import BLOCKS, CASES, LOCO, PER_IMAGE, protocol_of
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["CLL", "FL", "MCL"]

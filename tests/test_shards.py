@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from histoflow.data.shards import add_sample, atomic_shard, encode_npy, sample_key, stack_npy, tar_samples
+from histoflow.data.shards import (
+    add_sample,
+    atomic_shard,
+    encode_npy,
+    sample_key,
+    stack_npy,
+    tar_samples,
+)
 
 
 def samples(kind: str, n: int = 50) -> list[tuple[str, int, np.ndarray]]:

@@ -13,10 +13,10 @@ import tifffile
 from PIL import Image
 from skimage import measure
 
+from histoflow.common.errors import HistoflowError
 from histoflow.slides import reader as slide_module
 from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide, SlideError
 from histoflow.slides.tissue import tile_grid, tissue_mask
-from histoflow.errors import HistoflowError
 
 # (width, height) per level, as the files hold them (CMU-1-Small-Region is 2220 wide, 2967 tall)
 REAL_SLIDES = {

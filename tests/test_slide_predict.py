@@ -13,21 +13,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import compose_train
 from omegaconf import OmegaConf
 from PIL import Image
 from test_slide import write_jpeg_slide, zero_stored_tile
 
-from conftest import compose_train
 from histoflow.data.datamodule import tar_samples
 from histoflow.data.shards import decode_npy, parse_key
-from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide, SlideError
 from histoflow.data.synthetic import write_pyramid
-from histoflow.slides.tiles import (NoTissueError, SlideTiles, TileGeometry, tissue_tiles, worker_blocks,
-                                        write_slide_shards)
 from histoflow.inference import predict as predict_module
-from histoflow.inference.checkpoints import FoldModel, load_fold_model
-from histoflow.inference.slide_map import SlideConfig, default_heatmap_class, predict_slide
-from histoflow.training import train
+from histoflow.inference.fold_models import FoldModel, load_fold_model
+from histoflow.inference.slide_map import (
+    SlideConfig,
+    default_heatmap_class,
+    predict_slide,
+)
+from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide, SlideError
+from histoflow.slides.shards import write_slide_shards
+from histoflow.slides.tiles import (
+    NoTissueError,
+    SlideTiles,
+    TileGeometry,
+    tissue_tiles,
+    worker_blocks,
+)
+from histoflow.training.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 CMU = "cmu-1-small-region.svs"  # JPEG tiles, one level, 2220 x 2967, 0.499 um/px

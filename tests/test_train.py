@@ -23,17 +23,26 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torchvision
+from conftest import (
+    CLASSES,
+    LocalServer,
+    compose_config,
+    compose_train,
+    env_without_wandb_account,
+    make_images,
+    write_cases,
+)
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import (CLASSES, LocalServer, compose_config, compose_train, env_without_wandb_account, make_images,
-                      write_cases)
-from histoflow.errors import ConfigError, HistoflowError, MissingInputError
-from histoflow.loggers import CSVLogger
+from histoflow.common.errors import ConfigError, HistoflowError, MissingInputError
+from histoflow.evaluation.tables import read_confusion_csv
 from histoflow.models import build_encoder
-from histoflow.module import build_net, load_classifier
-from histoflow.reports import read_confusion_csv
-from histoflow.training import merge_csv_metrics, train
+from histoflow.models.build import build_net
+from histoflow.training.checkpoints import load_classifier
+from histoflow.training.loggers import CSVLogger
+from histoflow.training.outputs import merge_csv_metrics
+from histoflow.training.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -151,7 +160,7 @@ def test_every_group_option_composes(group: str, tiny: Path, tmp_path: Path) -> 
 def test_gpu_trainer_is_bf16_channels_last(tiny: Path, tmp_path: Path) -> None:
     cfg = compose_train([*tiny_overrides(tiny), "trainer=gpu"], tmp_path)
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
-    assert cfg.callbacks.channels_last._target_ == "histoflow.callbacks.ChannelsLast"
+    assert cfg.callbacks.channels_last._target_ == "histoflow.training.callbacks.ChannelsLast"
     assert "model_checkpoint" in cfg.callbacks  # the default callbacks are still there
 
 
@@ -181,7 +190,7 @@ def test_wandb_mode(env: dict[str, str], expected: str, tmp_path: Path, monkeypa
                     http_server: LocalServer) -> None:
     import socket
 
-    from histoflow.tracking import configure_wandb
+    from histoflow.training.tracking import configure_wandb
 
     for name in ("WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
@@ -199,8 +208,8 @@ def test_wandb_mode(env: dict[str, str], expected: str, tmp_path: Path, monkeypa
 
 
 def test_summarize_sweep(tmp_path: Path) -> None:
-    from histoflow.reports import save_confusion_matrix
-    from histoflow.summary import summarize_sweep
+    from histoflow.evaluation.figures import save_confusion_matrix
+    from histoflow.training.fold_summary import summarize_sweep
 
     for job, (fold, acc) in enumerate([("1", 0.5), ("2", 0.75), ("3", 1.0)]):
         run = tmp_path / str(job)

@@ -9,8 +9,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from histoflow.inference.report import fold_report
-from histoflow.inference.uncertainty import accuracy, case_calls, case_level, group_bootstrap, macro_f1
+from histoflow.evaluation.intervals import (
+    accuracy,
+    case_calls,
+    case_level,
+    group_bootstrap,
+    macro_f1,
+)
+from histoflow.inference.image_report import fold_report
 
 CLASSES = ["A", "B"]
 

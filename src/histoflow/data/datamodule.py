@@ -1,179 +1,74 @@
-"""Stream the prepared, fold-aligned WebDataset shards as training, validation and test batches.
+"""The prepared, fold-aligned shards of one held-out fold as Lightning's training, validation and test loaders.
 
-Training: each DDP rank takes every world-th shard, each loader worker every n-th of those. A worker
-reads its shards endlessly, in a fresh random order on every pass, through a shuffle buffer; an epoch
-is `epoch_batches` batches of the rank's workers together, the same number on every rank (ranks with
-unequal batch counts hang DDP). The shuffles draw from the worker's `random`, which
-DataLoader seeds per worker (reproducibly under seed_everything(workers=True)), where webdataset's own
-shuffles are seeded by the clock, or repeat one order every epoch.
+An epoch is `epoch_batches` batches of a rank's workers together, the same number on every rank (ranks with
+unequal batch counts hang DDP). Evaluation under DDP: each rank takes its share of the shards (ranks then see
+different numbers of batches: log metrics with torchmetrics objects, which sync once at epoch end, never with
+per-step sync_dist); with fewer shards than ranks every rank evaluates all of them, which repeats samples but
+leaves no rank empty. The batches themselves come from data/pipeline.py.
 
-Evaluation: no shuffling, no repetition, every sample exactly once on a single process. Under DDP each
-rank takes its share of the shards (ranks then see different numbers of batches: log metrics with
-torchmetrics objects, which sync once at epoch end, never with per-step sync_dist); with fewer shards
-than ranks every rank evaluates all of them, which repeats samples but leaves no rank empty.
+The data know no model: a pretrained net's input settings arrive as `preprocess`, and a frozen encoder as `embed`,
+a callable that turns the prepared patches into feature shards (histoflow.features.embeddings.Embedder).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import random
-from dataclasses import asdict, dataclass, replace
-from itertools import islice
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, replace
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pytorch_lightning as L
 import torch
 import webdataset as wds
 
-from histoflow.config import at_least, plain, read_section
-from histoflow.data.embeddings import EmbeddedDataset, embed_dataset
+from histoflow.common.config import plain
+from histoflow.common.errors import ConfigError
+from histoflow.common.machine import resolve_workers
+from histoflow.data.dataset import PreparedDataset, Split
+from histoflow.data.loader import LoaderConfig
+from histoflow.data.pipeline import shard_pipeline
 from histoflow.data.prepare import prepare_dataset
-from histoflow.data.prepared import PreparedDataset, Split
-from histoflow.data.shards import parse_key, stack_npy, tar_samples
 from histoflow.data.transforms import PatchTransform, build_transform
-from histoflow.errors import ConfigError
-from histoflow.machine import resolve_workers
-from histoflow.models import model_preprocess
 
-KEY_FIELDS = ("image", "x", "y", "rot")  # columns of the keys tensor: manifest index, patch origin, rotation
 ROLES = ("train", "val", "test")
-
-
-@dataclass
-class LoaderConfig:
-    """The `data.loader` section: batching, workers and patch transforms."""
-
-    batch_size: int = 128
-    eval_batch_size: int | None = None  # None: batch_size
-    num_workers: int | str = "auto"  # per DDP rank; auto: 0 on a CPU, CPUs per rank less one beside a GPU (machine.py)
-    shuffle_buffer: int = 5000  # samples held per worker for shuffling (about 4 kB each); 0: off
-    crop: int | None = 32  # side of the network input cut from each patch; None: the whole patch
-    normalize: str = "image"  # image | channel | imagenet | fixed (mean, std) | none; image/channel: this fold's statistics
-    mean: list[float] | None = None  # normalize=fixed: RGB mean in 0-1 units, e.g. a pretrained encoder's
-    std: list[float] | None = None
-    resize: int | None = None  # scale each crop to this side for the net (a pretrained encoder's input); None: as cut
-    interpolation: str = "bilinear"  # of resize: nearest | bilinear | bicubic
-    scale: float | None = None  # image | none: divide by this after subtracting (None: 255); Caffe's mean_file: 1
-    flips: bool | str = True  # training: true: random flips of both axes | horizontal: mirror only (Caffe) | false
-    hed_jitter: float = 0.0  # sigma of the H&E-DAB stain jitter in training; 0: off
-    colour_jitter: dict[str, float] | None = None  # brightness, contrast, saturation, hue strengths in training
-    grey: bool = False  # a stain-free input: every patch as its luma in all three channels (training and prediction)
-    pin_memory: bool = True  # only takes effect when CUDA is available
-    persistent_workers: bool = False
-    epoch_batches: int | None = None  # training batches per epoch and rank; None: training samples / (batch * ranks)
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None) -> "LoaderConfig":
-        return read_section(cls, cfg, "data.loader")
-
-    def __post_init__(self) -> None:
-        for key, low, optional in (("batch_size", 1, False), ("eval_batch_size", 1, True),
-                                   ("shuffle_buffer", 0, False), ("crop", 1, True), ("epoch_batches", 1, True)):
-            at_least(getattr(self, key), low, f"data.loader.{key}", optional)
-        resolve_workers(self.num_workers, "data.loader.num_workers", "cpu")
-
-
-def _rank_shards(src: Iterable[dict], rank: int, world_size: int) -> Iterator[dict]:
-    """This DDP rank's share of the shards."""
-    # unlike wds.split_by_node, rank and world size are fixed when the loader is built, so workers started
-    # by any method (fork, spawn) split alike, whatever environment variables they see
-    yield from islice(src, rank, None, world_size)
-
-
-def _shuffled_shards(src: Iterable[dict]) -> Iterator[dict]:
-    shards = list(src)
-    random.shuffle(shards)
-    yield from shards
-
-
-def _shuffled_samples(src: Iterable[Any], size: int) -> Iterator[Any]:
-    """Buffer shuffle, filled before the first sample so the first batches are mixed too."""
-    rng = random.Random(random.getrandbits(64))
-    return wds.shuffle(size, initial=size, rng=rng)(src)
-
-
-def _collate(samples: list[dict], with_keys: bool) -> tuple[torch.Tensor, ...]:
-    """A batch of sample dicts as tensors: patches (B, S, S, 3) uint8, labels, and keys if asked."""
-    # one stage instead of to_tuple and a decoding map: webdataset's to_tuple alone costs more than
-    # reading the shards
-    patches = torch.from_numpy(stack_npy([s["npy"] for s in samples]))
-    labels = torch.tensor([int(s["cls"]) for s in samples], dtype=torch.long)
-    if not with_keys:
-        return patches, labels
-    keys = torch.tensor([list(parse_key(s["__key__"]).values()) for s in samples], dtype=torch.long)
-    return patches, labels, keys
-
-
-def _apply(batch: tuple[torch.Tensor, ...], transform: PatchTransform) -> tuple[torch.Tensor, ...]:
-    return (transform(batch[0]), *batch[1:])
-
-
-def shard_pipeline(urls: list[str], transform: PatchTransform | None, batch_size: int, train: bool,
-                   rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
-                   with_keys: bool = False) -> wds.DataPipeline:
-    """Shards -> batches (x, y[, keys]): once in order, or (train) an endless shuffled stream.
-
-    x is uint8 (B, S, S, 3) when transform is None, else the transform's output.
-    """
-    stages: list[Callable | Any] = [wds.SimpleShardList(urls)]
-    if world_size > 1:
-        stages.append(functools.partial(_rank_shards, rank=rank, world_size=world_size))
-    stages.append(wds.split_by_worker)
-    if train:
-        stages.append(_shuffled_shards)
-    stages.append(tar_samples)
-    if train:
-        # passes over the shards repeat below the shuffle buffer and the batching, so batches run on
-        # across passes: all full, however few samples a worker's shards hold. A worker without shards
-        # ends (an empty pass stops the repetition), it does not spin.
-        stages = [wds.DataPipeline(*stages).repeat()]
-        if shuffle_buffer > 0:
-            stages.append(functools.partial(_shuffled_samples, size=shuffle_buffer))
-    stages.append(wds.batched(batch_size, collation_fn=functools.partial(_collate, with_keys=with_keys),
-                              partial=not train))
-    if transform is not None:
-        stages.append(wds.map(functools.partial(_apply, transform=transform)))
-    return wds.DataPipeline(*stages)
+# embed(prepared, loader) -> the features of the prepared patches: an object with .split(fold), .dim, .path and
+# .record (histoflow.features.embeddings.EmbeddedDataset), made once and found afterwards
+Embed = Callable[[PreparedDataset, LoaderConfig], Any]
 
 
 class ShardDataModule(L.LightningDataModule):
     """Prepared shards of one held-out fold as Lightning loaders; built from the whole `data` config.
 
-    preprocess: data.loader values a pretrained whole net sets (models.Preprocess.loader(): resize, normalize=fixed
-    with its mean and std). encoder: a model config; then the samples are the frozen encoder's feature vectors of
-    the patches (data.embeddings, made once in prepare_data), for a head to train on, and the patches go through
-    the encoder's own preprocessing (its config's `preprocess` section).
+    preprocess: data.loader values the model's input asks for (models.Preprocess.loader(): a pretrained net's or
+    frozen encoder's resize, normalize=fixed with its mean and std). embed: with a frozen encoder, makes (once) and
+    finds the encoder's features of the prepared patches; the samples are then feature vectors, for a head.
     """
 
-    def __init__(self, fold: int | str = 1, encoder: Mapping[str, Any] | None = None,
-                 preprocess: Mapping[str, Any] | None = None, **data: Any) -> None:
+    def __init__(self, fold: int | str = 1, preprocess: Mapping[str, Any] | None = None, embed: Embed | None = None,
+                 **data: Any) -> None:
         super().__init__()
         self.data: dict[str, Any] = {k: plain(v) for k, v in data.items()}
         self.fold = str(fold)
         self.loader = LoaderConfig.from_config(self.data.get("loader"))
-        self.encoder: dict[str, Any] | None = plain(encoder) or None
-        if self.encoder:
-            encoder_input = model_preprocess(self.encoder, "encoder")
-            preprocess = encoder_input.loader() if encoder_input else preprocess
         if preprocess:
             self.loader = replace(self.loader, **plain(preprocess))
+        self.embed = embed
         self.prepared: PreparedDataset | None = None
-        self.features: EmbeddedDataset | None = None
+        self.features: Any = None  # the embed callable's result, with an encoder
         self.feature_dim: int | None = None  # the encoder's feature width, with an encoder
         self._transforms: dict[bool, PatchTransform] = {}
 
-    def embeddings(self, prepared: PreparedDataset) -> EmbeddedDataset:
+    def embeddings(self, prepared: PreparedDataset) -> Any:
         """The encoder's features of the prepared patches: found, or made (resumed) now."""
-        return embed_dataset(prepared, self.encoder, asdict(self.loader),
-                             batch_size=self.loader.eval_batch_size or self.loader.batch_size)
+        if self.embed is None:
+            raise ConfigError("no encoder: the samples are the patches themselves. Fix: add encoder=<name>")
+        return self.embed(prepared, self.loader)
 
     def prepare_data(self) -> None:
         """Prepare the shards once, and embed them when there is an encoder (Lightning calls this on one process
         per node)."""
         prepared = prepare_dataset(self.data)
-        if self.encoder:
+        if self.embed is not None:
             self.embeddings(prepared)
 
     def setup(self, stage: str | None = None) -> None:
@@ -185,7 +80,7 @@ class ShardDataModule(L.LightningDataModule):
             self.input_size: int = self.loader.resize or self.loader.crop or self.prepared.patch_side
             self.stats: dict[str, np.ndarray] = self.prepared.stats(self.fold)
             self.split: Split = self.prepared.split(self.fold)
-            if self.encoder:
+            if self.embed is not None:
                 self.features = self.embeddings(self.prepared)  # returns at once when embedded
                 self.split, self.feature_dim = self.features.split(self.fold), self.features.dim
         if self.split.samples["train"] == 0 and stage in (None, "fit"):

@@ -25,14 +25,13 @@ import tarfile
 import urllib.error
 import urllib.request
 import zipfile
-
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from filelock import FileLock
 
-from histoflow.errors import ConfigError, HistoflowError
-from histoflow.progress import progress_bar
+from histoflow.common.errors import ConfigError, HistoflowError
+from histoflow.common.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -11,19 +11,15 @@ Three kinds of split, all grouped (and stratified by class where there is a choi
 
 from __future__ import annotations
 
-import csv
 import warnings
-from dataclasses import dataclass, field
 from collections import Counter
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
-from histoflow.config import at_least, read_section
-from histoflow.errors import ConfigError, HistoflowError
-
-MANIFEST_COLUMNS = ["index", "image", "label", "group", "fold", "val", "sha256", "width", "height", "note"]
+from histoflow.common.config import at_least, read_section
+from histoflow.common.errors import ConfigError, HistoflowError
 
 
 @dataclass
@@ -77,7 +73,9 @@ def _grouped_folds(labels: np.ndarray, groups: np.ndarray, n: int, seed: int, wh
     if n_groups < n:
         raise ConfigError(f"{what}: {n_groups} groups cannot fill {n} folds. Fix: add images, lower "
                          "data.split.k, or use coarser fractions")
-    from sklearn.model_selection import StratifiedGroupKFold  # 1.4 s of imports: only where folds are drawn
+    from sklearn.model_selection import (
+        StratifiedGroupKFold,  # 1.4 s of imports: only where folds are drawn
+    )
 
     fold = np.empty(len(labels), dtype=int)
     splitter = StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed)
@@ -202,23 +200,3 @@ def check_leakage(rows: list[dict]) -> None:
     if leaks:
         raise LeakageError("leaky split (the same patient or image on both sides):\n" + "\n".join(leaks)
                            + "\nFix: delete the manifest so it is made again, or correct the groups.")
-
-
-def write_manifest(rows: list[dict], path: Path) -> None:
-    """Save the split, one row per image, atomically."""
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
-
-
-def read_manifest(path: str | Path) -> list[dict]:
-    """Read a saved split back with typed columns."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["index"], r["width"], r["height"] = int(r["index"]), int(r["width"]), int(r["height"])
-        r["val"] = r["val"] in ("True", "true", "1")
-    return rows

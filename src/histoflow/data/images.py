@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-
 from PIL import Image
 
-from histoflow.errors import HistoflowError
+from histoflow.common.errors import HistoflowError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 

@@ -10,7 +10,7 @@ from typing import Iterator
 
 from filelock import FileLock, Timeout
 
-from histoflow.errors import NotWritableError
+from histoflow.common.errors import NotWritableError
 
 log = logging.getLogger(__name__)
 

@@ -3,22 +3,24 @@ folds, with the leak audit of the split."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
-from histoflow.audit import audit, describe, summary_line, write_report
-from histoflow.data.folds import MANIFEST_COLUMNS, SplitConfig, assign_folds, validation_gaps
+from histoflow.common.errors import ConfigError
+from histoflow.common.progress import process_map, progress_bar
+from histoflow.data.audit import audit, describe, summary_line, write_report
+from histoflow.data.folds import SplitConfig, assign_folds, validation_gaps
 from histoflow.data.images import UnreadableImage, read_rgb
 from histoflow.data.patches import PatchConfig
 from histoflow.data.problems import Problem
 from histoflow.data.sources import ImageRecord
-from histoflow.errors import ConfigError
-from histoflow.progress import process_map, progress_bar
 
 log = logging.getLogger(__name__)
+MANIFEST_COLUMNS = ["index", "image", "label", "group", "fold", "val", "sha256", "width", "height", "note"]
 
 
 def _inspect(path: str) -> tuple[int, int, str, np.ndarray] | str:
@@ -118,7 +120,7 @@ def warn_if_leaky(descriptors: np.ndarray, rows: list[dict], out: Path) -> None:
         advice = (f"The {len(groups)} groups given do not look like patients: look-alike images sit in different "
                   "groups on both sides of the folds, so one patient or slide is probably filed under two groups. "
                   "Check the groups (data.groups, data.group_regex) against the pairs")
-    log.warning("%s. %s in %s (python -m histoflow.audit data=... shows it again)", summary_line(result), advice,
+    log.warning("%s. %s in %s (histoflow audit data=... shows it again)", summary_line(result), advice,
                 report)
 
 
@@ -129,3 +131,23 @@ def one_class_error(rows: list[dict], classes: list[str], root: Path) -> ConfigE
     return ConfigError(f"{root}: only one class ({', '.join(present)}) among the usable images, of "
                        f"{', '.join(classes)}: a classifier needs two or more. Fix: point data.root at the folder "
                        "that holds one folder per class, or check data.classes and data.labels")
+
+
+def write_manifest(rows: list[dict], path: Path) -> None:
+    """Save the split, one row per image, atomically."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Read a saved split back with typed columns."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["index"], r["width"], r["height"] = int(r["index"]), int(r["width"]), int(r["height"])
+        r["val"] = r["val"] in ("True", "true", "1")
+    return rows

@@ -8,8 +8,8 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
-from histoflow.config import at_least, read_section
-from histoflow.errors import ConfigError
+from histoflow.common.config import at_least, read_section
+from histoflow.common.errors import ConfigError
 
 
 @dataclass

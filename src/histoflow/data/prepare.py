@@ -20,21 +20,34 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from histoflow.audit import DESCRIPTORS
-from histoflow.config import read_section
+from histoflow.common.config import read_section
+from histoflow.common.errors import ConfigError, HistoflowError
+from histoflow.common.machine import cpu_count
+from histoflow.common.progress import process_map, progress_bar
+from histoflow.data.audit import DESCRIPTORS
+from histoflow.data.dataset import RECORD, PreparedDataset
 from histoflow.data.fingerprint import content_hashes
+from histoflow.data.folds import SplitConfig, check_leakage
 from histoflow.data.locks import only_writer, writable
-from histoflow.data.folds import SplitConfig, check_leakage, read_manifest, write_manifest
-from histoflow.data.manifest import build_manifest, one_class_error, warn_if_leaky
+from histoflow.data.manifest import (
+    build_manifest,
+    one_class_error,
+    read_manifest,
+    warn_if_leaky,
+    write_manifest,
+)
+from histoflow.data.packing import ShardJob, empty_stats, write_shard
 from histoflow.data.patches import PatchConfig
-from histoflow.data.prepared import RECORD, PreparedDataset
 from histoflow.data.problems import BadInputError, Problem, write_problems
-from histoflow.data.shards import DiskFullError, ShardJob, empty_stats, write_shard
-from histoflow.data.sources import ImageRecord, SourceConfig, class_names, list_images, resolve_root
+from histoflow.data.shards import DiskFullError
+from histoflow.data.sources import (
+    ImageRecord,
+    SourceConfig,
+    class_names,
+    list_images,
+    resolve_root,
+)
 from histoflow.data.stain import StainConfig, StainNormalizer
-from histoflow.errors import ConfigError, HistoflowError
-from histoflow.machine import cpu_count
-from histoflow.progress import process_map, progress_bar
 
 log = logging.getLogger(__name__)
 _ANNOUNCED: set[Path] = set()  # prepared folders already logged by this process

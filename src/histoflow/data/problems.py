@@ -4,12 +4,11 @@ listed in problems.csv (one format for both)."""
 from __future__ import annotations
 
 import csv
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from histoflow.errors import HistoflowError
+from histoflow.common.errors import HistoflowError
 
 # One fix per kind of problem, so every error tells the user what to do next.
 FIXES = {

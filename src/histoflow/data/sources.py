@@ -13,9 +13,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from histoflow.common.errors import ConfigError, MissingInputError
+from histoflow.data.download import fetch_archive
 from histoflow.data.images import IMAGE_SUFFIXES
 from histoflow.data.problems import Problem
-from histoflow.errors import ConfigError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,6 @@ def resolve_root(cfg: SourceConfig, cache_dir: str | Path) -> Path:
                                 "(predict.py: +data.root=..., its data section starts empty; check the spelling), "
                                 "or data.root=null to download data.url")
     if cfg.url:
-        from histoflow.data.download import fetch_archive
-
         unpacked = fetch_archive([cfg.url, *cfg.mirrors], cfg.checksum, Path(cache_dir).expanduser())
         return unpacked / cfg.subdir if cfg.subdir else unpacked
     raise MissingInputError("data.root is not set and there is no data.url. Fix: pass data.root=<folder of class "

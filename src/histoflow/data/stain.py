@@ -23,9 +23,9 @@ from typing import Any, Mapping
 import numpy as np
 import torchstain
 
-from histoflow.config import read_section
+from histoflow.common.config import read_section
+from histoflow.common.errors import ConfigError, MissingInputError
 from histoflow.data.images import read_rgb
-from histoflow.errors import ConfigError, MissingInputError
 
 log = logging.getLogger(__name__)
 METHODS = ("reinhard", "macenko")

@@ -22,16 +22,14 @@ the patches of a batch are one gather. kornia.augmentation draws per-sample para
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from histoflow.errors import ConfigError
-
-if TYPE_CHECKING:
-    from histoflow.data.datamodule import LoaderConfig
+from histoflow.common.errors import ConfigError
+from histoflow.data.loader import LoaderConfig
 
 NORMALIZE = ("image", "channel", "imagenet", "fixed", "none")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
@@ -231,8 +229,6 @@ def build_transform(loader: LoaderConfig | Mapping[str, Any], stats: Mapping[str
                     stain: Callable[[np.ndarray], np.ndarray] | None = None) -> PatchTransform:
     """The training or evaluation transform of a `data.loader` config (a LoaderConfig, or a mapping read into one:
     its defaults and checks) and the prepare step's statistics."""
-    from histoflow.data.datamodule import LoaderConfig  # datamodule imports this module
-
     if not isinstance(loader, LoaderConfig):
         loader = LoaderConfig.from_config(loader)
     return PatchTransform(crop=loader.crop, stats=stats, normalize=loader.normalize, train=train, flips=loader.flips,

@@ -10,18 +10,28 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from histoflow.config import at_least, refuse_unknown_top_keys
+from histoflow.common.config import at_least, refuse_unknown_top_keys
+from histoflow.common.errors import ConfigError, HistoflowError, MissingInputError
+from histoflow.common.machine import resolve_device, resolve_workers
 from histoflow.data.images import IMAGE_SUFFIXES
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.problems import Problem, write_problems
-from histoflow.errors import ConfigError, HistoflowError, MissingInputError
-from histoflow.inference.checkpoints import (FoldModel, check_compatible, find_checkpoints, load_fold_model,
-                                             models_by_fold)
-from histoflow.inference.report import fold_report, log_wandb, prediction_rows, write_csv
+from histoflow.inference.fold_models import (
+    FoldModel,
+    check_compatible,
+    find_checkpoints,
+    load_fold_model,
+    models_by_fold,
+)
+from histoflow.inference.image_report import (
+    fold_report,
+    log_wandb,
+    prediction_rows,
+    write_csv,
+)
 from histoflow.inference.slide_map import SlideConfig, SlideResult, predict_slide
 from histoflow.inference.voting import predict_images, tta_views
-from histoflow.machine import resolve_device, resolve_workers
 from histoflow.slides.reader import DamagedTileError, SlideError
 from histoflow.slides.tiles import NoTissueError
 

@@ -26,15 +26,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from histoflow.config import read_section
+from histoflow.common.config import read_section
+from histoflow.common.errors import ConfigError
+from histoflow.common.machine import resolve_device, resolve_workers
+from histoflow.common.progress import progress_bar
 from histoflow.data.transforms import PatchTransform
-from histoflow.errors import ConfigError
 from histoflow.inference.heatmap import save_heatmap
 from histoflow.inference.voting import mean_probabilities
-from histoflow.machine import resolve_device, resolve_workers
-from histoflow.progress import progress_bar
 from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide
-from histoflow.slides.tiles import NoTissueError, SlideTiles, TileGeometry, stored_tiles, tile_loader, tissue_tiles
+from histoflow.slides.tiles import (
+    NoTissueError,
+    SlideTiles,
+    TileGeometry,
+    stored_tiles,
+    tile_loader,
+    tissue_tiles,
+)
 
 log = logging.getLogger(__name__)
 __all__ = ["NoTissueError", "SlideConfig", "SlideResult", "default_heatmap_class", "predict_slide"]
@@ -54,7 +61,7 @@ class SlideConfig:
     heatmap_class: str | None = None  # class drawn in the heatmap; None: the class named like TUM/TUMOR, else the last
     batch_size: int = 64  # tiles per forward pass
     num_workers: int | str = "auto"  # processes reading tiles while the model runs (0: all in this process; auto:
-    #                                  0 on a CPU, the CPUs less one beside a GPU, histoflow.machine)
+    #                                  0 on a CPU, the CPUs less one beside a GPU, histoflow.common.machine)
     device: str = "auto"  # auto | cpu | cuda | cuda:1
     progress: bool = True  # progress bar with tiles/s
 

@@ -1,4 +1,4 @@
-"""The k-fold image report of a training multirun, written into it when the sweep ends.
+"""The k-fold image report of a training multirun, written into it when the sweep ends (a Hydra callback).
 
 It is `python predict.py ckpt_path=<multirun>` run in the same process: conf/predict.yaml composed with
 `ckpt_path` set to the sweep (plus any overrides), written to `<multirun>/image_report/`. Its headline figures are
@@ -15,13 +15,15 @@ from typing import Any, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.experimental.callback import Callback
 from hydra.initialize import get_gh_backup, restore_gh_from_backup
 from omegaconf import DictConfig, open_dict
 
-from histoflow.errors import HistoflowError, message
+from histoflow.common.config import CONF_DIR
+from histoflow.common.errors import HistoflowError, message
+from histoflow.inference.predict import predict
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
 REPORT_DIR = "image_report"
 
 
@@ -31,7 +33,7 @@ def predict_config(overrides: Sequence[str], output_dir: Path) -> DictConfig:
     backup = get_gh_backup()
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             cfg = compose("predict", overrides=list(overrides))
     finally:
         restore_gh_from_backup(backup)
@@ -73,8 +75,6 @@ def by_hand(sweep: Path) -> str:
 def write_image_report(sweep: str | Path, overrides: Sequence[str] = ()) -> Path | None:
     """predict.py's k-fold report of the sweep in <sweep>/image_report/; None (with a warning saying why) where the
     sweep holds no k-fold set of models, e.g. a sweep over settings rather than folds."""
-    from histoflow.inference.predict import predict  # torch and the models: only when a report is made
-
     sweep = Path(sweep).resolve()  # the report names its checkpoints wherever it is read from
     out = sweep / REPORT_DIR
     try:
@@ -86,3 +86,21 @@ def write_image_report(sweep: str | Path, overrides: Sequence[str] = ()) -> Path
     if (out / "report.json").is_file():
         log.info("image-level report: %s\n  %s", report, headline(json.loads((out / "report.json").read_text())))
     return report
+
+
+class ImageReport(Callback):
+    """Hydra callback: once every job of a training multirun has returned, write predict.py's k-fold image-level
+    report of it in <multirun>/image_report/ (`predict`: predict.py overrides for it, e.g. [aggregate=mean])."""
+
+    def __init__(self, predict: Sequence[str] = ()) -> None:
+        self.predict = list(predict)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            write_image_report(config.hydra.sweep.dir, self.predict)
+        except Exception as e:
+            # Hydra turns a callback's exception into a warning and exits 0: the user asked for the report, so its
+            # failure is an error line and a failed command (SystemExit passes through Hydra)
+            log.error("the image-level report of %s failed: %s: %s\nRun it by hand: %s", config.hydra.sweep.dir,
+                      type(e).__name__, e, by_hand(Path(config.hydra.sweep.dir).resolve()))
+            raise SystemExit(1) from e

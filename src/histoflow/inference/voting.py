@@ -18,13 +18,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from histoflow.common.errors import ConfigError
+from histoflow.common.machine import resolve_device
+from histoflow.common.progress import progress_bar
 from histoflow.data.images import UnreadableImage, read_rgb
 from histoflow.data.patches import PatchConfig, extract_patches
+from histoflow.data.pipeline import as_made
 from histoflow.data.problems import Problem
 from histoflow.data.transforms import PatchTransform
-from histoflow.errors import ConfigError
-from histoflow.machine import as_made, resolve_device
-from histoflow.progress import progress_bar
 
 # Test-time views of a patch: (counter-clockwise quarter turns, mirrored first); together the 8 symmetries of a square.
 VIEWS: dict[str, tuple[int, bool]] = {

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from histoflow.errors import ConfigError
+from histoflow.common.errors import ConfigError
 
 
 def _caffe_pool_size(size: int, kernel: int = 3, stride: int = 2) -> int:

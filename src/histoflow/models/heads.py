@@ -2,7 +2,7 @@
 
 An encoder is any model config built without a head (num_classes=0): a timm model's pooled features, or a
 torchvision model with its classification layer replaced by the identity. Its features are embedded once
-(histoflow.data.embeddings); heads train on them in seconds; prediction runs encoder and head as one net.
+(histoflow.features.embeddings); heads train on them in seconds; prediction runs encoder and head as one net.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from hydra.errors import InstantiationException
 from torch import nn
 
-from histoflow.config import plain
-from histoflow.errors import ConfigError, HistoflowError
+from histoflow.common.config import plain
+from histoflow.common.errors import ConfigError, HistoflowError
 
 
 class LinearHead(nn.Module):

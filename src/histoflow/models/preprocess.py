@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from histoflow.config import check_keys, plain
-from histoflow.errors import ConfigError
+from histoflow.common.config import check_keys, plain
+from histoflow.common.errors import ConfigError
+from histoflow.models.timm_models import pretrained_data_config
 
 AUTO = "auto"
 KEYS = ("input_size", "interpolation", "mean", "std")
@@ -57,8 +58,6 @@ def _torchvision_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
 def _pretrained_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     target = str(model_cfg.get("_target_", ""))
     if target == TIMM_TARGET:
-        from histoflow.models.timm_models import pretrained_data_config
-
         return pretrained_data_config(str(model_cfg["name"]))
     if target == TORCHVISION_TARGET:
         return _torchvision_config(model_cfg)
@@ -90,3 +89,11 @@ def model_preprocess(model_cfg: Mapping[str, Any] | None, section: str = "model"
                       interpolation=str(values.get("interpolation") or "bilinear"),
                       mean=None if mean is None else tuple(float(m) for m in mean),
                       std=None if std is None else tuple(float(s) for s in std))
+
+
+def input_preprocess(model_cfg: Mapping[str, Any] | None, encoder_cfg: Mapping[str, Any] | None = None
+                     ) -> dict[str, Any] | None:
+    """The data.loader values of what the patches go into: a frozen encoder's input where it says how it wants it,
+    else the model's; None where neither does (the data's loader settings rule)."""
+    chosen = (model_preprocess(encoder_cfg, "encoder") if encoder_cfg else None) or model_preprocess(model_cfg)
+    return chosen.loader() if chosen else None

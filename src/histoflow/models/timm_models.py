@@ -17,8 +17,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from histoflow.errors import ConfigError, MissingInputError
-from histoflow.models.zoo import WeightsError, clean_state_dict
+from histoflow.common.errors import ConfigError, MissingInputError
+from histoflow.models.torchvision_models import WeightsError, clean_state_dict
 
 HUB_PREFIX = "hf-hub:"
 HUB_ENDPOINT = "https://huggingface.co"  # huggingface_hub's default; HF_ENDPOINT overrides it, as there

@@ -21,9 +21,16 @@ from cachetools import LRUCache
 from PIL import Image
 from tifffile import TiffPage
 
-from histoflow.errors import HistoflowError, MissingInputError
-from histoflow.slides.tiff import (aperio_fields, expected_size, float_or_none, has_decoder, page_dtype, tag_mpp,
-                                   to_rgb8)
+from histoflow.common.errors import HistoflowError, MissingInputError
+from histoflow.slides.tiff import (
+    aperio_fields,
+    expected_size,
+    float_or_none,
+    has_decoder,
+    page_dtype,
+    tag_mpp,
+    to_rgb8,
+)
 
 _JPEG2000 = (33003, 33004, 33005, 34712)  # Aperio YCbCr/RGB J2K and the JPEG 2000 TIFF code
 _BAND_PIXELS = 1 << 24  # source pixels decoded at a time while making a thumbnail (48 MB RGB)

@@ -1,4 +1,4 @@
-"""Tiles of a whole slide: their geometry at a level or resolution, batched parallel reads, and shards.
+"""Tiles of a whole slide: their geometry at a level or resolution, and batched parallel reads.
 
 A tile is `read_size` pixels square at a pyramid level (or `tile_size` pixels at a target mpp, read
 at the best level and resized), on a grid of `read_stride`, kept where the thumbnail's tissue mask
@@ -12,15 +12,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from histoflow.data.shards import add_sample, add_stats, atomic_shard, empty_stats, sample_key
-from histoflow.machine import as_made
+from histoflow.data.pipeline import as_made
 from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide, SlideError
 from histoflow.slides.tissue import tile_grid, tissue_mask
 
@@ -188,38 +187,3 @@ def tile_loader(tiles: SlideTiles, num_workers: int = 2, pin_memory: bool = Fals
     # Each worker holds at most 2 batches ahead: memory is bounded by workers x batch, never by the slide.
     return DataLoader(tiles, batch_size=None, sampler=worker_blocks(len(tiles), num_workers), num_workers=num_workers,
                       collate_fn=as_made, pin_memory=pin_memory, prefetch_factor=2 if num_workers else None)
-
-
-def write_slide_shards(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], labels: int | Sequence[int],
-                       geometry: TileGeometry, origins: np.ndarray, slide_index: int = 0, samples_per_shard: int = 1024,
-                       seed: int = 0, name: str | None = None, num_workers: int = 0) -> list[dict]:
-    """Write the tiles at `origins` as WebDataset shards in prepare's sample format; return the shard records.
-
-    Samples are `<slide_index>-<x>-<y>-000` (level-0 tile origin) with `.npy` (uint8 tile) and `.cls` (class index:
-    `labels` for the whole slide or one per tile, e.g. from annotations). Tiles are written in a seeded random order,
-    so every shard samples the whole slide, and each shard gets prepare's `.stats.npz` pixel sums beside it.
-    One shard's tiles are held in memory at a time (per loader worker). A stored slide tile that does not decode
-    raises DamagedTileError: a shard holds what the slide holds.
-    """
-    out, stem = Path(out_dir), name or Path(slide_path).stem
-    out.mkdir(parents=True, exist_ok=True)
-    origins = np.asarray(origins, np.int64)
-    per_tile = np.broadcast_to(np.asarray(labels, np.int64), (len(origins),))
-    order = np.random.default_rng(seed).permutation(len(origins))
-    # one loader item is one shard's tiles, so the shard's sums and its members come from the same batch
-    tiles = SlideTiles(slide_path, origins[order], geometry, samples_per_shard)
-    records = []
-    for index, batch, damaged in tile_loader(tiles, num_workers):
-        if damaged:
-            raise DamagedTileError(slide_path, stored_tiles(damaged))
-        shard_name = f"{stem}-{index:05d}.tar"
-        picked = order[index * samples_per_shard:(index + 1) * samples_per_shard]
-        stats = empty_stats(geometry.tile_size)
-        add_stats(stats, batch)
-        with atomic_shard(out / shard_name) as tar:
-            for tile, i in zip(batch, picked):
-                x, y = (int(v) for v in origins[i])
-                add_sample(tar, sample_key(slide_index, x, y, 0), int(per_tile[i]), tile)
-            np.savez(out / f"{shard_name}.stats.npz", **stats)  # sums first: a shard that exists has them beside it
-        records.append({"file": shard_name, "samples": len(batch), "slide": str(slide_path)})
-    return sorted(records, key=lambda r: r["file"])
