@@ -39,7 +39,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from histoflow.common.machine import cpu_count
-from histoflow.data.datamodule import ShardDataModule
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.shards import (
     add_sample,
@@ -48,7 +47,11 @@ from histoflow.data.shards import (
     stack_npy,
     tar_samples,
 )
-from histoflow.features.embeddings import embed_shard, fold_free_transform
+from histoflow.features.embeddings import (
+    embed_shard,
+    encoder_datamodule,
+    fold_free_transform,
+)
 from histoflow.models import build_encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +93,7 @@ def main() -> int:
     if cfg.encoder.get("weights") and not Path(cfg.encoder.weights).is_file():
         print(f"no encoder weights at {cfg.encoder.weights} (see ../shared/weights/README.md)", file=sys.stderr)
         return 2
-    datamodule = ShardDataModule(encoder=cfg.encoder, **OmegaConf.to_container(cfg.data, resolve=True))
+    datamodule = encoder_datamodule(cfg.encoder, **OmegaConf.to_container(cfg.data, resolve=True))
     prepared = prepare_dataset(datamodule.data, quiet=True)
     loader = asdict(datamodule.loader)
     transform = fold_free_transform(prepared, loader)

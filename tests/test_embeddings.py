@@ -14,10 +14,10 @@ import torch
 from conftest import compose_train, make_images
 
 from histoflow.common.errors import ConfigError
-from histoflow.data import embeddings
 from histoflow.data.datamodule import ShardDataModule
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.shards import stack_npy, tar_samples
+from histoflow.features import embeddings
 from histoflow.features.embeddings import RECORD
 from histoflow.inference.fold_models import load_fold_model
 from histoflow.inference.predict import predict
@@ -56,7 +56,7 @@ def data_config(images: Path, work: Path) -> dict:
 
 
 def module_for(images: Path, work: Path, encoder: dict) -> ShardDataModule:
-    return ShardDataModule(encoder=encoder, **data_config(images, work))
+    return embeddings.encoder_datamodule(encoder, **data_config(images, work))
 
 
 def shard_samples(path: Path) -> list[dict]:
@@ -135,7 +135,7 @@ def test_an_interrupted_embedding_resumes_without_duplicates(images: Path, tmp_p
 
 def test_fold_dependent_normalisation_is_refused(images: Path, tmp_path: Path) -> None:
     data = data_config(images, tmp_path / "work")
-    datamodule = ShardDataModule(encoder={**ENCODER, "preprocess": None}, **data)  # normalize=image: per fold
+    datamodule = embeddings.encoder_datamodule({**ENCODER, "preprocess": None}, **data)  # normalize=image: per fold
     with pytest.raises(ConfigError, match="one embedding serves every fold"):
         datamodule.embeddings(prepare_dataset(datamodule.data, quiet=True))
 

@@ -14,18 +14,15 @@ from omegaconf import DictConfig
 
 from histoflow.common.config import CONF_DIR, localize_weights
 from histoflow.common.errors import report_errors
-from histoflow.data.datamodule import ShardDataModule
 from histoflow.data.prepare import prepare_dataset
-from histoflow.features.embeddings import Embedder
-from histoflow.models import input_preprocess
+from histoflow.features.embeddings import encoder_datamodule
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="embed")
 @report_errors
 def main(cfg: DictConfig) -> str:
     localize_weights(cfg, ["encoder"])
-    datamodule = ShardDataModule(preprocess=input_preprocess(None, cfg.encoder), embed=Embedder(cfg.encoder),
-                                 **cfg.data)
+    datamodule = encoder_datamodule(cfg.encoder, **cfg.data)
     features = datamodule.embeddings(prepare_dataset(datamodule.data))
     print(f"embedded {features.record['samples']} patches into {features.dim} features each\n"
           f"  embeddings: {features.path}")

@@ -31,13 +31,14 @@ from histoflow.common.config import plain
 from histoflow.common.errors import ConfigError, MissingInputError
 from histoflow.common.machine import resolve_device
 from histoflow.common.progress import progress_bar
+from histoflow.data.datamodule import ShardDataModule
 from histoflow.data.dataset import PreparedDataset, Split
 from histoflow.data.fingerprint import content_hashes
 from histoflow.data.loader import LoaderConfig
 from histoflow.data.locks import only_writer, writable
 from histoflow.data.shards import add_sample, atomic_shard, stack_npy, tar_samples
 from histoflow.data.transforms import PatchTransform, build_transform
-from histoflow.models import build_encoder
+from histoflow.models import build_encoder, input_preprocess
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -89,6 +90,14 @@ class Embedder:
     def __call__(self, prepared: PreparedDataset, loader: LoaderConfig) -> "EmbeddedDataset":
         return embed_dataset(prepared, self.encoder, asdict(loader), device=self.device,
                              batch_size=loader.eval_batch_size or loader.batch_size)
+
+
+def encoder_datamodule(encoder_cfg: Mapping[str, Any], fold: int | str = 1, device: str = "auto",
+                       **data: Any) -> ShardDataModule:
+    """The DataModule of a `data` config whose samples are a frozen encoder's features: the patches go in as the
+    encoder wants them (its `preprocess`), and its embeddings are made once, then found."""
+    return ShardDataModule(fold=fold, preprocess=input_preprocess(None, encoder_cfg),
+                           embed=Embedder(encoder_cfg, device), **data)
 
 
 class EmbeddedDataset:

@@ -1,0 +1,42 @@
+"""Folders that several jobs may want to write (the fold jobs of a sweep, started together): checked writable
+before any work, then one writer at a time; the others wait for its lock, saying so, then find the work done."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from filelock import FileLock, Timeout
+
+from histoflow.common.errors import NotWritableError
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def only_writer(lock_file: Path, what: str) -> Iterator[None]:
+    """Hold `lock_file` while the body runs; where another process holds it, log that this one waits for it (`what`
+    it does, e.g. "prepares <folder>"). The lock of a killed holder goes with its process."""
+    lock = FileLock(lock_file)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process that %s (its lock: %s)", what, lock_file)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def writable(folder: Path, what: str, fix: str) -> None:
+    """Make `folder` (and its parents) and check that a file can be written in it; else a NotWritableError naming
+    `what` would be written there and the `fix`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".write-test").touch()
+        (folder / ".write-test").unlink()
+    except OSError as e:
+        raise NotWritableError(f"{folder}: cannot write {what} here ({e.strerror}). Fix: {fix}") from e

@@ -1,0 +1,183 @@
+"""Trained models for prediction: find the fold checkpoints of a run, load them safely, rebuild their preprocessing.
+
+A checkpoint is read with torch.load(weights_only=True), so it cannot run pickled code, and the net
+is rebuilt from the config stored in it only when every `_target_` there is on a trusted list.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from torch import nn
+
+from histoflow.common.config import local_file
+from histoflow.data.prepare import prepare_dataset
+from histoflow.data.stain import StainNormalizer
+from histoflow.data.transforms import PatchTransform, build_transform
+from histoflow.features.embeddings import weights_sha256
+from histoflow.training.checkpoints import (
+    TRUSTED_TARGETS,
+    CheckpointError,
+    UntrustedCheckpoint,
+    load_classifier,
+    read_checkpoint,
+)
+from histoflow.training.module import PatchClassifier
+from histoflow.training.outputs import METRICS_FILE, job_order
+
+log = logging.getLogger(__name__)
+DATAMODULE_STATE = "ShardDataModule"  # Lightning saves the datamodule's state_dict() under its class name
+
+
+@dataclass
+class FoldModel:
+    """One trained model ready to predict: its net, its evaluation transform and what it was trained on."""
+
+    path: Path
+    fold: str
+    classes: list[str]
+    net: nn.Module
+    transform: PatchTransform
+    config: dict[str, Any]  # the full resolved training config
+
+    @property
+    def patch_size(self) -> int:
+        """Side of the windows the transform expects (the training patch side)."""
+        return self.transform.side
+
+
+def _best_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a finished training run tested: `best_checkpoint` of its metrics file."""
+    metrics = json.loads((run_dir / METRICS_FILE).read_text())
+    best = metrics.get("best_checkpoint")
+    if best:
+        for candidate in (Path(best), run_dir / "checkpoints" / Path(best).name):  # the run folder may have moved
+            if candidate.is_file():
+                return candidate
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.warning("%s names no existing best checkpoint (%s): using %s", run_dir / METRICS_FILE, best, last)
+        return last
+    raise CheckpointError(f"{run_dir}: its best checkpoint {best} is missing and there is no checkpoints/last.ckpt. "
+                          "Fix: pass ckpt_path=<a .ckpt file>")
+
+
+def find_checkpoints(ckpt_path: str | Path) -> list[Path]:
+    """The checkpoint files of a .ckpt path, a training run folder, or a multirun folder (one per job, in job order)."""
+    path = Path(ckpt_path).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise CheckpointError(f"ckpt_path={ckpt_path}: no such file or folder. Fix: pass a .ckpt file, a training "
+                              "run folder or a multirun folder (python train.py -m fold=1,2,3,4,5)")
+    if (path / METRICS_FILE).is_file():
+        return [_best_checkpoint(path)]
+    jobs = sorted(path.glob(f"*/{METRICS_FILE}"), key=job_order)
+    unfinished = sorted(d for d in path.iterdir() if (d / ".hydra").is_dir() and not (d / METRICS_FILE).is_file())
+    if unfinished:
+        log.warning("jobs without %s (not finished) left out: %s", METRICS_FILE, ", ".join(map(str, unfinished)))
+    if not jobs:
+        raise CheckpointError(f"{path}: no finished training run here (no {METRICS_FILE} in it or its sub-folders). "
+                              "Fix: pass a .ckpt file or the folder that train.py wrote")
+    return [_best_checkpoint(j.parent) for j in jobs]
+
+
+def models_by_fold(members: Sequence[Sequence[FoldModel]]) -> dict[str, list[FoldModel]]:
+    """Each held-out fold's models, one from every ensemble member (each a run or a multirun over the folds).
+
+    Within a member, a fold held out twice means a multirun over more than folds (a sweep of settings, whose
+    models should not be averaged); members must hold out the same folds, so that every fold's ensemble is whole.
+    """
+    by_fold: dict[str, list[FoldModel]] = {}
+    first = sorted({m.fold for m in members[0]})
+    for i, models in enumerate(members):
+        seen: dict[str, FoldModel] = {}
+        for m in models:
+            if m.fold in seen:
+                raise CheckpointError(f"{m.path} and {seen[m.fold].path} both hold out fold {m.fold}: a multirun over "
+                                      "more than folds. Fix: pass one job's folder, or a multirun of folds only (a "
+                                      "list ckpt_path=[a,b] averages several such multiruns fold by fold)")
+            seen[m.fold] = m
+            by_fold.setdefault(m.fold, []).append(m)
+        if sorted(seen) != first:
+            raise CheckpointError(f"ckpt_path entry {i + 1} (with {models[0].path}) holds out folds {sorted(seen)}, "
+                                  f"the first entry folds {first}. Fix: give every entry the same folds (finish the "
+                                  "missing jobs, or leave that entry out)")
+    return by_fold
+
+
+def preprocessing_of(module: PatchClassifier, datamodule_state: Mapping[str, Any] | None = None) -> PatchTransform:
+    """The evaluation transform a model was trained with: centre crop, normalised by its training fold's statistics.
+
+    Sources, first found: the datamodule state Lightning saved in the checkpoint; the prepared data set of the
+    training config (prepared again, identically, when it is gone).
+    """
+    hparams = module.hparams
+    data = hparams["config"]["data"]
+    loader = dict(data.get("loader") or {})
+    if datamodule_state and "stats" in datamodule_state:
+        loader.update(datamodule_state.get("loader") or {})
+        stats, stain = datamodule_state["stats"], datamodule_state.get("stain")
+    else:
+        prepared = prepare_dataset(data, quiet=True)
+        stats, stain = prepared.stats(hparams["config"]["fold"]), prepared.stain
+    return build_transform(loader, stats, train=False, stain=StainNormalizer.from_state(stain))
+
+
+def check_encoder_weights(path: Path, encoder: Mapping[str, Any] | None, state: Mapping[str, Any] | None,
+                          weights: str | None = None) -> str | None:
+    """A head's checkpoint holds the head only: its encoder is rebuilt from the encoder config, whose weights file
+    must still be the one the head was trained on. `weights` (predict.yaml's encoder.weights) names that file where
+    the checkpoint's path no longer leads; it is checked against the sha256 kept. Returns the file to build from."""
+    embedded = (state or {}).get("encoder") or {}
+    trained, kept = embedded.get("weights_sha256"), (encoder or {}).get("weights")
+    if not trained or (kept is None and weights is None):
+        return weights
+    given = local_file(str(weights if weights is not None else kept))
+    file = Path(given).expanduser()
+    if not file.is_file():
+        where = "encoder.weights" if weights is not None else "its checkpoint's encoder weights"
+        raise CheckpointError(f"{path}: its head was trained on the features of encoder weights {kept}; {where} "
+                              f"{given} is not there. Fix: pass encoder.weights=<that file> (checked against the "
+                              f"sha256 kept, {trained[:12]}...), or put it back where it was")
+    if weights_sha256(file, Path(embedded["embeddings"]).parent) != trained:
+        raise CheckpointError(f"{path}: the encoder weights {file} are not those its head was trained on (sha256 "
+                              f"{trained[:12]}... then). Fix: restore those weights (or name them with "
+                              "encoder.weights=), or train the head again")
+    return str(file)
+
+
+def load_fold_model(path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS,
+                    encoder_weights: str | None = None) -> FoldModel:
+    """A checkpoint as a FoldModel on the CPU, in eval mode, after checking its config may be instantiated; a head's
+    encoder from `encoder_weights` where given (checked against the sha256 its head was trained with)."""
+    path = Path(path)
+    checkpoint = read_checkpoint(path)  # read once: the classifier is built from these contents
+    hparams = checkpoint["hyper_parameters"]
+    config = hparams["config"]
+    weights = check_encoder_weights(path, config.get("encoder"), checkpoint.get(DATAMODULE_STATE), encoder_weights)
+    try:
+        module = load_classifier(path, trusted, checkpoint=checkpoint, encoder_weights=weights)
+    except UntrustedCheckpoint as e:
+        raise CheckpointError(str(e)) from e
+    transform = preprocessing_of(module, checkpoint.get(DATAMODULE_STATE))
+    if hparams["input_size"] and transform.out_side != hparams["input_size"]:
+        raise CheckpointError(f"{path}: the net takes {hparams['input_size']}-px inputs but its preprocessing makes "
+                              f"{transform.out_side} px. Fix: retrain, or use a checkpoint whose data.loader.crop "
+                              "(and resize) match")
+    return FoldModel(path, str(config["fold"]), list(hparams["classes"]), module.model.eval(), transform, config)
+
+
+def check_compatible(models: list[FoldModel], classes: list[str] | None, window: int, where: str) -> None:
+    """Fail, naming the checkpoint, when a model's classes or input patch side differ from the data's."""
+    for m in models:
+        if classes is not None and m.classes != list(classes):
+            raise CheckpointError(f"{m.path}: trained on classes {m.classes}, but {where} has {list(classes)}. "
+                                  "Fix: predict with a model trained on these classes (same names, same order)")
+        if m.patch_size != window:
+            raise CheckpointError(f"{m.path}: trained on {m.patch_size}-px patches, but the grid cuts {window}-px "
+                                  f"windows. Fix: set grid.size={m.patch_size} (or null, the training size)")

@@ -1,0 +1,259 @@
+"""Image-level results: prediction tables, the k-fold report (per fold, mean ± sd, pooled confusion), W&B logging."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torchmetrics.functional.classification import (
+    multiclass_calibration_error,
+    multiclass_f1_score,
+)
+
+from histoflow.data.problems import Problem
+from histoflow.evaluation.colour_baseline import (
+    CLASSIFIERS,
+    colour_features,
+    cross_validated_predictions,
+)
+from histoflow.evaluation.colour_baseline import NAMES as COLOUR_NAMES
+from histoflow.evaluation.figures import (
+    reliability_bins,
+    save_confusion_matrix,
+    save_reliability_diagram,
+)
+from histoflow.evaluation.intervals import LEVEL, RESAMPLES, case_level, group_bootstrap
+from histoflow.evaluation.tables import folds_markdown, matrix_markdown, summarize_folds
+from histoflow.inference.voting import Votes
+from histoflow.training.tracking import configure_wandb, finish_wandb
+
+log = logging.getLogger(__name__)
+FOLD_METRICS = ["image/acc", "image/f1_macro", "patch/acc"]
+
+
+def prediction_rows(votes: Votes, classes: list[str], aggregate: str,
+                    extra: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per predicted image: path, any extra columns, predicted class, patch count, confidence (mean
+    probability of the predicted class), vote margin ((first - second most votes) / patches), votes and mean
+    probability per class (failed images are left out: they are listed as problems)."""
+    labels, mean = votes.labels(aggregate), votes.mean_prob()
+    rows = []
+    for i in votes.ok:
+        top2 = np.sort(votes.votes[i])[::-1][:2]
+        margin = (top2[0] - (top2[1] if len(top2) > 1 else 0)) / max(1, int(votes.patches[i]))
+        row: dict[str, Any] = {"image": votes.paths[i], **(extra[i] if extra else {}),
+                               "predicted": classes[labels[i]], "patches": int(votes.patches[i]),
+                               "confidence": round(float(mean[i][labels[i]]), 6),
+                               "vote_margin": round(float(margin), 6)}
+        row.update({f"votes_{c}": int(v) for c, v in zip(classes, votes.votes[i])})
+        row.update({f"prob_{c}": round(float(p), 6) for c, p in zip(classes, mean[i])})
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str] | None = None) -> Path:
+    """Rows as a CSV with a header (the first row's keys unless columns are given)."""
+    columns = columns or (list(rows[0]) if rows else ["image"])
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _scores(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, float]:
+    """Image accuracy (micro), image macro F1 (classes absent from truth and predictions ignored), patch accuracy."""
+    target = torch.tensor([classes.index(r["label"]) for r in rows])
+    preds = torch.tensor([classes.index(r["predicted"]) for r in rows])
+    right_patches = sum(r[f"votes_{r['label']}"] for r in rows)
+    return {"image/acc": float((preds == target).float().mean()),
+            "image/f1_macro": float(multiclass_f1_score(preds, target, len(classes), average="macro")),
+            "patch/acc": right_patches / max(1, sum(r["patches"] for r in rows))}
+
+
+def _calibration(rows: list[dict[str, Any]], classes: list[str], png: Path, title: str) -> dict[str, Any]:
+    """Expected calibration error (10 bins, torchmetrics) of the images' mean probabilities; reliability diagram."""
+    probs = torch.tensor([[r[f"prob_{c}"] for c in classes] for r in rows], dtype=torch.float64)
+    target = torch.tensor([classes.index(r["label"]) for r in rows])
+    ece = float(multiclass_calibration_error(probs, target, len(classes), n_bins=10, norm="l1"))
+    confidence, correct = probs.max(1).values.numpy(), (probs.argmax(1) == target).numpy()
+    save_reliability_diagram(confidence, correct, png, f"{title}\nECE {ece:.3f}")
+    return {"ece": ece, "bins": reliability_bins(confidence, correct)}
+
+
+def _groups(rows: list[dict[str, Any]]) -> list[str]:
+    """Each row's patient (group); an image is its own group where the rows do not say."""
+    return [str(r["group"]) if r.get("group") not in (None, "") else str(r["image"]) for r in rows]
+
+
+def _interval(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
+    """95% intervals of pooled image accuracy and macro F1 from a bootstrap over groups (patients)."""
+    truth = [classes.index(r["label"]) for r in rows]
+    preds = [classes.index(r["predicted"]) for r in rows]
+    return {"method": "bootstrap over groups", "level": LEVEL, "resamples": RESAMPLES,
+            **group_bootstrap(truth, preds, _groups(rows), len(classes))}
+
+
+def _over_groups(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
+    """The groups (how many, whether the rows named them, per fold), the intervals over groups and the case-level
+    accuracy."""
+    groups = _groups(rows)
+    given = all(r.get("group") not in (None, "") for r in rows)
+    if not given:
+        log.warning("the rows name no group for some images: each such image is taken as its own group")
+    per_fold: dict[Any, set[str]] = {}
+    for r, g in zip(rows, groups):
+        per_fold.setdefault(r["fold"], set()).add(g)
+    labels = [classes.index(r["label"]) for r in rows]
+    preds = [classes.index(r["predicted"]) for r in rows]
+    probs = np.array([[r[f"prob_{c}"] for c in classes] for r in rows], dtype=float)
+    return {"groups": {"n": len(set(groups)), "given": given, "per_fold": {f: len(g) for f, g in per_fold.items()}},
+            "interval": _interval(rows, classes),
+            "case_level": case_level(labels, preds, probs, groups, len(classes))}
+
+
+def _colour_baselines(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
+    """The colour-only baselines on the same folds, one per classifier: per fold, mean ± sd, pooled with its
+    interval over groups."""
+    fold_order = list(dict.fromkeys(r["fold"] for r in rows))
+    rows = sorted(rows, key=lambda r: str(r["image"]))  # a forest's fit depends on row order: fix it
+    features = colour_features([r["image"] for r in rows])
+    labels, folds = [r["label"] for r in rows], [r["fold"] for r in rows]
+    metrics = ("image/acc", "image/f1_macro")
+    baselines = {}
+    for classifier in CLASSIFIERS:
+        predicted = cross_validated_predictions(features, labels, folds, classifier=classifier)
+        scored = [{**r, "predicted": p} for r, p in zip(rows, predicted)]
+        per_fold = {f"fold {f}": {m: v for m, v in _scores([r for r in scored if r["fold"] == f], classes).items()
+                                  if m in metrics} for f in fold_order}
+        pooled = {m: v for m, v in _scores(scored, classes).items() if m in metrics}
+        baselines[classifier] = {"per_fold": per_fold, "summary": summarize_folds(per_fold), "pooled": pooled,
+                                 "interval": _interval(scored, classes)}
+    return baselines
+
+
+def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, settings: Mapping[str, Any],
+                problems: Sequence[Problem] = (), missing_folds: Sequence[str] = ()) -> dict[str, Any]:
+    """Write report.json, report.md, confusion_images/confusion_patches (CSV, PNG) and reliability_images.png of
+    held-out predictions, with the colour-only baseline on the same folds.
+
+    rows need image, fold, label, predicted, patches, votes_<class> and prob_<class>, and should have group (the
+    patient: intervals resample groups; without it each image is its own group, and the report says so); returns
+    the report as a dict.
+    """
+    if not rows:
+        raise ValueError("no image was predicted: nothing to report")
+    folds = list(dict.fromkeys(r["fold"] for r in rows))
+    per_fold = {f"fold {f}": _scores([r for r in rows if r["fold"] == f], classes) for f in folds}
+    summary = summarize_folds(per_fold)
+    pooled = _scores(rows, classes)
+    n = len(classes)
+    truth = np.array([classes.index(r["label"]) for r in rows])
+    preds = np.array([classes.index(r["predicted"]) for r in rows])
+    cm_images = np.bincount(truth * n + preds, minlength=n * n).reshape(n, n)
+    cm_patches = np.zeros((n, n), dtype=np.int64)
+    np.add.at(cm_patches, truth, np.array([[r[f"votes_{c}"] for c in classes] for r in rows]))
+    title = f"{len(rows)} held-out images, {len(folds)} folds"
+    save_confusion_matrix(cm_images, classes, out_dir / "confusion_images", f"images: {title}")
+    save_confusion_matrix(cm_patches, classes, out_dir / "confusion_patches", f"patches: {title}")
+    wrong = [r for r in rows if r["predicted"] != r["label"]]
+    calibration = _calibration(rows, classes, out_dir / "reliability_images.png", f"images: {title}")
+    report = {
+        "settings": dict(settings), "classes": classes, "images": len(rows),
+        "images_per_fold": {f: sum(r["fold"] == f for r in rows) for f in folds},
+        "per_fold": per_fold, "summary": summary, "pooled": pooled,
+        "confusion_images": cm_images.tolist(), "confusion_patches": cm_patches.tolist(),
+        "misclassified": wrong, "problems": [asdict(p) for p in problems], "missing_folds": list(missing_folds),
+        "calibration": calibration, "colour_baselines": _colour_baselines(rows, classes),
+        **_over_groups(rows, classes),
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "report.md").write_text(_markdown(report, rows, classes))
+    return report
+
+
+def _ci(interval: Sequence[float]) -> str:
+    return f"{interval[0]:.3f}–{interval[1]:.3f}"
+
+
+def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[str]) -> str:
+    s, pooled, ci, cases, groups = (report["settings"], report["pooled"], report["interval"], report["case_level"],
+                                    report["groups"])
+    right = sum(r["predicted"] == r["label"] for r in rows)
+    sources = s.get("ckpt_path", "")
+    listed = isinstance(sources, list)  # an ensemble: one model per entry and fold
+    ensemble = f"the {len(sources)} models (probabilities averaged)" if listed and len(sources) > 1 else "the model"
+    lines = [f"# Image-level prediction report: {' + '.join(sources) if listed else sources}", "",
+             f"{report['images']} images in {len(report['per_fold'])} folds, each predicted only by {ensemble} of the "
+             "fold that held it out of training. "
+             f"Aggregate: {s.get('aggregate')}; TTA views: {s.get('views')}; grid: {s.get('window')}-px windows, "
+             f"stride {s.get('stride')}.", "",
+             "## Per fold (mean ± sd, ddof=1, over folds)", "",
+             folds_markdown(report["per_fold"], report["summary"], FOLD_METRICS),
+             "Images per fold: " + ", ".join(f"{f}: {k}" for f, k in report["images_per_fold"].items()) + ".", "",
+             "## Pooled over folds", "", "| metric | value |", "|---|---:|",
+             f"| image accuracy | {pooled['image/acc']:.3f} ({right}/{len(rows)}; 95% CI {_ci(ci['image/acc'])} "
+             f"over {groups['n']} groups) |",
+             f"| image macro F1 | {pooled['image/f1_macro']:.3f} (95% CI {_ci(ci['image/f1_macro'])} over "
+             f"{groups['n']} groups) |",
+             f"| case-level accuracy (majority of a case's images) | {cases['acc']:.3f} ({cases['right']}/"
+             f"{cases['groups']}; 95% CI {_ci(cases['interval'])}) |",
+             f"| patch accuracy | {pooled['patch/acc']:.3f} |",
+             f"| expected calibration error (images, 10 bins) | {report['calibration']['ece']:.3f} |", "",
+             f"Intervals: {ci['resamples']} bootstrap resamples of the {groups['n']} "
+             + ("groups (patients), each taking all its images: images of one patient are not independent, so the "
+                "effective sample is the patients." if groups["given"] else
+                "images (the rows name no groups: each image is taken as its own patient).")
+             + " Groups per fold: " + ", ".join(f"{f}: {k}" for f, k in groups["per_fold"].items()) + ".", "",
+             "Reliability of the images' mean probabilities: `reliability_images.png`.", "",
+             "## Colour-only baselines on the same folds", "",
+             "Mean and sd of R, G, B per image, and a classifier fit on the other folds: how much colour alone "
+             "explains (a linear model can hide what colour tells).", "",
+             *[line for name, baseline in report["colour_baselines"].items()
+               for line in (f"**{COLOUR_NAMES[name]}**: pooled accuracy {baseline['pooled']['image/acc']:.3f} "
+                            f"(95% CI {_ci(baseline['interval']['image/acc'])} over {groups['n']} groups)", "",
+                            folds_markdown(baseline["per_fold"], baseline["summary"],
+                                           ["image/acc", "image/f1_macro"]))],
+             "## Confusion matrix of images (rows: true, columns: predicted)", "",
+             *matrix_markdown(np.array(report["confusion_images"]), classes), "",
+             "![image confusion matrix](confusion_images.png)", "",
+             "Patches: `confusion_patches.csv` / `.png`. Every image: `predictions.csv`.", "",
+             f"## Misclassified images ({len(report['misclassified'])})", ""]
+    if report["misclassified"]:
+        lines += ["| image | fold | true | predicted | votes (" + " / ".join(classes) + ") | mean probability |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['image']} | {r['fold']} | {r['label']} | {r['predicted']} | "
+                  + " / ".join(str(r[f"votes_{c}"]) for c in classes) + " | "
+                  + " / ".join(f"{r[f'prob_{c}']:.2f}" for c in classes) + " |" for r in report["misclassified"]]
+    else:
+        lines.append("None.")
+    if report["problems"]:
+        lines += ["", f"## Images not predicted ({len(report['problems'])})", ""]
+        lines += [f"- {p['detail']}" for p in report["problems"]]
+    if report["missing_folds"]:
+        lines += ["", f"Folds without a model (their images are not in this report): {report['missing_folds']}."]
+    return "\n".join(lines) + "\n"
+
+
+def log_wandb(out_dir: Path, settings: Mapping[str, Any], wandb_cfg: Mapping[str, Any], metrics: Mapping[str, float],
+              images: Mapping[str, Path], tables: Mapping[str, list[dict[str, Any]]]) -> None:
+    """Log metrics, images and tables as one W&B run (offline without key or network), then close it."""
+    configure_wandb()
+    import wandb
+
+    try:
+        wandb.init(dir=str(out_dir), config=dict(settings), **{k: v for k, v in wandb_cfg.items() if v is not None})
+        payload: dict[str, Any] = dict(metrics)
+        payload.update({k: wandb.Image(str(p)) for k, p in images.items()})
+        for key, rows in tables.items():
+            columns = list(rows[0]) if rows else ["image"]
+            payload[key] = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+        wandb.log(payload)
+    finally:
+        finish_wandb()

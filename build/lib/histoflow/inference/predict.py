@@ -1,0 +1,248 @@
+"""Prediction runs: the k-fold held-out report of a training multirun, a CSV of predictions for any images,
+or maps over whole slides."""
+
+from __future__ import annotations
+
+import glob
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from histoflow.common.config import at_least, refuse_unknown_top_keys
+from histoflow.common.errors import ConfigError, HistoflowError, MissingInputError
+from histoflow.common.machine import resolve_device, resolve_workers
+from histoflow.data.images import IMAGE_SUFFIXES
+from histoflow.data.patches import PatchConfig
+from histoflow.data.prepare import prepare_dataset
+from histoflow.data.problems import Problem, write_problems
+from histoflow.inference.fold_models import (
+    FoldModel,
+    check_compatible,
+    find_checkpoints,
+    load_fold_model,
+    models_by_fold,
+)
+from histoflow.inference.image_report import (
+    fold_report,
+    log_wandb,
+    prediction_rows,
+    write_csv,
+)
+from histoflow.inference.slide_map import SlideConfig, SlideResult, predict_slide
+from histoflow.inference.voting import predict_images, tta_views
+from histoflow.slides.reader import DamagedTileError, SlideError
+from histoflow.slides.tiles import NoTissueError
+
+log = logging.getLogger(__name__)
+
+
+class BadImagesError(HistoflowError, ValueError):
+    """Images that could not be predicted (with on_bad_image=error), reported after the others were written."""
+
+
+def files_matching(spec: str | Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFIXES,
+                   key: str = "images") -> list[Path]:
+    """Image files of a folder (searched recursively), a file, a glob pattern, or a list of these, in order."""
+    found: list[Path] = []
+    for entry in [spec] if isinstance(spec, str) else list(spec):
+        path = Path(entry).expanduser()
+        if not glob.has_magic(str(path)) and not path.exists():
+            raise MissingInputError(f"{key}={entry}: no such file or folder. Fix: check the path (relative paths "
+                                    f"start from {Path.cwd()})")
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif path.is_file():
+            files = [path]
+        else:
+            files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            example = "'dir/**/*.png'" if key == "images" else "'dir/*.svs'"
+            raise MissingInputError(f"{key}={entry}: no {key[:-1]} files ({' '.join(suffixes)}) found there. "
+                                    f"Fix: pass a folder, a file, a glob pattern such as {example}, or a list")
+        found += files
+    return list(dict.fromkeys(found))  # a file matched twice is predicted once
+
+
+def prediction_grid(cfg: Mapping[str, Any], model: FoldModel) -> PatchConfig:
+    """The grid of cfg.grid, each unset value taken from the model's training patches (36-px windows, stride 32)."""
+    trained = dict(model.config["data"].get("patches") or {})
+    for key in ("size", "stride"):  # 0 once became the training value and a negative stride ran, both in silence
+        at_least(cfg.get(key), 1, f"grid.{key}", optional=True)
+    size = cfg.get("size") or trained.get("size")
+    stride = cfg.get("stride") if cfg.get("stride") is not None else trained.get("stride", 32)
+    return PatchConfig(size=size, stride=int(stride), rotations=[0], resize=trained.get("resize"))
+
+
+def _run_options(cfg: DictConfig) -> dict[str, Any]:
+    """The predict_images arguments of the config."""
+    tta = OmegaConf.to_container(cfg.tta) if OmegaConf.is_config(cfg.tta) else cfg.tta
+    workers = resolve_workers(cfg.num_workers, "num_workers", resolve_device(cfg.device).type)
+    return {"views": tta_views(tta), "batch_size": cfg.batch_size, "num_workers": workers,
+            "device": cfg.device, "progress": cfg.progress}
+
+
+def _held_out_report(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, out: Path,
+                     settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[Problem], dict[str, Any]]:
+    """Each fold's models (one per ensemble member) on that fold's held-out images (from the manifest), then the
+    k-fold report.
+
+    Returns the rows of predictions.csv, the images that failed, and what goes to W&B.
+    """
+    by_fold = models_by_fold(members)
+    overrides = cfg.get("data") or {}
+    rows: list[dict[str, Any]] = []
+    problems: list[Problem] = []
+    prepared = None
+    for fold, models in by_fold.items():
+        for m in models:
+            data = OmegaConf.to_container(OmegaConf.merge(m.config["data"], overrides), resolve=True)
+            found = prepare_dataset(data, quiet=True)  # returns at once when the data set is prepared
+            if prepared is not None and found.path != prepared.path:
+                raise ConfigError(f"{m.path} was trained on {found.path}, other models on {prepared.path}: "
+                                 "one report needs the folds of one data set")
+            prepared = found
+        assert prepared is not None
+        check_compatible(models, prepared.classes, grid.size, f"the prepared data {prepared.path}")
+        root = Path(overrides["root"]).expanduser() if overrides.get("root") else prepared.root  # images moved
+        held_out = [r for r in prepared.manifest() if r["fold"] == fold]
+        votes = predict_images([root / r["image"] for r in held_out], [(m.net, m.transform) for m in models],
+                               len(prepared.classes), grid, description=f"fold {fold}", **_run_options(cfg))
+        checkpoints = ";".join(str(m.path) for m in models)  # several: an ensemble
+        extra = [{"fold": fold, "label": r["label"], "group": r["group"], "checkpoint": checkpoints} for r in held_out]
+        rows += prediction_rows(votes, prepared.classes, cfg.aggregate, extra)
+        problems += votes.problems.values()
+        log.info("fold %s: %d images in %.1f s (%.1f images/s)", fold, len(held_out), votes.seconds,
+                 len(held_out) / max(votes.seconds, 1e-9))
+    assert prepared is not None  # find_checkpoints returns at least one
+    missing = [f for f in prepared.test_folds if f not in by_fold]
+    if missing:
+        log.warning("folds %s have no model here: their images are not predicted", missing)
+    for r in rows:
+        r["correct"] = r["predicted"] == r["label"]
+    write_csv(rows, out / "predictions.csv")
+    report = fold_report(rows, prepared.classes, out, settings, problems, missing)
+    metrics = {f"predict/{k}": v for k, v in report["pooled"].items()}
+    metrics.update({f"predict/{k}_mean": v["mean"] for k, v in report["summary"].items()})
+    logged = {"metrics": metrics, "images": {"predict/confusion_images": out / "confusion_images.png"},
+              "tables": {"predict/misclassified": report["misclassified"]}}
+    return rows, problems, logged
+
+
+def _images_csv(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, out: Path,
+                settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[Problem], dict[str, Any]]:
+    """Any images, no labels: all models' averaged probabilities per patch, votes per image, in predictions.csv."""
+    models = [m for ms in members for m in ms]
+    paths = files_matching(cfg.images if isinstance(cfg.images, str) else list(cfg.images))
+    classes = models[0].classes
+    check_compatible(models, classes, grid.size, f"checkpoint {models[0].path}")
+    votes = predict_images(paths, [(m.net, m.transform) for m in models], len(classes), grid, **_run_options(cfg))
+    rows = prediction_rows(votes, classes, cfg.aggregate)
+    write_csv(rows, out / "predictions.csv")
+    return rows, list(votes.problems.values()), {"metrics": {"predict/images": float(len(rows))}, "images": {},
+                            "tables": {"predict/predictions": rows}}
+
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
+SLIDE_COLUMNS = ["slide", "tiles", "tiles_per_s", "damaged_tiles", "map", "heatmap"]  # of slides.csv
+
+
+def _damaged_problem(path: Path, result: SlideResult) -> Problem:
+    """problems.csv's account of a slide predicted without its damaged stored tiles."""
+    listed = "; ".join(str(t) for t in result.damaged[:5]) + ("; ..." if len(result.damaged) > 5 else "")
+    return Problem(str(path), "damaged-tiles",
+                   f"{len(result.damaged)} damaged stored tile(s) left out: {listed}. The {result.left_out} tissue "
+                   f"tiles over them are NaN in {result.map.name} (as without tissue); all are listed in "
+                   f"{result.meta.name}. Fix: re-export the slide or copy it again")
+
+
+def _slide_problem(path: Path, error: SlideError) -> Problem:
+    """problems.csv's account of a slide that could not be predicted."""
+    kind = ("no-tissue" if isinstance(error, NoTissueError) else
+            "damaged-tiles" if isinstance(error, DamagedTileError) else "unreadable")
+    return Problem(str(path), kind, str(error))
+
+
+def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, out: Path,
+            settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[Problem], dict[str, Any]]:
+    """Whole slides: tiled inference over tissue; per slide a tile CSV, a class map and a heatmap (slides/).
+
+    slides.csv lists the slides predicted, whatever stops the run; a run stopped by something other than a bad
+    slide also writes problems.csv, naming the slide it stopped at.
+    """
+    models = [m for ms in members for m in ms]
+    spec = cfg.slides if isinstance(cfg.slides, str) else list(cfg.slides)
+    paths = files_matching(spec, SLIDE_SUFFIXES, key="slides")
+    slide_cfg = SlideConfig.from_config(OmegaConf.to_container(cfg.slide, resolve=True))
+    classes = models[0].classes
+    rows: list[dict[str, Any]] = []
+    problems: list[Problem] = []
+    try:
+        for path in paths:
+            try:
+                result = predict_slide(path, [(m.net, m.transform) for m in models], classes, slide_cfg,
+                                       out / "slides", skip_damaged=cfg.on_bad_image == "skip")
+            except SlideError as e:  # no tissue, unreadable, truncated or damaged file: the other slides still run
+                problems.append(_slide_problem(path, e))
+                continue
+            if result.damaged:
+                problems.append(_damaged_problem(path, result))
+            rows.append({"slide": str(path), "tiles": result.tiles, "tiles_per_s": round(result.tiles_per_s, 1),
+                         "damaged_tiles": len(result.damaged), "map": str(result.map),
+                         "heatmap": str(result.heatmap)})
+    except BaseException as e:  # a bug or an interrupt: the tables still say what was done before it
+        problems.append(Problem(str(path), "run-stopped", f"the run stopped at this slide: {type(e).__name__}: {e}"))
+        write_problems(out / "problems.csv", stopped=problems)
+        raise
+    finally:
+        write_csv(rows, out / "slides.csv", SLIDE_COLUMNS)
+    return rows, problems, {"metrics": {"predict/slides": float(len(rows))},
+                            "images": {f"predict/heatmap_{Path(r['slide']).stem}": Path(r["heatmap"]) for r in rows},
+                            "tables": {"predict/slides": rows}}
+
+
+def predict(cfg: DictConfig) -> dict[str, Any]:
+    """Run one prediction as configured (conf/predict.yaml); returns where the results are and how many."""
+    refuse_unknown_top_keys(cfg, "predict")
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise ConfigError("ckpt_path is needed: the trained model(s) to predict with. Fix: predict.py "
+                          "ckpt_path=<a .ckpt, a training run's folder or a multirun's folder> [images=...]")
+    resolve_device(cfg.device)  # a device that is not there is refused before any checkpoint is read
+    if cfg.get("slides") and cfg.images is not None:  # the images were once left out in silence
+        raise ConfigError(f"slides={cfg.slides} and images={cfg.images}: one run predicts slides or images. Fix: "
+                          "run predict.py once for each")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.on_bad_image not in ("error", "skip"):
+        raise ConfigError(f"on_bad_image={cfg.on_bad_image!r}: expected error or skip")
+    listed = OmegaConf.is_list(cfg.ckpt_path)  # a list: an ensemble, one member per entry
+    sources = [str(s) for s in cfg.ckpt_path] if listed else [str(cfg.ckpt_path)]
+    weights = (cfg.get("encoder") or {}).get("weights")
+    members = [[load_fold_model(p, cfg.trusted_targets, weights) for p in find_checkpoints(s)] for s in sources]
+    models = [m for ms in members for m in ms]
+    grid = prediction_grid(cfg.grid, models[0])
+    settings = {"ckpt_path": sources if listed else sources[0],
+                "checkpoints": [str(m.path) for m in models], "aggregate": cfg.aggregate,
+                "views": len(_run_options(cfg)["views"]), "window": grid.size, "stride": grid.stride}
+    run = _slides if cfg.get("slides") else _held_out_report if cfg.images is None else _images_csv
+    rows, problems, logged = run(cfg, members, grid, out, settings)
+    # always written, empty when nothing went wrong: its absence would not say whether the run checked
+    write_problems(out / "problems.csv", **{"skipped" if cfg.on_bad_image == "skip" else "stopped": problems})
+    if cfg.wandb.enabled:
+        log_wandb(out, settings, {k: v for k, v in cfg.wandb.items() if k != "enabled"}, **logged)
+    what = "slide" if cfg.get("slides") else "image"
+    log.info("predicted %d %ss: %s", len(rows), what, out)
+    if problems and cfg.on_bad_image == "skip":
+        shown = "; ".join(p.detail for p in problems[:5]) + ("; ..." if len(problems) > 5 else "")
+        log.warning("skipped %d %s(s) that could not be predicted (listed in %s): %s", len(problems), what,
+                    out / "problems.csv", shown)
+    if problems and cfg.on_bad_image == "error":
+        fix = ("re-copy or re-export these slides" if cfg.get("slides") else
+               "remove or repair these files (windows need images at least as large as grid.size)")
+        raise BadImagesError(f"{len(problems)} {what}(s) could not be predicted:\n"
+                             + "\n".join(f"  {p.detail}" for p in problems)
+                             + f"\nThe other {len(rows)} {what}s' results are written in {out}. Fix: {fix}, or set "
+                             "on_bad_image=skip to leave them out (they are listed in problems.csv)")
+    return {"output_dir": str(out), "images": len(rows), "problems": len(problems)}

@@ -1,0 +1,255 @@
+"""Whole-image prediction by patch voting: grid patches of each image, batched inference, votes per image.
+
+Loader workers read each image, cut its grid windows (a strided view, no per-patch loop), apply
+every model's evaluation transform and pack the patches of consecutive images into full batches in
+shared memory, while the main process runs the nets: reading and cutting overlap the forward passes.
+Each patch carries its image's index; votes and probabilities are summed per image with index_add.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from histoflow.common.errors import ConfigError
+from histoflow.common.machine import resolve_device
+from histoflow.common.progress import progress_bar
+from histoflow.data.images import UnreadableImage, read_rgb
+from histoflow.data.patches import PatchConfig, extract_patches
+from histoflow.data.pipeline import as_made
+from histoflow.data.problems import Problem
+from histoflow.data.transforms import PatchTransform
+
+# Test-time views of a patch: (counter-clockwise quarter turns, mirrored first); together the 8 symmetries of a square.
+VIEWS: dict[str, tuple[int, bool]] = {
+    "identity": (0, False), "rot90": (1, False), "rot180": (2, False), "rot270": (3, False),
+    "flip": (0, True), "flip_rot90": (1, True), "flip_rot180": (2, True), "flip_rot270": (3, True),
+}
+
+
+def tta_views(tta: bool | Sequence[str]) -> list[tuple[int, bool]]:
+    """The views of `tta`: false -> the patch itself; true -> all 8 flips and rotations; or a list of VIEWS names."""
+    if isinstance(tta, str):  # `tta=maybe` once became the views m, a, y, b, e
+        raise ConfigError(f"tta={tta!r}: expected true, false or a list of views such as [identity, rot90]; "
+                          f"views: {', '.join(VIEWS)}")
+    names = list(VIEWS) if tta is True else ["identity"] if not tta else list(tta)
+    unknown = [n for n in names if n not in VIEWS]
+    if unknown:
+        raise ConfigError(f"tta={list(tta)}: unknown view(s) {unknown}; choose from {list(VIEWS)}, or true/false")
+    return [VIEWS[n] for n in names]
+
+
+def grid_config(size: int, stride: int) -> PatchConfig:
+    """The prediction grid: size-px windows every stride px, unrotated, none dropped."""
+    return PatchConfig(size=size, stride=stride, rotations=[0], min_tissue=0.0)
+
+
+@dataclass
+class ImageItem:
+    """One image's preprocessed patches x (models, patches, views, 3, c, c) and window origins, or why it failed."""
+
+    index: int
+    x: torch.Tensor | None = None
+    origins: torch.Tensor | None = None  # (patches, 2): x, y of each window's top-left corner
+    problem: Problem | None = None
+
+
+class ImagePatches(Dataset):
+    """Grid patches of whole images, as every model's transform prepares them, one image per item."""
+
+    def __init__(self, paths: Sequence[str | Path], grid: PatchConfig, transforms: Sequence[PatchTransform],
+                 views: Sequence[tuple[int, bool]] = ((0, False),)) -> None:
+        self.paths, self.grid, self.transforms, self.views = list(paths), grid, list(transforms), list(views)
+        # models trained on the same stain normalisation (the folds of one run) share the normalised image
+        self._stain_keys = [repr(t.stain.state()) if hasattr(t.stain, "state") else id(t.stain)
+                            for t in self.transforms]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> ImageItem:
+        path = str(self.paths[index])
+        try:
+            return self._patches(index)
+        except UnreadableImage as e:
+            return ImageItem(index, problem=Problem(path, "corrupt", str(e)))
+        except MemoryError as e:  # a huge image must not stop the others; a bug elsewhere still fails the run
+            return ImageItem(index, problem=Problem(path, "out-of-memory", f"{path}: {type(e).__name__}: {e}"))
+
+    def _patches(self, index: int) -> ImageItem:
+        path = self.paths[index]
+        image, _ = read_rgb(path)
+        flat_views: dict[object, np.ndarray] = {}  # by stain step
+        inputs = []
+        for t, key in zip(self.transforms, self._stain_keys):
+            if key not in flat_views:
+                windows, xs, ys, _ = extract_patches(t.stain(image) if t.stain else image, self.grid)
+                if not len(windows):
+                    h, w = image.shape[:2]
+                    return ImageItem(index, problem=Problem(
+                        str(path), "too-small", f"{path}: {w}x{h} px is smaller than the {self.grid.size}-px window"))
+                # views of the raw windows, before normalising, as training rotated raw patches before the mean
+                views = np.stack([np.rot90(windows[:, :, ::-1] if flip else windows, k, axes=(1, 2))
+                                  for k, flip in self.views], axis=1)  # (N, V, s, s, 3)
+                n, v = views.shape[:2]
+                flat_views[key] = views.reshape(n * v, *views.shape[2:])
+            inputs.append(t(flat_views[key]))
+        x = torch.stack(inputs)  # (M, N*V, 3, c, c)
+        origins = torch.from_numpy(np.stack([xs, ys], axis=1))
+        return ImageItem(index, x.view(len(self.transforms), n, v, *x.shape[2:]), origins)
+
+
+@dataclass
+class PatchBatch:
+    """Up to a batch of patches of consecutive images, with the image index of each, and the images begun or failed."""
+
+    x: torch.Tensor | None  # (models, patches, views, 3, c, c)
+    ids: torch.Tensor | None  # (patches,) image index of each patch
+    begun: list[tuple[int, int]]  # (image, its patch count) for images whose first patches are in x
+    problems: list[tuple[int, Problem]]  # (image, what went wrong) for images that failed since the last batch
+
+    def pin_memory(self) -> "PatchBatch":
+        """Page-locked copy for fast copies to a GPU (the DataLoader calls this when pin_memory is on)."""
+        return PatchBatch(None if self.x is None else self.x.pin_memory(), self.ids, self.begun, self.problems)
+
+
+class PatchBatches(IterableDataset):
+    """Every image's patches packed into full batches across image boundaries, in the loader workers.
+
+    Each worker takes every k-th image and fills its batches in shared memory, so the main process
+    receives a batch without any copy and spends its time on the nets.
+    """
+
+    def __init__(self, images: ImagePatches, per_batch: int) -> None:
+        self.images, self.per_batch = images, per_batch
+
+    def _empty(self, like: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(like.shape[0], self.per_batch, *like.shape[2:], dtype=like.dtype)
+        # filled in place in shared memory: passing it to the main process then copies nothing
+        return out.share_memory_() if get_worker_info() is not None else out
+
+    def __iter__(self) -> Iterator[PatchBatch]:
+        worker = get_worker_info()
+        mine = range(worker.id, len(self.images), worker.num_workers) if worker else range(len(self.images))
+        x, ids, filled = None, torch.empty(self.per_batch, dtype=torch.long), 0
+        begun: list[tuple[int, int]] = []
+        problems: list[tuple[int, Problem]] = []
+        for index in mine:
+            item = self.images[index]
+            if item.x is None:
+                problems.append((index, item.problem))
+                continue
+            n = item.x.shape[1]
+            begun.append((index, n))
+            start = 0
+            while start < n:
+                x = self._empty(item.x) if x is None else x
+                take = min(n - start, self.per_batch - filled)
+                x[:, filled:filled + take] = item.x[:, start:start + take]
+                ids[filled:filled + take] = index
+                filled, start = filled + take, start + take
+                if filled == self.per_batch:
+                    yield PatchBatch(x, ids, begun, problems)
+                    x, ids, filled, begun, problems = None, torch.empty(self.per_batch, dtype=torch.long), 0, [], []
+        if filled or problems:
+            yield PatchBatch(x[:, :filled] if x is not None else None, ids[:filled] if filled else None, begun, problems)
+
+
+def by_votes(votes: np.ndarray, prob_sum: np.ndarray) -> np.ndarray:
+    """Class with the most patch votes (the tutorial's rule); a tie goes to the tied class with the higher summed
+    probability, and a tie in that too to the class listed first."""
+    tied = votes == votes.max(axis=1, keepdims=True)
+    return np.where(tied, prob_sum, -np.inf).argmax(axis=1)
+
+
+def by_mean_probability(votes: np.ndarray, prob_sum: np.ndarray) -> np.ndarray:
+    """Class with the highest mean patch probability; a tie goes to the class listed first."""
+    return prob_sum.argmax(axis=1)
+
+
+AGGREGATES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {"vote": by_votes, "mean": by_mean_probability}
+
+
+@dataclass
+class Votes:
+    """Per image: patch votes per class, summed patch probabilities, patch count; and the images that failed."""
+
+    paths: list[str]
+    votes: np.ndarray  # (images, classes) int64
+    prob_sum: np.ndarray  # (images, classes) float64
+    patches: np.ndarray  # (images,) int64; 0 for a failed image
+    problems: dict[int, Problem] = field(default_factory=dict)  # image index -> what went wrong
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Indices of the images that were predicted."""
+        return np.flatnonzero(self.patches > 0)
+
+    def mean_prob(self) -> np.ndarray:
+        return self.prob_sum / np.maximum(self.patches, 1)[:, None]
+
+    def labels(self, aggregate: str = "vote") -> np.ndarray:
+        """Predicted class index of every image (-1 where it failed), by the `aggregate` rule."""
+        if aggregate not in AGGREGATES:
+            raise ConfigError(f"aggregate={aggregate!r}: expected one of {list(AGGREGATES)}")
+        out = np.full(len(self.paths), -1)
+        out[self.ok] = AGGREGATES[aggregate](self.votes[self.ok], self.prob_sum[self.ok])
+        return out
+
+
+def mean_probabilities(nets: Sequence[nn.Module], x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Class probabilities (B, C) of patches x (M, B, V, 3, c, c): softmax per view, averaged over views and nets."""
+    m, b, v = x.shape[:3]
+    total = torch.zeros(())
+    for net, xm in zip(nets, x):
+        logits = net(xm.reshape(b * v, *xm.shape[2:]).to(device, non_blocking=True))
+        total = total + logits.float().softmax(-1).view(b, v, -1).mean(1).cpu()
+    return total / m
+
+
+def predict_images(paths: Sequence[str | Path], models: Sequence[tuple[nn.Module, PatchTransform]], num_classes: int,
+                   grid: PatchConfig, views: Sequence[tuple[int, bool]] = ((0, False),), batch_size: int = 512,
+                   num_workers: int = 1, device: str = "auto", progress: bool = True,
+                   description: str = "images") -> Votes:
+    """Votes and probabilities of every image's grid patches, from the nets averaged (an ensemble when several)."""
+    dev = resolve_device(device)
+    nets = [net.to(dev).eval() for net, _ in models]
+    per_batch = max(1, batch_size // len(views))  # a forward pass takes patches x views inputs
+    dataset = PatchBatches(ImagePatches(paths, grid, [t for _, t in models], views), per_batch)
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=as_made,
+                        pin_memory=dev.type == "cuda", prefetch_factor=4 if num_workers else None)
+    n = len(paths)
+    votes = torch.zeros(n, num_classes, dtype=torch.long)
+    prob_sum = torch.zeros(n, num_classes, dtype=torch.float64)
+    patches = np.zeros(n, dtype=np.int64)
+    waiting = np.zeros(n, dtype=np.int64)  # patches of each image not inferred yet
+    problems: dict[int, Problem] = {}
+    t0, finished = time.perf_counter(), 0
+    with progress_bar(progress) as bar, torch.inference_mode():
+        task = bar.add_task(description, total=n, rate="")
+        for batch in loader:
+            for index, count in batch.begun:
+                patches[index] = waiting[index] = count
+            problems.update(batch.problems)
+            done = len(batch.problems)
+            if batch.x is not None:
+                probs = mean_probabilities(nets, batch.x, dev)
+                votes.index_put_((batch.ids, probs.argmax(1)), torch.ones(len(probs), dtype=torch.long),
+                                 accumulate=True)
+                prob_sum.index_add_(0, batch.ids, probs.double())
+                images, counts = np.unique(batch.ids.numpy(), return_counts=True)
+                waiting[images] -= counts
+                done += int((waiting[images] == 0).sum())  # images whose last patches were in this batch
+            if done:
+                finished += done
+                bar.update(task, completed=finished, rate=f"{finished / (time.perf_counter() - t0):.1f} images/s")
+    return Votes([str(p) for p in paths], votes.numpy(), prob_sum.numpy(), patches, problems,
+                 time.perf_counter() - t0)

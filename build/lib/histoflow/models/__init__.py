@@ -1,0 +1,14 @@
+"""Models: the tutorial's AlexNet32, torchvision and timm classifiers by name, and heads on frozen features."""
+
+from histoflow.models.alexnet32 import AlexNet32
+from histoflow.models.heads import LinearHead, MLPHead, build_encoder, encoder_with_head
+from histoflow.models.preprocess import Preprocess, input_preprocess, model_preprocess
+from histoflow.models.timm_models import timm_model
+from histoflow.models.torchvision_models import (
+           classifier_head,
+           clean_state_dict,
+           torchvision_model,
+)
+
+__all__ = ["AlexNet32", "LinearHead", "MLPHead", "Preprocess", "build_encoder", "clean_state_dict", "classifier_head",
+           "encoder_with_head", "input_preprocess", "model_preprocess", "timm_model", "torchvision_model"]

@@ -1,0 +1,94 @@
+"""One training run: fit on the training part of a fold, keep the best epoch by validation, test it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import CSVLogger
+
+from histoflow.common.config import localize_weights, refuse_unknown_top_keys
+from histoflow.evaluation.figures import plot_training_curves
+from histoflow.features.embeddings import Embedder
+from histoflow.models import input_preprocess
+from histoflow.models.build import build_net, require_head
+from histoflow.training.callbacks import FlushLogs
+from histoflow.training.module import PatchClassifier
+from histoflow.training.outputs import METRICS_FILE, merge_csv_metrics
+from histoflow.training.resume import ddp_children_rerun_this_job, resume_checkpoint
+from histoflow.training.tracking import configure_wandb, finish_wandb
+
+log = logging.getLogger(__name__)
+# Lightning 2.6 on torch >= 2.10 asks torch a deprecated question at every fit and test; the notice is Lightning's
+# to act on, not the user's, and it came twice a run
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+def _write_reports(trainer: pl.Trainer, output_dir: Path) -> None:
+    """All of this run's metrics in <run>/metrics.csv and its curves in <run>/training_curves.png."""
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            merged = merge_csv_metrics(Path(logger.root_dir), output_dir / "metrics.csv")
+            if merged is not None:
+                plot_training_curves(merged, output_dir / "training_curves.png")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, test the best checkpoint on the held-out fold, and return the metrics (floats) and paths."""
+    refuse_unknown_top_keys(cfg, "train")
+    configure_wandb()
+    localize_weights(cfg)  # weights files by absolute path: the checkpoint works from any folder
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [FlushLogs()]
+    resume = resume_checkpoint(cfg, callbacks)  # before the data are prepared: a wrong ckpt_path fails at once
+    ddp_children_rerun_this_job(resume)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    # The data decides the net's head and input size, so it is prepared before the net is built; a pretrained
+    # net (or the frozen encoder a head sits on, which the DataModule reads) decides the input's size and
+    # normalisation.
+    encoder = cfg.get("encoder")
+    require_head(cfg.model, bool(encoder))
+    datamodule = hydra.utils.instantiate(cfg.data, fold=cfg.fold, _recursive_=False,
+                                         preprocess=input_preprocess(cfg.model, encoder),
+                                         embed=Embedder(encoder) if encoder else None)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    net = build_net(cfg.model, datamodule.num_classes, datamodule.input_size, datamodule.feature_dim)
+    module = PatchClassifier(
+        net,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.get("scheduler")),
+        classes=list(datamodule.classes),
+        input_size=datamodule.input_size,
+        config=OmegaConf.to_container(cfg, resolve=True),  # in the checkpoint and, as hparams, in every logger
+        feature_dim=datamodule.feature_dim,
+    )
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+        metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        checkpoint = trainer.checkpoint_callback
+        best_path = getattr(checkpoint, "best_model_path", "") or None
+        best_score = getattr(checkpoint, "best_model_score", None)
+        metrics[f"{cfg.monitor}_best"] = float(best_score) if best_score is not None else metrics.get(cfg.monitor)
+        if trainer.is_global_zero:
+            _write_reports(trainer, output_dir)
+        if cfg.get("test"):
+            if best_path is None:
+                log.warning("no best checkpoint (fast_dev_run or no checkpoint callback): testing the current weights")
+            trainer.test(module, datamodule=datamodule, ckpt_path=best_path)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+        metrics.update(fold=str(cfg.fold), best_checkpoint=best_path, output_dir=str(output_dir))
+        if trainer.is_global_zero:
+            (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+        return metrics
+    finally:
+        finish_wandb()  # also on failure: a multirun's next job must not log into this job's run
