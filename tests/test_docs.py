@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -45,6 +46,21 @@ def test_the_committed_results_are_rendered_from_the_record(tmp_path: Path) -> N
     for name in ("README.md", "docs/results.md", "docs/results.json"):
         shutil.copyfile(REPO / name, tmp_path / name)
     results.main(["--readme", str(tmp_path / "README.md"), "--record", str(tmp_path / "docs" / "results.json"),
-                  "--figures", str(tmp_path / "docs")])
+                  "--figures", str(tmp_path / "docs" / "figures")])
     for name in ("README.md", "docs/results.md", "docs/results.json"):
         assert (tmp_path / name).read_text() == (REPO / name).read_text(), f"{name}: run python tools/results.py"
+
+
+def test_the_docs_folder_holds_pages_and_each_run_its_short_named_figures() -> None:
+    """docs/: the pages and the record; the overview plot in docs/figures/, each run's figures in docs/figures/runs/,
+    named after the recipe's short label and the protocol; the README's headline table at most six columns."""
+    assert not list((REPO / "docs").glob("*.png"))
+    runs = json.loads((REPO / "docs" / "results.json").read_text())["runs"]
+    figures = [Path(f) for r in runs for f in r["figures"].values()]
+    assert all(f.parent == Path("docs/figures/runs") and len(f.name) < 80 for f in figures)
+    assert {f.name for f in figures} == {f.name for f in (REPO / "docs" / "figures" / "runs").iterdir()}
+    assert all(len(r["recipe"]) <= results.MAX_LABEL and r["description"] for r in runs)
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index(results.BEGIN):readme.index(results.END)]
+    header = next(line for line in section.splitlines() if line.startswith("| recipe |"))
+    assert header.count("|") - 1 <= 6

@@ -304,17 +304,19 @@ def test_a_run_is_recorded_from_the_report_its_multirun_wrote(multirun: Path, tm
     assert record["images"] == 30 and len(record["image_acc"]) == 5 and record["predict_s"] is None
     assert record["group_table"] is None and record["group_block"] is None  # folds per image: no table, no blocks
     assert all((tmp_path / f).is_file() for f in record["figures"].values())
+    with pytest.raises(SystemExit, match=f"at most {results.MAX_LABEL} characters"):  # a label, not a description
+        results.record_run(f"{'x' * (results.MAX_LABEL + 1)}={multirun / 'image_report'}", tmp_path, tmp_path)
 
 
 def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Path, multirun: Path,
                                                              tmp_path: Path, saved_figures: list) -> None:
-    """The full section goes to docs/results.md (beside its figures), the headline table to the README; both are
+    """The full section goes to docs/results.md (beside the record), the headline table to the README; both are
     re-rendered byte for byte from the record alone."""
     readme, record, docs = tmp_path / "README.md", tmp_path / "docs" / "results.json", tmp_path / "docs"
-    page = docs / "results.md"  # the default page: results.md beside the figures
+    page, runs_dir = docs / "results.md", docs / "figures" / results.RUNS  # the default page: beside the record
     readme.write_text(f"# x\n\n## Results\n\n{results.BEGIN}\nold text\n{results.END}\n\n## After\n")
-    options = ["--readme", str(readme), "--figures", str(docs), "--record", str(record)]
-    results.main([f"tutorial={five_fold_report}", *options])
+    options = ["--readme", str(readme), "--figures", str(docs / "figures"), "--record", str(record)]
+    results.main([f"tutorial: the tutorial's recipe, seed=0={five_fold_report}", *options])  # label: description
     text, head = page.read_text(), readme.read_text()
     report = json.loads((five_fold_report / "report.json").read_text())
     acc = report["summary"]["image/acc"]
@@ -329,6 +331,7 @@ def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Pa
     assert cells["per-image folds: image acc"] == f"{acc['mean']:.3f} ± {acc['sd']:.3f}"
     assert cells["block folds: image acc"] == "–"  # the tiny sweep has folds per image only
     assert cells["colour only, block: logistic / forest"] == "–"
+    assert "- **tutorial**: the tutorial's recipe, seed=0" in lines  # the description, under the table
     run = next(line for line in lines if line.startswith("| tutorial | per-image folds |"))  # the run table
     header = lines[lines.index(run) - 2]
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in run.split("|")]))
@@ -336,13 +339,15 @@ def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Pa
     assert [float(cells[f"fold {k}"]) for k in range(1, 6)] == pytest.approx(
         [report["per_fold"][f"fold {k}"]["image/acc"] for k in range(1, 6)], abs=5e-4)
     assert "python train.py -m fold=1,2,3,4,5" in text and f"python predict.py ckpt_path={multirun}" in text
-    figure = docs / "results-tutorial-per-image-folds-confusion.png"
+    figure = runs_dir / "tutorial-per-image-folds-confusion.png"  # short: the label and the protocol
     assert figure.read_bytes() == (five_fold_report / "confusion_images.png").read_bytes()
-    assert "](results-tutorial-per-image-folds-confusion.png)" in text  # relative to the page, beside it
-    (machine,) = {r["machine"] for r in json.loads(record.read_text())["runs"]}
-    assert f"Machine: {machine}." in text and f"{os.cpu_count()} CPU cores" in machine  # from the record
+    assert "](figures/runs/tutorial-per-image-folds-confusion.png)" in text  # relative to the page
+    (run,) = json.loads(record.read_text())["runs"]
+    assert f"Machine: {run['machine']}." in text and f"{os.cpu_count()} CPU cores" in run["machine"]  # from the record
+    assert run["images_per_class"] == dict(zip(report["classes"], np.sum(report["confusion_images"], 1).tolist()))
 
-    results.main([f"tutorial={five_fold_report}", *options])  # the same recipe and protocol again: replaced
+    results.main([f"tutorial={five_fold_report}", *options])  # the same recipe and protocol again: replaced,
+    # its description kept
     assert page.read_text() == text and readme.read_text() == head
     assert len(json.loads(record.read_text())["runs"]) == 1
     results.main([f"another recipe, seed=1={five_fold_report}", *options])  # a new recipe, a label holding =: added
@@ -355,40 +360,47 @@ def test_results_section_is_rendered_from_the_recorded_runs(five_fold_report: Pa
     results.main(options)  # from the record alone (the output folders need not exist any more)
     assert page.read_text() == rendered + "\nkept by hand\n" and readme.read_text() == rendered_head
     page.write_text(rendered)
-    assert (docs / "results-another-recipe-seed-1-per-image-folds-confusion.png").is_file()
+    assert (runs_dir / "another-recipe-seed-1-per-image-folds-confusion.png").is_file()
     results.main(["--drop", "another recipe, seed=1", *options])  # forgotten, its figures deleted
-    assert not (docs / "results-another-recipe-seed-1-per-image-folds-confusion.png").exists()
+    assert not (runs_dir / "another-recipe-seed-1-per-image-folds-confusion.png").exists()
     assert page.read_text() == text and readme.read_text() == head
     assert len(json.loads(record.read_text())["runs"]) == 1
 
     # the same run as if made under case folds, twice: the headline is the flagged recipe's row, first protocol
     runs = json.loads(record.read_text())["runs"]
-    cased = {**runs[0], "protocol": "case folds", "group_table": "patients.csv"}
+    cased = {**runs[0], "protocol": "case folds", "group_table": "patients.csv",
+             "images_per_class": {"CLL": 5, "FL": 15, "MCL": 10}}  # FL the largest class: half the images
     record.write_text(json.dumps({"runs": [*runs, {**cased, "headline": True},
                                            {**cased, "recipe": "not flagged", "pooled_acc": 0.25}]}))
     results.main(options)
     head, text = readme.read_text(), page.read_text()
-    # the overview: each case-fold recipe's pooled accuracy, top down, the colour forest beside it, chance
-    assert f"]({results.OVERVIEW})" in text and f"](docs/{results.OVERVIEW})" in head and (docs / results.OVERVIEW).exists()
+    # the overview: each case-fold recipe's pooled accuracy, top down, the colour forest beside it, chance and the
+    # majority class
+    overview = f"figures/{results.OVERVIEW}"
+    assert f"]({overview})" in text and f"](docs/{overview})" in head and (docs / overview).exists()
     (drawn,) = plotted_lines(saved_figures[-1]).values()
     forest = report["colour_baselines"]["forest"]["pooled"]["image/acc"]
     assert drawn["value [95% interval]"] == ([report["pooled"]["image/acc"], 0.25], [1.0, 0.0])
     assert next(v for k, v in drawn.items() if k.startswith("colour only")) == ([forest, forest], [1.0, 0.0])
-    assert drawn["chance (1 in 3)"][0] == [1 / 3, 1 / 3]
+    assert drawn["chance (1 in 3)"][0] == [1 / 3, 1 / 3] and drawn["majority class (FL, 0.50)"][0] == [0.5, 0.5]
     assert "| not flagged | **" in text and "| not flagged |" not in head  # the page has every case-fold recipe
-    for lines in (head.splitlines(), text.splitlines()):
+    forest = report["colour_baselines"]["forest"]
+    forest_cell = (f"{forest['pooled']['image/acc']:.2f} [{forest['interval']['image/acc'][0]:.2f}, "
+                   f"{forest['interval']['image/acc'][1]:.2f}]")
+    tables = {}
+    for name, lines in (("head", head.splitlines()), ("page", text.splitlines())):
         row = next(line for line in lines if line.startswith("| tutorial | **"))
         header = lines[lines.index(row) - 2]
-        cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
-        assert list(cells)[1:4] == ["recipe", "image acc, mean ± sd over folds", "pooled [95% CI over cases]"]
+        cells = tables[name] = dict(zip([c.strip() for c in header.split("|")][1:-1],
+                                        [c.strip() for c in row.split("|")][1:-1]))
+        assert list(cells)[:3] == ["recipe", "pooled [95% CI over cases]", "image acc, mean ± sd over folds"]
         low, high = report["interval"]["image/acc"]
-        assert cells["pooled [95% CI over cases]"] == f"{report['pooled']['image/acc']:.3f} [{low:.2f}, {high:.2f}]"
-        assert cells["per-image folds (leaky)"] == f"{acc['mean']:.3f} ± {acc['sd']:.3f}"
-        forest = report["colour_baselines"]["forest"]
-        assert cells["colour only: logistic / forest, pooled [CI]"].endswith(
-            f"{forest['pooled']['image/acc']:.2f} [{forest['interval']['image/acc'][0]:.2f}, "
-            f"{forest['interval']['image/acc'][1]:.2f}]")
+        assert cells["pooled [95% CI over cases]"] == f"**{report['pooled']['image/acc']:.3f}** [{low:.2f}, {high:.2f}]"
         assert cells["case-level acc"].startswith(f"{report['case_level']['acc']:.2f} (")
+    assert len(tables["head"]) <= 6 and tables["head"]["colour only (forest), pooled [CI]"] == forest_cell
+    assert tables["page"]["per-image folds (leaky)"] == f"{acc['mean']:.3f} ± {acc['sd']:.3f}"
+    assert tables["page"]["colour only: logistic / forest, pooled [CI]"].endswith(forest_cell)
+    assert "- **tutorial**: the tutorial's recipe, seed=0" in head.splitlines()  # described under the table
     assert f"all {report['images']} images" in head and f"over the {report['case_level']['groups']} cases" in head
     assert "5 folds, all" in head and "No case (patient) of `patients.csv`" in text  # the folds and table recorded
     flagged = {"recipe": "tutorial", "protocol": "case folds", "acc": 0, "headline": True}

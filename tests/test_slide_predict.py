@@ -18,8 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from test_slide import write_jpeg_slide, zero_stored_tile
 
-from histoflow.data.datamodule import tar_samples
-from histoflow.data.shards import decode_npy, parse_key
+from histoflow.data.shards import decode_npy, parse_key, tar_samples
 from histoflow.data.synthetic import write_pyramid
 from histoflow.inference import predict as predict_module
 from histoflow.inference.fold_models import FoldModel, load_fold_model

@@ -11,10 +11,10 @@ import pytest
 import torch
 from skimage.color import rgb2lab
 
-from histoflow.data.datamodule import ShardDataModule, tar_samples
+from histoflow.data.datamodule import ShardDataModule
 from histoflow.data.images import read_rgb
 from histoflow.data.prepare import prepare_dataset
-from histoflow.data.shards import decode_npy
+from histoflow.data.shards import decode_npy, tar_samples
 from histoflow.data.stain import StainConfig, StainNormalizer
 
 
