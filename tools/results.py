@@ -1,33 +1,36 @@
 """The Results page (docs/results.md) and the README's headline table, rendered from recorded five-fold runs
 (never edited by hand).
 
-    python tools/results.py ["RECIPE=outputs/predict/runs/<date>" ...] \\
-        [--record docs/results.json] [--readme README.md] [--figures docs] [--page docs/results.md]
+    python tools/results.py ["RECIPE[: DESCRIPTION]=DIR" ...] \\
+        [--record docs/results.json] [--readme README.md] [--figures docs/figures] [--page docs/results.md]
 
-Each `RECIPE=DIR` records one run (split at the last `=`): DIR is a `predict.py ckpt_path=<multirun>` folder
-(report.json), or of `ckpt_path=[<multirun>,...]`, an ensemble (its training time is that of all its sweeps). From
-it and from the training multirun it names, the record keeps image-level accuracy per fold and mean ± sd, macro F1,
-pooled patch accuracy, per-class recall, calibration error, the colour-only baselines, the wall-clock time of
+Each `RECIPE[: DESCRIPTION]=DIR` records one run (split at the last `=`): RECIPE is a short label (the experiment's
+name, with a suffix where several recipes share it, e.g. `lymphoma_frozen_squeezenet@32px`), DESCRIPTION (after the
+first `: `) says in words what it is; DIR is a `predict.py ckpt_path=<multirun>` folder (report.json), or of
+`ckpt_path=[<multirun>,...]`, an ensemble (its training time is that of all its sweeps). From it and from the
+training multirun it names, the record keeps image-level accuracy per fold and mean ± sd, macro F1, pooled patch
+accuracy, per-class recall and image counts, calibration error, the colour-only baselines, the wall-clock time of
 preparing, training (per fold) and the report, the machine it was recorded on, the exact commands (Hydra's recorded
 overrides) and the protocol (folds per image, or grouped where the prepared manifest has a group of several images:
-`data.group_regex` with `data.group_block`, or a CSV's group column) with the table or block size that drew it. Its pooled confusion matrix and first fold's
-training curves are copied into `--figures`. Records live in `--record` (JSON, committed): a run of the same recipe
-and protocol replaces the older one (keeping its `headline` flag), so the page can be re-rendered at any time without
-the (large, uncommitted) output folders. With no RECIPE=DIR the page is rendered from the record alone; `--drop
-RECIPE` forgets a recipe's runs.
+`data.group_regex` with `data.group_block`, or a CSV's group column) with the table or block size that drew it. Its
+pooled confusion matrix and first fold's training curves are copied into `--figures`/runs/, named after the recipe
+and protocol. Records live in `--record` (JSON, committed): a run of the same recipe and protocol replaces the older
+one (keeping its `headline` flag, and its description where the new run gives none), so the page can be re-rendered
+at any time without the (large, uncommitted) output folders. With no RECIPE=DIR the page is rendered from the record
+alone; `--drop RECIPE` forgets a recipe's runs.
 
 The full section (a recipe table: one row per recipe under case folds, per-image and grouped folds side by side; the
-recipes measured under leaky protocols only; a table of every run's folds; each run's commands and figures) replaces
-whatever stands between the two markers of `--page` (default: results.md in `--figures`, created if absent). The
-README gets the headline between its own two markers: the recipe table's rows of the recipes whose case-fold record
-says `"headline": true` in the record (the recommended and reference recipes; every case-fold recipe where none is
+recipes measured under leaky protocols only; each table's recipes described under it; a table of every run's folds;
+each run's commands and figures) replaces whatever stands between the two markers of `--page` (default: results.md
+beside the record, created if absent); the overview plot of the case-fold recipes goes to `--figures`. The README gets
+the headline between its own two markers: a shorter table of the recipes whose case-fold record says
+`"headline": true` in the record (the recommended and reference recipes; every case-fold recipe where none is
 flagged), and a link to the page.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -35,7 +38,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -54,29 +57,30 @@ HEADLINE = "headline"  # a record's flag: its recipe is a row of the README's he
 PUBLISHED = ("published: Janowczyk & Madabhushi (2016), full-resolution images", 0.97)
 
 
-OVERVIEW = "results-case-folds.png"  # every case-fold recipe's pooled accuracy and interval, in --figures
+OVERVIEW = "case-folds.png"  # every case-fold recipe's pooled accuracy and interval, in --figures
+RUNS = "runs"  # each run's confusion matrix and training curves, in --figures
 FOREST = "forest"  # the colour-only baseline drawn beside each recipe
-MAX_STEM = 180  # figure names stay well under the file systems' 255 bytes, "-confusion.png" included
+MAX_LABEL = 40  # a recipe's label heads table rows and names figure files; its description says the rest
+Run = dict[str, Any]  # one recorded run
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return re.sub(r"[^a-z0-9_]+", "-", text.lower()).strip("-")
 
 
 def _figure_stem(recipe: str, protocol: str) -> str:
-    """results-<recipe>-<protocol>; a long recipe label is cut, with a hash of the whole label to keep it unique."""
-    stem = f"results-{_slug(recipe)}-{_slug(protocol)}"
-    if len(stem) <= MAX_STEM:
-        return stem
-    digest = hashlib.sha1(recipe.encode()).hexdigest()[:8]
-    return f"{stem[:MAX_STEM - len(protocol) - 10].rstrip('-')}-{digest}-{_slug(protocol)}"
+    return f"{_slug(recipe)}-{_slug(protocol)}"
 
 
-def record_run(spec: str, figures: Path, readme_dir: Path) -> dict[str, Any]:
-    """The record of one five-fold run (`RECIPE=DIR`); copies its figures into `figures`."""
-    recipe, sep, folder = spec.rpartition("=")  # the label may name overrides (a=b)
+def record_run(spec: str, figures: Path, readme_dir: Path) -> Run:
+    """The record of one five-fold run (`RECIPE[: DESCRIPTION]=DIR`); copies its figures into `figures`."""
+    label, sep, folder = spec.rpartition("=")  # the description may name overrides (a=b)
+    recipe, _, description = label.partition(": ")
     if not sep or not recipe or not folder:
         raise SystemExit(f"{spec!r}: expected RECIPE=DIR, DIR a predict.py run folder holding report.json")
+    if len(recipe) > MAX_LABEL:
+        raise SystemExit(f"{recipe!r}: a recipe label of at most {MAX_LABEL} characters, please (the experiment's "
+                         "name and a short suffix); say the rest after it, as RECIPE: DESCRIPTION=DIR")
     report_dir = Path(folder)
     path = report_dir / "report.json"
     if not path.is_file():
@@ -106,7 +110,7 @@ def record_run(spec: str, figures: Path, readme_dir: Path) -> dict[str, Any]:
     # the report the multirun wrote itself (<multirun>/image_report/) needs no predict.py command
     by_sweep = report_dir.resolve().parent in [sweep.resolve() for sweep in sweeps] and not overrides.is_file()
 
-    cm = np.array(report["confusion_images"], dtype=float)
+    cm = np.array(report["confusion_images"])  # rows: the true class
     recall = dict(zip(report["classes"], (np.diag(cm) / np.maximum(cm.sum(1), 1)).tolist()))
     figures.mkdir(parents=True, exist_ok=True)
     stem = _figure_stem(recipe, protocol)
@@ -118,11 +122,12 @@ def record_run(spec: str, figures: Path, readme_dir: Path) -> dict[str, Any]:
         shutil.copyfile(curves[0], shown["curves"])
     summary = report["summary"]
     return {
-        "recipe": recipe, "protocol": protocol,
+        "recipe": recipe, "description": description or None, "protocol": protocol,
         "group_table": data.get("groups") or (data.get("csv") if data.get("labels") == "csv" else None),
         "group_block": data.get("group_block"), "experiment": job.get("name"),
         "date": time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime)),
         "images": report["images"], "classes": report["classes"],
+        "images_per_class": dict(zip(report["classes"], cm.sum(1).tolist())),
         "image_acc": {f: v["image/acc"] for f, v in report["per_fold"].items()},
         "acc": {k: summary["image/acc"][k] for k in ("mean", "sd")},
         "pooled_acc": report["pooled"]["image/acc"], "interval": report.get("interval"),
@@ -151,27 +156,25 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({platform.machine()}, {platform.system()}), {gpu}"
 
 
-def load_records(path: Path) -> list[dict[str, Any]]:
+def load_records(path: Path) -> list[Run]:
     return json.loads(path.read_text())["runs"] if path.is_file() else []
 
 
-def add_record(records: list[dict[str, Any]], run: dict[str, Any]) -> list[dict[str, Any]]:
-    """`run` in place of the record of the same recipe and protocol, else appended."""
+def add_record(records: list[Run], run: Run) -> list[Run]:
+    """`run` in place of the record of the same recipe and protocol, else appended. A re-recorded run stays in (or
+    out of) the headline, and keeps its description where it brings none."""
     key = (run["recipe"], run["protocol"])
     if any((r["recipe"], r["protocol"]) == key for r in records):
-        return [{**run, **({HEADLINE: r[HEADLINE]} if HEADLINE in r else {})} if (r["recipe"], r["protocol"]) == key
-                else r for r in records]  # a re-recorded run stays in (or out of) the headline
+        return [{**run, **{k: r[k] for k in (HEADLINE, "description") if k in r and run.get(k) is None}}
+                if (r["recipe"], r["protocol"]) == key else r for r in records]
     return [*records, run]
 
 
-def _pm(stats: dict[str, float] | None, bold: bool = False) -> str:
-    if stats is None:
-        return "–"
-    text = f"{stats['mean']:.3f} ± {stats['sd']:.3f}"
-    return f"**{text}**" if bold else text
+def _pm(stats: dict[str, float] | None) -> str:
+    return "–" if stats is None else f"{stats['mean']:.3f} ± {stats['sd']:.3f}"
 
 
-def _minutes(run: dict[str, Any] | None) -> str:
+def _minutes(run: Run | None) -> str:
     if not run or not run["train_minutes"]:
         return "–"
     total = sum(run["train_minutes"])
@@ -182,56 +185,88 @@ def _ci(interval: list[float] | None) -> str:
     return f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
 
 
-def _pooled(run: dict[str, Any]) -> str:
-    """Pooled image accuracy with its 95% interval from a bootstrap over cases (where recorded)."""
+def _pooled(run: Run) -> str:
+    """Pooled image accuracy (bold) with its 95% interval from a bootstrap over cases (where recorded)."""
     if run.get("pooled_acc") is None:
         return "–"
-    return f"{run['pooled_acc']:.3f}{_ci((run.get('interval') or {}).get('image/acc'))}"
+    return f"**{run['pooled_acc']:.3f}**{_ci((run.get('interval') or {}).get('image/acc'))}"
 
 
-def _colour_pooled(run: dict[str, Any]) -> str:
-    cells = []
-    for name in COLOUR:
-        c = run["colour"].get(name, {})
-        cells.append(f"{c['pooled']:.2f}{_ci(c.get('interval'))}" if "pooled" in c else
-                     (f"{c['mean']:.2f}" if "mean" in c else "–"))
-    return " / ".join(cells)
+def _colour(run: Run, name: str) -> str:
+    """A colour-only baseline's pooled accuracy and interval (its mean over folds where no pooled one is recorded)."""
+    c = run["colour"].get(name, {})
+    if "pooled" in c:
+        return f"{c['pooled']:.2f}{_ci(c.get('interval'))}"
+    return f"{c['mean']:.2f}" if "mean" in c else "–"
 
 
-def recipe_table(records: list[dict[str, Any]], only: set[str] | None = None, protocol: str = CASES) -> list[str]:
-    """One row per recipe measured under case folds (patients never on both sides; or leave one case out, the
-    other protocol on new patients; of `only`, where given), its figures on new patients with their uncertainty
-    over cases, and its per-image and block-fold figures beside them."""
-    classes = records[0]["classes"]
-    lines = [f"| recipe | image acc, mean ± sd over folds | pooled [95% CI over cases] | macro F1 | case-level acc "
-             f"| recall {' / '.join(classes)} | colour only: {' / '.join(COLOUR)}, pooled [CI] "
-             f"| per-image folds (leaky) | block folds (leaky) | training, min (all folds) |",
-             "|---|" + "---:|" * 9]
-    for recipe in dict.fromkeys(r["recipe"] for r in records):
-        runs = {r["protocol"]: r for r in records if r["recipe"] == recipe}
-        cases = runs.get(protocol)
-        if cases is None or (only is not None and recipe not in only):
-            continue
-        case_level = cases.get("case_level")
-        level = f"{case_level['acc']:.2f} ({case_level['right']}/{case_level['groups']})" if case_level else "–"
-        recall = " / ".join(f"{cases['recall'][c]:.2f}" for c in classes)
-        lines.append(f"| {recipe} | {_pm(cases['acc'], True)} | {_pooled(cases)} | {_pm(cases['f1'])} | {level} "
-                     f"| {recall} | {_colour_pooled(cases)} | {_pm(runs.get(PER_IMAGE, {}).get('acc'))} "
-                     f"| {_pm(runs.get(BLOCKS, {}).get('acc'))} | {_minutes(cases)} |")
-    return lines
+def _case_level(run: Run) -> str:
+    level = run.get("case_level")
+    return f"{level['acc']:.2f} ({level['right']}/{level['groups']})" if level else "–"
 
 
-def leaky_table(records: list[dict[str, Any]]) -> list[str]:
+Column = tuple[str, Callable[[Run, dict[str, Run]], str]]  # a header; a cell of (the run, the recipe's runs)
+
+
+def page_columns(classes: list[str]) -> list[Column]:
+    """The Results page's recipe table: the figures on new patients with their uncertainty over cases, and the
+    per-image and block-fold figures beside them."""
+    return [("pooled [95% CI over cases]", lambda run, _: _pooled(run)),
+            ("image acc, mean ± sd over folds", lambda run, _: _pm(run["acc"])),
+            ("macro F1", lambda run, _: _pm(run["f1"])),
+            ("case-level acc", lambda run, _: _case_level(run)),
+            (f"recall {' / '.join(classes)}", lambda run, _: " / ".join(f"{run['recall'][c]:.2f}" for c in classes)),
+            (f"colour only: {' / '.join(COLOUR)}, pooled [CI]",
+             lambda run, _: " / ".join(_colour(run, name) for name in COLOUR)),
+            ("per-image folds (leaky)", lambda _, runs: _pm(runs.get(PER_IMAGE, {}).get("acc"))),
+            ("block folds (leaky)", lambda _, runs: _pm(runs.get(BLOCKS, {}).get("acc"))),
+            ("training, min (all folds)", lambda run, _: _minutes(run))]
+
+
+HEADLINE_COLUMNS: list[Column] = [  # the README's: what a newcomer reads first
+    ("pooled [95% CI over cases]", lambda run, _: _pooled(run)),
+    ("image acc, mean ± sd over folds", lambda run, _: _pm(run["acc"])),
+    ("case-level acc", lambda run, _: _case_level(run)),
+    (f"colour only ({FOREST}), pooled [CI]", lambda run, _: _colour(run, FOREST)),
+    ("training, min (all folds)", lambda run, _: _minutes(run))]
+
+
+def _by_recipe(records: list[Run]) -> dict[str, dict[str, Run]]:
+    """Each recipe's runs by protocol, the recipes in the record's order."""
+    recipes: dict[str, dict[str, Run]] = {}
+    for r in records:
+        recipes.setdefault(r["recipe"], {})[r["protocol"]] = r
+    return recipes
+
+
+def measured(records: list[Run], protocol: str = CASES, only: set[str] | None = None) -> list[str]:
+    """The recipes with a run under `protocol` (of `only`, where given)."""
+    return [recipe for recipe, runs in _by_recipe(records).items()
+            if protocol in runs and (only is None or recipe in only)]
+
+
+def recipe_table(records: list[Run], columns: list[Column], recipes: list[str], protocol: str = CASES) -> list[str]:
+    """One row per recipe of `recipes`, from its run under `protocol` (case folds: patients never on both sides; or
+    leave one case out, the other protocol on new patients)."""
+    runs = _by_recipe(records)
+    return ["| recipe | " + " | ".join(header for header, _ in columns) + " |", "|---|" + "---:|" * len(columns),
+            *(f"| {recipe} | " + " | ".join(cell(runs[recipe][protocol], runs[recipe]) for _, cell in columns) + " |"
+              for recipe in recipes)]
+
+
+def leaky_recipes(records: list[Run]) -> list[str]:
     """Recipes measured only under per-image or block folds (images of a test case in training)."""
+    return [recipe for recipe, runs in _by_recipe(records).items() if CASES not in runs and LOCO not in runs]
+
+
+def leaky_table(records: list[Run]) -> list[str]:
     classes = records[0]["classes"]
     lines = ["| recipe | per-image folds: image acc | block folds: image acc | macro F1 "
              f"| block: recall {' / '.join(classes)} | colour only, block: {' / '.join(COLOUR)} "
              "| training, min (all folds): per-image / block |", "|---|" + "---:|" * 6]
-    for recipe in dict.fromkeys(r["recipe"] for r in records):
-        runs = {r["protocol"]: r for r in records if r["recipe"] == recipe}
-        if CASES in runs or LOCO in runs:
-            continue
-        image, blocks = runs.get(PER_IMAGE), runs.get(BLOCKS)
+    runs = _by_recipe(records)
+    for recipe in leaky_recipes(records):
+        image, blocks = runs[recipe].get(PER_IMAGE), runs[recipe].get(BLOCKS)
         recall = " / ".join(f"{blocks['recall'][c]:.2f}" for c in classes) if blocks else "–"
         colour = " / ".join(f"{blocks['colour'][c]['mean']:.3f}" if c in blocks["colour"] else "–"
                             for c in COLOUR) if blocks else "–"
@@ -241,7 +276,25 @@ def leaky_table(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def run_table(records: list[dict[str, Any]]) -> list[str]:
+def legend(records: list[Run], recipes: list[str]) -> list[str]:
+    """What each of `recipes` is, in words (those with a recorded description), a blank line after."""
+    described: dict[str, str] = {}
+    for r in records:
+        if r.get("description"):
+            described.setdefault(r["recipe"], r["description"])
+    lines = [f"- **{recipe}**: {described[recipe]}" for recipe in recipes if recipe in described]
+    return [*lines, ""] if lines else []
+
+
+def _described_table(records: list[Run], columns: list[Column], only: set[str] | None = None,
+                     protocol: str = CASES) -> list[str]:
+    """The recipe table of the recipes measured under `protocol` (of `only`), and what each is."""
+    recipes = measured(records, protocol, only)
+    return [*recipe_table(records, columns, recipes, protocol), "",
+            *legend([r for r in records if r["protocol"] == protocol], recipes)]
+
+
+def run_table(records: list[Run]) -> list[str]:
     """Every k-fold run's folds, calibration and times (leave one case out has a fold per case: its folds stay in
     its own report)."""
     records = [r for r in records if r["protocol"] != LOCO]
@@ -260,14 +313,22 @@ def run_table(records: list[dict[str, Any]]) -> list[str]:
     return lines + ([""] + [f"\\* {note}" for note in notes] if notes else [])
 
 
-def save_overview(records: list[dict[str, Any]], png: Path) -> Path | None:
+def majority_class(run: Run) -> tuple[str, float]:
+    """The largest class of a run's images and its share: the accuracy of always answering it."""
+    counts = run["images_per_class"]
+    name = max(counts, key=counts.get)
+    return name, counts[name] / sum(counts.values())
+
+
+def save_overview(records: list[Run], png: Path) -> Path | None:
     """The recipes under case folds at a glance: pooled image accuracy and its interval over cases, the colour-only
-    forest on the same folds beside each, chance (one class in k)."""
+    forest on the same folds beside each, chance (one class in k) and the majority class's share."""
     runs = [r for r in records if r["protocol"] == CASES]
     if not runs:
         return None
     png.parent.mkdir(parents=True, exist_ok=True)
     _, _, cases = _case_counts(records)
+    majority, share = majority_class(runs[0])
     return save_interval_plot(
         [r["recipe"] for r in runs], [r["pooled_acc"] for r in runs],
         [(r.get("interval") or {}).get("image/acc") for r in runs], png,
@@ -275,10 +336,11 @@ def save_overview(records: list[dict[str, Any]], png: Path) -> Path | None:
         xlabel="image-level accuracy (vote of patches)",
         baseline=(f"colour only ({COLOUR_NAMES[FOREST]}), same folds",
                   [r["colour"].get(FOREST, {}).get("pooled") for r in runs]),
-        references={f"chance (1 in {len(runs[0]['classes'])})": 1 / len(runs[0]["classes"])})
+        references={f"chance (1 in {len(runs[0]['classes'])})": 1 / len(runs[0]["classes"]),
+                    f"majority class ({majority}, {share:.2f})": share})
 
 
-def headline_recipes(records: list[dict[str, Any]]) -> set[str]:
+def headline_recipes(records: list[Run]) -> set[str]:
     """The recipes of the README's table: those with a case-fold record flagged `headline`, else every case-fold one."""
     cases = [r for r in records if r["protocol"] == CASES]
     return {r["recipe"] for r in cases if r.get(HEADLINE)} or {r["recipe"] for r in cases}
@@ -293,30 +355,31 @@ def _one(values: list[Any], what: str) -> str:
     return " or ".join(_distinct(values)) or f"(no {what} recorded)"
 
 
-def _machine(records: list[dict[str, Any]]) -> str:
+def _machine(records: list[Run]) -> str:
     """The machine(s) the runs were recorded on, from the records."""
     machines = _distinct([r.get("machine") for r in records])
     return f"Machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines) or 'not recorded'}."
 
 
-def _case_counts(records: list[dict[str, Any]]) -> tuple[str, str, str]:
+def _case_counts(records: list[Run]) -> tuple[str, str, str]:
     """The folds, images and cases of the case-fold runs, as recorded."""
     cases = [r for r in records if r["protocol"] == CASES] or records
     return (_one([len(r["image_acc"]) for r in cases], "folds"), _one([r["images"] for r in cases], "images"),
             _one([(r.get("case_level") or {}).get("groups") for r in cases], "cases"))
 
 
-def _of(records: list[dict[str, Any]], protocol: str, key: str) -> str:
+def _of(records: list[Run], protocol: str, key: str) -> str:
     """What the runs of `protocol` recorded under `key` (the table of cases, the block size)."""
     return _one([r.get(key) for r in records if r["protocol"] == protocol], key.replace("_", " "))
 
 
-def render(records: list[dict[str, Any]], figures_from: Path = Path("."), page_dir: Path = Path("."),
+def render(records: list[Run], figures_from: Path = Path("."), page_dir: Path = Path("."),
            overview: str | None = None) -> str:
     """The Results page's generated section (markers included) from the records. Figure paths are recorded relative
     to `figures_from` (the README's folder) and written relative to `page_dir` (the page's); `overview`: the link to
     the case-fold recipes' interval plot, from the page."""
     folds, images, cases = _case_counts(records)
+    classes = records[0]["classes"]
     # Left as text, facts of no run: that case folds are the lymphoma experiments' default (conf/), what the lymphoma
     # cases hold (10-19 neighbouring indices, from its cases table) and the published figure (PUBLISHED).
     lines = [BEGIN, "",
@@ -324,20 +387,21 @@ def render(records: list[dict[str, Any]], figures_from: Path = Path("."), page_d
              "one fold model that never saw it.",
              "", "### On new patients: case folds", "",
              f"No case (patient) of `{_of(records, CASES, 'group_table')}` is on both sides of a fold "
-             "(`protocol=cases`, the lymphoma experiments' default): the figures to trust. Mean ± sd over the "
-             f"{folds} folds; the pooled accuracy over "
+             "(`protocol=cases`, the lymphoma experiments' default): the figures to trust. The pooled accuracy over "
              f"all {images} images with a 95% interval from a bootstrap over the {cases} cases (the effective sample "
-             "is the cases, not the images); case-level: the majority of a case's images. Colour only: the mean and "
+             f"is the cases, not the images); mean ± sd over the {folds} folds; case-level: the majority of a case's "
+             "images. Colour only: the mean and "
              "sd of R, G, B of each image, and a " + " or a ".join(COLOUR_NAMES[c] for c in COLOUR) + " fit on the "
              "same folds: how much colour alone explains. Per-image and block folds put images of a test case in "
              "training (`histoflow audit` flags both), so their columns say how much a leak flatters a "
-             "recipe, not how it does on new patients.", "", *recipe_table(records), "",
+             "recipe, not how it does on new patients.", "", *_described_table(records, page_columns(classes)),
              *_overview_line(overview),
              *_loco_section(records),
              "### Earlier recipes, measured under leaky protocols only", "",
              f"Per-image folds (the tutorial's) and block folds (blocks of {_of(records, BLOCKS, 'group_block')} "
              "neighbouring indices, the project's earlier stand-in for slides: most cases hold 10-19 neighbouring "
-             "indices, so blocks cut cases in two or three). Their ranking need not hold on new patients.", "", *leaky_table(records), "",
+             "indices, so blocks cut cases in two or three). Their ranking need not hold on new patients.", "",
+             *leaky_table(records), "", *legend(records, leaky_recipes(records)),
              "Every run, fold by fold (ECE: expected calibration error of the images' mean probabilities, 10 bins; "
              "times are wall clock on this machine):", "", *run_table(records), ""]
     for r in records:
@@ -357,7 +421,7 @@ def _overview_line(link: str | None) -> list[str]:
     return [f"![Every recipe under case folds: pooled image accuracy, 95% interval over cases]({link})", ""] if link else []
 
 
-def _loco_section(records: list[dict[str, Any]]) -> list[str]:
+def _loco_section(records: list[Run]) -> list[str]:
     """Leave one case out (every case its own fold, each model trained on all the others), where a run has it."""
     if not any(r["protocol"] == LOCO for r in records):
         return []
@@ -365,18 +429,19 @@ def _loco_section(records: list[dict[str, Any]]) -> list[str]:
             "Every case is its own fold (`protocol=loco`): each model trains on all the other cases and predicts the "
             "images of one. Mean ± sd over folds is over single cases, whose images tend to be right or wrong "
             "together, so it is large; the pooled figure and its interval over cases are the ones to read.", "",
-            *recipe_table(records, protocol=LOCO), ""]
+            *_described_table(records, page_columns(records[0]["classes"]), protocol=LOCO)]
 
 
-def render_headline(records: list[dict[str, Any]], page: str, overview: str | None = None) -> str:
-    """The README's table (markers included): the headline recipes' rows of the recipe table, the interval plot of
-    every case-fold recipe (`overview`: its link from the README), and where the rest is."""
+def render_headline(records: list[Run], page: str, overview: str | None = None) -> str:
+    """The README's table (markers included): the headline recipes with the figures a newcomer reads first, what
+    each is, the interval plot of every case-fold recipe (`overview`: its link from the README), and where the rest
+    is."""
     folds, images, cases = _case_counts(records)
     return "\n".join([
         BEGIN, "",
         f"Case folds (`protocol=cases`: no patient on both sides of a fold), {folds} folds, all {images} images; "
         f"pooled accuracy with a 95% interval from a bootstrap over the {cases} cases. {_machine(records)}", "",
-        *recipe_table(records, headline_recipes(records)), "", *_overview_line(overview),
+        *_described_table(records, HEADLINE_COLUMNS, headline_recipes(records)), *_overview_line(overview),
         f"Every recipe and protocol, every run fold by fold, the commands that made each and its figures: [{page}]"
         f"({page}).", "", END])
 
@@ -400,11 +465,14 @@ def update_between_markers(path: Path, section: str, title: str = "Results") -> 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="*", help="RECIPE=DIR, DIR a predict.py five-fold report folder")
+    parser.add_argument("runs", nargs="*", metavar="RECIPE[: DESCRIPTION]=DIR",
+                        help="DIR a predict.py five-fold report folder")
     parser.add_argument("--record", type=Path, default=Path("docs/results.json"))
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
-    parser.add_argument("--figures", type=Path, default=Path("docs"))
-    parser.add_argument("--page", type=Path, default=None, help="the Results page (default: FIGURES/results.md)")
+    parser.add_argument("--figures", type=Path, default=Path("docs/figures"),
+                        help=f"the overview plot's folder; each run's figures go to its {RUNS}/")
+    parser.add_argument("--page", type=Path, default=None,
+                        help="the Results page (default: results.md beside --record)")
     parser.add_argument("--drop", action="append", default=[], metavar="RECIPE", help="forget a recipe's runs")
     args = parser.parse_args(argv)
     records = []
@@ -415,12 +483,12 @@ def main(argv: list[str] | None = None) -> None:
             for figure in r["figures"].values():
                 (args.readme.parent / figure).unlink(missing_ok=True)
     for spec in args.runs:
-        records = add_record(records, record_run(spec, args.figures, args.readme.parent))
+        records = add_record(records, record_run(spec, args.figures / RUNS, args.readme.parent))
     if not records:
         raise SystemExit(f"{args.record}: no runs recorded; pass RECIPE=DIR (a predict.py five-fold report folder)")
     args.record.parent.mkdir(parents=True, exist_ok=True)
     args.record.write_text(json.dumps({"runs": records}, indent=1) + "\n")
-    page = args.page or args.figures / "results.md"
+    page = args.page or args.record.parent / "results.md"
     if args.readme.resolve() == page.resolve():
         raise SystemExit(f"{page}: the page and the README must be two files")
     overview = save_overview(records, args.figures / OVERVIEW)
