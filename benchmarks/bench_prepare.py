@@ -70,7 +70,7 @@ def run_histoflow(lymphoma: Path, work: Path, workers: int):
 
 def run_histoflow_process(lymphoma: Path, work: Path, workers: int) -> float:
     """Seconds of `histoflow prepare data=lymphoma ...` into an empty folder, start-up included."""
-    command = [sys.executable, "-m", "histoflow.commands.prepare", "data=lymphoma", f"data.root={lymphoma}",
+    command = [sys.executable, "-m", "histoflow", "prepare", "data=lymphoma", f"data.root={lymphoma}",
                f"data.shards.dir={work}", f"data.shards.workers={workers}", f"paths.cache_dir={work / 'cache'}",
                f"hydra.run.dir={work / 'run'}"]
     settle()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -143,9 +144,13 @@ def test_every_package_is_in_the_layout() -> None:
 def test_a_wheel_installs_and_its_commands_run_outside_the_checkout(tmp_path: Path) -> None:
     """Built as a wheel (not editable), installed into a bare folder: the configs are inside it and `histoflow
     train --help` composes train.yaml from there, started far from the checkout."""
-    wheels = tmp_path / "wheels"
+    source, wheels = tmp_path / "source", tmp_path / "wheels"  # built from a copy: setuptools builds in the tree
+    source.mkdir()
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / part, source)
+    shutil.copytree(REPO / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-                    str(REPO)], check=True, timeout=300)
+                    str(source)], check=True, timeout=300)
     wheel = next(wheels.glob("histoflow-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "histoflow/conf/train.yaml" in names and "histoflow/conf/data/lymphoma.yaml" in names

@@ -346,7 +346,7 @@ def test_missing_root_names_the_fix(tmp_path: Path) -> None:
 def test_prepare_command_line(tmp_path: Path) -> None:
     root = make_images(tmp_path / "images", per_class=5)
     result = subprocess.run(
-        [sys.executable, "-m", "histoflow.commands.prepare", f"data.root={root}", f"paths.data_dir={tmp_path / 'work'}",
+        [sys.executable, "-m", "histoflow", "prepare", f"data.root={root}", f"paths.data_dir={tmp_path / 'work'}",
          f"paths.log_dir={tmp_path / 'logs'}", "data.split.k=3", "data.shards.workers=1"],
         capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -160,7 +160,7 @@ def test_one_class_is_an_error_at_prepare(tmp_path: Path) -> None:
 
 
 def test_the_entry_points_print_their_own_errors_without_a_traceback(tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, "-m", "histoflow.commands.prepare", "data=lymphoma",
+    run = subprocess.run([sys.executable, "-m", "histoflow", "prepare", "data=lymphoma",
                           f"data.root={tmp_path / 'typo'}", f"hydra.run.dir={tmp_path / 'run'}"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert run.returncode == 1

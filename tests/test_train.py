@@ -98,9 +98,10 @@ def _tensorboard_installed() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
 
 
-def run_train(args: list[str], env: dict[str, str], timeout: float = SUBPROCESS_TIMEOUT_S) -> None:
-    """python train.py ARGS, which must succeed within timeout seconds."""
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
+def run_train(args: list[str], env: dict[str, str], timeout: float = SUBPROCESS_TIMEOUT_S,
+              entry: tuple[str, ...] = (str(REPO / "train.py"),)) -> None:
+    """python train.py ARGS (or another entry: `-m histoflow train`), which must succeed within timeout seconds."""
+    result = subprocess.run([sys.executable, *entry, *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=timeout)
     output = f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     assert result.returncode == 0, f"train.py {' '.join(args)} failed:\n{output}"
@@ -316,9 +317,11 @@ def test_multirun_two_folds_offline_wandb_and_summary(tiny: Path, tmp_path: Path
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_unequal_shards(tiny: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "ddp"
-    # A multirun of one job: Lightning's DDP child process must re-run this job, not the whole sweep.
+    # A multirun of one job: Lightning's DDP child process must re-run this job, not the whole sweep; started as
+    # `python -m histoflow train`, the child re-runs the train command (histoflow.commands.train), not the cli.
     run_train(["-m", "fold=2", *tiny_overrides(tiny), "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-               "logger=csv", f"hydra.sweep.dir={sweep}"], env_without_wandb_account(tmp_path), timeout=240)
+               "logger=csv", f"hydra.sweep.dir={sweep}"], env_without_wandb_account(tmp_path), timeout=240,
+              entry=("-m", "histoflow", "train"))
     # The two ranks had unequal shares (every other shard each) of shards of unequal sizes.
     sizes = [s["samples"] for s in prepared_record(tiny)["shards"] if s["fold"] != "2" and s["part"] == "fit"]
     assert len(set(sizes)) > 1 and sum(sizes[0::2]) != sum(sizes[1::2]), f"shards not unequal enough: {sizes}"

@@ -1,3 +1,0 @@
-"""histoflow: configuration-driven deep learning for digital pathology."""
-
-__version__ = "0.1.0"
