@@ -129,9 +129,11 @@ def test_imports_flow_one_way_between_packages() -> None:
 
 def test_no_histoflow_import_inside_a_function() -> None:
     """A function-level import of histoflow dodges a circle or hides a dependency; heavy third-party imports
-    (matplotlib, scikit-learn, timm) may wait for their first use, histoflow's own never."""
+    (matplotlib, scikit-learn, timm) may wait for their first use, histoflow's own never. The one exception: a
+    command imports its stage once Hydra has composed the config, so that --help and a config error answer in a
+    second rather than after Lightning's imports."""
     late = [f"{p.relative_to(REPO)}:{line} imports {name}" for p in PACKAGE.rglob("*.py")
-            for name, line, inside in imports(p) if inside and p.name != "cli.py"]
+            for name, line, inside in imports(p) if inside and p.parent.name != "commands"]
     assert late == []
 
 

@@ -15,12 +15,15 @@ from omegaconf import DictConfig
 from histoflow.common.config import CONF_DIR, localize_weights
 from histoflow.common.errors import report_errors
 from histoflow.data.prepare import prepare_dataset
-from histoflow.features.embeddings import encoder_datamodule
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="embed")
 @report_errors
 def main(cfg: DictConfig) -> str:
+    from histoflow.features.embeddings import (
+        encoder_datamodule,  # torch after the config: --help answers at once
+    )
+
     localize_weights(cfg, ["encoder"])
     datamodule = encoder_datamodule(cfg.encoder, **cfg.data)
     features = datamodule.embeddings(prepare_dataset(datamodule.data))

@@ -16,12 +16,15 @@ from omegaconf import DictConfig
 
 from histoflow.common.config import CONF_DIR
 from histoflow.common.errors import report_errors
-from histoflow.inference.predict import predict
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
 @report_errors
 def main(cfg: DictConfig) -> None:
+    from histoflow.inference.predict import (
+        predict,  # torch and Lightning after the config: --help answers at once
+    )
+
     predict(cfg)
 
 

@@ -16,13 +16,16 @@ from omegaconf import DictConfig
 
 from histoflow.common.config import CONF_DIR
 from histoflow.common.errors import report_errors
-from histoflow.training.run import train
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 @report_errors
 def main(cfg: DictConfig) -> float | None:
     """Train one run; return its best validation score of cfg.monitor, the value a sweeper (Optuna) optimises."""
+    from histoflow.training.run import (
+        train,  # Lightning's 5 s of imports after the config: --help answers at once
+    )
+
     metrics = train(cfg)
     return metrics.get(f"{cfg.monitor}_best")
 

@@ -11,10 +11,12 @@ process gets loader workers, one CPU left for the process itself.
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from histoflow.common.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 AUTO = "auto"
 MAX_WORKERS = 8  # beyond this, worker start-up and memory cost more than they give on these small patches
@@ -48,6 +50,8 @@ def resolve_workers(setting: int | str, key: str, device_type: str, processes: i
 
 def resolve_device(device: str, key: str = "device") -> torch.device:
     """`auto`: the GPU when there is one, else the CPU; otherwise the device named, which must be there."""
+    import torch  # here: prepare, which reads the worker counts above, never needs torch (1.6 s of its start-up)
+
     if device == AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
