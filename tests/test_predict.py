@@ -280,7 +280,7 @@ def test_a_failed_image_report_fails_the_multirun(multirun: Path, tmp_path: Path
     with pytest.raises(SystemExit) as exit_:
         ImageReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
     assert exit_.value.code == 1
-    assert "the disk went away" in caplog.text and f"python predict.py 'ckpt_path='\"'\"'{sweep}" in caplog.text
+    assert "the disk went away" in caplog.text and f"histoflow predict 'ckpt_path='\"'\"'{sweep}" in caplog.text
 
 
 def test_the_multirun_writes_the_same_image_report_as_predict(five_fold_report: Path, multirun: Path) -> None:

@@ -1,7 +1,7 @@
 """The project's own errors, and how the entry points show them.
 
 A `HistoflowError` is bad input, a bad configuration or a missing file: its message names the file or key and
-the fix, so `python train.py|predict.py|-m histoflow.commands.prepare` print that message alone and exit with status 1.
+the fix, so `histoflow <command>` (and train.py, predict.py) print that message alone and exit with status 1.
 Any other exception is a bug and keeps its traceback. `HYDRA_FULL_ERROR=1` shows the traceback of both.
 """
 

@@ -15,7 +15,7 @@ class LoaderConfig:
 
     batch_size: int = 128
     eval_batch_size: int | None = None  # None: batch_size
-    num_workers: int | str = "auto"  # per DDP rank; auto: 0 on a CPU, CPUs per rank less one beside a GPU (machine.py)
+    num_workers: int | str = "auto"  # per DDP rank; auto: 0 on a CPU, CPUs per rank less one beside a GPU (common/machine.py)
     shuffle_buffer: int = 5000  # samples held per worker for shuffling (about 4 kB each); 0: off
     crop: int | None = 32  # side of the network input cut from each patch; None: the whole patch
     normalize: str = "image"  # image | channel | imagenet | fixed (mean, std) | none; image/channel: this fold's statistics

@@ -73,7 +73,7 @@ def find_checkpoints(ckpt_path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise CheckpointError(f"ckpt_path={ckpt_path}: no such file or folder. Fix: pass a .ckpt file, a training "
-                              "run folder or a multirun folder (python train.py -m fold=1,2,3,4,5)")
+                              "run folder or a multirun folder (histoflow train -m fold=1,2,3,4,5)")
     if (path / METRICS_FILE).is_file():
         return [_best_checkpoint(path)]
     jobs = sorted(path.glob(f"*/{METRICS_FILE}"), key=job_order)

@@ -1,6 +1,6 @@
 """The k-fold image report of a training multirun, written into it when the sweep ends (a Hydra callback).
 
-It is `python predict.py ckpt_path=<multirun>` run in the same process: conf/predict.yaml composed with
+It is `histoflow predict ckpt_path=<multirun>` run in the same process: conf/predict.yaml composed with
 `ckpt_path` set to the sweep (plus any overrides), written to `<multirun>/image_report/`. Its headline figures are
 logged: pooled image accuracy with its interval over patients, mean ± sd over folds, case-level accuracy.
 """
@@ -69,7 +69,7 @@ def quoted(key: str, value: str | Path) -> str:
 
 def by_hand(sweep: Path) -> str:
     """The shell command that writes the sweep's report."""
-    return f"python predict.py {shlex.quote(quoted('ckpt_path', sweep))}"
+    return f"histoflow predict {shlex.quote(quoted('ckpt_path', sweep))}"
 
 
 def write_image_report(sweep: str | Path, overrides: Sequence[str] = ()) -> Path | None:

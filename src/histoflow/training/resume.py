@@ -83,7 +83,7 @@ def _last_checkpoint(output_dir: Path, callbacks: list[Callback]) -> Path | None
         return None
     runs = ", ".join(map(str, _recent_runs(sweep.parent, 2, relative))) or "none"
     raise MissingInputError(f"ckpt_path=last: no job of the sweep {sweep} has a last checkpoint (looked in {looked} "
-                            f"and beside it). Fix: point at the interrupted multirun, python train.py -m "
+                            f"and beside it). Fix: point at the interrupted multirun, histoflow train -m "
                             f"ckpt_path=last hydra.sweep.dir=<its folder> with its overrides (recent multiruns with "
                             f"one: {runs}), or ckpt_path=<a .ckpt that train.py wrote>")
 
