@@ -1,0 +1,2 @@
+"""Results as people read them: confusion matrices, curves and interval plots; fold tables; intervals over patients;
+colour-only baselines."""

@@ -1,0 +1,1 @@
+"""Frozen features: a frozen encoder over prepared patches, embedded once into shards beside them, then found."""
