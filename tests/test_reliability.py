@@ -484,3 +484,31 @@ def test_small_data_warns_once_about_validation_and_about_one_patient_folds(
         patients.setdefault(row["fold"], set()).add(row["group"])
     lone = sorted(fold for fold, held in patients.items() if len(held) == 1)
     assert lone and f"fold(s) {', '.join(lone)} hold a single group (patient) each" in caplog.text
+
+
+@pytest.mark.parametrize("command", ["train", "predict"])
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path: Path, command: str) -> None:
+    """Issue 29: a read-only hydra.run.dir ended in Hydra's mkdir traceback (train and predict)."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    run = subprocess.run([sys.executable, "-m", "histoflow", command, f"hydra.run.dir={blocked / 'run'}",
+                          f"ckpt_path={tmp_path / 'none.ckpt'}", f"paths.data_dir={tmp_path / 'work'}"],
+                         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    assert f"{blocked / 'run'}: cannot write this run's outputs here" in run.stderr
+    assert "Fix: set hydra.run.dir to a folder you can write" in run.stderr
+
+
+def test_the_slurm_launcher_away_from_a_cluster_is_one_line(tmp_path: Path) -> None:
+    """Issue 29: `hydra/launcher=slurm` where there is no SLURM ended in submitit's traceback."""
+    bare = tmp_path / "bin"  # a PATH without sbatch, whatever this machine has
+    bare.mkdir()
+    root = make_images(tmp_path / "images", per_class=4)
+    run = subprocess.run([sys.executable, "-m", "histoflow", "train", "-m", "hydra/launcher=slurm", "fold=1",
+                          f"data.root={root}", f"paths.data_dir={tmp_path / 'work'}",
+                          f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PATH": str(bare), "WANDB_MODE": "disabled"})
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "hydra/launcher=slurm: this machine has no SLURM (no sbatch command)" in run.stderr
+    assert not (tmp_path / "work").exists() and not (tmp_path / "sweep").exists()
