@@ -27,7 +27,7 @@ from histoflow.inference.slide_map import (
     default_heatmap_class,
     predict_slide,
 )
-from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide, SlideError
+from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide, SlideError, SlideSettingError
 from histoflow.slides.shards import write_slide_shards
 from histoflow.slides.tiles import (
     NoTissueError,
@@ -111,8 +111,29 @@ def test_predict_at_target_mpp_or_level(model: FoldModel, wsi_dir: Path, tmp_pat
     meta = json.loads(result.meta.read_text())
     assert meta["geometry"]["level"] == 1 and meta["geometry"]["downsample"] == pytest.approx(2.0, abs=0.01)
     assert result.tiles > 50 and np.load(result.map).shape == (1783 // 128, 2221 // 128, 8)
-    with pytest.raises(SlideError, match="no microns-per-pixel.*pass a level"):
+    with pytest.raises(SlideError, match="no microns per pixel in the file.*Fix: pass slide.level"):
         predict_slide(wsi_dir / TCGA, [(model.net, model.transform)], model.classes, SlideConfig(mpp=0.5), tmp_path)
+
+
+def test_a_setting_the_slide_cannot_honour_names_the_setting(model: FoldModel, wsi_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """Issue 29: slide.level=7 and an unreachable slide.mpp ended with "re-copy or re-export these slides", though
+    the files are fine: each is a setting error naming the key and a value that works, and so is the run's end."""
+    with Slide(wsi_dir / CMU) as slide:  # one level, 0.499 microns per pixel, 2220 x 2967 px
+        with pytest.raises(SlideSettingError, match=r"slide.level=7 does not exist .*Fix: slide.level=0 or lower"):
+            TileGeometry.of(slide, 32, level=7)
+        with pytest.raises(SlideSettingError, match=r"slide.mpp=0.1 is finer than the slide was scanned \(0.499.*"
+                                                    r"Fix: slide.mpp=0.50 or coarser"):
+            TileGeometry.of(slide, 32, mpp=0.1)
+        with pytest.raises(SlideSettingError, match=r"at slide.mpp=100.0 a tile is 6413 px of level 0, larger than"):
+            TileGeometry.of(slide, 32, mpp=100.0)
+        assert TileGeometry.of(slide, 32, mpp=0.47).read_size == 30  # a scan a little coarser than asked: read
+    stopped = run_predict_on_slides(model, [wsi_dir / CMU], tmp_path / "run", "slide.level=7")
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert "slide.level=7 does not exist" in stopped.stderr and "re-copy" not in stopped.stderr
+    assert "Fix: change the slide setting each line names" in stopped.stderr
+    problems = read_csv(tmp_path / "run" / "problems.csv")
+    assert [r["kind"] for r in problems] == ["setting"]
 
 
 def test_heatmap_class_default() -> None:

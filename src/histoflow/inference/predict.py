@@ -32,7 +32,7 @@ from histoflow.inference.image_report import (
 )
 from histoflow.inference.slide_map import SlideConfig, SlideResult, predict_slide
 from histoflow.inference.voting import predict_images, tta_views
-from histoflow.slides.reader import DamagedTileError, SlideError
+from histoflow.slides.reader import DamagedTileError, SlideError, SlideSettingError
 from histoflow.slides.tiles import NoTissueError
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,12 @@ def _images_csv(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConf
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 SLIDE_COLUMNS = ["slide", "tiles", "tiles_per_s", "damaged_tiles", "map", "heatmap"]  # of slides.csv
+SLIDE_FIXES = {  # by kind of slide problem, for the error that ends a run with on_bad_image=error
+    "damaged-tiles": "re-copy or re-export the damaged slides",
+    "unreadable": "re-copy or re-export the unreadable slides (or convert them to pyramidal TIFF)",
+    "no-tissue": "check those slides, or lower slide.min_tissue or slide.tissue_threshold",
+    "setting": "change the slide setting each line names (slide.level, slide.mpp, slide.tile_size)",
+}
 
 
 def _damaged_problem(path: Path, result: SlideResult) -> Problem:
@@ -161,7 +167,8 @@ def _damaged_problem(path: Path, result: SlideResult) -> Problem:
 def _slide_problem(path: Path, error: SlideError) -> Problem:
     """problems.csv's account of a slide that could not be predicted."""
     kind = ("no-tissue" if isinstance(error, NoTissueError) else
-            "damaged-tiles" if isinstance(error, DamagedTileError) else "unreadable")
+            "damaged-tiles" if isinstance(error, DamagedTileError) else
+            "setting" if isinstance(error, SlideSettingError) else "unreadable")
     return Problem(str(path), kind, str(error))
 
 
@@ -239,8 +246,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         log.warning("skipped %d %s(s) that could not be predicted (listed in %s): %s", len(problems), what,
                     out / "problems.csv", shown)
     if problems and cfg.on_bad_image == "error":
-        fix = ("re-copy or re-export these slides" if cfg.get("slides") else
-               "remove or repair these files (windows need images at least as large as grid.size)")
+        fix = ("; ".join(SLIDE_FIXES[k] for k in sorted({p.kind for p in problems}) if k in SLIDE_FIXES)
+               if cfg.get("slides") else "remove or repair these files (windows need images at least as large as "
+               "grid.size)")
         raise BadImagesError(f"{len(problems)} {what}(s) could not be predicted:\n"
                              + "\n".join(f"  {p.detail}" for p in problems)
                              + f"\nThe other {len(rows)} {what}s' results are written in {out}. Fix: {fix}, or set "

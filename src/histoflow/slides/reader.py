@@ -40,8 +40,15 @@ _CONVERT_HINT = (
 )
 
 
+MAX_UPSAMPLING = 0.9  # slide.mpp may be this much finer than the scan (0.5 on a 0.55 scan), no finer
+
+
 class SlideError(HistoflowError, ValueError):
     """The file is not a slide histoflow can read, or lacks what was asked of it."""
+
+
+class SlideSettingError(SlideError):
+    """A setting this slide cannot honour (a level it lacks, a resolution it cannot give): the file is fine."""
 
 
 @dataclass(frozen=True, order=True)
@@ -196,9 +203,13 @@ class Slide:
     def level_for_mpp(self, mpp: float) -> tuple[int, float]:
         """The level to read for `mpp` and the factor to resize by: read size*factor pixels, resize to size."""
         if self.mpp is None:
-            raise SlideError(
-                f"{self.path}: no microns-per-pixel in the file; pass a level instead, or set the resolution tags"
-            )
+            raise SlideSettingError(f"{self.path}: no microns per pixel in the file, so slide.mpp={mpp} cannot be "
+                                    "read. Fix: pass slide.level instead (and slide.tile_size), or set the file's "
+                                    "resolution tags")
+        if mpp < self.mpp * MAX_UPSAMPLING:
+            raise SlideSettingError(f"{self.path}: slide.mpp={mpp} is finer than the slide was scanned ({self.mpp:.3f} "
+                                    f"microns per pixel at level 0): its tiles would be blown-up pixels. Fix: "
+                                    f"slide.mpp={self.mpp:.2f} or coarser")
         downsample = mpp / self.mpp
         level = self.best_level_for_downsample(downsample)
         return level, downsample / self.levels[level].downsample

@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from histoflow.data.pipeline import as_made
-from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide, SlideError
+from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide, SlideError, SlideSettingError
 from histoflow.slides.tissue import tile_grid, tissue_mask
 
 _STRIP_PIXELS = 1 << 24  # level pixels read at once for a run of neighbouring tiles (48 MB RGB)
@@ -53,13 +53,19 @@ class TileGeometry:
         if mpp is not None:
             level, factor = slide.level_for_mpp(mpp)  # read factor x more pixels at `level`, then resize
         elif not 0 <= level < len(slide.levels):
-            raise SlideError(f"{slide.path}: level {level} does not exist (the slide has {len(slide.levels)}: "
-                             f"{[(lv.width, lv.height) for lv in slide.levels]}). Fix: choose a level below that")
+            raise SlideSettingError(f"{slide.path}: slide.level={level} does not exist (the slide has "
+                                    f"{len(slide.levels)}: {[(lv.width, lv.height) for lv in slide.levels]}). Fix: "
+                                    f"slide.level={len(slide.levels) - 1} or lower, or slide.mpp=<microns per pixel>")
         read_size = max(1, round(size * factor))
         read_stride = max(1, round((stride or size) * factor))
         lv = slide.levels[level]
-        rows = (lv.height - read_size) // read_stride + 1 if lv.height >= read_size else 0
-        cols = (lv.width - read_size) // read_stride + 1 if lv.width >= read_size else 0
+        if read_size > min(lv.width, lv.height):
+            asked = f"slide.mpp={mpp}" if mpp is not None else f"slide.level={level}"
+            raise SlideSettingError(f"{slide.path}: at {asked} a tile is {read_size} px of level {level}, larger than "
+                                    f"the level itself ({lv.width} x {lv.height} px): not one tile fits. Fix: a finer "
+                                    "slide.mpp or lower slide.level, or a smaller slide.tile_size")
+        rows = (lv.height - read_size) // read_stride + 1
+        cols = (lv.width - read_size) // read_stride + 1
         return cls(level, lv.downsample, read_size, read_stride, out_size or size, rows, cols)
 
     def grid_index(self, origins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
