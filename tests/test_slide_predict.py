@@ -27,7 +27,13 @@ from histoflow.inference.slide_map import (
     default_heatmap_class,
     predict_slide,
 )
-from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide, SlideError, SlideSettingError
+from histoflow.slides.reader import (
+    DamagedTile,
+    DamagedTileError,
+    Slide,
+    SlideError,
+    SlideSettingError,
+)
 from histoflow.slides.shards import write_slide_shards
 from histoflow.slides.tiles import (
     NoTissueError,

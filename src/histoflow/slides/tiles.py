@@ -20,7 +20,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from histoflow.data.pipeline import as_made
-from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide, SlideError, SlideSettingError
+from histoflow.slides.reader import (
+    DamagedTile,
+    DamagedTileError,
+    Slide,
+    SlideError,
+    SlideSettingError,
+)
 from histoflow.slides.tissue import tile_grid, tissue_mask
 
 _STRIP_PIXELS = 1 << 24  # level pixels read at once for a run of neighbouring tiles (48 MB RGB)
