@@ -224,6 +224,8 @@ def test_summarize_sweep(tmp_path: Path) -> None:
     assert "Protocol: case folds" in summary and json.loads((tmp_path / "summary.json").read_text())["protocol"]
     assert "| fold 3 | 1.000 |" in summary and "| mean ± sd | 0.750 ± 0.250 |" in summary
     assert "train/loss" not in summary
+    assert "Job folders: fold 1 in 0/, fold 2 in 1/, fold 3 in 2/." in summary  # Hydra counts from 0, folds from 1
+    assert json.loads((tmp_path / "summary.json").read_text())["jobs"]["fold 3"] == "2/"
     cm, classes = read_confusion_csv(tmp_path / "confusion_pooled.csv")
     assert classes == CLASSES and np.array_equal(cm, np.eye(3, dtype=np.int64) * 6)
     assert summarize_sweep(tmp_path / "0" / "checkpoints") is None  # no finished job there
@@ -304,6 +306,7 @@ def test_multirun_two_folds_offline_wandb_and_summary(tiny: Path, tmp_path: Path
         pooled += read_confusion_csv(run / "confusion_test.csv")[0]
     summary = (sweep / "summary.md").read_text()
     assert "| fold 1 |" in summary and "| fold 2 |" in summary and "mean ± sd" in summary
+    assert "Job folders: fold 1 in 0/, fold 2 in 1/." in summary  # issue 29: folders 0, 1 hold folds 1, 2
     saved = json.loads((sweep / "summary.json").read_text())
     assert saved["summary"]["test/acc_macro"]["n"] == 2.0
     assert np.array_equal(read_confusion_csv(sweep / "confusion_pooled.csv")[0], pooled)

@@ -34,6 +34,7 @@ def summarize_sweep(sweep_dir: str | Path) -> Path | None:
     """Write summary.md, summary.json and confusion_pooled.csv/png into sweep_dir; None when no job finished."""
     sweep_dir = Path(sweep_dir)
     per_fold: dict[str, dict[str, float]] = {}
+    jobs: dict[str, str] = {}  # the job folder of each row: Hydra numbers them from 0, folds count from 1
     pooled: np.ndarray | None = None
     classes: list[str] | None = None
     for metrics_path in sorted(sweep_dir.glob(f"*/{METRICS_FILE}"), key=job_order):
@@ -42,6 +43,7 @@ def summarize_sweep(sweep_dir: str | Path) -> Path | None:
         if key in per_fold:  # a sweep over more than folds: say which job
             key += f" (job {metrics_path.parent.name})"
         per_fold[key] = {k: v for k, v in metrics.items() if isinstance(v, float) and not k.startswith("train/")}
+        jobs[key] = f"{metrics_path.parent.name}/"
         confusion_path = metrics_path.parent / CONFUSION_FILE
         if confusion_path.is_file():
             cm, names = read_confusion_csv(confusion_path)
@@ -57,9 +59,10 @@ def summarize_sweep(sweep_dir: str | Path) -> Path | None:
     data = OmegaConf.to_container(OmegaConf.load(configs[0]).data, resolve=False) if configs else {}
     protocol = protocol_of(data)
     shown = sorted(m for m in summary if m.startswith("test/")) + sorted(m for m in summary if m.endswith("_best"))
-    lines = [f"# Cross-validation summary: {sweep_dir}", "", f"{len(per_fold)} runs; mean ± sd (ddof=1) over runs. Protocol: {protocol} (the data config of "
-             "the first job).",
-             "", folds_markdown(per_fold, summary, shown)]
+    lines = [f"# Cross-validation summary: {sweep_dir}", "",
+             f"{len(per_fold)} runs; mean ± sd (ddof=1) over runs. Protocol: {protocol} (the data config of the first "
+             "job).", "", folds_markdown(per_fold, summary, shown),
+             "Job folders: " + ", ".join(f"{key} in {folder}" for key, folder in jobs.items()) + ".", ""]
     if pooled is not None and classes is not None:
         save_confusion_matrix(pooled, classes, sweep_dir / "confusion_pooled", f"pooled test folds ({len(per_fold)})")
         lines += ["## Pooled test confusion matrix (rows: true, columns: predicted)", "",
@@ -68,8 +71,8 @@ def summarize_sweep(sweep_dir: str | Path) -> Path | None:
     out = sweep_dir / "summary.md"
     out.write_text("\n".join(lines))
     (sweep_dir / "summary.json").write_text(json.dumps(
-        {"protocol": protocol, "per_fold": per_fold, "summary": summary, "pooled_confusion": None if pooled is None else pooled.tolist(),
-         "classes": classes}, indent=1))
+        {"protocol": protocol, "per_fold": per_fold, "jobs": jobs, "summary": summary,
+         "pooled_confusion": None if pooled is None else pooled.tolist(), "classes": classes}, indent=1))
     log.info("cross-validation summary: %s\n%s", out, folds_markdown(per_fold, summary, shown))
     return out
 
