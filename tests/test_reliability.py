@@ -512,3 +512,31 @@ def test_the_slurm_launcher_away_from_a_cluster_is_one_line(tmp_path: Path) -> N
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert "hydra/launcher=slurm: this machine has no SLURM (no sbatch command)" in run.stderr
     assert not (tmp_path / "work").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_a_data_set_is_named_once_and_found_by_name(tmp_path: Path) -> None:
+    """Issue 29: prepare, train, embed and audit each needed every data option again; `save_as=NAME` keeps them
+    as conf/data/NAME.yaml in the user's config folder, and `data=NAME` finds the same prepared data."""
+    make_images(tmp_path / "images", per_class=4)
+    env = {**os.environ, "HISTOFLOW_WORK": str(tmp_path / "work"), "WANDB_MODE": "disabled"}
+    env.pop("HISTOFLOW_CONF", None)
+
+    def histoflow(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "histoflow", *args], capture_output=True, text=True,
+                              cwd=tmp_path, env=env, timeout=300)
+
+    first = histoflow("prepare", "data.root=images", "data.name=mine", "data.classes=null", "data.split.k=2",
+                      "save_as=mine")
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = (tmp_path / "conf" / "data" / "mine.yaml").read_text()
+    assert f"root: {tmp_path / 'images'}" in saved and "classes: null" in saved and "k: 2" in saved
+    assert "batch_size" not in saved  # only what the command changed; the rest comes from data=lymphoma
+    again = histoflow("prepare", "data=mine")
+    assert again.returncode == 0 and "prepared data found" in again.stdout + again.stderr
+    assert len([d for d in (tmp_path / "work" / "prepared").iterdir() if d.is_dir()]) == 1
+    composed = histoflow("train", "data=mine", "--cfg", "job")
+    assert composed.returncode == 0 and f"root: {tmp_path / 'images'}" in composed.stdout
+    other = histoflow("prepare", "data.root=images", "data.name=mine", "data.classes=null", "save_as=mine")
+    assert other.returncode == 1 and "holds other data settings. Fix: another name" in other.stderr
+    shipped = histoflow("prepare", "data.root=images", "data.classes=null", "data.split.k=2", "save_as=kather")
+    assert shipped.returncode == 1 and "histoflow has a data config of that name" in shipped.stderr

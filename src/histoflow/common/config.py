@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import types
 import typing
+import warnings
 from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, TypeVar
@@ -98,6 +99,9 @@ def at_least(value: Any, low: int, key: str, optional: bool = False) -> None:
 
 PACKAGE = Path(__file__).resolve().parents[1]
 CONF_DIR = PACKAGE / "conf"  # the configs ship inside the package (a wheel has them); the checkout's conf/ links here
+# The configs also search the user's own config folder ($HISTOFLOW_CONF, default ./conf), which most folders lack:
+# Hydra's warning about that is no news
+warnings.filterwarnings("ignore", message=r"provider=hydra\.searchpath in main, path=.* is not available")
 # a checkout's root, where conf/'s relative defaults (../shared/weights) start from; None when installed from a wheel
 CHECKOUT: Path | None = PACKAGE.parents[1] if (PACKAGE.parents[1] / "pyproject.toml").is_file() else None
 
