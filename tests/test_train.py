@@ -23,6 +23,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torchvision
+import wandb
 from conftest import (
     CLASSES,
     LocalServer,
@@ -40,7 +41,7 @@ from histoflow.evaluation.tables import read_confusion_csv
 from histoflow.models import build_encoder
 from histoflow.models.build import build_net
 from histoflow.training.checkpoints import load_classifier
-from histoflow.training.loggers import CSVLogger
+from histoflow.training.loggers import CSVLogger, WandbLogger
 from histoflow.training.outputs import merge_csv_metrics
 from histoflow.training.run import train
 
@@ -529,3 +530,18 @@ def test_resume_last_without_the_run_folder_exits_1_with_the_fix(tiny: Path, tmp
                             env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "hydra.run.dir=" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_wandb_logger_starts_without_the_anonymous_notice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capfd: pytest.CaptureFixture) -> None:
+    """Issue 29: wandb said "The anonymous setting has no effect" on every run, for the argument Lightning's
+    logger passes; histoflow's logger leaves it out (a user's own value still goes through)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    logger = WandbLogger(project="histoflow-test", save_dir=str(tmp_path), offline=True)
+    try:
+        assert logger.experiment.id
+    finally:
+        wandb.finish()
+    assert "anonymous" not in capfd.readouterr().err.lower()
+    assert WandbLogger(project="p", save_dir=str(tmp_path), anonymous=True)._wandb_init["anonymous"] == "allow"

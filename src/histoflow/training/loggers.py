@@ -1,11 +1,14 @@
-"""Lightning's CSV logger, with the one write that could lose rows made atomic."""
+"""Lightning's loggers, adjusted: the CSV logger's one write that could lose rows made atomic; W&B without a
+deprecated argument."""
 
 from __future__ import annotations
 
 import csv
 import os
+from typing import Any
 
 from pytorch_lightning.loggers import CSVLogger as _LightningCSVLogger
+from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -42,3 +45,14 @@ class CSVLogger(_LightningCSVLogger):
         if self.experiment.metrics:
             widen_atomically(self.experiment)
         super().save()
+
+
+class WandbLogger(_LightningWandbLogger):
+    """pytorch_lightning.loggers.WandbLogger without the `anonymous=None` it passes to wandb.init, which wandb has
+    answered since 0.23 with "The anonymous setting has no effect" on every run (wandb/wandb#10909 names Lightning's
+    logger as the reason for the notice). A value the user sets is passed on as given."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous", False) is None:  # tests/test_train.py holds this to Lightning's code
+            del self._wandb_init["anonymous"]
