@@ -8,12 +8,14 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import CLASSES, REPO, config, make_images
+from filelock import FileLock
 
 from histoflow.common.errors import (
     ConfigError,
@@ -24,6 +26,7 @@ from histoflow.common.errors import (
 )
 from histoflow.data import shards
 from histoflow.data.loader import LoaderConfig
+from histoflow.data.locks import only_writer
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.problems import FIXES, BadInputError
 from histoflow.data.sources import SourceConfig, list_images
@@ -95,8 +98,9 @@ def test_a_mistyped_root_is_an_error_never_a_download(tmp_path: Path, kind: str)
         root.write_text("not a folder")
     data = config(root, tmp_path / "prepared", url="http://127.0.0.1:9/never-asked.tar.gz",
                   cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(MissingInputError, match=f"data.root={root}"):
+    with pytest.raises(MissingInputError, match=f"data.root={root}") as error:
         prepare_dataset(data, quiet=True)
+    assert "predict.py: +data.root=" in str(error.value)  # issue 29: predict's data section starts empty
     assert not (tmp_path / "cache").exists()
 
 
@@ -540,3 +544,26 @@ def test_a_data_set_is_named_once_and_found_by_name(tmp_path: Path) -> None:
     assert other.returncode == 1 and "holds other data settings. Fix: another name" in other.stderr
     shipped = histoflow("prepare", "data.root=images", "data.classes=null", "data.split.k=2", "save_as=kather")
     assert shipped.returncode == 1 and "histoflow has a data config of that name" in shipped.stderr
+
+
+def test_a_second_writer_says_it_waits(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 29: a second concurrent embed waited ~45 s for the first without a word."""
+    lock_file = tmp_path / ".embed.lock"
+    held = FileLock(lock_file)
+    held.acquire()
+    done = threading.Event()
+
+    def second() -> None:
+        with only_writer(lock_file, f"embeds into {tmp_path}"):
+            done.set()
+
+    waiter = threading.Thread(target=second)
+    with caplog.at_level("INFO", logger="histoflow.data.locks"):
+        waiter.start()
+        while not caplog.records and waiter.is_alive():
+            waiter.join(0.05)
+        assert not done.is_set()  # it waits for the holder ...
+        held.release()
+        waiter.join(30)
+    assert done.is_set()  # ... and goes on once it is gone, having said so
+    assert f"waiting for another process that embeds into {tmp_path}" in caplog.text
