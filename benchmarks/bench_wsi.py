@@ -33,7 +33,7 @@ from common import add_common_args, describe, device_of, sync, write_figures
 from histoflow.data.synthetic import H_E_MEAN, write_pyramid
 from histoflow.data.transforms import PatchTransform
 from histoflow.inference.slide_map import SlideConfig, predict_slide
-from histoflow.slides.reader import Slide
+from histoflow.slides.backend import open_slide
 from histoflow.slides.tiles import SlideTiles, TileGeometry, tissue_tiles
 
 FLOOR = 0.7
@@ -57,7 +57,7 @@ def bench_slide(path: Path, level: int, tile: int, names: list[str], workers: li
     """Print the forward rate, predict_slide's rate and their ratio for each net and worker count; return them."""
     stats = {"mean_image": np.full((tile, tile, 3), H_E_MEAN), "channel_mean": np.array(H_E_MEAN), "channel_std": H_E_STD}
     transform = PatchTransform(tile, stats, "channel")
-    with Slide(path) as slide:
+    with open_slide(path) as slide:
         geometry = TileGeometry.of(slide, tile, level=level)
         origins = tissue_tiles(slide, geometry)
         dims = slide.dimensions

@@ -1,4 +1,5 @@
-"""Tests for histoflow.slides.reader (region reads of SVS / tiled / plain TIFF) and histoflow.slides.tissue."""
+"""Tests for histoflow.slides.tiff_reader (region reads of SVS / tiled / plain TIFF with tifffile) and
+histoflow.slides.tissue."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from PIL import Image
 from skimage import measure
 
 from histoflow.common.errors import HistoflowError
-from histoflow.slides import reader as slide_module
-from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide, SlideError
+from histoflow.slides import tiff_reader as slide_module
+from histoflow.slides.slide import DamagedTile, DamagedTileError, Slide, SlideError
+from histoflow.slides.tiff_reader import TiffSlide
 from histoflow.slides.tissue import tile_grid, tissue_mask
 
 # (width, height) per level, as the files hold them (CMU-1-Small-Region is 2220 wide, 2967 tall)
@@ -50,7 +52,7 @@ def check_regions(slide: Slide, level: int, reference: np.ndarray) -> None:
 @pytest.mark.parametrize("name", sorted(REAL_SLIDES))
 def test_real_slide_levels_and_regions(wsi_dir: Path, name: str) -> None:
     path = wsi_dir / name
-    with Slide(path) as slide, tifffile.TiffFile(path) as tif:
+    with TiffSlide(path) as slide, tifffile.TiffFile(path) as tif:
         assert [(lv.width, lv.height) for lv in slide.levels] == REAL_SLIDES[name]
         assert slide.dimensions == REAL_SLIDES[name][0]
         assert slide.levels[0].downsample == 1.0
@@ -62,26 +64,26 @@ def test_real_slide_levels_and_regions(wsi_dir: Path, name: str) -> None:
 
 
 def test_real_slide_metadata(wsi_dir: Path) -> None:
-    with Slide(wsi_dir / "cmu-1-small-region.svs") as slide:
+    with TiffSlide(wsi_dir / "cmu-1-small-region.svs") as slide:
         assert slide.mpp == pytest.approx(0.499)
         assert slide.objective_power == 20.0
         assert slide.level_for_mpp(0.998) == (0, pytest.approx(2.0))
-    with Slide(wsi_dir / "tcga-cr-7395-01a-01-ts1.svs") as slide:
+    with TiffSlide(wsi_dir / "tcga-cr-7395-01a-01-ts1.svs") as slide:
         assert slide.mpp is None and slide.objective_power is None  # its description has neither
         assert slide.levels[1].downsample == pytest.approx(2.0, abs=1e-3)
         assert slide.best_level_for_downsample(1.0) == 0
         assert slide.best_level_for_downsample(2.0) == 1
         assert slide.best_level_for_downsample(16.0) == 1
-        with pytest.raises(SlideError, match="microns-per-pixel"):
+        with pytest.raises(SlideError, match="no microns per pixel in the file.*slide.source_mpp"):
             slide.level_for_mpp(1.0)
-    with Slide(wsi_dir / "kidney-48-5.tif") as slide:
+    with TiffSlide(wsi_dir / "kidney-48-5.tif") as slide:
         assert slide.mpp is None and slide.objective_power is None
 
 
 @pytest.mark.parametrize("name", sorted(REAL_SLIDES))
 @pytest.mark.parametrize("max_size", [300, 1024])
 def test_thumbnail_bounded_and_faithful(wsi_dir: Path, name: str, max_size: int) -> None:
-    with Slide(wsi_dir / name) as slide:
+    with TiffSlide(wsi_dir / name) as slide:
         thumb = slide.thumbnail(max_size)
         width, height = slide.dimensions
         assert thumb.dtype == np.uint8 and thumb.ndim == 3 and thumb.shape[2] == 3
@@ -111,7 +113,7 @@ def off_background(thumb: np.ndarray, distance: float = 40.0) -> np.ndarray:
 def test_tissue_mask_on_real_slides(wsi_dir: Path, name: str) -> None:
     """The mask's tissue is the slide's off-background part: a share within 20% of the estimate's (about 32% of
     CMU-1, 0.3% of the kidney slide's one small piece, 62% of the TCGA slide) and the same pixels (IoU >= 0.75)."""
-    with Slide(wsi_dir / name) as slide:
+    with TiffSlide(wsi_dir / name) as slide:
         thumb = slide.thumbnail(512)
     mask = tissue_mask(thumb)
     assert mask.dtype == bool and mask.shape == thumb.shape[:2]
@@ -136,7 +138,7 @@ def brute_force_grid(slide: Slide, tile: int, level: int, stride: int, mask: np.
 
 @pytest.mark.parametrize(("level", "tile", "stride"), [(0, 256, 256), (0, 224, 112), (1, 64, 48)])
 def test_tile_grid_real_slide(wsi_dir: Path, level: int, tile: int, stride: int) -> None:
-    with Slide(wsi_dir / "tcga-cr-7395-01a-01-ts1.svs") as slide:
+    with TiffSlide(wsi_dir / "tcga-cr-7395-01a-01-ts1.svs") as slide:
         mask = tissue_mask(slide.thumbnail(512))
         grid = tile_grid(slide, tile, level=level, stride=stride, mask=mask)
         lv = slide.levels[level]
@@ -190,7 +192,7 @@ def pyramid_tiff(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[n
 
 def test_synthetic_pyramid(pyramid_tiff: tuple[Path, list[np.ndarray]]) -> None:
     path, images = pyramid_tiff
-    with Slide(path) as slide:
+    with TiffSlide(path) as slide:
         assert [(lv.width, lv.height) for lv in slide.levels] == [(1900, 2048), (950, 1024)]
         assert slide.levels[1].downsample == 2.0
         assert slide.mpp == pytest.approx(0.25)  # 40000 px/cm
@@ -217,7 +219,7 @@ def test_synthetic_strip_tiffs(tmp_path: Path, options: dict) -> None:
     path = tmp_path / "strips.tif"
     data = np.moveaxis(image, -1, 0) if options.get("planarconfig") == "separate" else image
     tifffile.imwrite(path, data, photometric="rgb", resolution=(72, 72), resolutionunit="INCH", **options)
-    with Slide(path) as slide:
+    with TiffSlide(path) as slide:
         assert slide.dimensions == (437, 301)
         assert slide.mpp is None  # 72 dpi is a software default, not a scan resolution
         np.testing.assert_array_equal(full_level(slide, 0), image)
@@ -227,7 +229,7 @@ def test_synthetic_strip_tiffs(tmp_path: Path, options: dict) -> None:
 def test_grayscale_tiff(tmp_path: Path) -> None:
     image = pattern(100, 120)[..., 0]
     tifffile.imwrite(tmp_path / "gray.tif", image, tile=(32, 32))
-    with Slide(tmp_path / "gray.tif") as slide:
+    with TiffSlide(tmp_path / "gray.tif") as slide:
         np.testing.assert_array_equal(slide.read_region((5, 6), 0, (40, 30)), np.repeat(image[6:36, 5:45, None], 3, -1))
 
 
@@ -247,7 +249,7 @@ def test_huge_pyramid_reads_stay_small(tmp_path: Path) -> None:
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
         tif.write(tiles(side), shape=(side, side, 3), subifds=1, **common)
         tif.write(tiles(side // 4), shape=(side // 4, side // 4, 3), subfiletype=1, **common)
-    with Slide(path) as slide:
+    with TiffSlide(path) as slide:
         assert slide.dimensions == (side, side) and slide.levels[1].downsample == 4.0
         tracemalloc.start()
         try:
@@ -263,7 +265,7 @@ def test_huge_pyramid_reads_stay_small(tmp_path: Path) -> None:
 def test_blank_slide_has_no_tissue(tmp_path: Path) -> None:
     white = np.full((1024, 1024, 3), 255, np.uint8)
     tifffile.imwrite(tmp_path / "white.tif", white, tile=(256, 256), photometric="rgb", compression="zlib")
-    with Slide(tmp_path / "white.tif") as slide:
+    with TiffSlide(tmp_path / "white.tif") as slide:
         assert not tissue_mask(slide.thumbnail(256)).any()
         assert tile_grid(slide, 128).shape == (0, 2)
     rng = np.random.default_rng(0)
@@ -285,19 +287,19 @@ def test_tissue_mask_finds_a_stained_blob() -> None:
 
 def test_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere.svs"):
-        Slide(tmp_path / "nowhere.svs")
+        TiffSlide(tmp_path / "nowhere.svs")
     (tmp_path / "notes.svs").write_text("not a slide")
     with pytest.raises(SlideError, match="notes.svs.*not a TIFF"):
-        Slide(tmp_path / "notes.svs")
+        TiffSlide(tmp_path / "notes.svs")
     tifffile.imwrite(tmp_path / "small.tif", pattern(20, 30))
-    with Slide(tmp_path / "small.tif") as slide, pytest.raises(IndexError, match="level 3"):
+    with TiffSlide(tmp_path / "small.tif") as slide, pytest.raises(IndexError, match="level 3"):
         slide.read_region((0, 0), 3, (10, 10))
 
 
 def test_missing_jpeg2000_codec_says_how_to_fix(wsi_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(slide_module, "has_decoder", lambda compression: compression != 33005)
     with pytest.raises(SlideError, match="JPEG 2000.*pip install imagecodecs"):
-        Slide(wsi_dir / "tcga-cr-7395-01a-01-ts1.svs")
+        TiffSlide(wsi_dir / "tcga-cr-7395-01a-01-ts1.svs")
 
 
 def test_decoded_tile_cache_is_exact_and_bounded(wsi_dir: Path) -> None:
@@ -305,7 +307,7 @@ def test_decoded_tile_cache_is_exact_and_bounded(wsi_dir: Path) -> None:
     the cache never holds more than its budget."""
     path = wsi_dir / "tcga-cr-7395-01a-01-ts1.svs"  # 256-px JPEG 2000 tiles
     budget = 40 * 256 * 256 * 3  # forty tiles
-    with Slide(path, cache_bytes=budget) as cached, Slide(path, cache_bytes=0) as plain:
+    with TiffSlide(path, cache_bytes=budget) as cached, TiffSlide(path, cache_bytes=0) as plain:
         reads = []
         real_read = cached._read_bytes
         cached._read_bytes = lambda offset, count: reads.append(offset) or real_read(offset, count)  # type: ignore[method-assign]
@@ -358,7 +360,7 @@ def damaged_jpeg_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_damaged_tile_names_the_slide_level_and_tile(damaged_jpeg_slide: Path) -> None:
     """A region over a zeroed JPEG tile raises the project's error naming the file, level, tile and fix; every tile
     the region overlaps is tried, and regions beside it still read."""
-    with Slide(damaged_jpeg_slide) as slide:
+    with TiffSlide(damaged_jpeg_slide) as slide:
         with pytest.raises(DamagedTileError) as caught:
             slide.read_region((200, 200), 0, (100, 100))
         message = str(caught.value)
@@ -382,4 +384,4 @@ def test_truncated_slide_is_reported_as_truncated(wsi_dir: Path, tmp_path: Path,
     cut.write_bytes(data[:size])
     with pytest.raises(SlideError, match=rf"{cut.name}: the file is truncated: it has {size:,} bytes"
                                          r" but its TIFF directories need [\d,]+\. Fix: copy or download the slide"):
-        Slide(cut)
+        TiffSlide(cut)

@@ -27,14 +27,14 @@ from histoflow.inference.slide_map import (
     default_heatmap_class,
     predict_slide,
 )
-from histoflow.slides.reader import (
+from histoflow.slides.backend import open_slide
+from histoflow.slides.shards import write_slide_shards
+from histoflow.slides.slide import (
     DamagedTile,
     DamagedTileError,
-    Slide,
     SlideError,
     SlideSettingError,
 )
-from histoflow.slides.shards import write_slide_shards
 from histoflow.slides.tiles import (
     NoTissueError,
     SlideTiles,
@@ -86,7 +86,7 @@ def test_predict_real_slide_end_to_end(model: FoldModel, wsi_dir: Path, tmp_path
         assert row["predicted"] == model.classes[int(probs.argmax())]
     np.testing.assert_allclose(np.nansum(prob_map, axis=-1)[tissue], 1.0, atol=1e-5)
     # the workers' tiles are the tiles the model would get from reading the slide here, one by one
-    with Slide(wsi_dir / CMU) as slide:
+    with open_slide(wsi_dir / CMU) as slide:
         r0 = rows[len(rows) // 2]
         tile = slide.read_region((int(r0["x"]), int(r0["y"])), 0, (128, 128))
     small = np.array(Image.fromarray(tile).resize((32, 32), Image.Resampling.BOX))
@@ -102,7 +102,7 @@ def test_predict_real_slide_end_to_end(model: FoldModel, wsi_dir: Path, tmp_path
 def test_predict_at_target_mpp_or_level(model: FoldModel, wsi_dir: Path, tmp_path: Path) -> None:
     """32-px tiles at twice the slide's mpp are read as 64 px and shrunk; the JPEG 2000 slide, whose file gives no
     mpp, is predicted at its level 1 instead, and asking it for an mpp says to pass a level."""
-    with Slide(wsi_dir / CMU) as slide:
+    with open_slide(wsi_dir / CMU) as slide:
         mpp = 2 * slide.mpp
         geometry = TileGeometry.of(slide, 32, mpp=mpp, out_size=32)
         assert (geometry.level, geometry.read_size, geometry.tile_size) == (0, 64, 32)
@@ -117,7 +117,7 @@ def test_predict_at_target_mpp_or_level(model: FoldModel, wsi_dir: Path, tmp_pat
     meta = json.loads(result.meta.read_text())
     assert meta["geometry"]["level"] == 1 and meta["geometry"]["downsample"] == pytest.approx(2.0, abs=0.01)
     assert result.tiles > 50 and np.load(result.map).shape == (1783 // 128, 2221 // 128, 8)
-    with pytest.raises(SlideError, match="no microns per pixel in the file.*Fix: pass slide.level"):
+    with pytest.raises(SlideError, match="no microns per pixel in the file.*Fix: slide.source_mpp=.*or pass slide.level"):
         predict_slide(wsi_dir / TCGA, [(model.net, model.transform)], model.classes, SlideConfig(mpp=0.5), tmp_path)
 
 
@@ -125,7 +125,7 @@ def test_a_setting_the_slide_cannot_honour_names_the_setting(model: FoldModel, w
                                                              tmp_path: Path) -> None:
     """Issue 29: slide.level=7 and an unreachable slide.mpp ended with "re-copy or re-export these slides", though
     the files are fine: each is a setting error naming the key and a value that works, and so is the run's end."""
-    with Slide(wsi_dir / CMU) as slide:  # one level, 0.499 microns per pixel, 2220 x 2967 px
+    with open_slide(wsi_dir / CMU) as slide:  # one level, 0.499 microns per pixel, 2220 x 2967 px
         with pytest.raises(SlideSettingError, match=r"slide.level=7 does not exist .*Fix: slide.level=0 or lower"):
             TileGeometry.of(slide, 32, level=7)
         with pytest.raises(SlideSettingError, match=r"slide.mpp=0.1 is finer than the slide was scanned \(0.499.*"
@@ -178,7 +178,7 @@ def test_no_tissue_names_the_slide_and_the_fix(model: FoldModel, tmp_path: Path)
 def test_tile_batches_equal_single_reads(wsi_dir: Path, name: str, level: int, size: int, stride: int,
                                          out_size: int) -> None:
     """A batch reads runs of neighbouring tiles as one strip; every tile equals its own read_region."""
-    with Slide(wsi_dir / name) as slide:
+    with open_slide(wsi_dir / name) as slide:
         geometry = TileGeometry.of(slide, size, level=level, stride=stride, out_size=out_size)
         origins = tissue_tiles(slide, geometry)[:60]
         batch = SlideTiles(wsi_dir / name, origins, geometry, 60).read(origins)
@@ -191,7 +191,7 @@ def test_tile_batches_equal_single_reads(wsi_dir: Path, name: str, level: int, s
 
 def test_slide_tiles_to_shards(wsi_dir: Path, tmp_path: Path) -> None:
     """Tissue tiles in prepare's sample format: <slide>-<x>-<y>-000 keys, .npy tiles as read, .cls, pixel sums."""
-    with Slide(wsi_dir / CMU) as slide:
+    with open_slide(wsi_dir / CMU) as slide:
         geometry = TileGeometry.of(slide, 96, level=0, out_size=48)
         origins = tissue_tiles(slide, geometry)
         labels = np.arange(len(origins)) % 3  # per-tile labels, as annotations would give
@@ -243,7 +243,7 @@ def test_memory_bounded_on_a_40000_px_slide(tmp_path: Path) -> None:
     the same peak for a 10,000-px slide)."""
     path = tmp_path / "big.tif"
     write_pyramid(path, 40_000, sections=SMALL_SECTIONS)
-    with Slide(path) as slide:
+    with open_slide(path) as slide:
         assert slide.dimensions == (40_000, 40_000) and len(slide.levels) == 3
     peak = peak_memory(path, tmp_path / "out", tile=1024, workers=2)
     assert peak["tiles"] > 150  # the sections' area: ~0.115 of the 39 x 39 grid

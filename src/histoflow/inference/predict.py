@@ -32,7 +32,7 @@ from histoflow.inference.image_report import (
 )
 from histoflow.inference.slide_map import SlideConfig, SlideResult, predict_slide
 from histoflow.inference.voting import predict_images, tta_views
-from histoflow.slides.reader import DamagedTileError, SlideError, SlideSettingError
+from histoflow.slides.slide import DamagedTileError, SlideError, SlideSettingError
 from histoflow.slides.tiles import NoTissueError
 
 log = logging.getLogger(__name__)

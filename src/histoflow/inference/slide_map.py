@@ -33,7 +33,8 @@ from histoflow.common.progress import progress_bar
 from histoflow.data.transforms import PatchTransform
 from histoflow.inference.heatmap import save_heatmap
 from histoflow.inference.voting import mean_probabilities
-from histoflow.slides.reader import DamagedTile, DamagedTileError, Slide
+from histoflow.slides.backend import DEFAULT_BACKEND, open_slide
+from histoflow.slides.slide import DamagedTile, DamagedTileError
 from histoflow.slides.tiles import (
     NoTissueError,
     SlideTiles,
@@ -51,6 +52,8 @@ __all__ = ["NoTissueError", "SlideConfig", "SlideResult", "default_heatmap_class
 class SlideConfig:
     """How a slide is tiled and predicted (the `slide` section of predict.yaml)."""
 
+    backend: str = DEFAULT_BACKEND  # tifffile | openslide | auto (OpenSlide where it reads the file, else tifffile)
+    source_mpp: float | None = None  # the scan's microns per pixel, for slides whose file does not say (slide.mpp)
     tile_size: int | None = None  # tile side in pixels at `level` (or `mpp`); None: the model's training patch side
     level: int = 0  # pyramid level to read (0: full resolution); ignored when mpp is set
     mpp: float | None = None  # target microns per pixel (NCT-CRC-HE-100K: 0.5), read at the best level and resized
@@ -129,7 +132,7 @@ def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTrans
     device = resolve_device(cfg.device, "slide.device")
     nets = [net.to(device).eval() for net, _ in models]
 
-    with Slide(path) as slide:
+    with open_slide(path, cfg.backend, cfg.source_mpp) as slide:
         geometry = TileGeometry.of(slide, cfg.tile_size or side, cfg.level, cfg.mpp, cfg.stride, out_size=side)
         thumbnail = slide.thumbnail(cfg.thumbnail_size)
         origins = tissue_tiles(slide, geometry, cfg.min_tissue, cfg.tissue_threshold, thumbnail)
@@ -149,7 +152,8 @@ def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTrans
     prob_sum = np.zeros(k, np.float64)
     damaged: set[DamagedTile] = set()
     left_out: list[int] = []  # indices into origins of the tiles over damaged stored tiles
-    tiles = SlideTiles(path, origins, geometry, cfg.batch_size, _ModelInputs([t for _, t in models]))
+    tiles = SlideTiles(path, origins, geometry, cfg.batch_size, _ModelInputs([t for _, t in models]), cfg.backend,
+                       cfg.source_mpp)
     workers = resolve_workers(cfg.num_workers, "slide.num_workers", device.type)
     loader = tile_loader(tiles, workers, pin_memory=device.type == "cuda")
     t0, done = time.perf_counter(), 0

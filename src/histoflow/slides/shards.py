@@ -10,13 +10,15 @@ import numpy as np
 
 from histoflow.data.packing import add_stats, empty_stats
 from histoflow.data.shards import add_sample, atomic_shard, sample_key
-from histoflow.slides.reader import DamagedTileError
+from histoflow.slides.backend import DEFAULT_BACKEND
+from histoflow.slides.slide import DamagedTileError
 from histoflow.slides.tiles import SlideTiles, TileGeometry, stored_tiles, tile_loader
 
 
 def write_slide_shards(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], labels: int | Sequence[int],
                        geometry: TileGeometry, origins: np.ndarray, slide_index: int = 0, samples_per_shard: int = 1024,
-                       seed: int = 0, name: str | None = None, num_workers: int = 0) -> list[dict]:
+                       seed: int = 0, name: str | None = None, num_workers: int = 0,
+                       backend: str = DEFAULT_BACKEND) -> list[dict]:
     """Write the tiles at `origins` as WebDataset shards in prepare's sample format; return the shard records.
 
     Samples are `<slide_index>-<x>-<y>-000` (level-0 tile origin) with `.npy` (uint8 tile) and `.cls` (class index:
@@ -31,7 +33,7 @@ def write_slide_shards(slide_path: str | os.PathLike[str], out_dir: str | os.Pat
     per_tile = np.broadcast_to(np.asarray(labels, np.int64), (len(origins),))
     order = np.random.default_rng(seed).permutation(len(origins))
     # one loader item is one shard's tiles, so the shard's sums and its members come from the same batch
-    tiles = SlideTiles(slide_path, origins[order], geometry, samples_per_shard)
+    tiles = SlideTiles(slide_path, origins[order], geometry, samples_per_shard, backend=backend)
     records = []
     for index, batch, damaged in tile_loader(tiles, num_workers):
         if damaged:

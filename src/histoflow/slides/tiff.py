@@ -83,3 +83,12 @@ def to_rgb8(raw: np.ndarray, page: TiffPage) -> np.ndarray:
     if page.photometric in (0, 1):  # gray, alpha (if any) dropped
         return np.repeat(raw[..., :1], 3, axis=-1)
     return np.ascontiguousarray(raw[..., :3])  # RGB (JPEG YCbCr is decoded to RGB); alpha dropped
+
+
+def truncation(tif: tifffile.TiffFile) -> str | None:
+    """Why a TIFF (SVS, NDPI, generic) is cut short, with the fix; None when its directories fit in the file."""
+    size, expected = tif.filehandle.size, expected_size(tif)
+    if expected <= size:
+        return None
+    return (f"the file is truncated: it has {size:,} bytes but its TIFF directories need {expected:,}. Fix: copy or "
+            "download the slide again (compare its size with the original's)")

@@ -20,7 +20,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from histoflow.data.pipeline import as_made
-from histoflow.slides.reader import (
+from histoflow.slides.backend import DEFAULT_BACKEND, open_slide
+from histoflow.slides.slide import (
     DamagedTile,
     DamagedTileError,
     Slide,
@@ -108,9 +109,11 @@ class SlideTiles(Dataset):
     """
 
     def __init__(self, path: str | os.PathLike[str], origins: np.ndarray, geometry: TileGeometry, batch_size: int,
-                 transform: Callable[[np.ndarray], torch.Tensor] | None = None) -> None:
+                 transform: Callable[[np.ndarray], torch.Tensor] | None = None, backend: str = DEFAULT_BACKEND,
+                 source_mpp: float | None = None) -> None:
         self.path, self.origins, self.geometry = Path(path), np.asarray(origins, np.int64), geometry
         self.batch_size, self.transform = int(batch_size), transform
+        self.backend, self.source_mpp = backend, source_mpp  # how the slide is opened (slides/backend.py)
         self._slide: Slide | None = None
         self._pid = -1
 
@@ -120,7 +123,7 @@ class SlideTiles(Dataset):
     def slide(self) -> Slide:
         """This process's own Slide: a loader worker opens its own file, not the parent's."""
         if self._slide is None or self._pid != os.getpid():
-            self._slide, self._pid = Slide(self.path), os.getpid()
+            self._slide, self._pid = open_slide(self.path, self.backend, self.source_mpp), os.getpid()
         return self._slide
 
     def read(self, origins: np.ndarray) -> np.ndarray:

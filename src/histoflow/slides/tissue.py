@@ -7,7 +7,7 @@ import inspect
 import numpy as np
 from skimage import color, filters, morphology
 
-from histoflow.slides.reader import Slide
+from histoflow.slides.slide import Slide
 
 # Otsu never goes below this: on a nearly blank slide it would split background noise into "tissue"
 _SATURATION_FLOOR = 0.05

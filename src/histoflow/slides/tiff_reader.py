@@ -1,4 +1,4 @@
-"""Whole-slide images (Aperio SVS, pyramidal tiled TIFF, plain TIFF) read region by region.
+"""The tifffile backend of the slide interface (slides/slide.py): Aperio SVS, pyramidal tiled TIFF, plain TIFF.
 
 Only the tiles or strips a region overlaps are read and decoded (uncompressed images are
 memory-mapped), so memory stays bounded by the region size whatever the slide size.
@@ -6,96 +6,44 @@ memory-mapped), so memory stays bounded by the region size whatever the slide si
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import zlib
-from dataclasses import dataclass
-from pathlib import Path
-from types import TracebackType
 from typing import BinaryIO
 
 import numpy as np
 import tifffile
 from cachetools import LRUCache
-from PIL import Image
 from tifffile import TiffPage
 
-from histoflow.common.errors import HistoflowError, MissingInputError
+from histoflow.slides.slide import DamagedTile, DamagedTileError, Level, Slide, SlideError, shrink_by_bands
 from histoflow.slides.tiff import (
     aperio_fields,
-    expected_size,
     float_or_none,
     has_decoder,
     page_dtype,
     tag_mpp,
     to_rgb8,
+    truncation,
 )
 
 _JPEG2000 = (33003, 33004, 33005, 34712)  # Aperio YCbCr/RGB J2K and the JPEG 2000 TIFF code
-_BAND_PIXELS = 1 << 24  # source pixels decoded at a time while making a thumbnail (48 MB RGB)
 CACHE_BYTES = 128 << 20  # decoded tiles kept per open slide (a row of 512-px tiles across a 60,000-px slide)
 _CONVERT_HINT = (
     "convert it to a tiled pyramidal TIFF, e.g. `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`"
 )
 
 
-MAX_UPSAMPLING = 0.9  # slide.mpp may be this much finer than the scan (0.5 on a 0.55 scan), no finer
-
-
-class SlideError(HistoflowError, ValueError):
-    """The file is not a slide histoflow can read, or lacks what was asked of it."""
-
-
-class SlideSettingError(SlideError):
-    """A setting this slide cannot honour (a level it lacks, a resolution it cannot give): the file is fine."""
-
-
-@dataclass(frozen=True, order=True)
-class DamagedTile:
-    """A stored tile (or strip) of a slide whose bytes do not decode."""
-
-    level: int  # pyramid level; -1: the stored thumbnail
-    row: int  # its row and column among the level's stored tiles
-    col: int
-    x: int  # its top-left pixel at that level
-    y: int
-    reason: str  # what the decoder said
-
-    def __str__(self) -> str:
-        where = "the stored thumbnail" if self.level < 0 else f"level {self.level}"
-        return f"{where}, stored tile row {self.row} col {self.col} (pixel x {self.x}, y {self.y}): {self.reason}"
-
-
-class DamagedTileError(SlideError):
-    """Stored tiles of a slide do not decode; `tiles` lists them."""
-
-    def __init__(self, path: str | os.PathLike[str], tiles: list[DamagedTile]) -> None:
-        self.path, self.tiles = Path(path), tiles
-        more = f" (and {len(tiles) - 1} more damaged tiles)" if len(tiles) > 1 else ""
-        super().__init__(f"{self.path}: {tiles[0]}{more}. Fix: re-export the slide or copy it again; "
-                         "predict.py on_bad_image=skip predicts the rest of it without those tiles")
-
-
-@dataclass(frozen=True)
-class Level:
-    """One pyramid level: its size in pixels and its downsample from level 0."""
-
-    width: int
-    height: int
-    downsample: float
-
-
-class Slide:
-    """A whole-slide image opened for region reads; use as a context manager.
-
-    `cache_bytes` bounds the decoded tiles kept for reuse by later reads (0: none).
+class TiffSlide(Slide):
+    """A slide read with tifffile: Aperio SVS, pyramidal tiled TIFF, and plain (strip) TIFF, which OpenSlide
+    refuses. `cache_bytes` bounds the decoded tiles kept for reuse by later reads (0: none).
     """
 
-    def __init__(self, path: str | os.PathLike[str], cache_bytes: int = CACHE_BYTES) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise MissingInputError(f"{self.path}: no such slide file; check the path (and HISTOFLOW_DATA)")
+    backend = "tifffile"
+
+    def __init__(self, path: str | os.PathLike[str], source_mpp: float | None = None,
+                 cache_bytes: int = CACHE_BYTES) -> None:
+        super().__init__(path, source_mpp)
         try:
             self._tif = tifffile.TiffFile(self.path)
         except (tifffile.TiffFileError, ValueError) as exc:
@@ -125,12 +73,9 @@ class Slide:
 
     def _find_pages(self) -> tuple[list[TiffPage], TiffPage | None]:
         """The level pages of the main image (and Aperio's stored thumbnail), checked complete and decodable."""
-        size, expected = self._tif.filehandle.size, expected_size(self._tif)
-        if expected > size:
-            raise SlideError(
-                f"{self.path}: the file is truncated: it has {size:,} bytes but its TIFF directories need "
-                f"{expected:,}. Fix: copy or download the slide again (compare its size with the original's)"
-            )
+        cut = truncation(self._tif)
+        if cut:
+            raise SlideError(f"{self.path}: {cut}")
         if not self._tif.series:
             raise SlideError(f"{self.path}: the TIFF holds no image; {_CONVERT_HINT}")
         series = self._tif.series[0]
@@ -164,27 +109,11 @@ class Slide:
             self._file = None
         self._tif.close()
 
-    def __enter__(self) -> Slide:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"Slide({str(self.path)!r}, dimensions={self.dimensions}, levels={len(self.levels)})"
-
     # --- metadata -------------------------------------------------------------------------
 
     @property
-    def dimensions(self) -> tuple[int, int]:
-        """Level-0 (width, height)."""
-        return self.levels[0].width, self.levels[0].height
-
-    @property
-    def mpp(self) -> float | None:
-        """Microns per pixel at level 0, or None when the file does not say."""
+    def file_mpp(self) -> float | None:
+        """Microns per pixel at level 0 as the file says (Aperio's MPP, else the TIFF resolution tags), or None."""
         if self._aperio:
             return float_or_none(self._aperio.get("MPP"))
         return tag_mpp(self._pages[0])
@@ -194,25 +123,9 @@ class Slide:
         """Scanning objective magnification (Aperio AppMag), or None."""
         return float_or_none(self._aperio.get("AppMag"))
 
-    def best_level_for_downsample(self, downsample: float) -> int:
-        """The smallest level whose downsample does not exceed `downsample` (OpenSlide's rule)."""
-        # 1% slack: a level stored at 2221 px for 4443 / 2 has downsample 2.0005 but serves 2x
-        fits = [i for i, lv in enumerate(self.levels) if lv.downsample <= downsample * 1.01]
-        return max(fits, default=0)
-
-    def level_for_mpp(self, mpp: float) -> tuple[int, float]:
-        """The level to read for `mpp` and the factor to resize by: read size*factor pixels, resize to size."""
-        if self.mpp is None:
-            raise SlideSettingError(f"{self.path}: no microns per pixel in the file, so slide.mpp={mpp} cannot be "
-                                    "read. Fix: pass slide.level instead (and slide.tile_size), or set the file's "
-                                    "resolution tags")
-        if mpp < self.mpp * MAX_UPSAMPLING:
-            raise SlideSettingError(f"{self.path}: slide.mpp={mpp} is finer than the slide was scanned ({self.mpp:.3f} "
-                                    f"microns per pixel at level 0): its tiles would be blown-up pixels. Fix: "
-                                    f"slide.mpp={self.mpp:.2f} or coarser")
-        downsample = mpp / self.mpp
-        level = self.best_level_for_downsample(downsample)
-        return level, downsample / self.levels[level].downsample
+    def associated_images(self) -> dict[str, np.ndarray]:
+        """Aperio's label, macro and thumbnail images: the small named series beside the pyramid."""
+        return {s.name.lower(): to_rgb8(s.asarray(), s.keyframe) for s in self._tif.series[1:] if s.name}
 
     # --- pixels ---------------------------------------------------------------------------
 
@@ -239,22 +152,9 @@ class Slide:
 
     def _resize_page(self, page: TiffPage, width: int, height: int) -> np.ndarray:
         """Area-average a whole page to (height, width), decoding a band of rows at a time."""
-        src_w, src_h = page.imagewidth, page.imagelength
-        if (src_w, src_h) == (width, height):
-            return self._read_page(page, 0, 0, width, height)
-        step = src_h / height
-        band = max(1, int(_BAND_PIXELS / (src_w * step)))  # output rows per band
-        out = np.empty((height, width, 3), np.uint8)
-        for o0 in range(0, height, band):
-            o1 = min(height, o0 + band)
-            fy0, fy1 = o0 * step, o1 * step
-            r0, r1 = math.floor(fy0), min(src_h, math.ceil(fy1))
-            block = Image.fromarray(self._read_page(page, 0, r0, src_w, r1 - r0))
-            # BOX with a fractional source box averages exactly each output pixel's footprint, so bands join seamlessly
-            out[o0:o1] = np.asarray(
-                block.resize((width, o1 - o0), Image.Resampling.BOX, box=(0, fy0 - r0, src_w, fy1 - r0))
-            )
-        return out
+        src_w = page.imagewidth
+        return shrink_by_bands(lambda row, rows: self._read_page(page, 0, row, src_w, rows), src_w, page.imagelength,
+                               width, height)
 
     def _read_bytes(self, offset: int, count: int) -> bytes:
         # own handle, reopened after a fork: DataLoader workers must not share one file offset
