@@ -33,6 +33,7 @@ from histoflow.inference.image_report import (
 from histoflow.inference.slide_map import SlideConfig, SlideResult, predict_slide
 from histoflow.inference.voting import predict_images, tta_views
 from histoflow.slides.slide import DamagedTileError, SlideError, SlideSettingError
+from histoflow.slides.table import read_slide_table
 from histoflow.slides.tiles import NoTissueError
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,14 @@ def _slide_problem(path: Path, error: SlideError) -> Problem:
     return Problem(str(path), kind, str(error))
 
 
+def _slide_files(spec: str | list[str]) -> tuple[list[Path], dict[Path, dict[str, str]]]:
+    """The slide files to predict, and for a slide table (a .csv) what it says of each: patient, label, the rest."""
+    if isinstance(spec, str) and spec.lower().endswith(".csv"):
+        table = read_slide_table(spec)
+        return [s.path for s in table], {s.path: s.columns() for s in table}
+    return files_matching(spec, SLIDE_SUFFIXES, key="slides"), {}
+
+
 def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, out: Path,
             settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[Problem], dict[str, Any]]:
     """Whole slides: tiled inference over tissue; per slide a tile CSV, a class map and a heatmap (slides/).
@@ -180,8 +189,8 @@ def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, 
     slide also writes problems.csv, naming the slide it stopped at.
     """
     models = [m for ms in members for m in ms]
-    spec = cfg.slides if isinstance(cfg.slides, str) else list(cfg.slides)
-    paths = files_matching(spec, SLIDE_SUFFIXES, key="slides")
+    paths, described = _slide_files(cfg.slides if isinstance(cfg.slides, str) else list(cfg.slides))
+    columns = ["slide", *next(iter(described.values()), {}), *SLIDE_COLUMNS[1:]]  # with a table's columns
     slide_cfg = SlideConfig.from_config(OmegaConf.to_container(cfg.slide, resolve=True))
     classes = models[0].classes
     rows: list[dict[str, Any]] = []
@@ -196,15 +205,15 @@ def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, 
                 continue
             if result.damaged:
                 problems.append(_damaged_problem(path, result))
-            rows.append({"slide": str(path), "tiles": result.tiles, "tiles_per_s": round(result.tiles_per_s, 1),
-                         "damaged_tiles": len(result.damaged), "map": str(result.map),
-                         "heatmap": str(result.heatmap)})
+            rows.append({"slide": str(path), **described.get(path, {}), "tiles": result.tiles,
+                         "tiles_per_s": round(result.tiles_per_s, 1), "damaged_tiles": len(result.damaged),
+                         "map": str(result.map), "heatmap": str(result.heatmap)})
     except BaseException as e:  # a bug or an interrupt: the tables still say what was done before it
         problems.append(Problem(str(path), "run-stopped", f"the run stopped at this slide: {type(e).__name__}: {e}"))
         write_problems(out / "problems.csv", stopped=problems)
         raise
     finally:
-        write_csv(rows, out / "slides.csv", SLIDE_COLUMNS)
+        write_csv(rows, out / "slides.csv", columns)
     return rows, problems, {"metrics": {"predict/slides": float(len(rows))},
                             "images": {f"predict/heatmap_{Path(r['slide']).stem}": Path(r["heatmap"]) for r in rows},
                             "tables": {"predict/slides": rows}}
