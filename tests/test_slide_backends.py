@@ -142,3 +142,21 @@ def test_tiles_read_in_loader_workers_through_openslide(wsi_dir: Path) -> None:
     assert len(batches["openslide"]) == 5
     for index, batch in batches["openslide"].items():
         assert np.abs(batch.astype(int) - batches["tifffile"][index].astype(int)).max() <= 2
+
+
+def test_auto_keeps_a_subifd_pyramid_that_openslide_sees_as_one_level(wsi_dir: Path, tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """tifffile, QuPath and OME-TIFF write pyramids as SubIFDs, of which OpenSlide 4 reads only level 0: `auto`
+    reads such a file with tifffile, so its levels (and slide.level / slide.mpp reads at them) are not lost."""
+    with open_slide(wsi_dir / CMU, "tifffile") as slide:
+        image = slide.read_region((0, 0), 0, (1024, 1024))
+    path = tmp_path / "subifds.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, subifds=1, tile=(256, 256), photometric="rgb", compression="jpeg")
+        tif.write(image[::2, ::2], subfiletype=1, tile=(256, 256), photometric="rgb", compression="jpeg")
+    assert len(open_slide(path, "openslide").levels) == 1
+    with caplog.at_level(logging.INFO, logger="histoflow.slides.backend"):
+        slide = open_slide(path, "auto")
+    assert isinstance(slide, TiffSlide) and [lv.downsample for lv in slide.levels] == [1.0, 2.0]
+    assert "OpenSlide sees one level, tifffile 2 (a SubIFD pyramid)" in caplog.text
+    assert isinstance(open_slide(wsi_dir / CMU, "auto"), OpenSlideSlide)  # one level to both: OpenSlide

@@ -8,7 +8,7 @@ import os
 
 from histoflow.common.errors import ConfigError
 from histoflow.slides.openslide_reader import OpenSlideSlide, UnsupportedByOpenSlide
-from histoflow.slides.slide import Slide
+from histoflow.slides.slide import Slide, SlideError
 from histoflow.slides.tiff_reader import TiffSlide
 
 log = logging.getLogger(__name__)
@@ -26,9 +26,28 @@ def open_slide(path: str | os.PathLike[str], backend: str = DEFAULT_BACKEND, sou
     if backend == "tifffile":
         return TiffSlide(path, source_mpp)
     try:
-        return OpenSlideSlide(path, source_mpp)
+        slide = OpenSlideSlide(path, source_mpp)
     except UnsupportedByOpenSlide as e:
         if backend == "openslide":
             raise
         log.info("%s: %s; read with tifffile instead", path, e.reason)
         return TiffSlide(path, source_mpp)
+    if backend == "auto" and len(slide.levels) == 1:
+        return _fuller_pyramid(slide)
+    return slide
+
+
+def _fuller_pyramid(slide: Slide) -> Slide:
+    """A TIFF whose pyramid is in SubIFDs (tifffile's, QuPath's, OME-TIFF's) is one level to OpenSlide: the tifffile
+    reader, where it finds more levels, else the OpenSlide slide as it is."""
+    try:
+        tiff = TiffSlide(slide.path, slide.source_mpp)
+    except SlideError:  # not a TIFF tifffile reads (MRXS, DICOM...)
+        return slide
+    if len(tiff.levels) > len(slide.levels):
+        log.info("%s: OpenSlide sees one level, tifffile %d (a SubIFD pyramid); read with tifffile",
+                 slide.path, len(tiff.levels))
+        slide.close()
+        return tiff
+    tiff.close()
+    return slide
