@@ -1,6 +1,7 @@
 """Whole-slide prediction throughput (tiles/s) against the pure forward rate of the same tiles held in memory.
 
     python benchmarks/bench_wsi.py [--side 6000] [--tile 224] [--models alexnet resnet18] [--workers 0 2]
+                                   [--backends tifffile openslide]
                                    [--batch 32] [--repeats 2] [--real DIR] [--memory] [--device auto|cpu|cuda]
                                    [--json FILE]
 
@@ -53,20 +54,21 @@ def forward_rate(net: torch.nn.Module, x: torch.Tensor, batch: int, device: torc
 
 
 def bench_slide(path: Path, level: int, tile: int, names: list[str], workers: list[int], batch: int, repeats: int,
-                out: Path, device: torch.device) -> list[dict]:
-    """Print the forward rate, predict_slide's rate and their ratio for each net and worker count; return them."""
+                out: Path, device: torch.device, backend: str) -> list[dict]:
+    """Print the forward rate, predict_slide's rate and their ratio for each net and worker count, the slide read
+    through `backend` (slide.backend); return them."""
     stats = {"mean_image": np.full((tile, tile, 3), H_E_MEAN), "channel_mean": np.array(H_E_MEAN), "channel_std": H_E_STD}
     transform = PatchTransform(tile, stats, "channel")
-    with open_slide(path) as slide:
+    with open_slide(path, backend) as slide:
         geometry = TileGeometry.of(slide, tile, level=level)
         origins = tissue_tiles(slide, geometry)
         dims = slide.dimensions
     t0 = time.perf_counter()
-    tiles = SlideTiles(path, origins, geometry, batch).read(origins)
+    tiles = SlideTiles(path, origins, geometry, batch, backend=backend).read(origins)
     read_rate = len(tiles) / (time.perf_counter() - t0)
     x = transform(tiles[:4 * batch]).to(device)  # the forward rate is per batch: a few batches measure it
-    print(f"\n{path.name}: {dims[0]} x {dims[1]} px, {len(origins)} tissue tiles of {tile} px at level {level}; "
-          f"reading + decoding alone, one process: {read_rate:.0f} tiles/s")
+    print(f"\n{path.name} ({backend}): {dims[0]} x {dims[1]} px, {len(origins)} tissue tiles of {tile} px at level "
+          f"{level}; reading + decoding alone, one process: {read_rate:.0f} tiles/s")
     print(f"{'model':<10} {'forward tiles/s':>16} {'workers':>8} {'slide tiles/s':>14} {'ratio':>6} {'wall s':>7}")
     rows = []
     for name in names:
@@ -78,8 +80,8 @@ def bench_slide(path: Path, level: int, tile: int, names: list[str], workers: li
             pure = speed = wall = 0.0
             for _ in range(repeats):
                 pure = max(pure, forward_rate(net, x, batch, device))
-                cfg = SlideConfig(tile_size=tile, level=level, batch_size=batch, num_workers=w, progress=False,
-                                  device=str(device))
+                cfg = SlideConfig(backend=backend, tile_size=tile, level=level, batch_size=batch, num_workers=w,
+                                  progress=False, device=str(device))
                 t0 = time.perf_counter()
                 result = predict_slide(path, [(net, transform)], [f"c{i}" for i in range(9)], cfg, out)
                 wall = max(wall, time.perf_counter() - t0)
@@ -87,7 +89,8 @@ def bench_slide(path: Path, level: int, tile: int, names: list[str], workers: li
             ratio = speed / pure
             flag = "" if ratio >= FLOOR else f"  < {FLOOR}"
             print(f"{name:<10} {pure:>16.1f} {w:>8} {speed:>14.1f} {ratio:>6.2f} {wall:>7.1f}{flag}", flush=True)
-            rows.append({"slide": path.name, "tiles": len(origins), "model": name, "workers": w,
+            rows.append({"slide": path.name, "backend": backend, "read_tiles_per_s": read_rate, "tiles": len(origins),
+                         "model": name, "workers": w,
                          "forward_tiles_per_s": pure, "slide_tiles_per_s": speed, "slide_over_forward": ratio})
     return rows
 
@@ -120,6 +123,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting; the best is kept")
     parser.add_argument("--real", type=Path, default=None, help="folder holding tcga-cr-7395-01a-01-ts1.svs")
+    parser.add_argument("--backends", nargs="+", default=["tifffile", "openslide"], help="slide.backend values")
     parser.add_argument("--memory", action="store_true", help="also the peak memory on 10,000 and 40,000-px slides")
     add_common_args(parser)
     args = parser.parse_args()
@@ -130,11 +134,10 @@ def main() -> None:
         work = Path(tmp)
         path = work / "synthetic.tif"
         write_pyramid(path, args.side)
-        rows = bench_slide(path, 0, args.tile, args.models, args.workers, args.batch, args.repeats, work / "out",
-                           device)
-        if args.real is not None:
-            rows += bench_slide(args.real / "tcga-cr-7395-01a-01-ts1.svs", 0, args.tile, args.models, args.workers,
-                                args.batch, args.repeats, work / "out", device)
+        slides = [path] + ([args.real / "tcga-cr-7395-01a-01-ts1.svs"] if args.real is not None else [])
+        rows = [row for slide in slides for backend in args.backends
+                for row in bench_slide(slide, 0, args.tile, args.models, args.workers, args.batch, args.repeats,
+                                       work / "out", device, backend)]
         write_figures(args.json, {"device": describe(device), "tile_px": args.tile, "batch_size": args.batch,
                                   "runs": rows})
         if args.memory:
