@@ -320,6 +320,29 @@ def test_damaged_tile_stops_the_slide_or_is_left_out(model: FoldModel, damaged_s
     assert DamagedTile(**meta["damaged"]["stored_tiles"][0]) == result.damaged[0]
 
 
+@pytest.mark.parametrize("backend", ["tifffile", "openslide"])
+def test_damage_under_the_thumbnail_of_a_one_level_slide_leaves_the_rest_predicted(model: FoldModel, tmp_path: Path,
+                                                                                   backend: str) -> None:
+    """Issue 25: a one-level slide whose damage lay in what the tissue mask reads (the whole level) was skipped whole
+    under on_bad_image=skip, while the message said the rest is predicted. Now the thumbnail leaves the damaged
+    stored tile white (no tissue there), the tiles over it are left out, and the rest is predicted."""
+    one_level = tmp_path / "one-level.tif"
+    write_jpeg_slide(tmp_path / "two-levels.tif")
+    with tifffile.TiffFile(tmp_path / "two-levels.tif") as tif:
+        image = tif.pages[0].asarray()
+    tifffile.imwrite(one_level, image, tile=(256, 256), photometric="rgb", compression="jpeg")
+    zero_stored_tile(one_level, 3, 2)
+    cfg = SlideConfig(backend=backend, tile_size=128, thumbnail_size=512, batch_size=16, num_workers=0,
+                      progress=False)
+    models = [(model.net, model.transform)]
+    with pytest.raises(DamagedTileError, match=r"level 0, stored tile row 3 col 2 \(pixel x 512, y 768\)"):
+        predict_slide(one_level, models, model.classes, cfg, tmp_path / "stopped")
+    result = predict_slide(one_level, models, model.classes, cfg, tmp_path / "skipped", skip_damaged=True)
+    assert [(t.level, t.row, t.col, t.x, t.y) for t in result.damaged] == [(0, 3, 2, 512, 768)]
+    prob_map = np.load(result.map)
+    assert np.isnan(prob_map[6:8, 4:6]).all() and result.tiles > 50  # the rest of the tissue is predicted
+
+
 def run_predict_on_slides(model: FoldModel, slides: list[Path], run: Path,
                           *overrides: str) -> subprocess.CompletedProcess:
     """`predict.py slides=[...]` with 128-px tiles and a 512-px thumbnail (a level above the damaged one)."""

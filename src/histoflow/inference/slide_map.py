@@ -134,7 +134,9 @@ def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTrans
 
     with open_slide(path, cfg.backend, cfg.source_mpp) as slide:
         geometry = TileGeometry.of(slide, cfg.tile_size or side, cfg.level, cfg.mpp, cfg.stride, out_size=side)
-        thumbnail = slide.thumbnail(cfg.thumbnail_size)
+        # with skip_damaged, stored tiles that do not decode leave the thumbnail white there (no tissue, no tiles)
+        thumbnail_damage: list[DamagedTile] | None = [] if skip_damaged else None
+        thumbnail = slide.thumbnail(cfg.thumbnail_size, thumbnail_damage)
         origins = tissue_tiles(slide, geometry, cfg.min_tissue, cfg.tissue_threshold, thumbnail)
         dimensions, mpp = slide.dimensions, slide.mpp
     rows, cols = geometry.grid_index(origins)
@@ -150,7 +152,7 @@ def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTrans
     prob_map[:] = np.nan
     counts = np.zeros(k, np.int64)
     prob_sum = np.zeros(k, np.float64)
-    damaged: set[DamagedTile] = set()
+    damaged: set[DamagedTile] = set(thumbnail_damage or ())
     left_out: list[int] = []  # indices into origins of the tiles over damaged stored tiles
     tiles = SlideTiles(path, origins, geometry, cfg.batch_size, _ModelInputs([t for _, t in models]), cfg.backend,
                        cfg.source_mpp)

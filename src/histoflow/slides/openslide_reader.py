@@ -78,15 +78,16 @@ class OpenSlideSlide(Slide):
     def associated_images(self) -> dict[str, np.ndarray]:
         return {name: _on_white(image) for name, image in self._handle().associated_images.items()}
 
-    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+    def thumbnail(self, max_size: int = 1024, damaged: list[DamagedTile] | None = None) -> np.ndarray:
         w0, h0 = self.dimensions
         scale = min(1.0, max_size / max(w0, h0))
         width, height = max(1, round(w0 * scale)), max(1, round(h0 * scale))
         # the level just finer than the thumbnail, shrunk by area averaging a band at a time (as the tifffile reader)
         level = self.best_level_for_downsample(w0 / width)
         lv = self.levels[level]
-        return shrink_by_bands(lambda row, rows: self.read_region((0, round(row * lv.downsample)), level,
-                                                                  (lv.width, rows)), lv.width, lv.height, width, height)
+        return shrink_by_bands(lambda x, y, w, h: self.read_region((round(x * lv.downsample), round(y * lv.downsample)),
+                                                                   level, (w, h)), lv.width, lv.height, width, height,
+                               damaged)
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         if not 0 <= level < len(self.levels):

@@ -97,8 +97,9 @@ class Slide(ABC):
         white. Stored tiles that do not decode raise DamagedTileError naming them."""
 
     @abstractmethod
-    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
-        """(H, W, 3) uint8 of the whole slide, its longer side at most `max_size`."""
+    def thumbnail(self, max_size: int = 1024, damaged: list[DamagedTile] | None = None) -> np.ndarray:
+        """(H, W, 3) uint8 of the whole slide, its longer side at most `max_size`. With a `damaged` list, stored
+        tiles that do not decode are left white (no tissue there) and listed in it, instead of raising."""
 
     @abstractmethod
     def associated_images(self) -> dict[str, np.ndarray]:
@@ -156,10 +157,35 @@ class Slide(ABC):
                 f"levels={len(self.levels)})")
 
 
-def shrink_by_bands(read_rows: Callable[[int, int], np.ndarray], src_w: int, src_h: int, width: int,
-                    height: int) -> np.ndarray:
+def read_around_damage(read: Callable[[int, int, int, int], np.ndarray], x: int, y: int, width: int, height: int,
+                       damaged: list[DamagedTile], piece: int = 256) -> np.ndarray:
+    """read(x, y, width, height) of a block; where stored tiles under it do not decode, the block read again in
+    `piece`-px squares, those that fail left white and their stored tiles added to `damaged`."""
+    try:
+        return read(x, y, width, height)
+    except DamagedTileError:
+        out = np.full((height, width, 3), 255, np.uint8)
+    for top in range(0, height, piece):
+        for left in range(0, width, piece):
+            w, h = min(piece, width - left), min(piece, height - top)
+            try:
+                out[top:top + h, left:left + w] = read(x + left, y + top, w, h)
+            except DamagedTileError as e:
+                damaged += [tile for tile in e.tiles if tile not in damaged]
+    return out
+
+
+def shrink_by_bands(read: Callable[[int, int, int, int], np.ndarray], src_w: int, src_h: int, width: int,
+                    height: int, damaged: list[DamagedTile] | None = None) -> np.ndarray:
     """A whole (src_h, src_w) image area-averaged to (height, width), reading a band of its rows at a time
-    (read_rows(first row, rows) -> (rows, src_w, 3) uint8), so memory is bounded by the band, not the level."""
+    (read(x, y, w, h) -> (h, w, 3) uint8), so memory is bounded by the band, not the level. With a `damaged` list,
+    stored tiles that do not decode are left white and listed there (read_around_damage) instead of raising."""
+
+    def read_rows(row: int, rows: int) -> np.ndarray:
+        if damaged is None:
+            return read(0, row, src_w, rows)
+        return read_around_damage(read, 0, row, src_w, rows, damaged)
+
     if (src_w, src_h) == (width, height):
         return read_rows(0, src_h)
     step = src_h / height
@@ -171,5 +197,6 @@ def shrink_by_bands(read_rows: Callable[[int, int], np.ndarray], src_w: int, src
         r0, r1 = math.floor(fy0), min(src_h, math.ceil(fy1))
         block = Image.fromarray(read_rows(r0, r1 - r0))
         # BOX with a fractional source box averages exactly each output pixel's footprint, so bands join seamlessly
-        out[o0:o1] = np.asarray(block.resize((width, o1 - o0), Image.Resampling.BOX, box=(0, fy0 - r0, src_w, fy1 - r0)))
+        box = (0, fy0 - r0, src_w, fy1 - r0)
+        out[o0:o1] = np.asarray(block.resize((width, o1 - o0), Image.Resampling.BOX, box=box))
     return out

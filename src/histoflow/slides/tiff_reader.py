@@ -140,21 +140,16 @@ class TiffSlide(Slide):
         x, y = round(location[0] / ds), round(location[1] / ds)
         return self._read_page(self._pages[level], x, y, width, height)
 
-    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
-        """(H, W, 3) uint8 of the whole slide, its longer side at most `max_size`."""
+    def thumbnail(self, max_size: int = 1024, damaged: list[DamagedTile] | None = None) -> np.ndarray:
         w0, h0 = self.dimensions
         scale = min(1.0, max_size / max(w0, h0))
         tw, th = max(1, round(w0 * scale)), max(1, round(h0 * scale))
         pages = self._pages + ([self._thumb_page] if self._thumb_page is not None else [])
         big_enough = [p for p in pages if p.imagewidth >= tw and p.imagelength >= th]
-        source = min(big_enough, key=lambda p: p.imagewidth * p.imagelength, default=self._pages[0])
-        return self._resize_page(source, tw, th)
-
-    def _resize_page(self, page: TiffPage, width: int, height: int) -> np.ndarray:
-        """Area-average a whole page to (height, width), decoding a band of rows at a time."""
-        src_w = page.imagewidth
-        return shrink_by_bands(lambda row, rows: self._read_page(page, 0, row, src_w, rows), src_w, page.imagelength,
-                               width, height)
+        page = min(big_enough, key=lambda p: p.imagewidth * p.imagelength, default=self._pages[0])
+        # a band at a time: memory is bounded by the band, not the page
+        return shrink_by_bands(lambda x, y, w, h: self._read_page(page, x, y, w, h), page.imagewidth,
+                               page.imagelength, tw, th, damaged)
 
     def _read_bytes(self, offset: int, count: int) -> bytes:
         # own handle, reopened after a fork: DataLoader workers must not share one file offset
