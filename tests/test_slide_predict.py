@@ -404,3 +404,18 @@ def test_slide_tables_are_written_when_a_run_breaks(model: FoldModel, wsi_dir: P
     problems = read_csv(tmp_path / "problems.csv")
     assert [(Path(r["path"]).name, r["kind"], r["action"]) for r in problems] == [(TCGA, "run-stopped", "stopped")]
     assert problems[0]["detail"] == "the run stopped at this slide: RuntimeError: out of device memory"
+
+
+def test_slides_of_one_file_name_in_two_folders_keep_their_own_outputs(model: FoldModel, wsi_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    """Outputs are named by the slide's file: a/s1.svs and b/s1.svs once wrote over each other's map and heatmap."""
+    assert predict_module.output_names([Path("a/s1.svs"), Path("b/s1.svs"), Path("c/s2.svs")]) == {
+        Path("a/s1.svs"): "a-s1", Path("b/s1.svs"): "b-s1", Path("c/s2.svs"): "s2"}
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / CMU).symlink_to(wsi_dir / CMU)
+    run = run_predict_on_slides(model, [tmp_path / "a" / CMU, tmp_path / "b" / CMU], tmp_path / "run")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = read_csv(tmp_path / "run" / "slides.csv")
+    assert sorted(Path(r["map"]).name for r in rows) == [f"a-{Path(CMU).stem}.map.npy", f"b-{Path(CMU).stem}.map.npy"]
+    assert all(Path(r["map"]).is_file() and Path(r["heatmap"]).is_file() for r in rows)

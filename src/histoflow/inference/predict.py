@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -181,6 +182,19 @@ def _slide_files(spec: str | list[str]) -> tuple[list[Path], dict[Path, dict[str
     return files_matching(spec, SLIDE_SUFFIXES, key="slides"), {}
 
 
+def output_names(paths: Sequence[Path]) -> dict[Path, str]:
+    """The name of each slide's outputs: its file's stem, or where slides of different folders share one (a/s1.svs,
+    b/s1.svs), the folder's name in front, then a number, so that no slide's outputs overwrite another's."""
+    stems = Counter(p.stem for p in paths)
+    names: dict[Path, str] = {}
+    for path in paths:
+        name = path.stem if stems[path.stem] == 1 else f"{path.parent.name}-{path.stem}"
+        while name in names.values():
+            name = f"{name}-{len(names)}"
+        names[path] = name
+    return names
+
+
 def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, out: Path,
             settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[Problem], dict[str, Any]]:
     """Whole slides: tiled inference over tissue; per slide a tile CSV, a class map and a heatmap (slides/).
@@ -193,13 +207,14 @@ def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, 
     columns = ["slide", *next(iter(described.values()), {}), *SLIDE_COLUMNS[1:]]  # with a table's columns
     slide_cfg = SlideConfig.from_config(OmegaConf.to_container(cfg.slide, resolve=True))
     classes = models[0].classes
+    names = output_names(paths)
     rows: list[dict[str, Any]] = []
     problems: list[Problem] = []
     try:
         for path in paths:
             try:
                 result = predict_slide(path, [(m.net, m.transform) for m in models], classes, slide_cfg,
-                                       out / "slides", skip_damaged=cfg.on_bad_image == "skip")
+                                       out / "slides", skip_damaged=cfg.on_bad_image == "skip", name=names[path])
             except SlideError as e:  # no tissue, unreadable, truncated or damaged file: the other slides still run
                 problems.append(_slide_problem(path, e))
                 continue
@@ -215,7 +230,8 @@ def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, 
     finally:
         write_csv(rows, out / "slides.csv", columns)
     return rows, problems, {"metrics": {"predict/slides": float(len(rows))},
-                            "images": {f"predict/heatmap_{Path(r['slide']).stem}": Path(r["heatmap"]) for r in rows},
+                            "images": {f"predict/heatmap_{Path(r['heatmap']).name.removesuffix('.heatmap.png')}":
+                                       Path(r["heatmap"]) for r in rows},
                             "tables": {"predict/slides": rows}}
 
 

@@ -115,7 +115,8 @@ class _ModelInputs:
 
 
 def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTransform]], classes: Sequence[str],
-                  cfg: SlideConfig, out_dir: str | Path, skip_damaged: bool = False) -> SlideResult:
+                  cfg: SlideConfig, out_dir: str | Path, skip_damaged: bool = False,
+                  name: str | None = None) -> SlideResult:
     """Classify every tissue tile of a slide with the models (averaged); write the CSV, map, heatmap and JSON.
 
     A stored slide tile that does not decode raises DamagedTileError (and the half-written CSV and map are
@@ -144,7 +145,7 @@ def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTrans
     log.info("%s: %d tissue tiles of %d px at level %d (grid %d x %d)", path.name, n, geometry.read_size,
              geometry.level, geometry.rows, geometry.cols)
 
-    stem = path.stem
+    stem = name or path.stem  # the outputs' name (predict gives slides of the same file name distinct ones)
     csv_path, map_path = out / f"{stem}.tiles.csv", out / f"{stem}.map.npy"
     heat_path, meta_path = out / f"{stem}.heatmap.png", out / f"{stem}.json"
     # a memory-mapped .npy: the map of a huge grid never has to fit in memory
