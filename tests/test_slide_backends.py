@@ -2,11 +2,13 @@
 OpenSlide refuses). The same regions, levels and microns per pixel through both on the real slides; a pyramidal
 TIFF written here from real slide pixels read by OpenSlide as a generic tiled TIFF; damaged and truncated copies
 give histoflow's errors under OpenSlide too; `auto` falls back to tifffile for a plain TIFF; source_mpp supplies
-a resolution a file lacks."""
+a resolution a file lacks; a DICOM slide made from a real one reads through OpenSlide."""
 
 from __future__ import annotations
 
+import ctypes.util
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +162,20 @@ def test_auto_keeps_a_subifd_pyramid_that_openslide_sees_as_one_level(wsi_dir: P
     assert isinstance(slide, TiffSlide) and [lv.downsample for lv in slide.levels] == [1.0, 2.0]
     assert "OpenSlide sees one level, tifffile 2 (a SubIFD pyramid)" in caplog.text
     assert isinstance(open_slide(wsi_dir / CMU, "auto"), OpenSlideSlide)  # one level to both: OpenSlide
+
+
+def test_a_dicom_slide_made_from_a_real_one_reads_through_openslide(wsi_dir: Path, tmp_path: Path) -> None:
+    """The real SVS converted to DICOM WSI by wsidicomizer (its JPEG tiles passed through) reads through OpenSlide
+    (`auto` picks it) with the same levels, microns per pixel and pixels as the SVS through tifffile."""
+    dicomizer = pytest.importorskip("wsidicomizer", reason="pip install wsidicomizer (in the [test] extra)")
+    if not (os.environ.get("TURBOJPEG") or ctypes.util.find_library("turbojpeg")):
+        pytest.skip("wsidicomizer needs libjpeg-turbo's libturbojpeg, absent here: apt install libturbojpeg0, or "
+                    "TURBOJPEG=<path to libturbojpeg.so>")
+    (dicom,) = dicomizer.WsiDicomizer.convert(wsi_dir / CMU, tmp_path, include_label=False, include_overview=False,
+                                              include_thumbnail=False, workers=1)
+    with open_slide(dicom, "auto") as ours, open_slide(wsi_dir / CMU, "tifffile") as theirs:
+        assert isinstance(ours, OpenSlideSlide)
+        assert [(lv.width, lv.height) for lv in ours.levels] == [(lv.width, lv.height) for lv in theirs.levels]
+        assert ours.mpp == pytest.approx(theirs.mpp, abs=1e-3)
+        a, b = ours.read_region((500, 700), 0, (256, 256)), theirs.read_region((500, 700), 0, (256, 256))
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
