@@ -22,7 +22,7 @@ BELOW = {
     "models": {"common"},
     "slides": {"common", "data"},
     "evaluation": {"common", "data"},
-    "features": {"common", "data", "models"},
+    "features": {"common", "data", "models", "slides"},
     "training": {"common", "data", "models", "features", "evaluation"},
     "inference": {"common", "data", "models", "features", "evaluation", "slides", "training"},
     "commands": {"common", "data", "models", "features", "evaluation", "slides", "training", "inference"},
