@@ -1,0 +1,239 @@
+"""Cohorts of slides embedded once (features/cohort.py), on a cohort cut from the real slides (slides/cohort_fixture):
+a shard is the encoder's forward of the slide's tissue tiles; a killed run resumes to what a clean run writes; a
+changed slide is embedded again and an unchanged one is not, also when moved; two Lightning processes, and two
+chunk jobs of a submitit sweep, embed each slide exactly once and write the same index as one process."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from conftest import REPO, compose_config
+
+from histoflow.common.config import plain
+from histoflow.common.errors import ConfigError
+from histoflow.features.cohort import (
+    CohortResult,
+    CohortSlideError,
+    balanced_bins,
+    embed_cohort,
+    parse_chunk,
+    read_shard,
+)
+from histoflow.models import build_encoder
+from histoflow.slides.backend import open_slide
+from histoflow.slides.cohort_fixture import build_cohort, write_slide_tiff
+from histoflow.slides.tiles import SlideTiles, TileGeometry, tissue_tiles
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+SIDE = 32  # tiles of 32 px at 1 micron per pixel, into a SqueezeNet at 32 px: ~200 tiles over the cohort
+
+
+@pytest.fixture(scope="module")
+def cohort(wsi_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six slides (two per source slide, one made-up patient each source) and their table."""
+    return build_cohort(wsi_dir, tmp_path_factory.mktemp("cohort"), per_source=2, side=512)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SqueezeNet 1.1 with random weights of its own (seeded): the encoder's weights file."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "squeezenet-random.pth"
+    net = build_encoder({"_target_": "histoflow.models.torchvision_model", "name": "squeezenet1_1", "weights": None},
+                        SIDE)[0]
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def overrides(table: Path, out: Path, weights: Path, *extra: str) -> list[str]:
+    return [f"slides={table}", "encoder=squeezenet1_1_imagenet", f"encoder.weights={weights}",
+            f"encoder.preprocess.input_size={SIDE}", f"slide.tile_size={SIDE}", "slide.mpp=1.0",
+            "slide.backend=tifffile", "slide.progress=false", "slide.batch_size=16", "slide.num_workers=1",
+            f"embed.out={out}", "on_bad_image=skip", *extra]
+
+
+def embed(table: Path, out: Path, weights: Path, *extra: str) -> CohortResult:
+    """`histoflow embed` with these overrides, in this process."""
+    cfg = compose_config("embed", overrides(table, out, weights, *extra))
+    return embed_cohort(cfg.slides, plain(cfg.encoder), plain(cfg.slide), plain(cfg.embed), cfg.on_bad_image)
+
+
+def index_rows(index: Path, without: tuple[str, ...] = ("seconds",)) -> list[dict[str, str]]:
+    """The index's rows, less the per-slide seconds (a time, different in every run)."""
+    with index.open(newline="") as handle:
+        return [{k: v for k, v in row.items() if k not in without} for row in csv.DictReader(handle)]
+
+
+def shards(folder: Path) -> dict[str, dict]:
+    return {p.name: read_shard(p) for p in sorted((folder / "shards").glob("*.npz"))}
+
+
+def table_slides(table: Path) -> list[str]:
+    with table.open(newline="") as handle:
+        return [row["slide"] for row in csv.DictReader(handle)]
+
+
+@pytest.fixture(scope="module")
+def clean(cohort: Path, weights: Path, tmp_path_factory: pytest.TempPathFactory) -> CohortResult:
+    """One clean run of the cohort, in one process."""
+    return embed(cohort, tmp_path_factory.mktemp("clean"), weights)
+
+
+def test_a_slides_shard_is_the_encoders_forward_of_its_tissue_tiles(cohort: Path, weights: Path,
+                                                                   clean: CohortResult) -> None:
+    assert clean.index is not None and sorted(clean.embedded) == sorted(table_slides(cohort))
+    rows = index_rows(clean.index, without=())
+    assert [r["slide"] for r in rows] == table_slides(cohort)  # the table's order
+    assert [r["patient"] for r in rows] == ["skin-P1", "skin-P1", "tcga-P1", "tcga-P1", "kidney-P1", "kidney-P1"]
+    assert (clean.folder / "cohort.problems.csv").read_text().strip() == "path,kind,detail,action"
+    encoder = build_encoder({"_target_": "histoflow.models.torchvision_model", "name": "squeezenet1_1",
+                             "weights": str(weights)}, SIDE)[0]
+    for row in rows[2:4] + rows[4:5]:  # two TCGA slides and a kidney slide (a fragment of tissue on glass)
+        shard = read_shard(clean.folder / row["shard"])
+        path = cohort.parent / row["slide"]
+        with open_slide(path, "tifffile") as slide:
+            geometry = TileGeometry.of(slide, SIDE, mpp=1.0)
+            origins = tissue_tiles(slide, geometry, 0.5, None, slide.thumbnail(1024))
+            mpp = slide.mpp
+        np.testing.assert_array_equal(shard["coords_px"], origins)
+        np.testing.assert_allclose(shard["coords_um"], origins * mpp)
+        tiles = torch.from_numpy(SlideTiles(path, origins, geometry, 64).read(origins)).permute(0, 3, 1, 2)
+        x = (tiles.float() / 255 - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+        with torch.inference_mode():
+            expected = encoder(x).numpy()
+        assert shard["features"].shape == (len(origins), 512) == (int(row["tiles"]), 512)
+        np.testing.assert_allclose(shard["features"], expected, rtol=1e-4, atol=1e-5)
+        assert shard["meta"]["sha256"] == row["sha256"] and shard["meta"]["mpp"] == mpp
+        assert shard["meta"]["tile_um"] == pytest.approx(SIDE * 1.0, rel=0.01)  # micron-true tiles
+
+
+def test_a_killed_run_resumes_to_what_a_clean_run_writes(cohort: Path, weights: Path, clean: CohortResult,
+                                                         tmp_path: Path) -> None:
+    out = tmp_path / "features"
+    folder = out / clean.folder.name
+    command = [sys.executable, "-m", "histoflow", "embed", *overrides(cohort, out, weights),
+               f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((folder / "shards").glob("*.npz")) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(run.pid, signal.SIGKILL)  # as soon as the first slide's shard is there
+    finally:
+        run.wait()
+    written = sorted(p.name for p in (folder / "shards").glob("*.npz"))
+    total = len(table_slides(cohort))
+    assert run.returncode == -signal.SIGKILL and 1 <= len(written) < total, "killed mid-cohort"
+    assert not (folder / "cohort.index.csv").exists()
+
+    resumed = embed(cohort, out, weights)
+    assert len(resumed.reused) == len(written) and len(resumed.embedded) == total - len(written)
+    assert not list((folder / "shards").glob(".*"))  # no half-written shard left
+    assert index_rows(resumed.index) == index_rows(clean.index)
+    mine, theirs = shards(folder), shards(clean.folder)
+    assert mine.keys() == theirs.keys()
+    for name, shard in mine.items():
+        np.testing.assert_array_equal(shard["coords_px"], theirs[name]["coords_px"])
+        np.testing.assert_allclose(shard["features"], theirs[name]["features"], rtol=1e-5, atol=1e-6)
+    again = embed(cohort, out, weights)  # nothing left to do
+    assert again.embedded == [] and len(again.reused) == total
+
+
+def test_a_changed_slide_is_embedded_again_an_unchanged_one_not_even_moved(cohort: Path, weights: Path,
+                                                                           clean: CohortResult,
+                                                                           tmp_path: Path) -> None:
+    work = tmp_path / "cohort"
+    shutil.copytree(cohort.parent, work)
+    out = tmp_path / "features"
+    shutil.copytree(clean.folder, out / clean.folder.name)  # what the clean run wrote
+    changed, moved = work / "slides" / "tcga-00.tif", work / "slides" / "skin-01.tif"
+    with open_slide(changed, "tifffile") as slide:
+        image, mpp = slide.read_region((0, 0), 0, slide.dimensions), slide.mpp
+    write_slide_tiff(changed, np.ascontiguousarray(image[::-1]), mpp)  # the same slide upside down
+    (work / "archive").mkdir()
+    moved.rename(work / "archive" / moved.name)
+    table = work / "cohort.csv"
+    table.write_text(table.read_text().replace("slides/skin-01.tif", "archive/skin-01.tif"))
+
+    result = embed(table, out, weights)
+    assert result.embedded == ["slides/tcga-00.tif"]
+    assert sorted(result.reused) == sorted(set(table_slides(table)) - {"slides/tcga-00.tif"})
+    before = {r["slide"]: r for r in index_rows(clean.index)}
+    after = {r["slide"]: r for r in index_rows(result.index)}
+    assert after["archive/skin-01.tif"]["shard"] == before["slides/skin-01.tif"]["shard"]
+    assert after["slides/tcga-00.tif"]["shard"] != before["slides/tcga-00.tif"]["shard"]
+    assert after["slides/tcga-00.tif"]["tiles"] == before["slides/tcga-00.tif"]["tiles"]  # the same tissue, turned
+
+
+def test_two_lightning_processes_embed_each_slide_exactly_once(cohort: Path, weights: Path, clean: CohortResult,
+                                                               tmp_path: Path) -> None:
+    result = embed(cohort, tmp_path, weights, "embed.devices=2", "embed.accelerator=cpu", "embed.strategy=ddp_fork")
+    assert result.rank == 0 and result.index is not None
+    part = json.loads(next((result.folder / "parts" / "cohort").glob("*-chunk-0001-of-0001.json")).read_text())
+    by_rank = {e["slide"]: e["rank"] for e in part["embedded"]}
+    assert len(part["embedded"]) == len(by_rank) == len(table_slides(cohort))  # each slide once
+    assert set(by_rank.values()) == {0, 1}  # shared out over both
+    assert index_rows(result.index) == index_rows(clean.index)
+
+
+def test_a_submitit_sweep_over_two_chunks_writes_the_index_of_one_job(cohort: Path, weights: Path,
+                                                                      clean: CohortResult, tmp_path: Path) -> None:
+    out = tmp_path / "features"
+    command = [sys.executable, "-m", "histoflow", "embed", "-m", *overrides(cohort, out, weights),
+               "embed.chunk=1/2,2/2", "hydra/launcher=submitit_local", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    folder = out / clean.folder.name
+    parts = sorted((folder / "parts" / "cohort").glob("*-chunk-*-of-0002.json"))
+    embedded = [[e["slide"] for e in json.loads(p.read_text())["embedded"]] for p in parts]
+    assert len(parts) == 2 and all(embedded) and sorted(sum(embedded, [])) == sorted(table_slides(cohort))
+    assert index_rows(folder / "cohort.index.csv") == index_rows(clean.index)
+
+
+def test_bad_slides_are_listed_with_their_reason_or_stop_the_run(cohort: Path, weights: Path,
+                                                                 tmp_path: Path) -> None:
+    good = cohort.parent / "slides" / "tcga-01.tif"
+    bad = tmp_path / "slides"
+    bad.mkdir()
+    shutil.copy(good, bad / "good.tif")
+    write_slide_tiff(bad / "no-mpp.tif", tifffile.imread(good), None)
+    write_slide_tiff(bad / "glass.tif", np.full((512, 512, 3), 240, np.uint8), 0.5)
+    (bad / "broken.tif").write_bytes(b"II*\x00" + os.urandom(2000))
+    table = tmp_path / "bad.csv"
+    table.write_text("slide,patient,label\nslides/good.tif,P1,a\nslides/no-mpp.tif,P1,a\nslides/glass.tif,P2,b\n"
+                     "slides/broken.tif,P3,b\n")
+    result = embed(table, tmp_path / "features", weights)
+    assert result.embedded == ["slides/good.tif"]
+    with (result.folder / "bad.problems.csv").open(newline="") as handle:
+        problems = {row["path"]: row for row in csv.DictReader(handle)}
+    assert {path: row["kind"] for path, row in problems.items()} == {
+        "slides/no-mpp.tif": "no-mpp", "slides/glass.tif": "no-tissue", "slides/broken.tif": "unreadable"}
+    assert "slide.source_mpp" in problems["slides/no-mpp.tif"]["detail"]
+    assert [r["slide"] for r in index_rows(result.index)] == ["slides/good.tif"]
+
+    with pytest.raises(CohortSlideError, match="no-mpp.tif: .*slide.source_mpp.*on_bad_image=skip"):
+        embed(table, tmp_path / "stopped", weights, "on_bad_image=error")
+
+
+def test_slides_are_shared_out_by_size_the_same_way_everywhere() -> None:
+    bins = balanced_bins([5, 1, 1, 1, 1, 1, 4, 2], 3)
+    assert sorted(sum(bins, [])) == list(range(8)) and bins == balanced_bins([5, 1, 1, 1, 1, 1, 4, 2], 3)
+    assert [sum([5, 1, 1, 1, 1, 1, 4, 2][i] for i in b) for b in bins] == [6, 5, 5]
+    assert balanced_bins([1.0], 2) == [[0], []]  # more processes than slides: one waits at the barrier
+    assert parse_chunk("3/16") == (3, 16) and parse_chunk(None) == (1, 1)
+    for wrong in ("0/4", "5/4", "3", "a/b"):
+        with pytest.raises(ConfigError, match="embed.chunk"):
+            parse_chunk(wrong)
