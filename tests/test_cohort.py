@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -64,10 +65,15 @@ def overrides(table: Path, out: Path, weights: Path, *extra: str) -> list[str]:
             f"embed.out={out}", "on_bad_image=skip", *extra]
 
 
+def arguments(table: Path, out: Path, weights: Path, *extra: str) -> tuple:
+    """embed_cohort's arguments from `histoflow embed` with these overrides."""
+    cfg = compose_config("embed", overrides(table, out, weights, *extra))
+    return cfg.slides, plain(cfg.encoder), plain(cfg.slide), plain(cfg.embed), cfg.on_bad_image
+
+
 def embed(table: Path, out: Path, weights: Path, *extra: str) -> CohortResult:
     """`histoflow embed` with these overrides, in this process."""
-    cfg = compose_config("embed", overrides(table, out, weights, *extra))
-    return embed_cohort(cfg.slides, plain(cfg.encoder), plain(cfg.slide), plain(cfg.embed), cfg.on_bad_image)
+    return embed_cohort(*arguments(table, out, weights, *extra))
 
 
 def index_rows(index: Path, without: tuple[str, ...] = ("seconds",)) -> list[dict[str, str]]:
@@ -187,6 +193,29 @@ def test_two_lightning_processes_embed_each_slide_exactly_once(cohort: Path, wei
     assert len(part["embedded"]) == len(by_rank) == len(table_slides(cohort))  # each slide once
     assert set(by_rank.values()) == {0, 1}  # shared out over both
     assert index_rows(result.index) == index_rows(clean.index)
+
+
+def test_two_jobs_on_one_folder_embed_each_slide_once(cohort: Path, weights: Path, clean: CohortResult,
+                                                      tmp_path: Path) -> None:
+    """Two jobs started together on the same table and folder (threads here: the locks are file locks, held per
+    open file, so they part threads as they part processes): each slide embedded by one of them, once."""
+    args, start = arguments(cohort, tmp_path, weights), threading.Barrier(2)
+    results: list[CohortResult] = []
+
+    def job() -> None:
+        start.wait()
+        results.append(embed_cohort(*args))
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(results) == 2
+    slides = sorted(table_slides(cohort))
+    assert sorted(results[0].embedded + results[1].embedded) == slides  # each once, by one job or the other
+    assert all(sorted(r.embedded + r.reused) == slides for r in results)
+    assert index_rows(results[0].folder / "cohort.index.csv") == index_rows(clean.index)
 
 
 def test_a_submitit_sweep_over_two_chunks_writes_the_index_of_one_job(cohort: Path, weights: Path,

@@ -45,8 +45,9 @@ def embed_slides(cfg: DictConfig) -> str:
                           str(cfg.on_bad_image))
     if result is None or result.rank != 0:  # a further device's process (embed.strategy=ddp): rank 0 reports
         return ""
-    done = (f"{len(result.embedded)} slides embedded ({result.tiles} tiles, {result.tiles_per_s:.0f} tiles/s), "
-            f"{len(result.reused)} found done, {len(result.problems)} left out")
+    total = result.chunk
+    done = (f"{total['embedded']} slides embedded ({total['tiles']} tiles; {result.tiles_per_s:.0f} tiles/s on rank 0), "
+            f"{total['reused']} found done, {total['left_out']} left out")
     where = (f"  index: {result.index}" if result.index is not None else
              f"  features: {result.folder} (the index is written once every chunk of embed.chunk is done)")
     print(f"{done}\n{where}")

@@ -16,17 +16,21 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def only_writer(lock_file: Path, what: str) -> Iterator[None]:
+def only_writer(lock_file: Path, what: str, wait: bool = True) -> Iterator[bool]:
     """Hold `lock_file` while the body runs; where another process holds it, log that this one waits for it (`what`
-    it does, e.g. "prepares <folder>"). The lock of a killed holder goes with its process."""
+    it does, e.g. "prepares <folder>"). The lock of a killed holder goes with its process. With `wait=False` the
+    body runs at once, told whether it holds the lock (False: another process does; do something else first)."""
     lock = FileLock(lock_file)
     try:
         lock.acquire(timeout=0)
     except Timeout:
+        if not wait:
+            yield False
+            return
         log.info("waiting for another process that %s (its lock: %s)", what, lock_file)
         lock.acquire()
     try:
-        yield
+        yield True
     finally:
         lock.release()
 

@@ -32,6 +32,8 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -152,6 +154,8 @@ class CohortResult:
     waiting: float = 0.0  # of which the encoder waited for tiles
     index: Path | None = None  # the cohort index, where this process completed it
     rank: int = 0
+    chunk: dict[str, int] = field(default_factory=dict)  # rank 0: slides embedded, reused, left out and tiles
+    #                                                      embedded by every rank of this job
 
     @property
     def tiles_per_s(self) -> float:
@@ -288,10 +292,15 @@ def _plan(row: int, record: SlideRecord, job: CohortJob, side: int, transform: P
     return planned
 
 
+def _writer() -> str:
+    """This process and thread, in a temporary file's name: no two writers share one."""
+    return f"{os.getpid()}-{threading.get_ident()}"
+
+
 def write_shard(path: Path, features: np.ndarray, coords_px: np.ndarray, coords_um: np.ndarray,
                 meta: Mapping[str, Any]) -> None:
     """A slide's shard, whole or not at all: written to a temporary name, fsynced, renamed, its folder fsynced."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.stem}.{_writer()}.tmp")
     with open(tmp, "wb") as handle:
         np.savez(handle, features=features, coords_px=coords_px, coords_um=coords_um,
                  meta=np.array(json.dumps(meta, sort_keys=True)))
@@ -358,34 +367,44 @@ class _Loop:
                           "seconds": meta["seconds"], "sha256": planned.sha, **record.extra})
 
     def run(self) -> CohortResult:
+        """Every slide of this process: first those no other process is embedding (a slide whose lock another job
+        holds is put off), then the ones put off, waiting for their locks (and then finding most of them done)."""
         job, cfg = self.job, self.job.slide
         plans = prefetched(_plan(row, record, job, self.side, self.transform) for row, record in self.mine)
-        pin = self.device.type == "cuda"
+        t0 = time.perf_counter()
+        with progress_bar(cfg.progress and self.rank == 0) as bar:
+            slides_bar = bar.add_task("slides", total=len(self.mine), rate="")
+            tiles_bar = bar.add_task("tiles", total=None, rate="")
+            self._bar = (bar, slides_bar, tiles_bar, t0)
+            self.put_off: list[_Slide] = []
+            self._pass(plans, wait=False)
+            if self.put_off:
+                log.info("%d slides were being embedded by another job: waiting for it", len(self.put_off))
+                self._pass(iter(self.put_off), wait=True)
+        self.result.seconds = time.perf_counter() - t0
+        return self.result
+
+    def _pass(self, plans: Iterator[_Slide], wait: bool) -> None:
+        pin, (bar, slides_bar, _, _) = self.device.type == "cuda", self._bar
 
         def next_to_embed() -> tuple[_Slide, Iterator] | None:
             for planned in plans:
-                if planned.tiles is None or planned.sha in self.done:
-                    self._settle(planned) if planned.tiles is None else self._settle_later(planned)
-                    continue
-                return planned, iter(tile_loader(planned.tiles, self.workers, pin_memory=pin))
+                if planned.tiles is None:
+                    self._settle(planned)
+                elif planned.sha in self.done or planned.shard.is_file():  # a copy's, or another job's meanwhile
+                    self._settle_later(planned)
+                else:
+                    return planned, iter(tile_loader(planned.tiles, self.workers, pin_memory=pin))
+                bar.update(slides_bar, completed=len(self.rows) + len(self.problems))
             return None
 
-        total = len(self.mine)
-        t0 = time.perf_counter()
-        with progress_bar(cfg.progress and self.rank == 0) as bar:
-            slides_bar = bar.add_task("slides", total=total, rate="")
-            tiles_bar = bar.add_task("tiles", total=None, rate="")
-            self._bar = (bar, slides_bar, tiles_bar, t0)
-            current = next_to_embed()
-            while current is not None:
-                planned, batches = current
-                nxt = self._embed(planned, batches, next_to_embed)
-                del batches  # its workers end
-                current = nxt() if callable(nxt) else nxt
-                bar.update(slides_bar, completed=len(self.rows) + len(self.problems))
+        current = next_to_embed()
+        while current is not None:
+            planned, batches = current
+            nxt = self._embed(planned, batches, next_to_embed, wait)
+            del batches, current  # its workers end
+            current = nxt() if callable(nxt) else nxt
             bar.update(slides_bar, completed=len(self.rows) + len(self.problems))
-        self.result.seconds = time.perf_counter() - t0
-        return self.result
 
     def _settle_later(self, planned: _Slide) -> None:
         """A slide whose content this process has just embedded under another row (a copy): the same shard."""
@@ -394,16 +413,20 @@ class _Loop:
         self.result.reused.append(planned.record.slide)
 
     @torch.inference_mode()
-    def _embed(self, planned: _Slide, batches: Iterator, next_to_embed: Callable) -> Any:
-        """Embed one slide into its shard (unless another process did meanwhile); returns the next slide's started
-        loader, or the function that finds it when this slide ended before its last batch."""
+    def _embed(self, planned: _Slide, batches: Iterator, next_to_embed: Callable, wait: bool) -> Any:
+        """Embed one slide into its shard (unless another process did meanwhile, or, without `wait`, is doing it now:
+        then it is put off); returns the next slide's started loader, or the function that finds it when this slide
+        ended before its last batch."""
         assert planned.tiles is not None and planned.shard is not None
         tiles, record, gpu = planned.tiles, planned.record, self.device.type == "cuda"
         bar, slides_bar, tiles_bar, t_start = self._bar
         shards = planned.shard.parent
         shards.mkdir(parents=True, exist_ok=True)
         nxt: Any = next_to_embed
-        with only_writer(self.job.folder / "locks" / f"{planned.sha}.lock", f"embeds {record.slide}"):
+        with only_writer(self.job.folder / "locks" / f"{planned.sha}.lock", f"embeds {record.slide}", wait) as mine:
+            if not mine:  # another job is embedding this slide: the next one first, this one at the end
+                self.put_off.append(planned)
+                return nxt
             if planned.shard.is_file():  # another job embedded it while this one planned or waited
                 self._settle_later(planned)
                 return nxt
@@ -449,7 +472,8 @@ class _Loop:
             meta = {"format": FORMAT, "slide": str(record.path), "sha256": planned.sha, "tiles": n, "dim": self.dim,
                     "mpp": planned.mpp, "dimensions": list(planned.dimensions), "geometry": asdict(tiles.geometry),
                     "tile_um": tiles.geometry.read_size * tiles.geometry.downsample * planned.mpp,
-                    "settings": self.job.settings, "seconds": seconds, "device": str(self.device)}
+                    "settings": self.job.settings, "seconds": seconds, "device": str(self.device),
+                    "embedded_by": f"{socket.gethostname()}:{os.getpid()}:rank {self.rank}"}
             write_shard(planned.shard, features, origins.astype(np.int64), origins * planned.mpp, meta)
         log.info("%s: %d tiles in %.1f s (%.0f tiles/s) -> %s", record.slide, n, seconds, n / max(seconds, 1e-9),
                  planned.shard.name)
@@ -480,7 +504,7 @@ def _part_name(job: CohortJob, rank: tuple[int, int] | None = None) -> str:
 
 def _write_json(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{_writer()}.tmp")
     tmp.write_text(json.dumps(value))
     tmp.replace(path)
 
@@ -488,21 +512,22 @@ def _write_json(path: Path, value: Any) -> None:
 def _part(loop: _Loop) -> dict[str, Any]:
     return {"table_sha256": loop.job.table_sha, "chunk": list(loop.job.chunk), "rows": loop.rows,
             "problems": [{"row": row, **asdict(p)} for row, p in loop.problems],
-            "embedded": [{"slide": s, "rank": loop.rank} for s in loop.result.embedded]}
+            "embedded": [{"slide": s, "rank": loop.rank} for s in loop.result.embedded],
+            "reused": [{"slide": s, "rank": loop.rank} for s in loop.result.reused], "tiles": loop.result.tiles}
 
 
-def combine_ranks(job: CohortJob, world: int) -> Path:
+def combine_ranks(job: CohortJob, world: int) -> dict[str, Any]:
     """The chunk's part from its ranks' parts (rank 0, after the barrier)."""
     parts = [json.loads((_parts(job) / _part_name(job, (r, world))).read_text()) for r in range(world)]
     chunk = {"table_sha256": job.table_sha, "chunk": list(job.chunk),
              "rows": sorted((row for p in parts for row in p["rows"]), key=lambda r: r["row"]),
              "problems": sorted((q for p in parts for q in p["problems"]), key=lambda q: q["row"]),
-             "embedded": [e for p in parts for e in p["embedded"]]}
-    path = _parts(job) / _part_name(job)
-    _write_json(path, chunk)
+             "embedded": [e for p in parts for e in p["embedded"]], "reused": [e for p in parts for e in p["reused"]],
+             "tiles": sum(p["tiles"] for p in parts)}
+    _write_json(_parts(job) / _part_name(job), chunk)
     for r in range(world):
         (_parts(job) / _part_name(job, (r, world))).unlink()
-    return path
+    return chunk
 
 
 def merge_index(folder: Path, name: str, table_sha: str, chunks: int) -> Path | None:
@@ -524,14 +549,14 @@ def merge_index(folder: Path, name: str, table_sha: str, chunks: int) -> Path | 
         extra = [c for r in rows for c in r if c not in INDEX_COLUMNS and c != "row"]
         columns = INDEX_COLUMNS + list(dict.fromkeys(extra))
         index = folder / f"{name}.index.csv"
-        tmp = index.with_name(f".{index.name}.{os.getpid()}.tmp")
+        tmp = index.with_name(f".{index.name}.{_writer()}.tmp")
         with tmp.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, columns, lineterminator="\n", restval="")
             writer.writeheader()
             writer.writerows({k: v for k, v in r.items() if k != "row"} for r in rows)
         tmp.replace(index)
         problems = sorted((q for p in parts for q in p["problems"]), key=lambda q: q["row"])
-        tmp = folder / f".{name}.problems.csv.{os.getpid()}.tmp"
+        tmp = folder / f".{name}.problems.csv.{_writer()}.tmp"
         write_problems(tmp, skipped=[Problem(q["path"], q["kind"], q["detail"]) for q in problems])
         tmp.replace(folder / f"{name}.problems.csv")
     log.info("cohort index: %s (%d slides; %d left out, listed in %s.problems.csv)", index, len(rows), len(problems),
@@ -556,7 +581,9 @@ def run_rank(fabric: Any, job: CohortJob) -> CohortResult:
     if world > 1:
         fabric.barrier()  # the only collective: every rank has written its part
     if rank == 0:
-        combine_ranks(job, world)
+        chunk = combine_ranks(job, world)
+        result.chunk = {"embedded": len(chunk["embedded"]), "reused": len(chunk["reused"]),
+                        "left_out": len(chunk["problems"]), "tiles": chunk["tiles"]}
         result.index = merge_index(job.folder, job.name, job.table_sha, job.chunk[1])
     return result
 
