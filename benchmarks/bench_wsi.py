@@ -2,7 +2,8 @@
 
     python benchmarks/bench_wsi.py [--side 6000] [--tile 224] [--models alexnet resnet18] [--workers 0 2]
                                    [--backends tifffile openslide]
-                                   [--batch 32] [--repeats 2] [--real DIR] [--memory] [--device auto|cpu|cuda]
+                                   [--batch 32] [--repeats 2] [--real DIR] [--memory] [--peer PYTHON]
+                                   [--device auto|cpu|cuda]
                                    [--json FILE]
 
 A synthetic JPEG-tiled pyramid (`--side` px square at level 0, 512-px tiles, two round tissue sections on glass)
@@ -10,8 +11,12 @@ is predicted at level 0 with torchvision nets (random weights, the kather_transf
 normalisation). For each net: the forward rate on the tissue tiles already decoded and normalised in memory,
 then predict_slide's rate (reading, decoding, normalising in loader workers while the net runs) and their ratio;
 the floor is 0.7. --real DIR also predicts DIR/tcga-cr-7395-01a-01-ts1.svs (JPEG 2000 tiles, slow to decode) at
-level 0. --memory prints the peak memory of predicting a 10,000 and a 40,000-px slide (the same: the bound does
-not grow with the slide). --device (default auto: the GPU when there is one) runs the nets there; the forward rate
+level 0. --memory prints the peak memory of predicting pyramids of --memory-sides px (default 10,000 and 50,000;
+tissue tiles cut from the real CMU-1 slide with --real) through each backend: the same, the bound does not grow
+with the slide. --peer PYTHON (a histolab venv's, made by benchmarks/peer_venv.sh) also times tiling the same
+slides and a --peer-side px pyramid of real tissue tiles (levels as pages), to memory and to disk, by histoflow
+through each backend and by histolab's GridTiler, side by side.
+--device (default auto: the GPU when there is one) runs the nets there; the forward rate
 then waits for the device before its clock stops. Exits 0 whatever the numbers.
 """
 
@@ -35,6 +40,7 @@ from histoflow.data.synthetic import H_E_MEAN, write_pyramid
 from histoflow.data.transforms import PatchTransform
 from histoflow.inference.slide_map import SlideConfig, predict_slide
 from histoflow.slides.backend import open_slide
+from histoflow.slides.shards import write_slide_shards
 from histoflow.slides.tiles import SlideTiles, TileGeometry, tissue_tiles
 
 FLOOR = 0.7
@@ -98,20 +104,88 @@ def bench_slide(path: Path, level: int, tile: int, names: list[str], workers: li
 MEMORY_SCRIPT = Path(__file__).with_name("slide_peak_memory.py")  # the same measurement as the memory test
 
 
-def bench_memory(work: Path) -> None:
-    """Peak memory of predicting slides of growing size (the same 192 tiles: the tile grows with the slide)."""
-    print("\npeak memory (MiB) of slide prediction, 2 loader workers, 32-px net:")
-    print(f"{'side px':>8} {'decoded GB':>10} {'tile px':>8} {'tiles':>6} {'RSS before':>11} {'RSS peak':>9} "
-          f"{'worker RSS':>11} {'total PSS':>10}")
-    for side, tile in ((10_000, 256), (40_000, 1024)):
+def real_tissue_tiles(svs: Path, tile: int = 512, n: int = 8) -> list[np.ndarray] | None:
+    """The `n` most stained tile x tile regions of a real slide (its level 0, a grid of non-overlapping tiles), or
+    None when there is no such slide."""
+    if not svs.exists():
+        return None
+    with open_slide(svs, "tifffile") as slide:
+        w, h = slide.dimensions
+        regions = [slide.read_region((x, y), 0, (tile, tile))
+                   for y in range(0, h - tile + 1, tile) for x in range(0, w - tile + 1, tile)]
+    return sorted(regions, key=lambda r: r.mean())[:n]  # darkest first: the most tissue, the least glass
+
+
+def bench_memory(work: Path, backends: list[str], sides: list[int], tissue: list[np.ndarray] | None) -> list[dict]:
+    """Peak memory of predicting pyramidal slides of growing side (levels as successive pages, which both
+    backends read as a pyramid), at level 0 with the same 256-px tiles: the tiles grow with the slide's area,
+    the memory must not."""
+    kind = "real tissue tiles (CMU-1 SVS)" if tissue is not None else "synthetic noise tiles"
+    print(f"\npeak memory (MiB) of slide prediction at level 0, 256-px tiles, 2 loader workers, 32-px net; "
+          f"JPEG pyramids of {kind}:")
+    print(f"{'backend':<10} {'side px':>8} {'decoded GB':>10} {'tiles':>7} {'s':>6} {'RSS before':>11} "
+          f"{'RSS peak':>9} {'worker RSS':>11} {'total PSS':>10}")
+    rows = []
+    for side in sides:
         path = work / f"memory-{side}.tif"
-        write_pyramid(path, side, sections=[(0.3, 0.4, 0.15), (0.75, 0.7, 0.12)])
-        run = subprocess.run([sys.executable, str(MEMORY_SCRIPT), str(path), str(work / "out"), str(tile), "2"],
-                             capture_output=True, text=True, check=True)
-        m = {k: v / 2**20 for k, v in json.loads(run.stdout.strip().splitlines()[-1]).items()}
-        print(f"{side:>8} {side * side * 3 / 1e9:>10.1f} {tile:>8} {m['tiles'] * 2**20:>6.0f} {m['before']:>11.0f} "
-              f"{m['self']:>9.0f} {m['worker']:>11.0f} {m['total_pss']:>10.0f}")
+        write_pyramid(path, side, sections=[(0.3, 0.4, 0.15), (0.75, 0.7, 0.12)], tissue_tiles=tissue,
+                      subifds=False)
+        for backend in backends:
+            run = subprocess.run([sys.executable, str(MEMORY_SCRIPT), str(path), str(work / "out"), "256", "2",
+                                  backend], capture_output=True, text=True)
+            if run.returncode:
+                raise SystemExit(f"{MEMORY_SCRIPT.name} failed on {path.name} ({backend}):\n{run.stderr[-2000:]}")
+            m = json.loads(run.stdout.strip().splitlines()[-1])
+            mib = {k: m[k] / 2**20 for k in ("before", "self", "worker", "total_pss")}
+            print(f"{backend:<10} {side:>8} {side * side * 3 / 1e9:>10.1f} {m['tiles']:>7} {m['seconds']:>6.0f} "
+                  f"{mib['before']:>11.0f} {mib['self']:>9.0f} {mib['worker']:>11.0f} {mib['total_pss']:>10.0f}",
+                  flush=True)
+            rows.append({"backend": backend, "side": side, "tiles": m["tiles"], "seconds": m["seconds"],
+                         **{f"{k}_mib": v for k, v in mib.items()}})
         path.unlink()
+    return rows
+
+
+PEER_SCRIPT = Path(__file__).with_name("peer_tiler.py")
+
+
+def bench_peer(path: Path, tile: int, python: Path, backends: list[str], work: Path) -> list[dict]:
+    """Tiling throughput of histoflow (each backend) and of histolab's GridTiler (run by `python`, the peer's
+    venv) on the same slide: level 0, tile x tile px, tiles at least half tissue, one process each. In memory:
+    histoflow's tissue mask, grid and SlideTiles reads against histolab's tile generator; to disk: histoflow's
+    write_slide_shards (tar shards of .npy tiles) against histolab's extract (a PNG per tile)."""
+    print(f"\ntiling {path.name} at level 0, {tile}-px tiles at least 50% tissue, one process:")
+    print(f"{'tiler':<26} {'tiles':>6} {'in memory tiles/s':>18} {'to disk tiles/s':>16}")
+    rows = []
+    for backend in backends:
+        t0 = time.perf_counter()
+        with open_slide(path, backend) as slide:
+            geometry = TileGeometry.of(slide, tile, level=0)
+            origins = tissue_tiles(slide, geometry, min_tissue=0.5)
+        SlideTiles(path, origins, geometry, 64, backend=backend).read(origins)
+        memory = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with open_slide(path, backend) as slide:
+            origins = tissue_tiles(slide, geometry, min_tissue=0.5)
+        write_slide_shards(path, work / f"shards-{backend}", 0, geometry, origins, backend=backend)
+        disk = time.perf_counter() - t0
+        rows.append({"slide": path.name, "tiler": f"histoflow ({backend})", "tiles": len(origins),
+                     "memory_tiles_per_s": len(origins) / memory, "disk_tiles_per_s": len(origins) / disk})
+    out = work / "peer-tiles"
+    out.mkdir(exist_ok=True)
+    env = {**os.environ, "LD_LIBRARY_PATH": str(python.parent.parent / "oslib")}
+    run = subprocess.run([str(python), str(PEER_SCRIPT), str(path), str(tile), "50", str(out)], capture_output=True,
+                         text=True, env=env)
+    if run.returncode:
+        print(f"  the peer failed ({python}): {run.stderr.strip().splitlines()[-1:]}")
+    else:
+        m = json.loads(run.stdout.strip().splitlines()[-1])
+        rows.append({"slide": path.name, "tiler": m["peer"], "tiles": m["tiles"],
+                     "memory_tiles_per_s": m["tiles"] / m["generate_s"], "disk_tiles_per_s": m["tiles"] / m["extract_s"]})
+    for r in rows:
+        print(f"{r['tiler']:<26} {r['tiles']:>6} {r['memory_tiles_per_s']:>18.0f} {r['disk_tiles_per_s']:>16.0f}",
+              flush=True)
+    return rows
 
 
 def main() -> None:
@@ -124,7 +198,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting; the best is kept")
     parser.add_argument("--real", type=Path, default=None, help="folder holding tcga-cr-7395-01a-01-ts1.svs")
     parser.add_argument("--backends", nargs="+", default=["tifffile", "openslide"], help="slide.backend values")
-    parser.add_argument("--memory", action="store_true", help="also the peak memory on 10,000 and 40,000-px slides")
+    parser.add_argument("--memory", action="store_true", help="also the peak memory on slides of --memory-sides px")
+    parser.add_argument("--memory-sides", nargs="+", type=int, default=[10_000, 50_000])
+    parser.add_argument("--peer", type=Path, default=None,
+                        help="the Python of a histolab venv (benchmarks/peer_venv.sh): tiling against its GridTiler")
+    parser.add_argument("--peer-side", type=int, default=20_000,
+                        help="--peer also tiles a pyramid of this side made of real tissue tiles (0: none)")
     add_common_args(parser)
     args = parser.parse_args()
     device = device_of(args.device)
@@ -138,10 +217,21 @@ def main() -> None:
         rows = [row for slide in slides for backend in args.backends
                 for row in bench_slide(slide, 0, args.tile, args.models, args.workers, args.batch, args.repeats,
                                        work / "out", device, backend)]
-        write_figures(args.json, {"device": describe(device), "tile_px": args.tile, "batch_size": args.batch,
-                                  "runs": rows})
+        peer = []
+        if args.peer is not None:
+            extra = [args.real / "cmu-1-small-region.svs"] if args.real is not None else []
+            if args.peer_side:
+                extra.append(work / f"pyramid-{args.peer_side}.tif")
+                write_pyramid(extra[-1], args.peer_side, subifds=False,
+                              tissue_tiles=real_tissue_tiles(args.real / "cmu-1-small-region.svs") if args.real else None)
+            peer = [row for slide in slides + extra for row in bench_peer(slide, args.tile, args.peer, args.backends,
+                                                                          work)]
+        memory = []
         if args.memory:
-            bench_memory(work)
+            tissue = real_tissue_tiles(args.real / "cmu-1-small-region.svs") if args.real is not None else None
+            memory = bench_memory(work, args.backends, args.memory_sides, tissue)
+        write_figures(args.json, {"device": describe(device), "tile_px": args.tile, "batch_size": args.batch,
+                                  "runs": rows, "peer": peer, "memory": memory})
 
 
 if __name__ == "__main__":

@@ -392,7 +392,7 @@ def main() -> int:
     slide = ["--real", str(data / "wsi")] if (data / "wsi" / "tcga-cr-7395-01a-01-ts1.svs").is_file() else []
     check.stage("bench_wsi", bench, check, "bench_wsi.py", "--side", str(b.slide_side), "--batch", str(b.slide_batch),
                 "--workers", *map(str, b.slide_workers), "--repeats", "1", "--device", device, *slide,
-                "--backends", "tifffile")  # the GPU kit carries no OpenSlide wheel yet
+                "--backends", "tifffile", "openslide")  # the kit carries openslide-python and openslide-bin wheels
 
     stages = [vars(s) for s in check.stages]
     floors = []

@@ -1,4 +1,5 @@
-"""Peak memory of slide prediction: `python benchmarks/slide_peak_memory.py SLIDE OUT TILE WORKERS` prints JSON.
+"""Peak memory of slide prediction: `python benchmarks/slide_peak_memory.py SLIDE OUT TILE WORKERS [BACKEND]` prints
+JSON (BACKEND: slide.backend, default auto).
 
 Run in its own process by tests/test_slide_predict.py and benchmarks/bench_wsi.py: VmHWM of this
 process, and sampled PSS of it and its loader workers together.
@@ -48,13 +49,14 @@ def sample():  # every 20 ms: this process and its loader workers together, and 
         time.sleep(0.02)
 
 slide, out, tile, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+backend = sys.argv[5] if len(sys.argv) > 5 else "auto"
 models = [(AlexNet32(num_classes=8, input_size=32), PatchTransform(32, {"mean_image": np.full((32, 32, 3), 200.0)}))]
 before = status("self", "VmHWM")
 sampler = threading.Thread(target=sample, daemon=True)
 sampler.start()
 result = predict_slide(slide, models, [f"c{i}" for i in range(8)], SlideConfig(tile_size=tile, batch_size=64,
-                       num_workers=workers, progress=False), out)
+                       num_workers=workers, progress=False, backend=backend), out)
 done.set()
 sampler.join()
-print(json.dumps({"tiles": result.tiles, "before": before * 1024, "self": status("self", "VmHWM") * 1024,
+print(json.dumps({"tiles": result.tiles, "seconds": result.seconds, "before": before * 1024, "self": status("self", "VmHWM") * 1024,
                   **{k: v * 1024 for k, v in peak.items()}}))

@@ -130,17 +130,18 @@ def test_folds_keep_every_patient_on_one_side(tmp_path: Path) -> None:
 def test_predict_a_slide_table_from_the_command_line(model: FoldModel, wsi_dir: Path,
                                                      tmp_path: Path) -> None:
     """`predict slides=<table.csv>`: the slide listed is predicted and slides.csv carries its patient, label and
-    other columns."""
+    other columns; one named like slides.csv's own (`tiles`) is kept as table_tiles, said in the log."""
     (tmp_path / "wsi").symlink_to(wsi_dir)
-    table = write_table(tmp_path / "cohort.csv", f"slide,patient,label,stage\nwsi/{CMU},P1,01_TUMOR,II\n")
+    table = write_table(tmp_path / "cohort.csv", f"slide,patient,label,stage,tiles\nwsi/{CMU},P1,01_TUMOR,II,9999\n")
     done = subprocess.run(
         [sys.executable, str(REPO / "predict.py"), f"ckpt_path={model.path}", f"slides={table}",
          "slide.tile_size=256", "slide.thumbnail_size=512", "slide.num_workers=0", "progress=false",
          f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_csv(tmp_path / "run" / "slides.csv")
-    assert list(rows[0]) == ["slide", "patient", "label", "stage", "tiles", "tiles_per_s", "damaged_tiles", "map",
-                             "heatmap"]
-    assert [(r["slide"], r["patient"], r["label"], r["stage"]) for r in rows] == [
-        (str(tmp_path / "wsi" / CMU), "P1", "01_TUMOR", "II")]
-    assert int(rows[0]["tiles"]) > 0 and Path(rows[0]["heatmap"]).is_file()
+    assert list(rows[0]) == ["slide", "patient", "label", "stage", "table_tiles", "tiles", "tiles_per_s",
+                             "damaged_tiles", "map", "heatmap"]
+    assert [(r["slide"], r["patient"], r["label"], r["stage"], r["table_tiles"]) for r in rows] == [
+        (str(tmp_path / "wsi" / CMU), "P1", "01_TUMOR", "II", "9999")]
+    assert 0 < int(rows[0]["tiles"]) < 9999 and Path(rows[0]["heatmap"]).is_file()  # the tiles predicted
+    assert "column tiles named like slides.csv's own: written there as table_tiles" in done.stderr + done.stdout

@@ -178,7 +178,13 @@ def _slide_files(spec: str | list[str]) -> tuple[list[Path], dict[Path, dict[str
     """The slide files to predict, and for a slide table (a .csv) what it says of each: patient, label, the rest."""
     if isinstance(spec, str) and spec.lower().endswith(".csv"):
         table = read_slide_table(spec)
-        return [s.path for s in table], {s.path: s.columns() for s in table}
+        said = {s.path: s.columns() for s in table}
+        clashing = sorted(set(SLIDE_COLUMNS) & set(next(iter(said.values()), {})))
+        if clashing:  # a table's column named like one of slides.csv's own is kept, renamed, never overwritten
+            log.warning("%s: column%s %s named like slides.csv's own: written there as %s", spec,
+                        "s" * (len(clashing) > 1), ", ".join(clashing), ", ".join(f"table_{c}" for c in clashing))
+            said = {path: {f"table_{k}" if k in clashing else k: v for k, v in cols.items()} for path, cols in said.items()}
+        return [s.path for s in table], said
     return files_matching(spec, SLIDE_SUFFIXES, key="slides"), {}
 
 

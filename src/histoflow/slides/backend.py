@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "openslide", "tifffile")
 # tifffile stays the default until OpenSlide matches it on histoflow's own checks (see docs/prediction.md): damaged
 # stored tiles named one by one, pixel-exact reads at levels of non-integer downsample, flat memory on huge slides
-DEFAULT_BACKEND = "tifffile"
+DEFAULT_BACKEND = "auto"
 
 
 def open_slide(path: str | os.PathLike[str], backend: str = DEFAULT_BACKEND, source_mpp: float | None = None) -> Slide:

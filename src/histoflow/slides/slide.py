@@ -27,7 +27,7 @@ from PIL import Image
 
 from histoflow.common.errors import ConfigError, HistoflowError, MissingInputError
 
-BAND_PIXELS = 1 << 24  # source pixels read at a time while shrinking a whole level to a thumbnail (48 MB RGB)
+BAND_PIXELS = 1 << 22  # source pixels read at a time while shrinking a whole level to a thumbnail (12 MB RGB)
 MAX_UPSAMPLING = 0.9  # slide.mpp may be this much finer than the scan (0.5 on a 0.55 scan), no finer
 
 
