@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,14 @@ import pytest
 import tifffile
 import torch
 from conftest import REPO, compose_config
+from omegaconf import OmegaConf
 
 from histoflow.common.config import plain
 from histoflow.common.errors import ConfigError
 from histoflow.features.cohort import (
     CohortResult,
+    CohortRunConfig,
+    CohortSlideConfig,
     CohortSlideError,
     balanced_bins,
     embed_cohort,
@@ -266,3 +270,20 @@ def test_slides_are_shared_out_by_size_the_same_way_everywhere() -> None:
     for wrong in ("0/4", "5/4", "3", "a/b"):
         with pytest.raises(ConfigError, match="embed.chunk"):
             parse_chunk(wrong)
+
+
+def test_the_slurm_launcher_takes_embeds_devices_and_nodes() -> None:
+    """hydra/launcher=slurm read trainer.* only, which embed.yaml has not: the cohort's jobs took embed.*."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = compose_config("embed", ["hydra/launcher=slurm", "embed.devices=4", "embed.num_nodes=2"],
+                         return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["tasks_per_node"] == 4 and launcher["nodes"] == 2
+
+
+def test_embed_yaml_shows_the_cohort_sections_at_their_defaults() -> None:
+    yaml = OmegaConf.load(REPO / "conf" / "embed.yaml")
+    assert OmegaConf.to_container(yaml.slide) == asdict(CohortSlideConfig())
+    shown = OmegaConf.to_container(yaml.embed)
+    assert shown.pop("out") == "${paths.data_dir}/slide_features"  # the dataclass: data/slide_features
+    assert shown == {k: v for k, v in asdict(CohortRunConfig()).items() if k != "out"}
