@@ -259,6 +259,7 @@ def test_bad_slides_are_listed_with_their_reason_or_stop_the_run(cohort: Path, w
 
     with pytest.raises(CohortSlideError, match="no-mpp.tif: .*slide.source_mpp.*on_bad_image=skip"):
         embed(table, tmp_path / "stopped", weights, "on_bad_image=error")
+    assert len(list((tmp_path / "stopped").glob("*/shards/*.npz"))) == 1  # the slide before it is kept, whole
 
 
 def test_slides_are_shared_out_by_size_the_same_way_everywhere() -> None:

@@ -343,13 +343,16 @@ class _Loop:
         self.rows: list[dict[str, Any]] = []
         self.problems: list[tuple[int, Problem]] = []
         self.done: set[str] = set()  # shas embedded or found by this process
+        self.stop: CohortSlideError | None = None  # a bad slide under on_bad_image=error
 
     def _settle(self, planned: _Slide) -> None:
         """A slide not embedded here: found done (reused), or a problem (left out, or the run stops)."""
         if planned.problem is not None:
-            if self.job.on_bad_image == "error":
-                raise CohortSlideError(f"{planned.error} (or embed with on_bad_image=skip to leave such slides out, "
-                                       "listed in the cohort's problems.csv)") from planned.error
+            if self.job.on_bad_image == "error":  # raised once the slide being embedded is written
+                self.stop = CohortSlideError(f"{planned.error} (or embed with on_bad_image=skip to leave such slides "
+                                             "out, listed in the cohort's problems.csv)")
+                self.stop.__cause__ = planned.error
+                return
             log.warning("%s left out (%s): %s", planned.record.slide, planned.problem.kind, planned.problem.detail)
             self.problems.append((planned.row, planned.problem))
             self.result.problems.append(planned.problem)
@@ -378,10 +381,12 @@ class _Loop:
             self._bar = (bar, slides_bar, tiles_bar, t0)
             self.put_off: list[_Slide] = []
             self._pass(plans, wait=False)
-            if self.put_off:
+            if self.put_off and self.stop is None:
                 log.info("%d slides were being embedded by another job: waiting for it", len(self.put_off))
                 self._pass(iter(self.put_off), wait=True)
         self.result.seconds = time.perf_counter() - t0
+        if self.stop is not None:
+            raise self.stop
         return self.result
 
     def _pass(self, plans: Iterator[_Slide], wait: bool) -> None:
@@ -391,6 +396,8 @@ class _Loop:
             for planned in plans:
                 if planned.tiles is None:
                     self._settle(planned)
+                    if self.stop is not None:
+                        return None
                 elif planned.sha in self.done or planned.shard.is_file():  # a copy's, or another job's meanwhile
                     self._settle_later(planned)
                 else:
@@ -403,7 +410,7 @@ class _Loop:
             planned, batches = current
             nxt = self._embed(planned, batches, next_to_embed, wait)
             del batches, current  # its workers end
-            current = nxt() if callable(nxt) else nxt
+            current = None if self.stop is not None else nxt() if callable(nxt) else nxt
             bar.update(slides_bar, completed=len(self.rows) + len(self.problems))
 
     def _settle_later(self, planned: _Slide) -> None:
@@ -467,6 +474,7 @@ class _Loop:
                 bar.update(tiles_bar, completed=done, rate=f"{self.result.tiles / elapsed:.0f} tiles/s")
             if pending is not None:
                 done += self._store(features, *pending, batch)
+            bar.update(tiles_bar, completed=done)
             origins = tiles.origins
             seconds = round(time.perf_counter() - t0, 3)
             meta = {"format": FORMAT, "slide": str(record.path), "sha256": planned.sha, "tiles": n, "dim": self.dim,
