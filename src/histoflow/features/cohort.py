@@ -63,7 +63,7 @@ from histoflow.slides.tiles import NoTissueError, SlideTiles, TileGeometry, stor
 log = logging.getLogger(__name__)
 FORMAT = 1
 SHARDS = "shards"
-HASHES = ".hashes-slides.json"  # the slides' sha256 by file status
+HASHES = "hashes"  # each slide's sha256 by its file status (data.fingerprint), a file per slide path
 BARRIER_TIMEOUT = timedelta(days=7)  # ranks wait this long for the slowest at the end (no collective before it)
 ON_BAD = ("error", "skip")
 STRATEGIES = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork"}  # embed.strategy -> start method
@@ -268,7 +268,9 @@ def _plan(row: int, record: SlideRecord, job: CohortJob, side: int, transform: P
     """Hash the slide, and where its shard is not there yet, find its tissue tiles (in the planning thread)."""
     cfg, planned = job.slide, _Slide(row, record)
     try:
-        planned.sha = content_hashes([record.path], job.folder / HASHES)[0]
+        # one small cache file per slide path: no job rewrites, or races over, a cohort-wide file for every slide
+        cache = job.folder / HASHES / f"{hashlib.sha256(str(record.path).encode()).hexdigest()[:24]}.json"
+        planned.sha = content_hashes([record.path], cache)[0]
         planned.shard = job.folder / SHARDS / f"{planned.sha}.npz"
         if planned.shard.is_file():
             return planned
