@@ -15,7 +15,7 @@ VERBS = {
     "prepare": "cut patches, assign folds, audit the split, write shards",
     "train": "train on one fold (-m fold=1,2,3,4,5: every fold, then the k-fold reports)",
     "predict": "classify images by patch votes, report folds, map slides",
-    "embed": "embed every prepared patch with a frozen encoder, once",
+    "embed": "embed every prepared patch, or a slide table's tissue tiles, with a frozen encoder, once",
     "audit": "the leak audit of a data set's folds",
     "summary": "the cross-validation summary of a multirun folder",
 }
