@@ -107,6 +107,7 @@ def test_a_slides_shard_is_the_encoders_forward_of_its_tissue_tiles(cohort: Path
     rows = index_rows(clean.index, without=())
     assert [r["slide"] for r in rows] == table_slides(cohort)  # the table's order
     assert [r["patient"] for r in rows] == ["skin-P1", "skin-P1", "tcga-P1", "tcga-P1", "kidney-P1", "kidney-P1"]
+    assert rows[0]["source"] == "cmu-1-small-region.svs"  # the table's own columns go on into the index
     assert (clean.folder / "cohort.problems.csv").read_text().strip() == "path,kind,detail,action"
     encoder = build_encoder({"_target_": "histoflow.models.torchvision_model", "name": "squeezenet1_1",
                              "weights": str(weights)}, SIDE)[0]
