@@ -139,13 +139,14 @@ def _colour_baselines(rows: list[dict[str, Any]], classes: list[str]) -> dict[st
 
 
 def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, settings: Mapping[str, Any],
-                problems: Sequence[Problem] = (), missing_folds: Sequence[str] = ()) -> dict[str, Any]:
+                problems: Sequence[Problem] = (), missing_folds: Sequence[str] = (),
+                colour: bool = True) -> dict[str, Any]:
     """Write report.json, report.md, confusion_images/confusion_patches (CSV, PNG) and reliability_images.png of
     held-out predictions, with the colour-only baseline on the same folds.
 
     rows need image, fold, label, predicted, patches, votes_<class> and prob_<class>, and should have group (the
     patient: intervals resample groups; without it each image is its own group, and the report says so); returns
-    the report as a dict.
+    the report as a dict. colour=False: no colour-only baseline (rows that are not image files: patient bags).
     """
     if not rows:
         raise ValueError("no image was predicted: nothing to report")
@@ -170,7 +171,7 @@ def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, s
         "per_fold": per_fold, "summary": summary, "pooled": pooled,
         "confusion_images": cm_images.tolist(), "confusion_patches": cm_patches.tolist(),
         "misclassified": wrong, "problems": [asdict(p) for p in problems], "missing_folds": list(missing_folds),
-        "calibration": calibration, "colour_baselines": _colour_baselines(rows, classes),
+        "calibration": calibration, "colour_baselines": _colour_baselines(rows, classes) if colour else {},
         **_over_groups(rows, classes),
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, open_dict
 
 from histoflow.common.config import CONF_DIR
 from histoflow.common.errors import HistoflowError, message
+from histoflow.inference.bag_report import bag_runs, write_bag_report
 from histoflow.inference.predict import predict
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,10 @@ def write_image_report(sweep: str | Path, overrides: Sequence[str] = ()) -> Path
     sweep holds no k-fold set of models, e.g. a sweep over settings rather than folds."""
     sweep = Path(sweep).resolve()  # the report names its checkpoints wherever it is read from
     out = sweep / REPORT_DIR
+    if bag_runs(sweep):  # heads on bags: each fold's bag predictions are the report's rows (no re-prediction)
+        report = write_bag_report(sweep, out)
+        log.info("bag-level report: %s\n  %s", out / "report.md", headline(report))
+        return out / "report.md"
     try:
         predict(predict_config([quoted("ckpt_path", sweep), *overrides], out))
     except HistoflowError as e:

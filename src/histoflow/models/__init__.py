@@ -2,6 +2,7 @@
 
 from histoflow.models.alexnet32 import AlexNet32
 from histoflow.models.heads import LinearHead, MLPHead, build_encoder, encoder_with_head
+from histoflow.models.mil import ABMIL, MaxPool, MeanPool, is_bag_head
 from histoflow.models.preprocess import Preprocess, input_preprocess, model_preprocess
 from histoflow.models.timm_models import timm_model
 from histoflow.models.torchvision_models import (
@@ -10,5 +11,5 @@ from histoflow.models.torchvision_models import (
            torchvision_model,
 )
 
-__all__ = ["AlexNet32", "LinearHead", "MLPHead", "Preprocess", "build_encoder", "clean_state_dict", "classifier_head",
+__all__ = ["ABMIL", "AlexNet32", "MaxPool", "MeanPool", "is_bag_head", "LinearHead", "MLPHead", "Preprocess", "build_encoder", "clean_state_dict", "classifier_head",
            "encoder_with_head", "input_preprocess", "model_preprocess", "timm_model", "torchvision_model"]

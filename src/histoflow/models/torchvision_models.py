@@ -102,14 +102,26 @@ def _torchvision_weights(name: str, weights: str) -> Any:
         ) from err
 
 
+def _relu6_to_relu(model: nn.Module) -> None:
+    """Every ReLU6 of a model replaced by a ReLU, in place."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.ReLU6):
+            setattr(model, name, nn.ReLU(inplace=child.inplace))
+        else:
+            _relu6_to_relu(child)
+
+
 def torchvision_model(
     name: str,
     num_classes: int,
     weights: str | None = None,
     freeze_backbone: bool = False,
     cache_dir: str | None = None,
+    activation: str | None = None,
 ) -> nn.Module:
-    """A torchvision model by name with a num_classes head; weights: None, torchvision name, file or URL."""
+    """A torchvision model by name with a num_classes head; weights: None, torchvision name, file or URL.
+    activation=relu: every ReLU6 becomes a ReLU (weights trained with ReLU, e.g. the quantisation-aware
+    MobileNetV2 of ../shared/weights: torchvision's quantizable mobilenet_v2 in fp32 is exactly this)."""
     weights = None if weights is None else str(weights)
     if weights is None:
         model = torchvision.models.get_model(name, weights=None)
@@ -138,6 +150,10 @@ def torchvision_model(
                 f"elsewhere and set model.weights to its local path (or put it in $TORCH_HOME/hub/checkpoints)."
             ) from err
     _set_head(model, num_classes)
+    if activation not in (None, "default", "relu"):
+        raise WeightsError(f"model.activation={activation}: expected relu or null (the net's own activations)")
+    if activation == "relu":
+        _relu6_to_relu(model)
     if freeze_backbone and num_classes:
         _, head = classifier_head(model)
         head_params = {id(p) for p in head.parameters()}

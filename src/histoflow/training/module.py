@@ -117,3 +117,28 @@ class PatchClassifier(pl.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer),
                                                           "interval": "epoch"}}
+
+
+class BagClassifier(PatchClassifier):
+    """A head on bags (models/mil.py): batches are padded bags (features, mask, labels, bag indices); one label
+    and one prediction per bag, scored as the patch classifier scores patches."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits (B, num_classes) of bags (B, N, D) with mask (B, N)."""
+        return self.model(x, mask)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        x, mask, y = batch[:3]
+        logits = self(x, mask)
+        loss = self.criterion(logits, y)
+        self.train_scores.update(logits.detach(), y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        self.log("train/acc", self.train_scores, on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def _eval_step(self, batch: tuple[torch.Tensor, ...], stage: str) -> None:
+        x, mask, y = batch[:3]
+        logits = self(x, mask)
+        self.log(f"{stage}/loss", self.criterion(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
+        getattr(self, f"{stage}_scores").update(logits, y)
+        getattr(self, f"{stage}_confusion").update(logits, y)

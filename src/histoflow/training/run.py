@@ -16,10 +16,11 @@ from pytorch_lightning.loggers import CSVLogger
 from histoflow.common.config import localize_weights, refuse_unknown_top_keys
 from histoflow.evaluation.figures import plot_training_curves
 from histoflow.features.embeddings import Embedder
-from histoflow.models import input_preprocess
+from histoflow.models import input_preprocess, is_bag_head
 from histoflow.models.build import build_net, require_head
+from histoflow.training.bag_outputs import write_bag_outputs
 from histoflow.training.callbacks import FlushLogs
-from histoflow.training.module import PatchClassifier
+from histoflow.training.module import BagClassifier, PatchClassifier
 from histoflow.training.outputs import METRICS_FILE, merge_csv_metrics
 from histoflow.training.resume import ddp_children_rerun_this_job, resume_checkpoint
 from histoflow.training.tracking import configure_wandb, finish_wandb
@@ -35,6 +36,14 @@ def _write_reports(trainer: pl.Trainer, output_dir: Path) -> None:
             merged = merge_csv_metrics(Path(logger.root_dir), output_dir / "metrics.csv")
             if merged is not None:
                 plot_training_curves(merged, output_dir / "training_curves.png")
+
+
+def bag_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What the k-fold report of bag heads says it ran: the head (its aggregate), window and stride."""
+    patches = cfg.data.get("patches") or {}
+    model = str(cfg.model.get("_target_", "")).rsplit(".", 1)[-1]
+    return {"aggregate": f"bag ({model}, {(cfg.get('bag') or {}).get('level', 'image')} bags)", "views": 1,
+            "window": patches.get("size"), "stride": patches.get("stride")}
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -54,13 +63,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # normalisation.
     encoder = cfg.get("encoder")
     require_head(cfg.model, bool(encoder))
+    bags = is_bag_head(cfg.model)  # a head on bags of tile embeddings (model=abmil|mean_pool|max_pool)
+    # bags: the same preparation and embedding, the samples are bags (histoflow.features.bags)
+    extra = {"_target_": "histoflow.features.bags.BagDataModule", "bag": cfg.get("bag")} if bags else {}
     datamodule = hydra.utils.instantiate(cfg.data, fold=cfg.fold, _recursive_=False,
                                          preprocess=input_preprocess(cfg.model, encoder),
-                                         embed=Embedder(encoder) if encoder else None)
+                                         embed=Embedder(encoder) if encoder else None, **extra)
     datamodule.prepare_data()
     datamodule.setup("fit")
     net = build_net(cfg.model, datamodule.num_classes, datamodule.input_size, datamodule.feature_dim)
-    module = PatchClassifier(
+    module = (BagClassifier if bags else PatchClassifier)(
         net,
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.get("scheduler")),
@@ -86,6 +98,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 log.warning("no best checkpoint (fast_dev_run or no checkpoint callback): testing the current weights")
             trainer.test(module, datamodule=datamodule, ckpt_path=best_path)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+            if bags and trainer.is_global_zero:  # one prediction per held-out bag: the rows of the k-fold report
+                write_bag_outputs(module.model, datamodule, output_dir, bag_settings(cfg))
         metrics.update(fold=str(cfg.fold), best_checkpoint=best_path, output_dir=str(output_dir))
         if trainer.is_global_zero:
             (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=1))

@@ -1,0 +1,147 @@
+"""Bags of frozen tile embeddings and the heads on them (issue 27): attention sums to one over a bag's real tiles;
+padding and batch composition never change a bag's output; a bag's embeddings are the frozen encoder's forward of
+its tiles; bad bags are listed or named; heads train per fold and write the k-fold report at the bag's level."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_train, make_images
+
+from histoflow.common.errors import ConfigError
+from histoflow.data.prepare import prepare_dataset
+from histoflow.data.shards import parse_key, stack_npy, tar_samples
+from histoflow.features import embeddings
+from histoflow.features.bags import Bag, BagDataModule, image_bags, pad_bags, patient_bags
+from histoflow.inference.sweep_report import write_image_report
+from histoflow.models import ABMIL, MaxPool, MeanPool, build_encoder
+from histoflow.training.run import train
+
+ENCODER = {"_target_": "histoflow.models.torchvision_model", "name": "squeezenet1_1", "weights": None,
+           "preprocess": {"input_size": 40, "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
+                          "std": [0.229, 0.224, 0.225]}}
+HEADS = [lambda: ABMIL(12, 3, hidden=8, attention=6, dropout=0.25), lambda: ABMIL(12, 3, hidden=None),
+         lambda: MeanPool(12, 3), lambda: MeanPool(12, 3, hidden=8), lambda: MaxPool(12, 3, hidden=8)]
+
+
+def random_bag(n: int, seed: int) -> Bag:
+    g = torch.Generator().manual_seed(seed)
+    return Bag(f"bag{seed}", seed % 3, torch.randn(n, 12, generator=g), np.zeros((n, 4), np.int64), "p", "1")
+
+
+def test_attention_sums_to_one_over_a_bags_real_tiles() -> None:
+    torch.manual_seed(0)
+    head = ABMIL(12, 3).eval()
+    x, mask, _, _ = pad_bags([(random_bag(n, i), i) for i, n in enumerate((1, 7, 30))])
+    x[~mask] = 1e6  # whatever the padding holds
+    a = head.attention_weights(x, mask)
+    torch.testing.assert_close(a.sum(1), torch.ones(3))
+    assert (a[~mask] == 0).all() and (a[mask] > 0).all()
+
+
+@pytest.mark.parametrize("make", HEADS)
+def test_padding_and_batch_composition_never_change_a_bags_output(make) -> None:
+    torch.manual_seed(0)
+    head = make().eval()
+    bag = random_bag(5, 0)
+    with torch.no_grad():
+        alone = head(bag.features[None])
+        others = [random_bag(n, s) for s, n in ((1, 40), (2, 3), (3, 17))]
+        for batch in ([bag, *others], [*others, bag], [others[0], bag]):
+            x, mask, _, _ = pad_bags([(b, i) for i, b in enumerate(batch)])
+            x[~mask] = float("nan")  # padding never reaches an output, NaN included
+            out = head(x, mask)
+            torch.testing.assert_close(out[batch.index(bag)][None], alone, rtol=1e-5, atol=1e-6)
+            assert torch.isfinite(out).all()
+
+
+def test_a_bag_without_a_tile_is_refused_by_the_heads_and_listed_when_bags_are_built(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="without a real tile"):
+        ABMIL(12, 3)(torch.zeros(2, 4, 12), torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]]).bool())
+    manifest = [{"index": 0, "image": "CLL/a.png", "label": "CLL", "group": "p1", "fold": "1"}]
+    bags, problems = image_bags([], manifest, ["CLL", "FL", "MCL"])
+    assert bags == [] and [(p.path, p.kind) for p in problems] == [("CLL/a.png", "no-tile")]
+
+
+def test_a_patient_whose_images_disagree_is_an_error_naming_the_patient() -> None:
+    a, b, c = random_bag(3, 0), random_bag(4, 1), random_bag(2, 3)  # labels 0, 1, 0
+    a.group, b.group, c.group = "case-7", "case-7", "case-8"
+    with pytest.raises(ConfigError, match="patient case-7"):
+        patient_bags([a, b, c], ["CLL", "FL", "MCL"])
+    b.label = 0
+    (p7, p8) = patient_bags([a, b, c], ["CLL", "FL", "MCL"])
+    assert (p7.name, len(p7), p8.name, len(p8)) == ("case-7", 7, "case-8", 2)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_images(tmp_path_factory.mktemp("mil") / "images", per_class=4, size=(72, 72), pixels="tint")
+
+
+def data_config(images: Path, work: Path) -> dict:
+    return {"name": "tiny", "root": str(images), "labels": "folder", "classes": ["CLL", "FL", "MCL"],
+            "split": {"kind": "kfold", "k": 2, "val_fraction": 0.0, "seed": 0},
+            "patches": {"size": 36, "stride": 32, "rotations": [0, 90]},
+            "shards": {"dir": str(work), "samples_per_shard": 24, "workers": 1},
+            "loader": {"crop": 32, "num_workers": 0, "batch_size": 16}}
+
+
+def test_a_bags_embeddings_equal_the_frozen_encoders_forward_of_its_tiles(images: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    weights = tmp_path / "squeezenet.pth"
+    torch.save(build_encoder(ENCODER, 40)[0].state_dict(), weights)
+    encoder_cfg = {**ENCODER, "weights": str(weights)}
+    data = data_config(images, tmp_path / "work")
+    module = BagDataModule(fold=1, preprocess=embeddings.input_preprocess(None, encoder_cfg),
+                           embed=embeddings.Embedder(encoder_cfg, "cpu"), bag={"batch_size": 4}, **data)
+    module.prepare_data()
+    module.setup("fit")
+    prepared = prepare_dataset(data, quiet=True)
+    patches = {parse_key(s["__key__"])["image"]: [] for s in []}
+    for shard in prepared.record["shards"]:
+        for s in tar_samples([{"url": str(prepared.path / "shards" / shard["file"])}]):
+            k = parse_key(s["__key__"])
+            patches.setdefault(k["image"], {})[(k["x"], k["y"], k["rot"])] = s["npy"]
+    encoder, _ = build_encoder(encoder_cfg, 40)
+    transform = embeddings.fold_free_transform(prepared, asdict(module.loader))
+    bags = module.bags["train"] + module.bags["test"]
+    assert len(bags) == 12 and all(len(b) == 8 for b in bags) and {b.fold for b in module.bags["test"]} == {"1"}
+    for bag in bags[:3] + module.bags["test"][:2]:
+        index = int(bag.coords[0, 0])
+        tiles = stack_npy([patches[index][tuple(c[1:])] for c in bag.coords])
+        with torch.inference_mode():
+            direct = encoder(transform(torch.from_numpy(tiles)))
+        torch.testing.assert_close(bag.features, direct)
+    x, mask, y, idx = next(iter(module.train_dataloader()))
+    assert x.shape == (4, 8, 512) and mask.all() and len(y) == len(idx) == 4
+
+
+def test_abmil_trains_per_fold_and_writes_the_bag_level_report(images: Path, tmp_path: Path,
+                                                                leave_no_trace: None) -> None:
+    torch.manual_seed(0)
+    weights = tmp_path / "squeezenet.pth"
+    torch.save(build_encoder(ENCODER, 40)[0].state_dict(), weights)
+    overrides = [f"data.root={images}", f"paths.data_dir={tmp_path / 'work'}", "protocol=images", "data.split.k=2",
+                 "data.split.val_fraction=0", "encoder=squeezenet1_1_imagenet", f"encoder.weights={weights}",
+                 "encoder.preprocess.input_size=40", "model=abmil", "model.hidden=null", "optimizer=adamw", "optimizer.lr=0.01",
+                 "trainer.max_epochs=20", "++data.loader.num_workers=0", "bag.batch_size=4",
+                 "callbacks.model_checkpoint.monitor=null", "logger=csv"]
+    sweep = tmp_path / "multirun"
+    for job, fold in enumerate((1, 2)):
+        metrics = train(compose_train([*overrides, f"fold={fold}"], sweep / str(job), multirun=True))
+        assert 0 <= metrics["test/acc_micro"] <= 1 and (sweep / str(job) / "bag_predictions.csv").is_file()
+    with np.load(sweep / "0" / "attention.npz") as z:
+        np.testing.assert_allclose(z["attention_0"].sum(), 1.0, rtol=1e-5)
+        assert z["coords_0"].shape == (8, 4)
+    write_image_report(sweep)
+    report = json.loads((sweep / "image_report" / "report.json").read_text())
+    assert report["images"] == 12 and set(report["per_fold"]) == {"fold 1", "fold 2"}
+    assert report["settings"]["aggregate"].startswith("bag (ABMIL")
+    assert report["pooled"]["image/acc"] >= 0.75  # tinted classes: the bag head learns them
+    low, high = report["interval"]["image/acc"]
+    assert low <= report["pooled"]["image/acc"] <= high and report["colour_baselines"]
