@@ -143,5 +143,6 @@ def test_abmil_trains_per_fold_and_writes_the_bag_level_report(images: Path, tmp
     assert report["images"] == 12 and set(report["per_fold"]) == {"fold 1", "fold 2"}
     assert report["settings"]["aggregate"].startswith("bag (ABMIL")
     assert report["pooled"]["image/acc"] >= 0.75  # tinted classes: the bag head learns them
+    assert (sweep / "image_report" / "attention_gallery.png").stat().st_size > 0
     low, high = report["interval"]["image/acc"]
     assert low <= report["pooled"]["image/acc"] <= high and report["colour_baselines"]
