@@ -10,15 +10,16 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from matplotlib.figure import Figure
+from omegaconf import OmegaConf
 
 from histoflow.common.errors import MissingInputError
 from histoflow.data.images import read_rgb
 from histoflow.data.problems import Problem
-from histoflow.inference.image_report import fold_report, write_csv
+from histoflow.inference.image_report import fold_report, log_wandb, write_csv
 from histoflow.training.bag_outputs import ATTENTION, PREDICTIONS, read_bag_predictions
 
 GALLERY = "attention_gallery.png"
@@ -30,8 +31,28 @@ def bag_runs(sweep: str | Path) -> list[Path]:
     return sorted(runs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
 
 
-def write_bag_report(sweep: str | Path, out: Path | None = None) -> dict[str, Any]:
-    """<sweep>/image_report/: report.json, report.md, predictions.csv, confusion and reliability figures."""
+def wandb_of(run: Path) -> dict[str, Any] | None:
+    """The W&B run settings of a report on a sweep whose job `run` logged to W&B (its logger.wandb); else None."""
+    config = run / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return None
+    logger = OmegaConf.load(config).get("logger") or {}
+    if "wandb" not in logger:
+        return None
+    wandb = logger["wandb"]
+    try:
+        group = str(wandb.get("group"))
+    except Exception:  # an interpolation of the Hydra run that wrote it
+        group = None
+    return {"project": wandb.get("project", "histoflow"), "entity": wandb.get("entity"), "group": group,
+            "name": f"{group}-report" if group else None, "job_type": "report"}
+
+
+def write_bag_report(sweep: str | Path, out: Path | None = None,
+                     wandb: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """<sweep>/image_report/: report.json, report.md, predictions.csv, confusion and reliability figures, the
+    attention gallery; logged to W&B (metrics, figures, misclassified bags) where the sweep's jobs logged there, or
+    `wandb` (wandb.init arguments) says so."""
     sweep = Path(sweep).resolve()
     runs = bag_runs(sweep)
     if not runs:
@@ -57,8 +78,16 @@ def write_bag_report(sweep: str | Path, out: Path | None = None) -> dict[str, An
     report = fold_report(rows, first["classes"], out, settings, problems=list({p: None for p in problems}),
                          colour=first.get("level") == "image")
     (out / "report.json").write_text(json.dumps(report, indent=1))
+    images = {"report/confusion_images": out / "confusion_images.png"}
     if first.get("level") == "image":
-        attention_gallery(runs, first["classes"], out / GALLERY)
+        images["report/attention_gallery"] = attention_gallery(runs, first["classes"], out / GALLERY)
+    wandb = wandb if wandb is not None else wandb_of(runs[0])
+    if wandb:
+        metrics = {"report/acc": report["pooled"]["image/acc"], "report/f1_macro": report["pooled"]["image/f1_macro"],
+                   "report/acc_low": report["interval"]["image/acc"][0],
+                   "report/acc_high": report["interval"]["image/acc"][1],
+                   "report/case_acc": report["case_level"]["acc"]}
+        log_wandb(out, settings, wandb, metrics, images, {"report/misclassified": report["misclassified"]})
     return report
 
 
