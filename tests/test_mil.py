@@ -18,8 +18,10 @@ from histoflow.data.prepare import prepare_dataset
 from histoflow.data.shards import parse_key, stack_npy, tar_samples
 from histoflow.features import embeddings
 from histoflow.features.bags import Bag, BagDataModule, image_bags, pad_bags, patient_bags
+from histoflow.inference.fold_models import load_fold_model
 from histoflow.inference.sweep_report import write_image_report
 from histoflow.models import ABMIL, MaxPool, MeanPool, build_encoder
+from histoflow.training.checkpoints import CheckpointError
 from histoflow.training.run import train
 
 ENCODER = {"_target_": "histoflow.models.torchvision_model", "name": "squeezenet1_1", "weights": None,
@@ -146,3 +148,5 @@ def test_abmil_trains_per_fold_and_writes_the_bag_level_report(images: Path, tmp
     assert (sweep / "image_report" / "attention_gallery.png").stat().st_size > 0
     low, high = report["interval"]["image/acc"]
     assert low <= report["pooled"]["image/acc"] <= high and report["colour_baselines"]
+    with pytest.raises(CheckpointError, match="a head on bags"):  # predict runs patch heads: said, not a traceback
+        load_fold_model(next((sweep / "0" / "checkpoints").glob("*.ckpt")))

@@ -19,6 +19,7 @@ from histoflow.data.prepare import prepare_dataset
 from histoflow.data.stain import StainNormalizer
 from histoflow.data.transforms import PatchTransform, build_transform
 from histoflow.features.embeddings import weights_sha256
+from histoflow.models import is_bag_head
 from histoflow.training.checkpoints import (
     TRUSTED_TARGETS,
     CheckpointError,
@@ -159,6 +160,10 @@ def load_fold_model(path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS,
     checkpoint = read_checkpoint(path)  # read once: the classifier is built from these contents
     hparams = checkpoint["hyper_parameters"]
     config = hparams["config"]
+    if is_bag_head(config.get("model") or {}):
+        raise CheckpointError(f"{path}: a head on bags ({config['model'].get('_target_')}): it predicts one bag, not "
+                              "patches, and histoflow predict runs patch heads only. Its multirun's report is built "
+                              "from each fold's bag_predictions.csv (histoflow.inference.bag_report.write_bag_report)")
     weights = check_encoder_weights(path, config.get("encoder"), checkpoint.get(DATAMODULE_STATE), encoder_weights)
     try:
         module = load_classifier(path, trusted, checkpoint=checkpoint, encoder_weights=weights)
