@@ -17,6 +17,7 @@ import tifffile
 from PIL import Image
 
 from histoflow.common.errors import ConfigError
+from histoflow.slides import backend as backends
 from histoflow.slides.backend import open_slide
 from histoflow.slides.openslide_reader import OpenSlideSlide, UnsupportedByOpenSlide
 from histoflow.slides.slide import DamagedTileError, SlideError, SlideSettingError
@@ -55,13 +56,18 @@ def test_associated_images_through_both_backends(wsi_dir: Path) -> None:
         assert a[name].dtype == np.uint8 and a[name].shape == b[name].shape and a[name].shape[2] == 3
 
 
-def test_auto_reads_with_openslide_and_falls_back_for_a_plain_tiff(wsi_dir: Path,
-                                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_reads_with_openslide_and_falls_back_for_a_plain_tiff(wsi_dir: Path, caplog: pytest.LogCaptureFixture,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` says once per slide which reader it took, not at every open (loader workers reopen the slide)."""
+    monkeypatch.setattr(backends, "_said", set())
     assert isinstance(open_slide(wsi_dir / CMU, "auto"), OpenSlideSlide)
     with caplog.at_level(logging.INFO, logger="histoflow.slides.backend"):
         plain = open_slide(wsi_dir / PLAIN, "auto")
+        again = open_slide(wsi_dir / PLAIN, "auto")
     assert isinstance(plain, TiffSlide) and plain.read_region((0, 0), 0, (64, 64)).shape == (64, 64, 3)
-    assert f"{wsi_dir / PLAIN}: Unsupported or missing image file; read with tifffile instead" in caplog.text
+    assert isinstance(again, TiffSlide)
+    said = f"{wsi_dir / PLAIN}: Unsupported or missing image file; read with tifffile instead"
+    assert caplog.text.count(said) == 1
     with pytest.raises(UnsupportedByOpenSlide, match=r"OpenSlide does not read it .*Fix: slide.backend=auto"):
         open_slide(wsi_dir / PLAIN, "openslide")
     with pytest.raises(ConfigError, match="slide.backend='vips': expected one of auto, openslide, tifffile"):
@@ -147,9 +153,11 @@ def test_tiles_read_in_loader_workers_through_openslide(wsi_dir: Path) -> None:
 
 
 def test_auto_keeps_a_subifd_pyramid_that_openslide_sees_as_one_level(wsi_dir: Path, tmp_path: Path,
-                                                                       caplog: pytest.LogCaptureFixture) -> None:
+                                                                       caplog: pytest.LogCaptureFixture,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """tifffile, QuPath and OME-TIFF write pyramids as SubIFDs, of which OpenSlide 4 reads only level 0: `auto`
     reads such a file with tifffile, so its levels (and slide.level / slide.mpp reads at them) are not lost."""
+    monkeypatch.setattr(backends, "_said", set())
     with open_slide(wsi_dir / CMU, "tifffile") as slide:
         image = slide.read_region((0, 0), 0, (1024, 1024))
     path = tmp_path / "subifds.tif"

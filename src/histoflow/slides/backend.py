@@ -12,9 +12,9 @@ from histoflow.slides.slide import Slide, SlideError
 from histoflow.slides.tiff_reader import TiffSlide
 
 log = logging.getLogger(__name__)
+_said: set[tuple[str, str]] = set()  # (slide, choice) logged: once per slide, not per open (loader workers reopen)
 BACKENDS = ("auto", "openslide", "tifffile")
-# tifffile stays the default until OpenSlide matches it on histoflow's own checks (see docs/prediction.md): damaged
-# stored tiles named one by one, pixel-exact reads at levels of non-integer downsample, flat memory on huge slides
+# OpenSlide for every format it reads as a pyramid; slide.backend=tifffile reads SVS and TIFF faster (docs/benchmarks.md)
 DEFAULT_BACKEND = "auto"
 
 
@@ -30,7 +30,7 @@ def open_slide(path: str | os.PathLike[str], backend: str = DEFAULT_BACKEND, sou
     except UnsupportedByOpenSlide as e:
         if backend == "openslide":
             raise
-        log.info("%s: %s; read with tifffile instead", path, e.reason)
+        _say_once(path, f"{e.reason}; read with tifffile instead")
         return TiffSlide(path, source_mpp)
     if backend == "auto" and len(slide.levels) == 1:
         return _fuller_pyramid(slide)
@@ -45,9 +45,15 @@ def _fuller_pyramid(slide: Slide) -> Slide:
     except SlideError:  # not a TIFF tifffile reads (MRXS, DICOM...)
         return slide
     if len(tiff.levels) > len(slide.levels):
-        log.info("%s: OpenSlide sees one level, tifffile %d (a SubIFD pyramid); read with tifffile",
-                 slide.path, len(tiff.levels))
+        _say_once(slide.path, f"OpenSlide sees one level, tifffile {len(tiff.levels)} (a SubIFD pyramid); read with "
+                  "tifffile")
         slide.close()
         return tiff
     tiff.close()
     return slide
+
+
+def _say_once(path: str | os.PathLike[str], choice: str) -> None:
+    if (str(path), choice) not in _said:
+        _said.add((str(path), choice))
+        log.info("%s: %s", path, choice)
