@@ -150,3 +150,8 @@ def test_abmil_trains_per_fold_and_writes_the_bag_level_report(images: Path, tmp
     assert low <= report["pooled"]["image/acc"] <= high and report["colour_baselines"]
     with pytest.raises(CheckpointError, match="a head on bags"):  # predict runs patch heads: said, not a traceback
         load_fold_model(next((sweep / "0" / "checkpoints").glob("*.ckpt")))
+    # resumed from the job's last checkpoint: two more epochs of 2 batches (6 training bags, 4 a batch)
+    last = sweep / "0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 40
+    train(compose_train([*overrides, "fold=1", "ckpt_path=last", "trainer.max_epochs=22"], sweep / "0", multirun=True))
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 44
