@@ -155,3 +155,13 @@ def test_abmil_trains_per_fold_and_writes_the_bag_level_report(images: Path, tmp
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 40
     train(compose_train([*overrides, "fold=1", "ckpt_path=last", "trainer.max_epochs=22"], sweep / "0", multirun=True))
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 44
+
+
+def test_balanced_sampling_draws_the_classes_alike() -> None:
+    module = BagDataModule(bag={"balanced": True, "batch_size": 8}, name="x")
+    module.num_classes = 3
+    module.bags = {"train": [random_bag(2, 0)] * 40 + [random_bag(2, 1)] * 4 + [random_bag(2, 2)] * 4}
+    loader = module.train_dataloader()  # once a fit, as Lightning asks: its draws go on from epoch to epoch
+    labels = torch.cat([batch[2] for _ in range(20) for batch in loader])
+    counts = torch.bincount(labels, minlength=3) / len(labels)
+    assert (counts - 1 / 3).abs().max() < 0.08  # unbalanced: 0.83 / 0.08 / 0.08

@@ -161,6 +161,14 @@ class BagDataModule(ShardDataModule):
             bags, problems = image_bags(getattr(self.split, role), rows, self.classes, self.prepared.patch_side)
             self.bags[role] = patient_bags(bags, self.classes) if self.level == "patient" else bags
             self.problems += problems
+        if self.level == "patient":
+            seen: dict[str, str] = {}
+            for role in ROLES:
+                for bag in self.bags[role]:
+                    if seen.setdefault(bag.name, role) != role:
+                        raise ConfigError(f"patient {bag.name} has images in both {seen[bag.name]} and {role} of fold "
+                                          f"{self.fold}: a patient bag must lie on one side. Fix: fold by patient "
+                                          "(protocol=cases, data.groups) and validate on whole patients")
         if self.problems:
             log.warning("%d image(s) without a tile left out of the bags: %s", len(self.problems),
                         ", ".join(p.path for p in self.problems[:5]))
