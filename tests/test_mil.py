@@ -17,7 +17,8 @@ from histoflow.common.errors import ConfigError
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.shards import parse_key, stack_npy, tar_samples
 from histoflow.features import embeddings
-from histoflow.features.bags import Bag, BagDataModule, image_bags, pad_bags, patient_bags
+from histoflow.features.bags import Bag, BagDataModule, cohort_bags, image_bags, pad_bags, patient_bags
+from histoflow.features.cohort import write_shard
 from histoflow.inference.fold_models import load_fold_model
 from histoflow.inference.sweep_report import write_image_report
 from histoflow.models import ABMIL, MaxPool, MeanPool, build_encoder
@@ -165,3 +166,26 @@ def test_balanced_sampling_draws_the_classes_alike() -> None:
     labels = torch.cat([batch[2] for _ in range(20) for batch in loader])
     counts = torch.bincount(labels, minlength=3) / len(labels)
     assert (counts - 1 / 3).abs().max() < 0.08  # unbalanced: 0.83 / 0.08 / 0.08
+
+
+def test_slide_and_patient_bags_from_a_cohorts_feature_shards(tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rows = ["slide,patient,label,tiles,shard,seconds,sha256"]
+    for i, (patient, label, tiles) in enumerate((("p1", "CLL", 5), ("p1", "CLL", 3), ("p2", "FL", 0), ("p3", "MCL", 2))):
+        features = np.random.default_rng(i).normal(size=(tiles, 12)).astype(np.float32)
+        px = np.arange(tiles * 2).reshape(tiles, 2)
+        write_shard(shards / f"s{i}.npz", features, px, px * 0.5, {"slide": f"s{i}"})
+        rows.append(f"s{i}.svs,{patient},{label},{tiles},shards/s{i}.npz,1.0,x")
+    rows.append("gone.svs,p4,FL,3,shards/gone.npz,1.0,x")
+    (tmp_path / "cohort.index.csv").write_text("\n".join(rows) + "\n")
+    classes = ["CLL", "FL", "MCL"]
+    slides, problems = cohort_bags(tmp_path / "cohort.index.csv", classes)
+    assert [(b.name, len(b), b.group) for b in slides] == [("s0.svs", 5, "p1"), ("s1.svs", 3, "p1"), ("s3.svs", 2, "p3")]
+    assert sorted((p.path, p.kind) for p in problems) == [("gone.svs", "no-shard"), ("s2.svs", "no-tile")]
+    np.testing.assert_array_equal(slides[0].coords_um, slides[0].coords * 0.5)
+    patients, _ = cohort_bags(tmp_path / "cohort.index.csv", classes, level="patient")
+    assert [(b.name, len(b), b.coords_um.shape) for b in patients] == [("p1", 8, (8, 2)), ("p3", 2, (2, 2))]
+    (tmp_path / "cohort.index.csv").write_text("\n".join([*rows, "s3b.svs,p3,FL,2,shards/s3.npz,1.0,x"]) + "\n")
+    with pytest.raises(ConfigError, match="patient p3"):
+        cohort_bags(tmp_path / "cohort.index.csv", classes, level="patient")

@@ -13,6 +13,7 @@ out, never an empty bag; a patient whose images carry two labels is an error nam
 
 from __future__ import annotations
 
+import csv
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from histoflow.common.errors import ConfigError
 from histoflow.data.datamodule import ROLES, ShardDataModule
 from histoflow.data.problems import Problem
 from histoflow.data.shards import parse_key, stack_npy, tar_samples
+from histoflow.features.cohort import read_shard
 
 log = logging.getLogger(__name__)
 LEVELS = ("image", "patient")
@@ -45,6 +47,7 @@ class Bag:
     images: list[str] = field(default_factory=list)
     side: int | None = None
     mpp: float | None = None
+    coords_um: np.ndarray | None = None  # (N, 2) microns of each tile's top-left corner, where the scan says
 
     def __len__(self) -> int:
         return len(self.features)
@@ -95,8 +98,36 @@ def patient_bags(bags: Sequence[Bag], classes: Sequence[str]) -> list[Bag]:
                               "image bags (bag.level=image)")
         out.append(Bag(patient, members[0].label, torch.cat([b.features for b in members]),
                        np.concatenate([b.coords for b in members]), patient, members[0].fold,
-                       [i for b in members for i in b.images], members[0].side))
+                       [i for b in members for i in b.images], members[0].side,
+                       coords_um=None if any(b.coords_um is None for b in members)
+                       else np.concatenate([b.coords_um for b in members])))
     return out
+
+
+def cohort_bags(index: str | Path, classes: Sequence[str], level: str = "slide") -> tuple[list[Bag], list[Problem]]:
+    """Slide bags (or, level=patient, a patient's slides pooled) from a cohort index of per-slide feature shards
+    (features/cohort.py, `histoflow embed slides=...`): coords are level-0 pixels (x, y), coords_um the same in
+    microns. A slide whose shard holds no tile, or is missing, is a problem, left out; a patient whose slides carry
+    two labels is an error naming the patient. Not yet wired into training (folds by patient of a slide table)."""
+    index = Path(index)
+    with index.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    bags, problems = [], []
+    for row in rows:
+        shard = index.parent / row["shard"] if row.get("shard") else None
+        if shard is None or not shard.is_file():
+            problems.append(Problem(row["slide"], "no-shard", f"no feature shard ({row.get('shard') or 'none'})"))
+            continue
+        found = read_shard(shard)
+        if len(found["features"]) == 0:
+            problems.append(Problem(row["slide"], "no-tile", "the slide's shard holds no tile: left out"))
+            continue
+        if row["label"] not in classes:
+            raise ConfigError(f"slide {row['slide']}: label {row['label']!r} is not one of {list(classes)}")
+        bags.append(Bag(row["slide"], list(classes).index(row["label"]), torch.from_numpy(found["features"]).float(),
+                        np.asarray(found["coords_px"]), row.get("patient") or row["slide"], str(row.get("fold", "")),
+                        [row["slide"]], coords_um=np.asarray(found["coords_um"])))
+    return (patient_bags(bags, classes) if level == "patient" else bags), problems
 
 
 def pad_bags(bags: Sequence[tuple[Bag, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
