@@ -105,7 +105,7 @@ def test_a_bags_embeddings_equal_the_frozen_encoders_forward_of_its_tiles(images
     module.prepare_data()
     module.setup("fit")
     prepared = prepare_dataset(data, quiet=True)
-    patches = {parse_key(s["__key__"])["image"]: [] for s in []}
+    patches: dict[int, dict] = {}  # image -> (x, y, rot) -> the uint8 patch
     for shard in prepared.record["shards"]:
         for s in tar_samples([{"url": str(prepared.path / "shards" / shard["file"])}]):
             k = parse_key(s["__key__"])
