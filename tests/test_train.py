@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 
 from histoflow.common.errors import ConfigError, HistoflowError, MissingInputError
 from histoflow.evaluation.tables import read_confusion_csv
-from histoflow.models import build_encoder
+from histoflow.models import build_encoder, is_bag_head
 from histoflow.models.build import build_net
 from histoflow.training.checkpoints import load_classifier
 from histoflow.training.loggers import CSVLogger, WandbLogger
@@ -132,8 +132,12 @@ def test_every_group_option_composes(group: str, tiny: Path, tmp_path: Path) -> 
         if group == "model":
             head = "in_features" in cfg.model  # a head on an encoder's features (model=linear_head)
             net = build_net(cfg.model, num_classes=3, input_size=64, in_features=32 if head else None)
-            with torch.no_grad():  # torchvision's alexnet needs >= 63 px
-                assert net.eval()(torch.randn(2, 32) if head else torch.randn(2, 3, 64, 64)).shape == (2, 3)
+            # a bag head (model=abmil) takes bags of tile features, (bags, tiles, features); torchvision's alexnet
+            # needs >= 63 px
+            x = (torch.randn(2, 5, 32) if is_bag_head(cfg.model) else torch.randn(2, 32)) if head else \
+                torch.randn(2, 3, 64, 64)
+            with torch.no_grad():
+                assert net.eval()(x).shape == (2, 3)
         if group == "encoder":
             cfg.encoder.weights = None  # random initialisation: the real file is tested in test_embeddings
             if "pretrained" in cfg.encoder:
