@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_embeddings
 import torch
-from conftest import compose_train, make_images
+from conftest import compose_train
 
 from histoflow.common.errors import ConfigError
 from histoflow.data.prepare import prepare_dataset
@@ -81,17 +82,8 @@ def test_a_patient_whose_images_disagree_is_an_error_naming_the_patient() -> Non
     assert (p7.name, len(p7), p8.name, len(p8)) == ("case-7", 7, "case-8", 2)
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_images(tmp_path_factory.mktemp("mil") / "images", per_class=4, size=(72, 72), pixels="tint")
-
-
-def data_config(images: Path, work: Path) -> dict:
-    return {"name": "tiny", "root": str(images), "labels": "folder", "classes": ["CLL", "FL", "MCL"],
-            "split": {"kind": "kfold", "k": 2, "val_fraction": 0.0, "seed": 0},
-            "patches": {"size": 36, "stride": 32, "rotations": [0, 90]},
-            "shards": {"dir": str(work), "samples_per_shard": 24, "workers": 1},
-            "loader": {"crop": 32, "num_workers": 0, "batch_size": 16}}
+images = test_embeddings.images  # a fixture: 4 tinted 72-px images a class
+data_config = test_embeddings.data_config  # a 2-fold data set of them, 36-px patches at stride 32
 
 
 def test_a_bags_embeddings_equal_the_frozen_encoders_forward_of_its_tiles(images: Path, tmp_path: Path) -> None:

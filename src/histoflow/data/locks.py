@@ -4,6 +4,8 @@ before any work, then one writer at a time; the others wait for its lock, saying
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -40,7 +42,9 @@ def writable(folder: Path, what: str, fix: str) -> None:
     `what` would be written there and the `fix`."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / ".write-test").touch()
-        (folder / ".write-test").unlink()
+        # a name of this process and thread alone: two jobs checking one folder never remove each other's probe
+        probe = folder / f".write-test-{os.getpid()}-{threading.get_ident()}"
+        probe.touch()
+        probe.unlink()
     except OSError as e:
         raise NotWritableError(f"{folder}: cannot write {what} here ({e.strerror}). Fix: {fix}") from e
