@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -47,6 +46,7 @@ from lightning_fabric.strategies import DDPStrategy
 
 from histoflow.common.config import plain, read_section
 from histoflow.common.errors import ConfigError, HistoflowError
+from histoflow.common.files import atomic_path
 from histoflow.common.machine import AUTO, resolve_workers
 from histoflow.common.progress import progress_bar
 from histoflow.data.fingerprint import content_hashes, sha256_file
@@ -294,26 +294,12 @@ def _plan(row: int, record: SlideRecord, job: CohortJob, side: int, transform: P
     return planned
 
 
-def _writer() -> str:
-    """This process and thread, in a temporary file's name: no two writers share one."""
-    return f"{os.getpid()}-{threading.get_ident()}"
-
-
 def write_shard(path: Path, features: np.ndarray, coords_px: np.ndarray, coords_um: np.ndarray,
                 meta: Mapping[str, Any]) -> None:
     """A slide's shard, whole or not at all: written to a temporary name, fsynced, renamed, its folder fsynced."""
-    tmp = path.with_name(f".{path.stem}.{_writer()}.tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, features=features, coords_px=coords_px, coords_um=coords_um,
                  meta=np.array(json.dumps(meta, sort_keys=True)))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def read_shard(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -439,7 +425,7 @@ class _Loop:
             if planned.shard.is_file():  # another job embedded it while this one planned or waited
                 self._settle_later(planned)
                 return nxt
-            for leftover in shards.glob(f".{planned.sha}.*.tmp"):  # a killed writer's (the lock is ours now)
+            for leftover in shards.glob(f".{planned.shard.name}.*.tmp"):  # a killed writer's (the lock is ours now)
                 leftover.unlink()
             t0 = time.perf_counter()
             n, batch = len(tiles.origins), tiles.batch_size
@@ -514,9 +500,8 @@ def _part_name(job: CohortJob, rank: tuple[int, int] | None = None) -> str:
 
 def _write_json(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{_writer()}.tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value))
 
 
 def _part(loop: _Loop) -> dict[str, Any]:
@@ -559,16 +544,13 @@ def merge_index(folder: Path, name: str, table_sha: str, chunks: int) -> Path | 
         extra = [c for r in rows for c in r if c not in INDEX_COLUMNS and c != "row"]
         columns = INDEX_COLUMNS + list(dict.fromkeys(extra))
         index = folder / f"{name}.index.csv"
-        tmp = index.with_name(f".{index.name}.{_writer()}.tmp")
-        with tmp.open("w", newline="") as handle:
+        with atomic_path(index) as tmp, tmp.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, columns, lineterminator="\n", restval="")
             writer.writeheader()
             writer.writerows({k: v for k, v in r.items() if k != "row"} for r in rows)
-        tmp.replace(index)
         problems = sorted((q for p in parts for q in p["problems"]), key=lambda q: q["row"])
-        tmp = folder / f".{name}.problems.csv.{_writer()}.tmp"
-        write_problems(tmp, skipped=[Problem(q["path"], q["kind"], q["detail"]) for q in problems])
-        tmp.replace(folder / f"{name}.problems.csv")
+        with atomic_path(folder / f"{name}.problems.csv") as tmp:
+            write_problems(tmp, skipped=[Problem(q["path"], q["kind"], q["detail"]) for q in problems])
     log.info("cohort index: %s (%d slides; %d left out, listed in %s.problems.csv)", index, len(rows), len(problems),
              name)
     return index

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 import tifffile
 
+from histoflow.common.files import atomic_path
 from histoflow.slides.backend import open_slide
 from histoflow.slides.tissue import tissue_mask
 
@@ -42,12 +43,10 @@ def write_slide_tiff(path: str | os.PathLike[str], image: np.ndarray, mpp: float
     common = {"tile": (STORED_TILE, STORED_TILE), "photometric": "rgb", "compression": "jpeg",
               "compressionargs": {"level": quality}}
     resolution = {} if mpp is None else {"resolution": (10_000 / mpp, 10_000 / mpp), "resolutionunit": "CENTIMETER"}
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
         tif.write(levels[0], subifds=len(levels) - 1, **resolution, **common)
         for level in levels[1:]:
             tif.write(level, subfiletype=1, **common)
-    tmp.replace(path)
     return path
 
 
