@@ -13,10 +13,12 @@ from omegaconf import OmegaConf
 
 from histoflow.common.config import read_section
 from histoflow.common.errors import ConfigError
+from histoflow.data.folds import SplitConfig
 from histoflow.data.loader import LoaderConfig
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import DataConfig
 from histoflow.data.stain import StainConfig
+from histoflow.features.cohort import CohortRunConfig, CohortSlideConfig
 from histoflow.inference.slide_map import SlideConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -113,8 +115,20 @@ def test_the_yaml_shows_every_field_at_its_default_or_a_deliberate_override(path
     assert {k: (shown[k], default[k]) for k in differ ^ deliberate} == {}  # key: (YAML, dataclass)
 
 
-@pytest.mark.parametrize("data", sorted(p.stem for p in (CONF / "data").glob("*.yaml")))
+@pytest.mark.parametrize("data", sorted(p.stem for p in (CONF / "data").glob("*.yaml") if p.stem != "slides"))
 def test_every_data_config_reads_without_an_unknown_key(data: str) -> None:
     cfg = OmegaConf.to_container(compose_config("prepare", [f"data={data}"]).data, resolve=True)
     DataConfig.from_config(cfg)
     LoaderConfig.from_config(cfg["loader"])
+
+
+def test_the_slide_bag_data_config_shows_the_cohort_sections_at_their_defaults() -> None:
+    """data=slides (slide and patient bags from a slide table) repeats embed.yaml's slide and embed sections and
+    data.split: every key at the dataclass's default but val_fraction (0: small cohorts keep every patient in
+    training, the last epoch is kept)."""
+    yaml = OmegaConf.to_container(OmegaConf.load(CONF / "data" / "slides.yaml"), resolve=False)
+    assert yaml["slide"] == asdict(CohortSlideConfig())
+    assert yaml["features"] == {k: v for k, v in asdict(CohortRunConfig()).items() if k != "chunk"} | {
+        "out": "${paths.data_dir}/slide_features"}
+    split = {k: v for k, v in asdict(SplitConfig()).items() if k != "fractions"}
+    assert yaml["split"] == split | {"val_fraction": 0.0}

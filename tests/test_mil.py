@@ -139,6 +139,10 @@ def test_abmil_trains_per_fold_and_writes_the_bag_level_report(images: Path, tmp
     assert report["settings"]["aggregate"].startswith("bag (ABMIL")
     assert report["pooled"]["image/acc"] >= 0.75  # tinted classes: the bag head learns them
     assert (sweep / "image_report" / "attention_gallery.png").stat().st_size > 0
+    maps = sorted((sweep / "image_report" / "attention_maps").glob("*.tiles.csv"))
+    assert len(maps) == 12  # an image bag's map: its windows (both rotations summed), weights adding up to one
+    tiles = np.genfromtxt(maps[0], delimiter=",", names=True)
+    assert len(tiles) == 4 and abs(tiles["attention"].sum() - 1) < 1e-4
     low, high = report["interval"]["image/acc"]
     assert low <= report["pooled"]["image/acc"] <= high and report["colour_baselines"]
     with pytest.raises(CheckpointError, match="a head on bags"):  # predict runs patch heads: said, not a traceback
@@ -175,7 +179,8 @@ def test_slide_and_patient_bags_from_a_cohorts_feature_shards(tmp_path: Path) ->
     slides, problems = cohort_bags(tmp_path / "cohort.index.csv", classes)
     assert [(b.name, len(b), b.group) for b in slides] == [("s0.svs", 5, "p1"), ("s1.svs", 3, "p1"), ("s3.svs", 2, "p3")]
     assert sorted((p.path, p.kind) for p in problems) == [("gone.svs", "no-shard"), ("s2.svs", "no-tile")]
-    np.testing.assert_array_equal(slides[0].coords_um, slides[0].coords * 0.5)
+    np.testing.assert_array_equal(slides[0].coords_um, slides[0].coords[:, 1:3] * 0.5)  # (row, x, y, 0)
+    assert [set(b.coords[:, 0]) for b in slides] == [{0}, {1}, {3}]
     patients, _ = cohort_bags(tmp_path / "cohort.index.csv", classes, level="patient")
     assert [(b.name, len(b), b.coords_um.shape) for b in patients] == [("p1", 8, (8, 2)), ("p3", 2, (2, 2))]
     (tmp_path / "cohort.index.csv").write_text("\n".join([*rows, "s3b.svs,p3,FL,2,shards/s3.npz,1.0,x"]) + "\n")

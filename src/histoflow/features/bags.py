@@ -4,7 +4,9 @@ A bag is every window embedding of one image (`bag.level=image`) or of every ima
 (`bag.level=patient`, the patient from data.groups), read from the cached embeddings of the frozen-feature
 workflow (features/embeddings.py), with each tile's coordinates kept beside its features: (image, x, y, rot) in
 the prepared image's pixels, the window's side in `Bag.side`. Microns are not known for images without a
-resolution (the lymphoma images): `Bag.mpp` is None there.
+resolution (the lymphoma images): `Bag.mpp` is None there. Slide bags (and a patient's slides pooled) come from a
+cohort's per-slide feature shards (`cohort_bags`; features/slide_bags.py, data=slides): coords (slide, x, y, 0)
+in level-0 pixels, coords_um in microns.
 
 Batches pad bags to the longest with zeros and give a mask (True on real tiles): (features (B, N, D), mask (B, N),
 labels (B,), bag index (B,)). An image without a tile in the embeddings is listed as a problem (`no-tile`) and left
@@ -30,13 +32,14 @@ from histoflow.data.shards import parse_key, stack_npy, tar_samples
 from histoflow.features.cohort import read_shard
 
 log = logging.getLogger(__name__)
-LEVELS = ("image", "patient")
+LEVELS = ("image", "slide", "patient")
 
 
 @dataclass
 class Bag:
-    """One bag: its tiles' features (N, D) float32 and coordinates (N, 4: manifest index, x, y, rot), its label
-    (class index), name (the image's path, or the patient), patient (group) and fold."""
+    """One bag: its tiles' features (N, D) float32 and coordinates (N, 4: source index, x, y, rot; the source an
+    image's manifest index or a slide's row in the cohort index), its label (class index), name (the image, slide
+    or patient), patient (group) and fold."""
 
     name: str
     label: int
@@ -104,16 +107,18 @@ def patient_bags(bags: Sequence[Bag], classes: Sequence[str]) -> list[Bag]:
     return out
 
 
-def cohort_bags(index: str | Path, classes: Sequence[str], level: str = "slide") -> tuple[list[Bag], list[Problem]]:
+def cohort_bags(index: str | Path, classes: Sequence[str], level: str = "slide",
+                folds: Mapping[str, str] | None = None) -> tuple[list[Bag], list[Problem]]:
     """Slide bags (or, level=patient, a patient's slides pooled) from a cohort index of per-slide feature shards
-    (features/cohort.py, `histoflow embed slides=...`): coords are level-0 pixels (x, y), coords_um the same in
-    microns. A slide whose shard holds no tile, or is missing, is a problem, left out; a patient whose slides carry
-    two labels is an error naming the patient. Not yet wired into training (folds by patient of a slide table)."""
+    (features/cohort.py, `histoflow embed slides=...`): coords (N, 4) are (the slide's row in the index, x, y, 0),
+    x, y level-0 pixels; coords_um the same x, y in microns; `folds` gives each slide's fold (slide -> fold). A
+    slide whose shard holds no tile, or is missing, is a problem, left out; a patient whose slides carry two labels
+    is an error naming the patient."""
     index = Path(index)
     with index.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     bags, problems = [], []
-    for row in rows:
+    for number, row in enumerate(rows):
         shard = index.parent / row["shard"] if row.get("shard") else None
         if shard is None or not shard.is_file():
             problems.append(Problem(row["slide"], "no-shard", f"no feature shard ({row.get('shard') or 'none'})"))
@@ -123,10 +128,14 @@ def cohort_bags(index: str | Path, classes: Sequence[str], level: str = "slide")
             problems.append(Problem(row["slide"], "no-tile", "the slide's shard holds no tile: left out"))
             continue
         if row["label"] not in classes:
-            raise ConfigError(f"slide {row['slide']}: label {row['label']!r} is not one of {list(classes)}")
+            raise ConfigError(f"slide {row['slide']} ({index}): label {row['label']!r} is not one of "
+                              f"{list(classes)}. Fix: data.classes, or the slide table's label")
+        px = np.asarray(found["coords_px"], dtype=np.int64).reshape(-1, 2)
+        coords = np.column_stack([np.full(len(px), number), px, np.zeros(len(px), dtype=np.int64)])
+        fold = (folds or {}).get(row["slide"], str(row.get("fold", "")))
         bags.append(Bag(row["slide"], list(classes).index(row["label"]), torch.from_numpy(found["features"]).float(),
-                        np.asarray(found["coords_px"]), row.get("patient") or row["slide"], str(row.get("fold", "")),
-                        [row["slide"]], coords_um=np.asarray(found["coords_um"])))
+                        coords, row.get("patient") or row["slide"], fold, [row["slide"]],
+                        coords_um=np.asarray(found["coords_um"])))
     return (patient_bags(bags, classes) if level == "patient" else bags), problems
 
 
@@ -157,60 +166,43 @@ class _Indexed(torch.utils.data.Dataset):
         return self.bags[i], i
 
 
-class BagDataModule(ShardDataModule):
-    """The frozen-feature DataModule of one held-out fold whose samples are bags: the same preparation, embedding
-    and folds (patients never on both sides), batches of padded bags (features, mask, labels, bag indices).
+def check_one_side(bags: Mapping[str, Sequence[Bag]], fold: str) -> None:
+    """A patient bag lies on one side of the fold: a patient in two roles is a ConfigError naming it."""
+    seen: dict[str, str] = {}
+    for role, members in bags.items():
+        for bag in members:
+            if seen.setdefault(bag.name, role) != role:
+                raise ConfigError(f"patient {bag.name} has images or slides in both {seen[bag.name]} and {role} of "
+                                  f"fold {fold}: a patient bag must lie on one side. Fix: fold by patient "
+                                  "(protocol=cases, data.groups, or a slide table's patient column)")
 
-    bag: the `bag` section of train.yaml (level: image | patient, batch_size, balanced: class-balanced sampling of
-    the training bags)."""
 
-    def __init__(self, fold: int | str = 1, preprocess: Mapping[str, Any] | None = None, embed: Any = None,
-                 bag: Mapping[str, Any] | None = None, **data: Any) -> None:
-        super().__init__(fold=fold, preprocess=preprocess, embed=embed, **data)
+class BagLoaders:
+    """What every DataModule of bags shares: the `bag` section (level, batch_size, balanced: class-balanced
+    sampling of the training bags, seed), the bags of each role, and their loaders of padded batches (features,
+    mask, labels, bag indices). Subclasses fill `bags` (train/val/test), `problems`, `classes` and `num_classes`."""
+
+    levels: tuple[str, ...] = LEVELS
+    samples_are_bags = True  # train.py: this data config gives bags as it is (no swap to BagDataModule)
+
+    def _read_bag_section(self, bag: Mapping[str, Any] | None) -> None:
         bag = dict(bag or {})
-        self.level = str(bag.get("level", "image"))
-        if self.level not in LEVELS:
-            raise ConfigError(f"bag.level={self.level}: expected one of {', '.join(LEVELS)} (slide bags come from a "
-                              "cohort's feature shards, not yet read here)")
+        self.level = str(bag.get("level", self.levels[0]))
+        if self.level not in self.levels:
+            raise ConfigError(f"bag.level={self.level}: expected one of {', '.join(self.levels)} with this data "
+                              f"({type(self).__name__}); slide bags come from a slide table (data=slides)")
         self.bag_batch_size = int(bag.get("batch_size", 16))
         self.balanced = bool(bag.get("balanced", False))
         self.seed = int(bag.get("seed", 0))
         self.bags: dict[str, list[Bag]] = {}
         self.problems: list[Problem] = []
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.embed is None:
-            raise ConfigError("bags are made of a frozen encoder's embeddings. Fix: add encoder=<name> (conf/encoder)")
-        super().setup(stage)
-        if self.bags:
-            return
-        manifest = self.prepared.manifest()
-        role_of = {r["index"]: "test" if str(r["fold"]) == self.fold else "val" if r["val"] else "train"
-                   for r in manifest}
-        for role in ROLES:
-            rows = [r for r in manifest if role_of[r["index"]] == role]
-            bags, problems = image_bags(getattr(self.split, role), rows, self.classes, self.prepared.patch_side)
-            self.bags[role] = patient_bags(bags, self.classes) if self.level == "patient" else bags
-            self.problems += problems
-        if self.level == "patient":
-            seen: dict[str, str] = {}
-            for role in ROLES:
-                for bag in self.bags[role]:
-                    if seen.setdefault(bag.name, role) != role:
-                        raise ConfigError(f"patient {bag.name} has images in both {seen[bag.name]} and {role} of fold "
-                                          f"{self.fold}: a patient bag must lie on one side. Fix: fold by patient "
-                                          "(protocol=cases, data.groups) and validate on whole patients")
-        if self.problems:
-            log.warning("%d image(s) without a tile left out of the bags: %s", len(self.problems),
-                        ", ".join(p.path for p in self.problems[:5]))
-        if not self.bags["train"] and stage in (None, "fit"):
-            raise ConfigError(f"fold {self.fold} leaves no training bag. Fix: choose another fold or more images")
-
     def _loader(self, role: str, train: bool) -> DataLoader | list:
         bags = self.bags.get(role) or []
         if not bags:
             return []
-        generator = torch.Generator().manual_seed(self.seed + (self.trainer.current_epoch if self.trainer else 0))
+        trainer = getattr(self, "trainer", None)
+        generator = torch.Generator().manual_seed(self.seed + (trainer.current_epoch if trainer else 0))
         sampler = None
         if train and self.balanced:
             counts = np.bincount([b.label for b in bags], minlength=self.num_classes)
@@ -231,6 +223,58 @@ class BagDataModule(ShardDataModule):
 
     def predict_dataloader(self) -> DataLoader | list:
         return self._loader("test", False)
+
+    def tile_sources(self, bags: Sequence[Bag]) -> dict[str, dict[str, Any]]:
+        """Where the tiles of `bags` come from, by the source index in their coords[:, 0]: {"path": the image or
+        slide file, and for an image "side" (window px) and "stride", for a slide "shard" (its feature shard, whose
+        meta holds the tile geometry)}: what attention maps and galleries read."""
+        raise NotImplementedError
+
+    def _say_problems(self, what: str) -> None:
+        if self.problems:
+            log.warning("%d %s left out of the bags: %s", len(self.problems), what,
+                        ", ".join(f"{p.path} ({p.kind})" for p in self.problems[:5]))
+
+
+class BagDataModule(BagLoaders, ShardDataModule):
+    """The frozen-feature DataModule of one held-out fold whose samples are bags: the same preparation, embedding
+    and folds (patients never on both sides), batches of padded bags (features, mask, labels, bag indices).
+
+    bag: the `bag` section of train.yaml (level: image | patient, batch_size, balanced, seed)."""
+
+    levels = ("image", "patient")
+
+    def __init__(self, fold: int | str = 1, preprocess: Mapping[str, Any] | None = None, embed: Any = None,
+                 bag: Mapping[str, Any] | None = None, **data: Any) -> None:
+        super().__init__(fold=fold, preprocess=preprocess, embed=embed, **data)
+        self._read_bag_section(bag)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.embed is None:
+            raise ConfigError("bags are made of a frozen encoder's embeddings. Fix: add encoder=<name> (conf/encoder)")
+        super().setup(stage)
+        if self.bags:
+            return
+        manifest = self.prepared.manifest()
+        self._paths = {int(r["index"]): str(self.prepared.root / r["image"]) for r in manifest}
+        role_of = {r["index"]: "test" if str(r["fold"]) == self.fold else "val" if r["val"] else "train"
+                   for r in manifest}
+        for role in ROLES:
+            rows = [r for r in manifest if role_of[r["index"]] == role]
+            bags, problems = image_bags(getattr(self.split, role), rows, self.classes, self.prepared.patch_side)
+            self.bags[role] = patient_bags(bags, self.classes) if self.level == "patient" else bags
+            self.problems += problems
+        if self.level == "patient":
+            check_one_side(self.bags, self.fold)
+        self._say_problems("image(s) without a tile")
+        if not self.bags["train"] and stage in (None, "fit"):
+            raise ConfigError(f"fold {self.fold} leaves no training bag. Fix: choose another fold or more images")
+
+    def tile_sources(self, bags: Sequence[Bag]) -> dict[str, dict[str, Any]]:
+        patches = self.data.get("patches") or {}
+        indices = sorted({int(i) for b in bags for i in np.unique(b.coords[:, 0])})
+        return {str(i): {"path": self._paths[i], "side": self.prepared.patch_side,
+                         "stride": patches.get("stride") or self.prepared.patch_side} for i in indices}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "bag": {"level": self.level}}

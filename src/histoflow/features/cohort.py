@@ -27,12 +27,14 @@ next slide's loader workers start when this slide's last batch arrives, so the d
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -264,8 +266,10 @@ def _problem(record: SlideRecord, kind: str, error: BaseException) -> Problem:
     return Problem(str(record.slide), kind, str(error).replace(str(record.path) + ": ", ""))
 
 
-def _plan(row: int, record: SlideRecord, job: CohortJob, side: int, transform: PatchTransform) -> _Slide:
-    """Hash the slide, and where its shard is not there yet, find its tissue tiles (in the planning thread)."""
+def _plan(row: int, record: SlideRecord, job: CohortJob, side: int, transform: PatchTransform,
+          reading: threading.Lock | None = None) -> _Slide:
+    """Hash the slide, and where its shard is not there yet, find its tissue tiles (in the planning thread), the
+    slide read under `reading` (see _Loop.reading)."""
     cfg, planned = job.slide, _Slide(row, record)
     try:
         # one small cache file per slide path: no job rewrites, or races over, a cohort-wide file for every slide
@@ -274,7 +278,7 @@ def _plan(row: int, record: SlideRecord, job: CohortJob, side: int, transform: P
         planned.shard = job.folder / SHARDS / f"{planned.sha}.npz"
         if planned.shard.is_file():
             return planned
-        with open_slide(record.path, cfg.backend, cfg.source_mpp) as slide:
+        with reading or contextlib.nullcontext(), open_slide(record.path, cfg.backend, cfg.source_mpp) as slide:
             if slide.mpp is None:
                 raise NoMppError(f"{record.path}: the file gives no microns per pixel, and tile coordinates are in "
                                  "microns too. Fix: slide.source_mpp=<the scan's microns per pixel> (0.25 at 40x)")
@@ -332,6 +336,11 @@ class _Loop:
         self.problems: list[tuple[int, Problem]] = []
         self.done: set[str] = set()  # shas embedded or found by this process
         self.stop: CohortSlideError | None = None  # a bad slide under on_bad_image=error
+        # held by the planning thread while it reads a slide, and by this one while it forks loader workers: a
+        # worker forked while the planner holds a lock it needs waits forever (Python 3.11's cached_property holds
+        # one per property, shared by every TIFF page; OpenSlide's C locks alike). The planner starts on the next
+        # slide as this one forks, mostly hashing it first, so the fork seldom waits.
+        self.reading = threading.Lock()
 
     def _settle(self, planned: _Slide) -> None:
         """A slide not embedded here: found done (reused), or a problem (left out, or the run stops)."""
@@ -361,7 +370,8 @@ class _Loop:
         """Every slide of this process: first those no other process is embedding (a slide whose lock another job
         holds is put off), then the ones put off, waiting for their locks (and then finding most of them done)."""
         job, cfg = self.job, self.job.slide
-        plans = prefetched(_plan(row, record, job, self.side, self.transform) for row, record in self.mine)
+        plans = prefetched(_plan(row, record, job, self.side, self.transform, self.reading)
+                           for row, record in self.mine)
         t0 = time.perf_counter()
         with progress_bar(cfg.progress and self.rank == 0) as bar:
             slides_bar = bar.add_task("slides", total=len(self.mine), rate="")
@@ -389,7 +399,8 @@ class _Loop:
                 elif planned.sha in self.done or planned.shard.is_file():  # a copy's, or another job's meanwhile
                     self._settle_later(planned)
                 else:
-                    return planned, iter(tile_loader(planned.tiles, self.workers, pin_memory=pin))
+                    with self.reading:  # no fork while the planner reads a slide
+                        return planned, iter(tile_loader(planned.tiles, self.workers, pin_memory=pin))
                 bar.update(slides_bar, completed=len(self.rows) + len(self.problems))
             return None
 

@@ -14,7 +14,7 @@ DPI = 120
 
 
 def save_heatmap(thumbnail: np.ndarray, probability: np.ndarray, geometry: TileGeometry, level0_size: tuple[int, int],
-                 path: str | Path, title: str = "", max_cells: int = 2048) -> Path:
+                 path: str | Path, title: str = "", max_cells: int = 2048, label: str = "probability") -> Path:
     """Draw `probability` (rows, cols; NaN without tissue) of the tile grid over `thumbnail`; write `path`."""
     # a grid finer than the thumbnail shows nothing more: keep every step-th cell, so the figure stays small
     step = max(1, math.ceil(max(probability.shape) / max_cells))
@@ -32,7 +32,7 @@ def save_heatmap(thumbnail: np.ndarray, probability: np.ndarray, geometry: TileG
     ax.set_xlim(0, tw)
     ax.set_ylim(th, 0)
     ax.set_axis_off()
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="probability")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label=label)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)

@@ -190,8 +190,10 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
     sources = s.get("ckpt_path", "")
     listed = isinstance(sources, list)  # an ensemble: one model per entry and fold
     ensemble = f"the {len(sources)} models (probabilities averaged)" if listed and len(sources) > 1 else "the model"
-    lines = [f"# Image-level prediction report: {' + '.join(sources) if listed else sources}", "",
-             f"{report['images']} images in {len(report['per_fold'])} folds, each predicted only by {ensemble} of the "
+    unit = s.get("bag_level") or "image"  # a bag head's report: its rows are images, slides or patients
+    bags = "bag_level" in s
+    lines = [f"# {unit.capitalize()}-level prediction report: {' + '.join(sources) if listed else sources}", "",
+             f"{report['images']} {unit}s in {len(report['per_fold'])} folds, each predicted only by {ensemble} of the "
              "fold that held it out of training. "
              f"Aggregate: {s.get('aggregate')}; TTA views: {s.get('views')}; grid: {s.get('window')}-px windows, "
              f"stride {s.get('stride')}.", "",
@@ -199,13 +201,14 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
              folds_markdown(report["per_fold"], report["summary"], FOLD_METRICS),
              "Images per fold: " + ", ".join(f"{f}: {k}" for f, k in report["images_per_fold"].items()) + ".", "",
              "## Pooled over folds", "", "| metric | value |", "|---|---:|",
-             f"| image accuracy | {pooled['image/acc']:.3f} ({right}/{len(rows)}; 95% CI {_ci(ci['image/acc'])} "
+             f"| {unit} accuracy | {pooled['image/acc']:.3f} ({right}/{len(rows)}; 95% CI {_ci(ci['image/acc'])} "
              f"over {groups['n']} groups) |",
-             f"| image macro F1 | {pooled['image/f1_macro']:.3f} (95% CI {_ci(ci['image/f1_macro'])} over "
+             f"| {unit} macro F1 | {pooled['image/f1_macro']:.3f} (95% CI {_ci(ci['image/f1_macro'])} over "
              f"{groups['n']} groups) |",
              f"| case-level accuracy (majority of a case's images) | {cases['acc']:.3f} ({cases['right']}/"
              f"{cases['groups']}; 95% CI {_ci(cases['interval'])}) |",
-             f"| patch accuracy | {pooled['patch/acc']:.3f} |",
+             f"| {'tile accuracy (the bag head on each tile alone)' if bags else 'patch accuracy'} | "
+             f"{pooled['patch/acc']:.3f} |",
              f"| expected calibration error (images, 10 bins) | {report['calibration']['ece']:.3f} |", "",
              f"Intervals: {ci['resamples']} bootstrap resamples of the {groups['n']} "
              + ("groups (patients), each taking all its images: images of one patient are not independent, so the "
@@ -213,6 +216,8 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
                 "images (the rows name no groups: each image is taken as its own patient).")
              + " Groups per fold: " + ", ".join(f"{f}: {k}" for f, k in groups["per_fold"].items()) + ".", "",
              "Reliability of the images' mean probabilities: `reliability_images.png`.", "",
+             *(["Attention: `attention_maps/` (a map over each held-out image or slide, from the fold that held it "
+                "out) and `attention_gallery.png` (the most and least attended tiles per class).", ""] if bags else []),
              "## Colour-only baselines on the same folds", "",
              "Mean and sd of R, G, B per image, and a classifier fit on the other folds: how much colour alone "
              "explains (a linear model can hide what colour tells).", "",

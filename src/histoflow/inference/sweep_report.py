@@ -47,12 +47,15 @@ def headline(report: dict[str, Any]) -> str:
     """The figures that matter, in one line: pooled image accuracy [interval over groups], mean ± sd over folds,
     and case-level accuracy."""
     pooled, summary = report["pooled"]["image/acc"], report["summary"]["image/acc"]
-    text = f"image accuracy {pooled:.3f} pooled over {report['images']} images"
+    unit = (report.get("settings") or {}).get("bag_level") or "image"  # image, or a bag head's slide | patient
+    text = f"{unit} accuracy {pooled:.3f} pooled over {report['images']} {unit}s"
     interval, groups = report.get("interval") or {}, report.get("groups") or {}
-    given = groups.get("n", report["images"]) < report["images"]  # patients or slides, not every image its own
+    # patients or slides, not every image its own; patient bags: each row is a patient
+    given = groups.get("n", report["images"]) < report["images"] or unit == "patient"
     if "image/acc" in interval:
         low, high = interval["image/acc"]
-        over = f"{groups.get('n', '?')} {'groups' if given else 'images (each its own group: no patients given)'}"
+        named = "patients" if unit == "patient" else "groups"
+        over = f"{groups.get('n', '?')} {named if given else unit + 's (each its own group: no patients given)'}"
         text += f" [{interval.get('level', 0.95):.0%} CI {low:.2f}, {high:.2f} over {over}]"
     text += f", {summary['mean']:.3f} ± {summary['sd']:.3f} over {int(summary['n'])} folds"
     case = report.get("case_level")

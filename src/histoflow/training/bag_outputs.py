@@ -3,9 +3,10 @@
     <run>/bag_predictions.csv  one row per held-out bag: image (or patient), group, fold, label, predicted, patches
                                (tiles), votes_<class> (the head's verdict on each tile taken alone, counted),
                                prob_<class> (the bag's probabilities): the rows of the k-fold report (image_report)
-    <run>/bags.json            classes, bag level, head, the settings of the report
-    <run>/attention.npz        per held-out bag: its tiles' coordinates (image, x, y, rot) and attention (ABMIL; the
-                               uniform 1/N of a mean for the pooling baselines)
+    <run>/bags.json            classes, bag level, head, the settings of the report, and the tiles' sources: each
+                               source index's image or slide file (and a slide's feature shard, its tile geometry)
+    <run>/attention.npz        per held-out bag: its tiles' coordinates (source index, x, y, rot) and attention
+                               (ABMIL; the uniform 1/N of a mean for the pooling baselines)
     <run>/problems.csv         inputs left out of the bags (an image without a tile), with the reason
 """
 
@@ -28,9 +29,11 @@ ATTENTION = "attention.npz"
 
 
 @torch.inference_mode()
-def bag_outputs(model: torch.nn.Module, bags: Sequence[Bag], classes: Sequence[str], root: Path | None = None,
+def bag_outputs(model: torch.nn.Module, bags: Sequence[Bag], classes: Sequence[str],
+                files: Mapping[str, str] | None = None,
                 batch_size: int = 16) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
-    """Rows of held-out bags and each bag's attention over its tiles (N,), from an eval-mode head."""
+    """Rows of held-out bags and each bag's attention over its tiles (N,), from an eval-mode head. `files`: the
+    image file of each source index, named in the row of a bag of one image (the colour baseline reads it)."""
     model.eval()
     rows, attention = [], []
     for start in range(0, len(bags), batch_size):
@@ -41,7 +44,8 @@ def bag_outputs(model: torch.nn.Module, bags: Sequence[Bag], classes: Sequence[s
                    else mask.float() / mask.sum(1, keepdim=True))
         for k, (bag, _) in enumerate(chunk):
             votes = np.bincount(model.tile_logits(bag.features).argmax(1).numpy(), minlength=len(classes))
-            image = bag.name if root is None or len(bag.images) != 1 else str(root / bag.images[0])
+            one_image = files is not None and len(bag.images) == 1
+            image = files[str(int(bag.coords[0, 0]))] if one_image else bag.name
             row: dict[str, Any] = {"image": image, "group": bag.group, "fold": bag.fold, "label": classes[bag.label],
                                    "predicted": classes[int(probs[k].argmax())], "patches": len(bag)}
             row.update({f"votes_{c}": int(v) for c, v in zip(classes, votes)})
@@ -56,8 +60,9 @@ def write_bag_outputs(model: torch.nn.Module, datamodule: Any, output_dir: Path,
     """The held-out fold's bag predictions, attention, record and problems in output_dir; the predictions' path."""
     bags = datamodule.bags.get("test") or []
     classes = list(datamodule.classes)
-    rows, attention = bag_outputs(model, bags, classes, datamodule.prepared.root if datamodule.level == "image"
-                                  else None)
+    sources = datamodule.tile_sources(bags)
+    rows, attention = bag_outputs(model, bags, classes, {k: v["path"] for k, v in sources.items()}
+                                  if datamodule.level == "image" else None)
     path = output_dir / PREDICTIONS
     columns = list(rows[0]) if rows else ["image"]
     with path.open("w", newline="") as handle:
@@ -68,8 +73,8 @@ def write_bag_outputs(model: torch.nn.Module, datamodule: Any, output_dir: Path,
                         **{f"coords_{i}": b.coords for i, b in enumerate(bags)},
                         **{f"attention_{i}": a for i, a in enumerate(attention)})
     (output_dir / RECORD).write_text(json.dumps({"classes": classes, "level": datamodule.level,
-                                                 "fold": str(datamodule.fold), "side": datamodule.prepared.patch_side,
-                                                 "root": str(datamodule.prepared.root), **dict(settings)}, indent=1))
+                                                 "fold": str(datamodule.fold), "sources": sources, **dict(settings)},
+                                                indent=1))
     write_problems(output_dir / "problems.csv", skipped=datamodule.problems)
     return path
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger
 
 from histoflow.common.config import localize_weights, refuse_unknown_top_keys
+from histoflow.common.errors import ConfigError
 from histoflow.evaluation.figures import plot_training_curves
 from histoflow.features.embeddings import Embedder
 from histoflow.models import input_preprocess, is_bag_head
@@ -40,10 +41,25 @@ def _write_reports(trainer: pl.Trainer, output_dir: Path) -> None:
 
 def bag_settings(cfg: DictConfig) -> dict[str, Any]:
     """What the k-fold report of bag heads says it ran: the head (its aggregate), window and stride."""
-    patches = cfg.data.get("patches") or {}
+    patches, slide = cfg.data.get("patches") or {}, cfg.data.get("slide") or {}  # images | slides (data=slides)
+    window = patches.get("size") or slide.get("tile_size")
     model = str(cfg.model.get("_target_", "")).rsplit(".", 1)[-1]
     return {"aggregate": f"bag ({model}, {(cfg.get('bag') or {}).get('level', 'image')} bags)", "views": 1,
-            "window": patches.get("size"), "stride": patches.get("stride")}
+            "window": window, "stride": patches.get("stride") or slide.get("stride") or window,
+            "mpp": slide.get("mpp")}
+
+
+def bag_data(cfg: DictConfig) -> dict[str, Any]:
+    """What a bag head adds to the data config: the bag section, and for patch data (data=lymphoma, kather...) the
+    DataModule of its bags (the same preparation and embedding; histoflow.features.bags)."""
+    native = getattr(hydra.utils.get_class(cfg.data._target_), "samples_are_bags", False)  # data=slides
+    return {"bag": cfg.get("bag"), **({} if native else {"_target_": "histoflow.features.bags.BagDataModule"})}
+
+
+def refuse_patch_model_on_bags(cfg: DictConfig) -> None:
+    if getattr(hydra.utils.get_class(cfg.data._target_), "samples_are_bags", False) and not is_bag_head(cfg.model):
+        raise ConfigError(f"data={cfg.data.get('name')} gives bags (a label per slide or patient), not patches: "
+                          "the model must be a head on bags. Fix: model=abmil (or mean_pool, max_pool)")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -63,9 +79,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # normalisation.
     encoder = cfg.get("encoder")
     require_head(cfg.model, bool(encoder))
+    refuse_patch_model_on_bags(cfg)
     bags = is_bag_head(cfg.model)  # a head on bags of tile embeddings (model=abmil|mean_pool|max_pool)
-    # bags: the same preparation and embedding, the samples are bags (histoflow.features.bags)
-    extra = {"_target_": "histoflow.features.bags.BagDataModule", "bag": cfg.get("bag")} if bags else {}
+    extra = bag_data(cfg) if bags else {}
     datamodule = hydra.utils.instantiate(cfg.data, fold=cfg.fold, _recursive_=False,
                                          preprocess=input_preprocess(cfg.model, encoder),
                                          embed=Embedder(encoder) if encoder else None, **extra)
