@@ -19,16 +19,14 @@ from histoflow.features.embeddings import Embedder
 from histoflow.features.slide_bags import SlideBagDataModule
 from histoflow.inference.sweep_report import headline, write_image_report
 from histoflow.models import build_encoder
-from histoflow.slides.cohort_fixture import build_cohort
 from histoflow.training.run import train
 
 SIDE = 32  # tiles of 32 px at 1 micron per pixel into a SqueezeNet at 32 px
 
 
 @pytest.fixture(scope="module")
-def cohort(wsi_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """15 slides, 5 from each real slide; patients of two slides (the fifth alone): 9 patients, 3 a class."""
-    return build_cohort(wsi_dir, tmp_path_factory.mktemp("cohort"), per_source=5, side=512)
+def cohort(slide_cohort: Path) -> Path:
+    return slide_cohort
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ from histoflow.common.errors import ConfigError, HistoflowError, MissingInputErr
 from histoflow.evaluation.tables import read_confusion_csv
 from histoflow.models import build_encoder, is_bag_head
 from histoflow.models.build import build_net
+from histoflow.slides.table import read_slide_table
 from histoflow.training.checkpoints import load_classifier
 from histoflow.training.loggers import CSVLogger, WandbLogger
 from histoflow.training.outputs import merge_csv_metrics
@@ -79,18 +80,35 @@ def tiny_overrides(base: Path) -> list[str]:
     under base; no loader worker processes."""
     return [
         f"data.root={base / 'images'}",
-        f"paths.data_dir={base / 'work'}",
-        f"paths.log_dir={base / 'logs'}",
-        f"paths.cache_dir={base / 'cache'}",
         "data.shards.samples_per_shard=30",
         "data.shards.workers=1",
         "++data.loader.batch_size=16",
         "++data.loader.eval_batch_size=64",
         "++data.loader.num_workers=0",
         "++data.loader.shuffle_buffer=64",
+        *run_overrides(base),
+    ]
+
+
+def slide_table_overrides(table: Path, base: Path) -> list[str]:
+    """A slide table as data (data=slides): the slides' tiles decoded by one worker, no progress bar; outputs under
+    base."""
+    return [f"data.table={table}", "data.slide.num_workers=1", "data.slide.progress=false", *run_overrides(base)]
+
+
+def run_overrides(base: Path) -> list[str]:
+    return [
+        f"paths.data_dir={base / 'work'}",
+        f"paths.log_dir={base / 'logs'}",
+        f"paths.cache_dir={base / 'cache'}",
         "trainer.max_epochs=1",
         "trainer.log_every_n_steps=1",
     ]
+
+
+def reads_a_slide_table(group: str, option: str) -> bool:
+    """Whether `group=option` makes the data a slide table (data=slides), not a folder of images."""
+    return "table" in compose_config("train", [f"{group}={option}"]).data
 
 
 def _tensorboard_installed() -> bool:
@@ -126,7 +144,9 @@ def test_every_group_option_composes(group: str, tiny: Path, tmp_path: Path) -> 
     options = group_options(group)
     assert options, f"conf/{group}/ has no options"
     for option in options:
-        cfg = compose_train([*tiny_overrides(tiny), f"{group}={option}"], tmp_path)
+        data = slide_table_overrides(tiny / "cohort.csv", tiny) if reads_a_slide_table(group, option) else \
+            tiny_overrides(tiny)
+        cfg = compose_train([*data, f"{group}={option}"], tmp_path)
         plain = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
         assert plain["output_dir"] == str(tmp_path)
         if group == "model":
@@ -240,18 +260,22 @@ def test_summarize_sweep(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))
-def test_experiment_fast_dev_run(experiment: str, tmp_path: Path) -> None:
-    # equal sizes (tile data sets need them), 200 px square: room for every experiment's window (at most 192 px)
-    write_cases(make_images(tmp_path / "images", per_class=10, size=(200, 200), pixels="tint", digits=3))
-    overrides = [f"experiment={experiment}", *tiny_overrides(tmp_path), "trainer.fast_dev_run=true", "logger=csv"]
+def test_experiment_fast_dev_run(experiment: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    if reads_a_slide_table("experiment", experiment):  # the real-tissue slide cohort (skips without ../shared/data)
+        table: Path = request.getfixturevalue("slide_cohort")
+        data, classes = slide_table_overrides(table, tmp_path), sorted({r.label for r in read_slide_table(table)})
+    else:  # equal sizes (tile data sets need them), 200 px square: room for every experiment's window (<= 192 px)
+        write_cases(make_images(tmp_path / "images", per_class=10, size=(200, 200), pixels="tint", digits=3))
+        data, classes = tiny_overrides(tmp_path), CLASSES
+    overrides = [f"experiment={experiment}", *data, "trainer.fast_dev_run=true", "logger=csv"]
     cfg = compose_train(overrides, tmp_path / "run")
     for net in ("model", "encoder"):
         if cfg.get(net) and "weights" in cfg[net]:
             cfg[net].weights = None  # no network in tests: random initialisation instead of a download
     metrics = train(cfg)
     assert 0.0 <= metrics["test/acc_macro"] <= 1.0 and np.isfinite(metrics["test/loss"])
-    cm, classes = read_confusion_csv(tmp_path / "run" / "confusion_test.csv")
-    assert classes == CLASSES and cm.sum() > 0
+    cm, written = read_confusion_csv(tmp_path / "run" / "confusion_test.csv")
+    assert written == classes and cm.sum() > 0
     assert (tmp_path / "run" / "confusion_test.png").is_file() and (tmp_path / "run" / "test_metrics.json").is_file()
 
 

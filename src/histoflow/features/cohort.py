@@ -27,7 +27,6 @@ next slide's loader workers start when this slide's last batch arrives, so the d
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
@@ -76,6 +75,12 @@ FIXES = {"no-mpp": "give the scan's resolution: slide.source_mpp=<microns per pi
          "no-tissue": "lower slide.tissue_threshold (e.g. 0.02) or slide.min_tissue, or check that this is the slide",
          "unreadable": "copy or export the slide again, or remove it from the table",
          "setting": "change the slide setting named, or remove the slide from the table"}
+# Held by a planning thread while it reads a slide, and by a loop while it forks loader workers: a worker forked while
+# any thread of the process holds a lock it needs waits forever (Python 3.11's cached_property holds one per
+# property, shared by every TIFF page; OpenSlide's C locks alike). One for the process, not one per loop: two jobs
+# in one process (threads) fork beside each other's planners too. A planner starts on the next slide as its loop
+# forks, mostly hashing it first, so a fork seldom waits.
+READING = threading.Lock()
 
 
 class NoMppError(SlideError):
@@ -266,10 +271,9 @@ def _problem(record: SlideRecord, kind: str, error: BaseException) -> Problem:
     return Problem(str(record.slide), kind, str(error).replace(str(record.path) + ": ", ""))
 
 
-def _plan(row: int, record: SlideRecord, job: CohortJob, side: int, transform: PatchTransform,
-          reading: threading.Lock | None = None) -> _Slide:
+def _plan(row: int, record: SlideRecord, job: CohortJob, side: int, transform: PatchTransform) -> _Slide:
     """Hash the slide, and where its shard is not there yet, find its tissue tiles (in the planning thread), the
-    slide read under `reading` (see _Loop.reading)."""
+    slide read under READING."""
     cfg, planned = job.slide, _Slide(row, record)
     try:
         # one small cache file per slide path: no job rewrites, or races over, a cohort-wide file for every slide
@@ -278,7 +282,7 @@ def _plan(row: int, record: SlideRecord, job: CohortJob, side: int, transform: P
         planned.shard = job.folder / SHARDS / f"{planned.sha}.npz"
         if planned.shard.is_file():
             return planned
-        with reading or contextlib.nullcontext(), open_slide(record.path, cfg.backend, cfg.source_mpp) as slide:
+        with READING, open_slide(record.path, cfg.backend, cfg.source_mpp) as slide:
             if slide.mpp is None:
                 raise NoMppError(f"{record.path}: the file gives no microns per pixel, and tile coordinates are in "
                                  "microns too. Fix: slide.source_mpp=<the scan's microns per pixel> (0.25 at 40x)")
@@ -336,11 +340,6 @@ class _Loop:
         self.problems: list[tuple[int, Problem]] = []
         self.done: set[str] = set()  # shas embedded or found by this process
         self.stop: CohortSlideError | None = None  # a bad slide under on_bad_image=error
-        # held by the planning thread while it reads a slide, and by this one while it forks loader workers: a
-        # worker forked while the planner holds a lock it needs waits forever (Python 3.11's cached_property holds
-        # one per property, shared by every TIFF page; OpenSlide's C locks alike). The planner starts on the next
-        # slide as this one forks, mostly hashing it first, so the fork seldom waits.
-        self.reading = threading.Lock()
 
     def _settle(self, planned: _Slide) -> None:
         """A slide not embedded here: found done (reused), or a problem (left out, or the run stops)."""
@@ -370,7 +369,7 @@ class _Loop:
         """Every slide of this process: first those no other process is embedding (a slide whose lock another job
         holds is put off), then the ones put off, waiting for their locks (and then finding most of them done)."""
         job, cfg = self.job, self.job.slide
-        plans = prefetched(_plan(row, record, job, self.side, self.transform, self.reading)
+        plans = prefetched(_plan(row, record, job, self.side, self.transform)
                            for row, record in self.mine)
         t0 = time.perf_counter()
         with progress_bar(cfg.progress and self.rank == 0) as bar:
@@ -399,7 +398,7 @@ class _Loop:
                 elif planned.sha in self.done or planned.shard.is_file():  # a copy's, or another job's meanwhile
                     self._settle_later(planned)
                 else:
-                    with self.reading:  # no fork while the planner reads a slide
+                    with READING:  # no fork while a planner reads a slide
                         return planned, iter(tile_loader(planned.tiles, self.workers, pin_memory=pin))
                 bar.update(slides_bar, completed=len(self.rows) + len(self.problems))
             return None
