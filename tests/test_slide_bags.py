@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_train
+from PIL import Image
 
 from histoflow.common.errors import ConfigError
 from histoflow.features.cohort import read_shard
 from histoflow.features.embeddings import Embedder
 from histoflow.features.slide_bags import SlideBagDataModule
+from histoflow.inference.attention_maps import attention_gallery
 from histoflow.inference.sweep_report import headline, write_image_report
 from histoflow.models import build_encoder
 from histoflow.training.run import train
@@ -82,7 +84,9 @@ def test_a_five_fold_multirun_on_patient_bags_writes_the_patient_report_maps_and
     assert low <= report["pooled"]["image/acc"] <= high
     assert report["case_level"]["groups"] == len(held_out)
     assert "patient accuracy" in headline(report) and f"over {len(held_out)} patients" in headline(report)
-    assert "# Patient-level prediction report" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "# Patient-level prediction report" in text and "| patient balanced accuracy |" in text
+    assert "case-level accuracy" not in text  # a patient bag is its case: no second, equal figure
 
     # an attention map over every held-out slide with tiles, in the slide maps' format; a patient's weights add up
     # to one over its slides
@@ -101,6 +105,10 @@ def test_a_five_fold_multirun_on_patient_bags_writes_the_patient_report_maps_and
     np.testing.assert_allclose(list(per_patient.values()), 1.0, atol=1e-3)
     assert (out / "attention_gallery.png").stat().st_size > 0
     assert not set(maps) & {Path(p).stem for p in left_out}
+    # a class without a held-out tile (every slide of it without tissue, say) gets no empty rows in the gallery
+    runs = [sweep / str(job) for job in range(5)]
+    with_absent = attention_gallery(runs, [*report["classes"], "absent"], tmp_path / "gallery.png")
+    assert Image.open(with_absent).size == Image.open(out / "attention_gallery.png").size
 
 
 def test_slide_bags_are_folded_by_patient_and_hold_each_slides_shard(cohort: Path, weights: Path,

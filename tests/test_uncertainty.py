@@ -7,16 +7,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from histoflow.evaluation.intervals import (
     accuracy,
+    balanced_accuracy,
     case_calls,
     case_level,
+    clopper_pearson,
     group_bootstrap,
+    group_bootstrap_auc,
     macro_f1,
+    roc_auc,
 )
 from histoflow.inference.image_report import fold_report
+from histoflow.inference.sweep_report import headline
 
 CLASSES = ["A", "B"]
 
@@ -54,6 +61,33 @@ def test_the_interval_holds_the_estimate_lies_in_0_1_and_is_seeded() -> None:
         assert 0 <= low <= float(fn(cm)) <= high <= 1
     assert ci == group_bootstrap(truth, preds, groups, 3, seed=1)
     assert ci != group_bootstrap(truth, preds, groups, 3, seed=2)
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_balanced_accuracy_and_roc_auc_are_sklearns() -> None:
+    from sklearn.metrics import confusion_matrix
+
+    rng = np.random.default_rng(3)
+    truth, preds = rng.integers(0, 3, 90), rng.integers(0, 4, 90) % 3
+    truth[truth == 2] = 1  # class 2 absent from truth (predicted only): left out of the mean recall, as sklearn does
+    cm = confusion_matrix(truth, preds, labels=[0, 1, 2])
+    assert np.isclose(balanced_accuracy(cm), balanced_accuracy_score(truth, preds))
+    binary = rng.integers(0, 2, 120)
+    scores = np.round(rng.random(120) + 0.4 * binary, 1)  # rounded: ties between classes count half
+    assert np.isclose(roc_auc(binary, scores), roc_auc_score(binary, scores))
+    assert roc_auc([1, 1, 1], [0.2, 0.5, 0.9]) is None and group_bootstrap_auc([0, 0], [0.1, 0.2], ["a", "b"]) is None
+
+
+def test_the_auc_interval_is_over_groups_holds_the_estimate_and_is_seeded() -> None:
+    rng = np.random.default_rng(1)
+    truth = np.repeat(rng.integers(0, 2, 20), 15)  # 20 groups of 15 images, one label a group
+    scores = np.repeat(rng.random(20), 15) * 0.6 + 0.4 * truth + rng.normal(0, 0.02, 300)  # a group's scores alike
+    groups = [f"case{i // 15}" for i in range(300)]
+    by_group = group_bootstrap_auc(truth, scores, groups, seed=1)
+    by_image = group_bootstrap_auc(truth, scores, [str(i) for i in range(300)], seed=1)
+    assert by_group[0] <= roc_auc(truth, scores) <= by_group[1] <= 1
+    assert by_group[1] - by_group[0] > 2 * (by_image[1] - by_image[0])  # 20 effective samples, not 300
+    assert by_group == group_bootstrap_auc(truth, scores, groups, seed=1)
 
 
 def test_macro_f1_of_a_confusion_matrix_is_sklearns() -> None:
@@ -117,6 +151,14 @@ def test_the_k_fold_report_gives_intervals_over_groups_and_case_level(tmp_path: 
     assert f"| image accuracy | 0.750 (18/24; 95% CI {ci[0]:.3f}–{ci[1]:.3f} over 8 groups) |" in text
     assert "| case-level accuracy (majority of a case's images) | 0.750 (6/8; 95% CI" in text
     assert "8 groups (patients)" in text and "Groups per fold: 1: 2, 2: 2, 3: 2, 4: 2." in text
+    rows = _report_rows(tmp_path)
+    auc = roc_auc_score([r["label"] == "B" for r in rows], [r["prob_B"] for r in rows])
+    assert saved["roc_auc"]["positive"] == "B" and np.isclose(saved["roc_auc"]["value"], auc)
+    low, high = saved["roc_auc"]["interval"]
+    assert f"| image ROC AUC (B positive) | {auc:.3f} (95% CI {low:.3f}–{high:.3f} over 8 groups) |" in text
+    balanced = report["pooled"]["image/balanced_acc"]
+    assert np.isclose(balanced, balanced_accuracy_score([r["label"] for r in rows], [r["predicted"] for r in rows]))
+    assert f"| image balanced accuracy | {balanced:.3f} (95% CI" in text
 
 
 def test_rows_without_groups_take_each_image_as_its_own_group_and_say_so(tmp_path: Path) -> None:
@@ -124,3 +166,16 @@ def test_rows_without_groups_take_each_image_as_its_own_group_and_say_so(tmp_pat
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["groups"]["n"] == 24 and not saved["groups"]["given"] and saved["case_level"]["groups"] == 24
     assert "each image is taken as its own patient" in (tmp_path / "report.md").read_text()
+
+
+def test_a_perfect_score_gets_the_exact_interval_over_cases_not_a_bootstrap_of_one_point(tmp_path: Path) -> None:
+    assert np.isclose(clopper_pearson(10, 10)[0], 0.025 ** (1 / 10))  # all right: (alpha/2)^(1/n), closed form
+    assert np.isclose(clopper_pearson(0, 10)[1], 1 - 0.025 ** (1 / 10)) and clopper_pearson(5, 10)[0] < 0.5
+    rows = [{**r, "predicted": r["label"], "prob_A": float(r["label"] == "A"), "prob_B": float(r["label"] == "B")}
+            for r in _report_rows(tmp_path)]
+    report = fold_report(rows, CLASSES, tmp_path, {"aggregate": "vote"})
+    assert report["interval"]["image/acc"] == [1.0, 1.0]  # every resample of 8 all-right cases is all right
+    low = clopper_pearson(8, 8)[0]
+    assert f"exact (Clopper-Pearson) 95% interval of 8/8 cases right is {low:.3f}–1.000" in \
+        (tmp_path / "report.md").read_text()
+    assert f"[95% CI {low:.2f}, 1.00, exact over 8 groups]" in headline(report)  # the line a sweep prints last

@@ -9,7 +9,7 @@ resample is a weighted sum of group matrices: the cost grows with resamples x gr
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -29,19 +29,21 @@ def _group_confusions(truth: np.ndarray, preds: np.ndarray, index: np.ndarray, n
     return counts.reshape(-1, n_classes, n_classes)
 
 
-def resampled_sums(per_group: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
-    """(resamples, K) sums of (G, K) per-group values over G groups drawn with replacement (numpy default_rng),
-    in chunks of resamples that keep the (chunk, G) draw counts to a few million entries."""
-    n_groups = len(per_group)
+def resampled_counts(n_groups: int, resamples: int = RESAMPLES, seed: int = 0,
+                     chunk_entries: int = 4_000_000) -> Iterator[np.ndarray]:
+    """Chunks of (chunk, G) counts: how often each of G groups is drawn in each resample of G groups drawn with
+    replacement (numpy default_rng); chunks of resamples that keep each to about chunk_entries entries."""
     rng = np.random.default_rng(seed)
-    chunk = max(1, 4_000_000 // n_groups)
-    sums = []
+    chunk = max(1, chunk_entries // n_groups)
     for start in range(0, resamples, chunk):
         size = min(chunk, resamples - start)
         draws = rng.integers(0, n_groups, (size, n_groups)) + np.arange(size)[:, None] * n_groups
-        counts = np.bincount(draws.ravel(), minlength=size * n_groups).reshape(size, n_groups)
-        sums.append(counts @ per_group)
-    return np.concatenate(sums)
+        yield np.bincount(draws.ravel(), minlength=size * n_groups).reshape(size, n_groups)
+
+
+def resampled_sums(per_group: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
+    """(resamples, K) sums of (G, K) per-group values over G groups drawn with replacement."""
+    return np.concatenate([counts @ per_group for counts in resampled_counts(len(per_group), resamples, seed)])
 
 
 def percentile_interval(values: np.ndarray, level: float = LEVEL) -> list[float]:
@@ -65,13 +67,57 @@ def macro_f1(cm: np.ndarray) -> np.ndarray:
     return f1.sum(-1) / np.maximum(present.sum(-1), 1)
 
 
-METRICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"image/acc": accuracy, "image/f1_macro": macro_f1}
+def balanced_accuracy(cm: np.ndarray) -> np.ndarray:
+    """Mean recall over the classes present in truth of (..., C, C) confusion matrices (scikit-learn's balanced
+    accuracy)."""
+    tp = np.diagonal(cm, axis1=-2, axis2=-1).astype(float)
+    support = cm.sum(-1)
+    recall = np.where(support > 0, tp / np.maximum(support, 1), 0.0)
+    return recall.sum(-1) / np.maximum((support > 0).sum(-1), 1)
+
+
+METRICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"image/acc": accuracy, "image/balanced_acc":
+                                                          balanced_accuracy, "image/f1_macro": macro_f1}
+
+
+def roc_auc(truth: Sequence[int], scores: Sequence[float]) -> float | None:
+    """Area under the ROC curve of scores for class 1 against class 0 (ties count half); None without both."""
+    auc = _weighted_auc(np.asarray(truth), np.asarray(scores, dtype=float), np.ones((1, len(truth))))
+    return None if auc is None else float(auc[0])
+
+
+def _weighted_auc(truth: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
+    """(R,) ROC AUCs of one set of rows under R weightings (R, N) of the rows (a bootstrap's draw counts): the
+    weighted share of (positive, negative) pairs ranked right, ties half."""
+    positive, negative = truth == 1, truth == 0
+    if not positive.any() or not negative.any():
+        return None
+    sp, sn = scores[positive], scores[negative]
+    ranked = (sp[:, None] > sn[None, :]) + 0.5 * (sp[:, None] == sn[None, :])  # (P, N) pair outcomes
+    wp, wn = weights[:, positive], weights[:, negative]
+    pairs = wp.sum(1) * wn.sum(1)
+    right = ((wp @ ranked) * wn).sum(1)
+    return np.where(pairs > 0, right / np.maximum(pairs, 1), np.nan)
+
+
+def group_bootstrap_auc(truth: Sequence[int], scores: Sequence[float], groups: Sequence[str],
+                        resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> list[float] | None:
+    """Percentile interval of the pooled ROC AUC (two classes; scores for class 1), resampling whole groups with
+    replacement (resamples drawing one class only are left out); None where the rows hold one class."""
+    index = _group_index(groups)
+    truth, scores = np.asarray(truth), np.asarray(scores, dtype=float)
+    aucs = [_weighted_auc(truth, scores, counts[:, index])
+            for counts in resampled_counts(int(index.max()) + 1, resamples, seed, chunk_entries=200_000)]
+    if aucs[0] is None:
+        return None
+    values = np.concatenate(aucs)
+    return percentile_interval(values[~np.isnan(values)], level)
 
 
 def group_bootstrap(truth: Sequence[int], preds: Sequence[int], groups: Sequence[str], n_classes: int,
                     resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict[str, list[float]]:
-    """Percentile intervals of pooled image accuracy and macro F1 (class indices), resampling whole groups with
-    replacement: {"image/acc": [low, high], "image/f1_macro": [low, high]}."""
+    """Percentile intervals of pooled image accuracy, balanced accuracy and macro F1 (class indices), resampling
+    whole groups with replacement: {"image/acc": [low, high], "image/balanced_acc": ..., "image/f1_macro": ...}."""
     per_group = _group_confusions(np.asarray(truth), np.asarray(preds), _group_index(groups), n_classes)
     cms = resampled_sums(per_group.reshape(len(per_group), -1), resamples, seed).reshape(-1, n_classes, n_classes)
     return {name: percentile_interval(metric(cms), level) for name, metric in METRICS.items()}
@@ -104,3 +150,14 @@ def case_level(labels: Sequence[int], preds: Sequence[int], probs: np.ndarray, g
     resampled = resampled_sums(correct[:, None], resamples, seed)[:, 0] / len(correct)
     return {"acc": float(correct.mean()), "right": int(correct.sum()), "groups": len(correct),
             "interval": percentile_interval(resampled, level)}
+
+
+def clopper_pearson(right: int, n: int, level: float = LEVEL) -> list[float]:
+    """The exact binomial interval of right/n (n independent trials: patients, not their images): what a bootstrap
+    cannot give where every resample scores alike (all right or all wrong)."""
+    from scipy.stats import beta
+
+    tail = (1 - level) / 2
+    low = float(beta.ppf(tail, right, n - right + 1)) if right > 0 else 0.0
+    high = float(beta.ppf(1 - tail, right + 1, n - right)) if right < n else 1.0
+    return [low, high]

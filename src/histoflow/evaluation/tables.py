@@ -4,6 +4,7 @@ Markdown."""
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +61,13 @@ def folds_markdown(
     per_fold: dict[str, dict[str, float]],
     summary: dict[str, dict[str, float]],
     metrics: list[str] | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> str:
-    """Markdown table: one row per fold, then a "mean ± sd" row; 3 decimals."""
+    """Markdown table: one row per fold, then a "mean ± sd" row; 3 decimals; columns headed by names (default: the
+    metrics' keys)."""
     metrics = list(summary) if metrics is None else metrics
     lines = [
-        "| fold | " + " | ".join(metrics) + " |",
+        "| fold | " + " | ".join((names or {}).get(m, m) for m in metrics) + " |",
         "|---|" + "---:|" * len(metrics),
     ]
     for fold, scores in per_fold.items():

@@ -166,11 +166,12 @@ def attention_gallery(runs: Sequence[Path], classes: Sequence[str], png: Path, k
     """A PNG of the k most and k least attended held-out windows of each true class (attention relative to a
     mean's 1/N), each as it lies in its image or slide."""
     tiles, sources = attended_tiles(runs)
-    fig = Figure(figsize=(1.6 * k, 1.75 * 2 * len(classes)))
-    axes = fig.subplots(2 * len(classes), k, squeeze=False)
+    held_out = [name for name in classes if any(t.label == name for t in tiles)]  # a class left out has no row
+    fig = Figure(figsize=(1.6 * k, 1.75 * 2 * max(1, len(held_out))))
+    axes = fig.subplots(2 * max(1, len(held_out)), k, squeeze=False)
     opened: dict[str, TileSource] = {}
     try:
-        for c, name in enumerate(classes):
+        for c, name in enumerate(held_out):
             ranked = sorted((t for t in tiles if t.label == name), key=lambda t: -t.relative)
             for r, (which, chosen) in enumerate((("most", ranked[:k]), ("least", ranked[::-1][:k]))):
                 for j, ax in enumerate(axes[2 * c + r]):
@@ -188,8 +189,12 @@ def attention_gallery(runs: Sequence[Path], classes: Sequence[str], png: Path, k
     finally:
         for source in opened.values():
             source.close()
-    fig.suptitle("Held-out windows by attention (x: relative to a mean's 1/N), most and least per true class",
-                 fontsize=9)
+    if not held_out:
+        for ax in axes.flat:
+            ax.axis("off")
+    missing = ", ".join(sorted(set(classes) - set(held_out)))
+    fig.suptitle("Held-out windows by attention (x: relative to a mean's 1/N), most and least per true class"
+                 + (f"\nno held-out tile of {missing}" if missing else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     return png

@@ -83,10 +83,11 @@ def write_bag_report(sweep: str | Path, out: Path | None = None,
     images.update({f"report/attention_map/{name}": png for name, png in iter_maps(out, MAPS_LOGGED)})
     wandb = wandb if wandb is not None else wandb_of(runs[0])
     if wandb:
-        metrics = {"report/acc": report["pooled"]["image/acc"], "report/f1_macro": report["pooled"]["image/f1_macro"],
-                   "report/acc_low": report["interval"]["image/acc"][0],
-                   "report/acc_high": report["interval"]["image/acc"][1],
-                   "report/case_acc": report["case_level"]["acc"]}
+        pooled, interval, auc = report["pooled"], report["interval"], report["roc_auc"]
+        metrics = {"report/acc": pooled["image/acc"], "report/balanced_acc": pooled["image/balanced_acc"],
+                   "report/f1_macro": pooled["image/f1_macro"], "report/acc_low": interval["image/acc"][0],
+                   "report/acc_high": interval["image/acc"][1], "report/case_acc": report["case_level"]["acc"],
+                   **({"report/roc_auc": auc["value"]} if auc else {})}
         log_wandb(out, settings, wandb, metrics, images, {"report/misclassified": report["misclassified"]})
     return report
 

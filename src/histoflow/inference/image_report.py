@@ -28,13 +28,22 @@ from histoflow.evaluation.figures import (
     save_confusion_matrix,
     save_reliability_diagram,
 )
-from histoflow.evaluation.intervals import LEVEL, RESAMPLES, case_level, group_bootstrap
+from histoflow.evaluation.intervals import (
+    LEVEL,
+    RESAMPLES,
+    balanced_accuracy,
+    case_level,
+    clopper_pearson,
+    group_bootstrap,
+    group_bootstrap_auc,
+    roc_auc,
+)
 from histoflow.evaluation.tables import folds_markdown, matrix_markdown, summarize_folds
 from histoflow.inference.voting import Votes
 from histoflow.training.tracking import configure_wandb, finish_wandb
 
 log = logging.getLogger(__name__)
-FOLD_METRICS = ["image/acc", "image/f1_macro", "patch/acc"]
+FOLD_METRICS = ["image/acc", "image/balanced_acc", "image/f1_macro", "patch/acc"]
 
 
 def prediction_rows(votes: Votes, classes: list[str], aggregate: str,
@@ -68,13 +77,30 @@ def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str] | None 
 
 
 def _scores(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, float]:
-    """Image accuracy (micro), image macro F1 (classes absent from truth and predictions ignored), patch accuracy."""
+    """Image accuracy (micro), balanced accuracy (mean recall over the classes present), macro F1 (classes absent
+    from truth and predictions ignored), patch accuracy."""
     target = torch.tensor([classes.index(r["label"]) for r in rows])
     preds = torch.tensor([classes.index(r["predicted"]) for r in rows])
+    n = len(classes)
+    cm = np.bincount(target.numpy() * n + preds.numpy(), minlength=n * n).reshape(n, n)
     right_patches = sum(r[f"votes_{r['label']}"] for r in rows)
     return {"image/acc": float((preds == target).float().mean()),
-            "image/f1_macro": float(multiclass_f1_score(preds, target, len(classes), average="macro")),
+            "image/balanced_acc": float(balanced_accuracy(cm)),
+            "image/f1_macro": float(multiclass_f1_score(preds, target, n, average="macro")),
             "patch/acc": right_patches / max(1, sum(r["patches"] for r in rows))}
+
+
+def _roc_auc(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, Any] | None:
+    """Two classes: the pooled ROC AUC of the mean probability of the second class, with its interval over groups;
+    None for more classes, or where the rows hold one class only."""
+    if len(classes) != 2:
+        return None
+    truth = [classes.index(r["label"]) for r in rows]
+    scores = [float(r[f"prob_{classes[1]}"]) for r in rows]
+    value = roc_auc(truth, scores)
+    if value is None:
+        return None
+    return {"positive": classes[1], "value": value, "interval": group_bootstrap_auc(truth, scores, _groups(rows))}
 
 
 def _calibration(rows: list[dict[str, Any]], classes: list[str], png: Path, title: str) -> dict[str, Any]:
@@ -171,8 +197,8 @@ def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, s
         "per_fold": per_fold, "summary": summary, "pooled": pooled,
         "confusion_images": cm_images.tolist(), "confusion_patches": cm_patches.tolist(),
         "misclassified": wrong, "problems": [asdict(p) for p in problems], "missing_folds": list(missing_folds),
-        "calibration": calibration, "colour_baselines": _colour_baselines(rows, classes) if colour else {},
-        **_over_groups(rows, classes),
+        "calibration": calibration, "roc_auc": _roc_auc(rows, classes),
+        "colour_baselines": _colour_baselines(rows, classes) if colour else {}, **_over_groups(rows, classes),
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     (out_dir / "report.md").write_text(_markdown(report, rows, classes))
@@ -183,6 +209,17 @@ def _ci(interval: Sequence[float]) -> str:
     return f"{interval[0]:.3f}–{interval[1]:.3f}"
 
 
+def _degenerate(interval: Sequence[float], cases: Mapping[str, Any]) -> list[str]:
+    """Where every bootstrap resample scores alike (all right, or all wrong), a line with the exact binomial
+    interval over the cases instead: 10 of 10 patients right is not certainty."""
+    if interval[0] != interval[1]:
+        return []
+    low, high = clopper_pearson(cases["right"], cases["groups"])
+    return [f"Every resample scores {interval[0]:.3f}: a bootstrap cannot look past the {cases['groups']} cases it "
+            f"has. Taking each case as one trial, the exact (Clopper-Pearson) 95% interval of {cases['right']}/"
+            f"{cases['groups']} cases right is {low:.3f}–{high:.3f}.", ""]
+
+
 def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[str]) -> str:
     s, pooled, ci, cases, groups = (report["settings"], report["pooled"], report["interval"], report["case_level"],
                                     report["groups"])
@@ -191,48 +228,58 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
     listed = isinstance(sources, list)  # an ensemble: one model per entry and fold
     ensemble = f"the {len(sources)} models (probabilities averaged)" if listed and len(sources) > 1 else "the model"
     unit = s.get("bag_level") or "image"  # a bag head's report: its rows are images, slides or patients
-    bags = "bag_level" in s
+    bags, tiles = "bag_level" in s, "tile" if "bag_level" in s else "patch"
+    over = f"over {groups['n']} groups"
+    names = {"image/acc": f"{unit} acc", "image/balanced_acc": f"{unit} balanced acc",
+             "image/f1_macro": f"{unit} macro F1", "patch/acc": f"{tiles} acc"}
+    auc = report.get("roc_auc")
     lines = [f"# {unit.capitalize()}-level prediction report: {' + '.join(sources) if listed else sources}", "",
              f"{report['images']} {unit}s in {len(report['per_fold'])} folds, each predicted only by {ensemble} of the "
              "fold that held it out of training. "
              f"Aggregate: {s.get('aggregate')}; TTA views: {s.get('views')}; grid: {s.get('window')}-px windows, "
              f"stride {s.get('stride')}.", "",
              "## Per fold (mean ± sd, ddof=1, over folds)", "",
-             folds_markdown(report["per_fold"], report["summary"], FOLD_METRICS),
-             "Images per fold: " + ", ".join(f"{f}: {k}" for f, k in report["images_per_fold"].items()) + ".", "",
+             folds_markdown(report["per_fold"], report["summary"], FOLD_METRICS, names),
+             f"{unit.capitalize()}s per fold: "
+             + ", ".join(f"{f}: {k}" for f, k in report["images_per_fold"].items()) + ".", "",
              "## Pooled over folds", "", "| metric | value |", "|---|---:|",
              f"| {unit} accuracy | {pooled['image/acc']:.3f} ({right}/{len(rows)}; 95% CI {_ci(ci['image/acc'])} "
-             f"over {groups['n']} groups) |",
-             f"| {unit} macro F1 | {pooled['image/f1_macro']:.3f} (95% CI {_ci(ci['image/f1_macro'])} over "
-             f"{groups['n']} groups) |",
-             f"| case-level accuracy (majority of a case's images) | {cases['acc']:.3f} ({cases['right']}/"
-             f"{cases['groups']}; 95% CI {_ci(cases['interval'])}) |",
+             f"{over}) |",
+             f"| {unit} balanced accuracy | {pooled['image/balanced_acc']:.3f} (95% CI "
+             f"{_ci(ci['image/balanced_acc'])} {over}) |",
+             f"| {unit} macro F1 | {pooled['image/f1_macro']:.3f} (95% CI {_ci(ci['image/f1_macro'])} {over}) |",
+             *([f"| {unit} ROC AUC ({auc['positive']} positive) | {auc['value']:.3f} (95% CI "
+                f"{_ci(auc['interval'])} {over}) |"] if auc else []),
+             *([] if unit == "patient" else  # a patient bag is its case: the same figure as the accuracy
+               [f"| case-level accuracy (majority of a case's {unit}s) | {cases['acc']:.3f} ({cases['right']}/"
+                f"{cases['groups']}; 95% CI {_ci(cases['interval'])}) |"]),
              f"| {'tile accuracy (the bag head on each tile alone)' if bags else 'patch accuracy'} | "
              f"{pooled['patch/acc']:.3f} |",
-             f"| expected calibration error (images, 10 bins) | {report['calibration']['ece']:.3f} |", "",
+             f"| expected calibration error ({unit}s, 10 bins) | {report['calibration']['ece']:.3f} |", "",
              f"Intervals: {ci['resamples']} bootstrap resamples of the {groups['n']} "
-             + ("groups (patients), each taking all its images: images of one patient are not independent, so the "
-                "effective sample is the patients." if groups["given"] else
-                "images (the rows name no groups: each image is taken as its own patient).")
+             + ((f"groups (patients), each taking all its {unit}s: {unit}s of one patient are not independent, so "
+                 "the effective sample is the patients." if unit != "patient" else "patients.") if groups["given"] else
+                f"{unit}s (the rows name no groups: each {unit} is taken as its own patient).")
              + " Groups per fold: " + ", ".join(f"{f}: {k}" for f, k in groups["per_fold"].items()) + ".", "",
-             "Reliability of the images' mean probabilities: `reliability_images.png`.", "",
+             *_degenerate(ci["image/acc"], cases),
+             f"Reliability of the {unit}s' probabilities: `reliability_images.png`.", "",
              *(["Attention: `attention_maps/` (a map over each held-out image or slide, from the fold that held it "
                 "out) and `attention_gallery.png` (the most and least attended tiles per class).", ""] if bags else []),
-             "## Colour-only baselines on the same folds", "",
-             "Mean and sd of R, G, B per image, and a classifier fit on the other folds: how much colour alone "
-             "explains (a linear model can hide what colour tells).", "",
+             *(["## Colour-only baselines on the same folds", "",
+                "Mean and sd of R, G, B per image, and a classifier fit on the other folds: how much colour alone "
+                "explains (a linear model can hide what colour tells).", ""] if report["colour_baselines"] else []),
              *[line for name, baseline in report["colour_baselines"].items()
                for line in (f"**{COLOUR_NAMES[name]}**: pooled accuracy {baseline['pooled']['image/acc']:.3f} "
-                            f"(95% CI {_ci(baseline['interval']['image/acc'])} over {groups['n']} groups)", "",
+                            f"(95% CI {_ci(baseline['interval']['image/acc'])} {over})", "",
                             folds_markdown(baseline["per_fold"], baseline["summary"],
                                            ["image/acc", "image/f1_macro"]))],
-             "## Confusion matrix of images (rows: true, columns: predicted)", "",
+             f"## Confusion matrix of {unit}s (rows: true, columns: predicted)", "",
              *matrix_markdown(np.array(report["confusion_images"]), classes), "",
-             "![image confusion matrix](confusion_images.png)", "",
-             "Patches: `confusion_patches.csv` / `.png`. Every image: `predictions.csv`.", "",
-             f"## Misclassified images ({len(report['misclassified'])})", ""]
+             f"![{unit} confusion matrix](confusion_images.png)", "",
+             f"{tiles.capitalize()}s: `confusion_patches.csv` / `.png`. Every {unit}: `predictions.csv`.", "",
+             f"## Misclassified {unit}s ({len(report['misclassified'])})", ""]
     if report["misclassified"]:
-        lines += ["| image | fold | true | predicted | votes (" + " / ".join(classes) + ") | mean probability |",
+        lines += [f"| {unit} | fold | true | predicted | votes (" + " / ".join(classes) + ") | mean probability |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['image']} | {r['fold']} | {r['label']} | {r['predicted']} | "
                   + " / ".join(str(r[f"votes_{c}"]) for c in classes) + " | "
@@ -240,7 +287,7 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
     else:
         lines.append("None.")
     if report["problems"]:
-        lines += ["", f"## Images not predicted ({len(report['problems'])})", ""]
+        lines += ["", f"## Left out ({len(report['problems'])})", ""]
         lines += [f"- {p['detail']}" for p in report["problems"]]
     if report["missing_folds"]:
         lines += ["", f"Folds without a model (their images are not in this report): {report['missing_folds']}."]

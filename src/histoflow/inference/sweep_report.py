@@ -21,6 +21,7 @@ from omegaconf import DictConfig, open_dict
 
 from histoflow.common.config import CONF_DIR
 from histoflow.common.errors import HistoflowError, message
+from histoflow.evaluation.intervals import clopper_pearson
 from histoflow.inference.bag_report import bag_runs, write_bag_report
 from histoflow.inference.predict import predict
 
@@ -52,14 +53,17 @@ def headline(report: dict[str, Any]) -> str:
     interval, groups = report.get("interval") or {}, report.get("groups") or {}
     # patients or slides, not every image its own; patient bags: each row is a patient
     given = groups.get("n", report["images"]) < report["images"] or unit == "patient"
+    case = report.get("case_level")
     if "image/acc" in interval:
         low, high = interval["image/acc"]
-        named = "patients" if unit == "patient" else "groups"
+        named = "patients" if unit in ("patient", "slide") else "groups"  # slide bags: grouped by patient
         over = f"{groups.get('n', '?')} {named if given else unit + 's (each its own group: no patients given)'}"
-        text += f" [{interval.get('level', 0.95):.0%} CI {low:.2f}, {high:.2f} over {over}]"
+        exact = ""
+        if low == high and case:  # all right or all wrong: the bootstrap has nothing to resample
+            (low, high), exact = clopper_pearson(case["right"], case["groups"]), ", exact"
+        text += f" [{interval.get('level', 0.95):.0%} CI {low:.2f}, {high:.2f}{exact} over {over}]"
     text += f", {summary['mean']:.3f} ± {summary['sd']:.3f} over {int(summary['n'])} folds"
-    case = report.get("case_level")
-    if case and given:
+    if case and given and unit != "patient":  # a patient bag is its own case
         text += f"; case-level {case['acc']:.2f} ({case['right']}/{case['groups']})"
     return text
 
