@@ -24,6 +24,7 @@ import torch
 from conftest import REPO, compose_config
 from omegaconf import OmegaConf
 
+import histoflow.features.cohort as cohort_module
 from histoflow.common.config import plain
 from histoflow.common.errors import ConfigError
 from histoflow.features.cohort import (
@@ -201,11 +202,20 @@ def test_two_lightning_processes_embed_each_slide_exactly_once(cohort: Path, wei
 
 
 def test_two_jobs_on_one_folder_embed_each_slide_once(cohort: Path, weights: Path, clean: CohortResult,
-                                                      tmp_path: Path) -> None:
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two jobs started together on the same table and folder (threads here: the locks are file locks, held per
-    open file, so they part threads as they part processes): each slide embedded by one of them, once."""
+    open file, so they part threads as they part processes): each slide embedded by one of them, once. Both have
+    written their ranks' parts of the same chunk before either combines them (once the second overwrote the first's
+    part, and the first removed it from under the second)."""
     args, start = arguments(cohort, tmp_path, weights), threading.Barrier(2)
     results: list[CohortResult] = []
+    both_written, combine = threading.Barrier(2, timeout=120), cohort_module.combine_ranks
+
+    def combine_when_both_have_written(*arguments: object) -> dict:
+        both_written.wait()
+        return combine(*arguments)
+
+    monkeypatch.setattr(cohort_module, "combine_ranks", combine_when_both_have_written)
 
     def job() -> None:
         start.wait()

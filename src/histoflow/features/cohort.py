@@ -35,6 +35,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -502,10 +503,12 @@ def _parts(job: CohortJob) -> Path:
     return job.folder / "parts" / job.name
 
 
-def _part_name(job: CohortJob, rank: tuple[int, int] | None = None) -> str:
+def _part_name(job: CohortJob, rank: tuple[str, int, int] | None = None) -> str:
+    """The chunk's part, or (rank=(run id, rank, world)) one rank's part of it: named by the run too, so two jobs
+    running the same chunk at once never read or remove each other's."""
     i, n = job.chunk
     base = f"{job.table_sha[:12]}-chunk-{i:04d}-of-{n:04d}"
-    return f"{base}.json" if rank is None else f"{base}.rank-{rank[0]}-of-{rank[1]}.json"
+    return f"{base}.json" if rank is None else f"{base}.run-{rank[0]}.rank-{rank[1]}-of-{rank[2]}.json"
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -521,17 +524,18 @@ def _part(loop: _Loop) -> dict[str, Any]:
             "reused": [{"slide": s, "rank": loop.rank} for s in loop.result.reused], "tiles": loop.result.tiles}
 
 
-def combine_ranks(job: CohortJob, world: int) -> dict[str, Any]:
-    """The chunk's part from its ranks' parts (rank 0, after the barrier)."""
-    parts = [json.loads((_parts(job) / _part_name(job, (r, world))).read_text()) for r in range(world)]
+def combine_ranks(job: CohortJob, run_id: str, world: int) -> dict[str, Any]:
+    """The chunk's part from the parts of this run's ranks (rank 0, after the barrier)."""
+    names = [_part_name(job, (run_id, r, world)) for r in range(world)]
+    parts = [json.loads((_parts(job) / name).read_text()) for name in names]
     chunk = {"table_sha256": job.table_sha, "chunk": list(job.chunk),
              "rows": sorted((row for p in parts for row in p["rows"]), key=lambda r: r["row"]),
              "problems": sorted((q for p in parts for q in p["problems"]), key=lambda q: q["row"]),
              "embedded": [e for p in parts for e in p["embedded"]], "reused": [e for p in parts for e in p["reused"]],
              "tiles": sum(p["tiles"] for p in parts)}
     _write_json(_parts(job) / _part_name(job), chunk)
-    for r in range(world):
-        (_parts(job) / _part_name(job, (r, world))).unlink()
+    for name in names:
+        (_parts(job) / name).unlink()
     return chunk
 
 
@@ -573,17 +577,18 @@ def run_rank(fabric: Any, job: CohortJob) -> CohortResult:
     """One process's part: its ranks' share of the chunk, then (rank 0, after the barrier) the chunk's part and, when
     every chunk is there, the index. `fabric`: Lightning Fabric (rank, world size, device, barrier)."""
     rank, world = fabric.global_rank, fabric.world_size
+    run_id = fabric.broadcast(uuid.uuid4().hex[:12], src=0)  # rank 0's: the ranks' parts are this run's
     mine = [job.records[k] for k in balanced_bins([_size(r.path) for _, r in job.records], world)[rank]]
     loop = _Loop(job, mine, fabric.device, rank, world)
     result = loop.run()
-    _write_json(_parts(job) / _part_name(job, (rank, world)), _part(loop))
+    _write_json(_parts(job) / _part_name(job, (run_id, rank, world)), _part(loop))
     log.info("rank %d: %d slides embedded, %d reused, %d left out; %d tiles in %.1f s (%.0f tiles/s, the encoder "
              "waited for tiles %.0f%% of the time)", rank, len(result.embedded), len(result.reused),
              len(result.problems), result.tiles, result.seconds, result.tiles_per_s, 100 * result.wait_share)
     if world > 1:
-        fabric.barrier()  # the only collective: every rank has written its part
+        fabric.barrier()  # every rank has written its part (the other collective: the run id, at the start)
     if rank == 0:
-        chunk = combine_ranks(job, world)
+        chunk = combine_ranks(job, run_id, world)
         result.chunk = {"embedded": len(chunk["embedded"]), "reused": len(chunk["reused"]),
                         "left_out": len(chunk["problems"]), "tiles": chunk["tiles"]}
         result.index = merge_index(job.folder, job.name, job.table_sha, job.chunk[1])
