@@ -82,35 +82,38 @@ METRICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"image/acc": accuracy,
 
 def roc_auc(truth: Sequence[int], scores: Sequence[float]) -> float | None:
     """Area under the ROC curve of scores for class 1 against class 0 (ties count half); None without both."""
-    auc = _weighted_auc(np.asarray(truth), np.asarray(scores, dtype=float), np.ones((1, len(truth))))
-    return None if auc is None else float(auc[0])
+    pairs = _pairs(np.asarray(truth), np.asarray(scores, dtype=float))
+    return None if pairs is None else float(_weighted_auc(*pairs, np.ones((1, len(truth))))[0])
 
 
-def _weighted_auc(truth: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
-    """(R,) ROC AUCs of one set of rows under R weightings (R, N) of the rows (a bootstrap's draw counts): the
-    weighted share of (positive, negative) pairs ranked right, ties half."""
+def _pairs(truth: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The positive and negative rows and the (P, N) outcome of each (positive, negative) pair: 1 ranked right,
+    0.5 tied, 0 wrong; None without both classes."""
     positive, negative = truth == 1, truth == 0
     if not positive.any() or not negative.any():
         return None
-    sp, sn = scores[positive], scores[negative]
-    ranked = (sp[:, None] > sn[None, :]) + 0.5 * (sp[:, None] == sn[None, :])  # (P, N) pair outcomes
+    sp, sn = scores[positive][:, None], scores[negative][None, :]
+    return positive, negative, (sp > sn) + 0.5 * (sp == sn)
+
+
+def _weighted_auc(positive: np.ndarray, negative: np.ndarray, ranked: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(R,) ROC AUCs under R weightings (R, N) of the rows (a bootstrap's draw counts): the weighted share of
+    (positive, negative) pairs ranked right; NaN where a weighting leaves out a class."""
     wp, wn = weights[:, positive], weights[:, negative]
     pairs = wp.sum(1) * wn.sum(1)
-    right = ((wp @ ranked) * wn).sum(1)
-    return np.where(pairs > 0, right / np.maximum(pairs, 1), np.nan)
+    return np.where(pairs > 0, ((wp @ ranked) * wn).sum(1) / np.maximum(pairs, 1), np.nan)
 
 
 def group_bootstrap_auc(truth: Sequence[int], scores: Sequence[float], groups: Sequence[str],
                         resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> list[float] | None:
     """Percentile interval of the pooled ROC AUC (two classes; scores for class 1), resampling whole groups with
     replacement (resamples drawing one class only are left out); None where the rows hold one class."""
-    index = _group_index(groups)
-    truth, scores = np.asarray(truth), np.asarray(scores, dtype=float)
-    aucs = [_weighted_auc(truth, scores, counts[:, index])
-            for counts in resampled_counts(int(index.max()) + 1, resamples, seed, chunk_entries=200_000)]
-    if aucs[0] is None:
+    pairs = _pairs(np.asarray(truth), np.asarray(scores, dtype=float))
+    if pairs is None:
         return None
-    values = np.concatenate(aucs)
+    index = _group_index(groups)
+    values = np.concatenate([_weighted_auc(*pairs, counts[:, index])
+                             for counts in resampled_counts(int(index.max()) + 1, resamples, seed, 200_000)])
     return percentile_interval(values[~np.isnan(values)], level)
 
 
@@ -143,13 +146,14 @@ def case_calls(labels: Sequence[int], preds: Sequence[int], probs: np.ndarray, g
 
 def case_level(labels: Sequence[int], preds: Sequence[int], probs: np.ndarray, groups: Sequence[str],
                n_classes: int, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict[str, object]:
-    """Case-level accuracy (see case_calls) with a percentile interval from a bootstrap over cases:
-    {"acc", "right", "groups", "interval": [low, high]}."""
+    """Case-level accuracy (see case_calls) with a percentile interval from a bootstrap over cases and the exact
+    binomial one (each case one trial): {"acc", "right", "groups", "interval": [low, high], "exact": [low, high]}."""
     truth, called = case_calls(labels, preds, probs, groups, n_classes)
     correct = (truth == called).astype(float)
     resampled = resampled_sums(correct[:, None], resamples, seed)[:, 0] / len(correct)
     return {"acc": float(correct.mean()), "right": int(correct.sum()), "groups": len(correct),
-            "interval": percentile_interval(resampled, level)}
+            "interval": percentile_interval(resampled, level),
+            "exact": clopper_pearson(int(correct.sum()), len(correct), level)}
 
 
 def clopper_pearson(right: int, n: int, level: float = LEVEL) -> list[float]:

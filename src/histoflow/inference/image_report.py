@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import (
     multiclass_calibration_error,
-    multiclass_f1_score,
 )
 
 from histoflow.data.problems import Problem
@@ -30,10 +29,9 @@ from histoflow.evaluation.figures import (
 )
 from histoflow.evaluation.intervals import (
     LEVEL,
+    METRICS,
     RESAMPLES,
-    balanced_accuracy,
     case_level,
-    clopper_pearson,
     group_bootstrap,
     group_bootstrap_auc,
     roc_auc,
@@ -77,16 +75,15 @@ def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str] | None 
 
 
 def _scores(rows: list[dict[str, Any]], classes: list[str]) -> dict[str, float]:
-    """Image accuracy (micro), balanced accuracy (mean recall over the classes present), macro F1 (classes absent
-    from truth and predictions ignored), patch accuracy."""
-    target = torch.tensor([classes.index(r["label"]) for r in rows])
-    preds = torch.tensor([classes.index(r["predicted"]) for r in rows])
+    """From the rows' confusion matrix, the metrics whose intervals group_bootstrap gives (image accuracy, balanced
+    accuracy: the mean recall over the classes present, macro F1: classes absent from truth and predictions
+    ignored), and patch accuracy."""
     n = len(classes)
-    cm = np.bincount(target.numpy() * n + preds.numpy(), minlength=n * n).reshape(n, n)
+    truth = np.array([classes.index(r["label"]) for r in rows])
+    preds = np.array([classes.index(r["predicted"]) for r in rows])
+    cm = np.bincount(truth * n + preds, minlength=n * n).reshape(n, n)
     right_patches = sum(r[f"votes_{r['label']}"] for r in rows)
-    return {"image/acc": float((preds == target).float().mean()),
-            "image/balanced_acc": float(balanced_accuracy(cm)),
-            "image/f1_macro": float(multiclass_f1_score(preds, target, n, average="macro")),
+    return {**{name: float(metric(cm)) for name, metric in METRICS.items()},
             "patch/acc": right_patches / max(1, sum(r["patches"] for r in rows))}
 
 
@@ -214,7 +211,7 @@ def _degenerate(interval: Sequence[float], cases: Mapping[str, Any]) -> list[str
     interval over the cases instead: 10 of 10 patients right is not certainty."""
     if interval[0] != interval[1]:
         return []
-    low, high = clopper_pearson(cases["right"], cases["groups"])
+    low, high = cases["exact"]
     return [f"Every resample scores {interval[0]:.3f}: a bootstrap cannot look past the {cases['groups']} cases it "
             f"has. Taking each case as one trial, the exact (Clopper-Pearson) 95% interval of {cases['right']}/"
             f"{cases['groups']} cases right is {low:.3f}–{high:.3f}.", ""]

@@ -21,7 +21,6 @@ from omegaconf import DictConfig, open_dict
 
 from histoflow.common.config import CONF_DIR
 from histoflow.common.errors import HistoflowError, message
-from histoflow.evaluation.intervals import clopper_pearson
 from histoflow.inference.bag_report import bag_runs, write_bag_report
 from histoflow.inference.predict import predict
 
@@ -59,8 +58,8 @@ def headline(report: dict[str, Any]) -> str:
         named = "patients" if unit in ("patient", "slide") else "groups"  # slide bags: grouped by patient
         over = f"{groups.get('n', '?')} {named if given else unit + 's (each its own group: no patients given)'}"
         exact = ""
-        if low == high and case:  # all right or all wrong: the bootstrap has nothing to resample
-            (low, high), exact = clopper_pearson(case["right"], case["groups"]), ", exact"
+        if low == high and case and "exact" in case:  # all right or all wrong: the bootstrap has nothing to resample
+            (low, high), exact = case["exact"], ", exact"
         text += f" [{interval.get('level', 0.95):.0%} CI {low:.2f}, {high:.2f}{exact} over {over}]"
     text += f", {summary['mean']:.3f} ± {summary['sd']:.3f} over {int(summary['n'])} folds"
     if case and given and unit != "patient":  # a patient bag is its own case
