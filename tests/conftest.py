@@ -1,17 +1,19 @@
 """Shared fixtures and helpers: the real data under ../shared/data (or $HISTOFLOW_DATA), skipped when absent; tiny
 class folders and case tables; composed configs and training runs that leave no trace; a local HTTP server;
-the figures a test saved."""
+the figures a test saved; W&B's offline run files read back."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
+import struct
 import sys
 import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -232,3 +234,48 @@ def plotted_lines(figure) -> dict[str, dict[str, tuple[list[float], list[float]]
                                                 [float(y) for y in line.get_ydata()])
                              for line in ax.lines if not line.get_label().startswith("_")}
             for ax in figure.axes}
+
+
+# ---------------------------------------------------------------- W&B offline run files
+
+
+def wandb_records(path: Path) -> Iterator[Any]:
+    """The records (wandb_internal_pb2.Record) of an offline run's run-*.wandb file: LevelDB's log format (32 KiB
+    blocks of chunks: crc32, length, type; a record's chunks FULL, or FIRST, MIDDLE..., LAST) after W&B's 7-byte
+    header. wandb >= 0.20 reads these files only in its Go service; this is the reader its Python once had."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    ident, _magic, _version = struct.unpack("<4sHB", data[:7])
+    assert ident == b":W&B", f"{path}: not a W&B run file"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a chunk header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:  # zero padding to the end of the block
+            pos += left
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def wandb_run_summary(path: Path) -> tuple[Any, dict[str, Any]]:
+    """An offline run file's run record (name, group, job_type, config) and its summary, as the last updates left
+    it (top-level keys; a nested key joined by /)."""
+    run, summary = None, {}
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+        elif kind == "summary":
+            summary.update({u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in record.summary.update})
+    assert run is not None, f"{path}: no run record"
+    return run, summary

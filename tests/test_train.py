@@ -31,6 +31,7 @@ from conftest import (
     compose_train,
     env_without_wandb_account,
     make_images,
+    wandb_run_summary,
     write_cases,
 )
 from hydra.utils import instantiate
@@ -344,6 +345,54 @@ def test_multirun_two_folds_offline_wandb_and_summary(tiny: Path, tmp_path: Path
         data = next((sweep / job / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
         assert f"lymphoma-alexnet32-fold{fold}".encode() in data
         assert f"lymphoma-alexnet32-fold{other}".encode() not in data
+    # Issue 42: the k-fold report is one more run in the folds' group, holding its keys, figures and tables.
+    assert_report_run(sweep, "lymphoma-alexnet32")
+
+
+REPORT_KEYS = ["report/acc", "report/acc_low", "report/acc_high", "report/case_acc", "report/case_acc_low",
+               "report/case_acc_high", "report/balanced_acc", "report/f1_macro", "report/colour_acc",
+               "report/patients", "report/acc_mean", "report/acc_sd", "report/folds"]
+
+
+def assert_report_run(sweep: Path, group: str) -> None:
+    """<sweep>/image_report/wandb holds one offline run: group `group`, job_type report, the report.json keys
+    (also in summary.json) as its summary, the folds' test metrics, and its figures and tables as media files."""
+    keys = json.loads((sweep / "image_report" / "report.json").read_text())["keys"]
+    assert set(REPORT_KEYS) <= set(keys) and keys["report/folds"] == 2.0
+    assert keys["report/acc_low"] <= keys["report/acc"] <= keys["report/acc_high"]
+    assert json.loads((sweep / "summary.json").read_text())["report"] == keys
+    (offline,) = (sweep / "image_report" / "wandb").glob("offline-run-*")
+    run, summary = wandb_run_summary(next(offline.glob("run-*.wandb")))
+    assert (run.run_group, run.job_type, run.display_name) == (group, "report", f"{group}-report")
+    config = {u.key: json.loads(u.value_json) for u in run.config.update}
+    assert config["name"] == group and config["folds"] == [1, 2]
+    assert {k: summary[k] for k in keys} == keys
+    assert summary["folds/test/acc_macro_mean"] == json.loads((sweep / "summary.json").read_text())["summary"][
+        "test/acc_macro"]["mean"]
+    for media in ("report/confusion", "report/reliability", "report/per_fold", "folds/test_metrics"):
+        assert (offline / "files" / summary[f"{media}/path"]).is_file(), f"{media} not logged"
+    per_fold = json.loads((offline / "files" / summary["report/per_fold/path"]).read_text())
+    assert [row[0] for row in per_fold["data"]] == ["fold 1", "fold 2", "mean", "sd"]
+
+
+@pytest.mark.slow
+def test_a_csv_sweep_logs_no_report_run_and_compares_without_wandb(tiny: Path, tmp_path: Path) -> None:
+    """Issue 42: logger=csv: no W&B run anywhere, the report's keys in report.json and summary.json all the same,
+    and `histoflow summary` prints the sweep's row with its intervals."""
+    sweep = tmp_path / "multirun"
+    env = env_without_wandb_account(tmp_path)
+    run_train(["-m", "fold=1,2", *tiny_overrides(tiny), f"hydra.sweep.dir={sweep}", "logger=csv", "name=tiny-csv"],
+              env)
+    assert not list(sweep.rglob("wandb")), "a W&B folder in a sweep that did not log to W&B"
+    keys = json.loads((sweep / "image_report" / "report.json").read_text())["keys"]
+    assert json.loads((sweep / "summary.json").read_text())["report"] == keys
+    shown = subprocess.run([sys.executable, "-m", "histoflow", "summary", str(sweep)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    (row,) = [line for line in shown.stdout.splitlines() if line.startswith("| tiny-csv |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "2" and cells[3] == (f"{keys['report/acc']:.3f} [{keys['report/acc_low']:.2f}, "
+                                            f"{keys['report/acc_high']:.2f}]")
 
 
 @pytest.mark.slow

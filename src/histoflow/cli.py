@@ -17,7 +17,7 @@ VERBS = {
     "predict": "classify images by patch votes, report folds, map slides",
     "embed": "embed every prepared patch, or a slide table's tissue tiles, with a frozen encoder, once",
     "audit": "the leak audit of a data set's folds",
-    "summary": "the cross-validation summary of a multirun folder",
+    "summary": "the cross-validation summary of multirun folders, recipes side by side",
 }
 
 

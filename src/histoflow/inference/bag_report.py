@@ -11,14 +11,13 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from omegaconf import OmegaConf
 
 from histoflow.common.errors import MissingInputError
 from histoflow.data.problems import Problem
 from histoflow.inference.attention_maps import GALLERY, attention_gallery, iter_maps, write_attention_maps
-from histoflow.inference.image_report import fold_report, log_wandb, write_csv
+from histoflow.inference.image_report import fold_report, write_csv
 from histoflow.training.bag_outputs import PREDICTIONS, read_bag_predictions
 
 MAPS_LOGGED = 16  # attention maps sent to the dashboard (by name); every map is in <report>/attention_maps/
@@ -30,28 +29,10 @@ def bag_runs(sweep: str | Path) -> list[Path]:
     return sorted(runs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
 
 
-def wandb_of(run: Path) -> dict[str, Any] | None:
-    """The W&B run settings of a report on a sweep whose job `run` logged to W&B (its logger.wandb); else None."""
-    config = run / ".hydra" / "config.yaml"
-    if not config.is_file():
-        return None
-    logger = OmegaConf.load(config).get("logger") or {}
-    if "wandb" not in logger:
-        return None
-    wandb = logger["wandb"]
-    try:
-        group = str(wandb.get("group"))
-    except Exception:  # an interpolation of the Hydra run that wrote it
-        group = None
-    return {"project": wandb.get("project", "histoflow"), "entity": wandb.get("entity"), "group": group,
-            "name": f"{group}-report" if group else None, "job_type": "report"}
-
-
-def write_bag_report(sweep: str | Path, out: Path | None = None,
-                     wandb: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def write_bag_report(sweep: str | Path, out: Path | None = None) -> dict[str, Any]:
     """<sweep>/image_report/: report.json, report.md, predictions.csv, confusion and reliability figures, the
-    attention gallery and attention maps over every held-out image or slide (attention_maps/); logged to W&B (metrics, figures, misclassified bags) where the sweep's jobs logged there, or
-    `wandb` (wandb.init arguments) says so."""
+    attention gallery and attention maps over every held-out image or slide (attention_maps/). Its keys and W&B
+    run: inference/report_run.publish_report, with logged_maps(out)."""
     sweep = Path(sweep).resolve()
     runs = bag_runs(sweep)
     if not runs:
@@ -77,19 +58,14 @@ def write_bag_report(sweep: str | Path, out: Path | None = None,
     report = fold_report(rows, first["classes"], out, settings, problems=list({p: None for p in problems}),
                          colour=first.get("level") == "image")
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    images = {"report/confusion_images": out / "confusion_images.png",
-              "report/attention_gallery": attention_gallery(runs, first["classes"], out / GALLERY)}
+    attention_gallery(runs, first["classes"], out / GALLERY)
     write_attention_maps(runs, out)
-    images.update({f"report/attention_map/{name}": png for name, png in iter_maps(out, MAPS_LOGGED)})
-    wandb = wandb if wandb is not None else wandb_of(runs[0])
-    if wandb:
-        pooled, interval, auc = report["pooled"], report["interval"], report["roc_auc"]
-        metrics = {"report/acc": pooled["image/acc"], "report/balanced_acc": pooled["image/balanced_acc"],
-                   "report/f1_macro": pooled["image/f1_macro"], "report/acc_low": interval["image/acc"][0],
-                   "report/acc_high": interval["image/acc"][1], "report/case_acc": report["case_level"]["acc"],
-                   **({"report/roc_auc": auc["value"]} if auc else {})}
-        log_wandb(out, settings, wandb, metrics, images, {"report/misclassified": report["misclassified"]})
     return report
+
+
+def logged_maps(out: Path) -> dict[str, Path]:
+    """The attention maps a report's W&B run shows (MAPS_LOGGED of them, by name)."""
+    return {f"report/attention_map/{name}": png for name, png in iter_maps(out, MAPS_LOGGED)}
 
 
 def _problems(path: Path) -> list[dict[str, str]]:

@@ -1,4 +1,5 @@
-"""Image-level results: prediction tables, the k-fold report (per fold, mean ± sd, pooled confusion), W&B logging."""
+"""Image-level results: prediction tables, the k-fold report (per fold, mean ± sd, pooled confusion); its keys and
+W&B run: inference/report_run.py."""
 
 from __future__ import annotations
 
@@ -38,7 +39,6 @@ from histoflow.evaluation.intervals import (
 )
 from histoflow.evaluation.tables import folds_markdown, matrix_markdown, summarize_folds
 from histoflow.inference.voting import Votes
-from histoflow.training.tracking import configure_wandb, finish_wandb
 
 log = logging.getLogger(__name__)
 FOLD_METRICS = ["image/acc", "image/balanced_acc", "image/f1_macro", "patch/acc"]
@@ -289,21 +289,3 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
     if report["missing_folds"]:
         lines += ["", f"Folds without a model (their images are not in this report): {report['missing_folds']}."]
     return "\n".join(lines) + "\n"
-
-
-def log_wandb(out_dir: Path, settings: Mapping[str, Any], wandb_cfg: Mapping[str, Any], metrics: Mapping[str, float],
-              images: Mapping[str, Path], tables: Mapping[str, list[dict[str, Any]]]) -> None:
-    """Log metrics, images and tables as one W&B run (offline without key or network), then close it."""
-    configure_wandb()
-    import wandb
-
-    try:
-        wandb.init(dir=str(out_dir), config=dict(settings), **{k: v for k, v in wandb_cfg.items() if v is not None})
-        payload: dict[str, Any] = dict(metrics)
-        payload.update({k: wandb.Image(str(p)) for k, p in images.items()})
-        for key, rows in tables.items():
-            columns = list(rows[0]) if rows else ["image"]
-            payload[key] = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
-        wandb.log(payload)
-    finally:
-        finish_wandb()

@@ -25,12 +25,8 @@ from histoflow.inference.fold_models import (
     load_fold_model,
     models_by_fold,
 )
-from histoflow.inference.image_report import (
-    fold_report,
-    log_wandb,
-    prediction_rows,
-    write_csv,
-)
+from histoflow.inference.image_report import fold_report, prediction_rows, write_csv
+from histoflow.inference.report_run import log_run, publish_report
 from histoflow.inference.slide_map import SlideConfig, SlideResult, predict_slide
 from histoflow.inference.voting import predict_images, tta_views
 from histoflow.slides.slide import DamagedTileError, SlideError, SlideSettingError
@@ -86,6 +82,16 @@ def _run_options(cfg: DictConfig) -> dict[str, Any]:
             "device": cfg.device, "progress": cfg.progress}
 
 
+def _wandb_init(cfg: DictConfig) -> dict[str, Any]:
+    """publish_report's W&B arguments from cfg.wandb: enabled=true: log in its project and group (its other keys
+    are wandb.init arguments); auto: where the multirun's fold jobs logged to W&B, beside them; false: never."""
+    enabled = cfg.wandb.get("enabled", "auto")
+    if enabled not in (True, False, "auto"):
+        raise ConfigError(f"wandb.enabled={enabled!r}: expected auto, true or false")
+    init = {k: v for k, v in cfg.wandb.items() if k != "enabled" and v is not None}
+    return {"init": init if enabled is True else None, "tracked": enabled is not False}
+
+
 def _held_out_report(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, out: Path,
                      settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[Problem], dict[str, Any]]:
     """Each fold's models (one per ensemble member) on that fold's held-out images (from the manifest), then the
@@ -126,11 +132,9 @@ def _held_out_report(cfg: DictConfig, members: list[list[FoldModel]], grid: Patc
         r["correct"] = r["predicted"] == r["label"]
     write_csv(rows, out / "predictions.csv")
     report = fold_report(rows, prepared.classes, out, settings, problems, missing)
-    metrics = {f"predict/{k}": v for k, v in report["pooled"].items()}
-    metrics.update({f"predict/{k}_mean": v["mean"] for k, v in report["summary"].items()})
-    logged = {"metrics": metrics, "images": {"predict/confusion_images": out / "confusion_images.png"},
-              "tables": {"predict/misclassified": report["misclassified"]}}
-    return rows, problems, logged
+    sources = settings["ckpt_path"] if isinstance(settings["ckpt_path"], list) else [settings["ckpt_path"]]
+    publish_report(out, report, sources, **_wandb_init(cfg))
+    return rows, problems, {}  # logged to W&B, where it is, with the report's own keys
 
 
 def _images_csv(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, out: Path,
@@ -268,8 +272,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     rows, problems, logged = run(cfg, members, grid, out, settings)
     # always written, empty when nothing went wrong: its absence would not say whether the run checked
     write_problems(out / "problems.csv", **{"skipped" if cfg.on_bad_image == "skip" else "stopped": problems})
-    if cfg.wandb.enabled:
-        log_wandb(out, settings, {k: v for k, v in cfg.wandb.items() if k != "enabled"}, **logged)
+    if cfg.wandb.get("enabled") is True and logged:  # a k-fold report logs itself (publish_report)
+        log_run(out, {"project": "histoflow", "job_type": "predict", **_wandb_init(cfg)["init"]}, settings, logged["metrics"], logged["images"], logged["tables"])
     what = "slide" if cfg.get("slides") else "image"
     log.info("predicted %d %ss: %s", len(rows), what, out)
     if problems and cfg.on_bad_image == "skip":

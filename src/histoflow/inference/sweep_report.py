@@ -21,11 +21,12 @@ from omegaconf import DictConfig, open_dict
 
 from histoflow.common.config import CONF_DIR
 from histoflow.common.errors import HistoflowError, message
-from histoflow.inference.bag_report import bag_runs, write_bag_report
+from histoflow.inference.bag_report import bag_runs, logged_maps, write_bag_report
 from histoflow.inference.predict import predict
+from histoflow.inference.report_run import publish_report
+from histoflow.training.outputs import REPORT_DIR
 
 log = logging.getLogger(__name__)
-REPORT_DIR = "image_report"
 
 
 def predict_config(overrides: Sequence[str], output_dir: Path) -> DictConfig:
@@ -86,6 +87,7 @@ def write_image_report(sweep: str | Path, overrides: Sequence[str] = ()) -> Path
     out = sweep / REPORT_DIR
     if bag_runs(sweep):  # heads on bags: each fold's bag predictions are the report's rows (no re-prediction)
         report = write_bag_report(sweep, out)
+        publish_report(out, report, [sweep], images=logged_maps(out))  # its keys; beside the folds in W&B
         log.info("bag-level report: %s\n  %s", out / "report.md", headline(report))
         return out / "report.md"
     try:

@@ -25,7 +25,7 @@ from histoflow.evaluation.tables import (
     read_confusion_csv,
     summarize_folds,
 )
-from histoflow.training.outputs import CONFUSION_FILE, METRICS_FILE, job_order
+from histoflow.training.outputs import CONFUSION_FILE, METRICS_FILE, REPORT_DIR, SUMMARY_FILE, job_order
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,12 @@ def summarize_sweep(sweep_dir: str | Path) -> Path | None:
         lines += ["", "![pooled confusion matrix](confusion_pooled.png)", ""]
     out = sweep_dir / "summary.md"
     out.write_text("\n".join(lines))
-    (sweep_dir / "summary.json").write_text(json.dumps(
+    report = sweep_dir / REPORT_DIR / "report.json"  # written after this summary; kept when it is written again
+    keys = json.loads(report.read_text()).get("keys") if report.is_file() else None
+    (sweep_dir / SUMMARY_FILE).write_text(json.dumps(
         {"protocol": protocol, "per_fold": per_fold, "jobs": jobs, "summary": summary,
-         "pooled_confusion": None if pooled is None else pooled.tolist(), "classes": classes}, indent=1))
+         "pooled_confusion": None if pooled is None else pooled.tolist(), "classes": classes,
+         **({"report": keys} if keys else {})}, indent=1))
     log.info("cross-validation summary: %s\n%s", out, folds_markdown(per_fold, summary, shown))
     return out
 

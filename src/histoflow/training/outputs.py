@@ -8,6 +8,8 @@ from pathlib import Path
 
 METRICS_FILE = "test_metrics.json"  # the run's test metrics and best checkpoint: what the k-fold reports read
 CONFUSION_FILE = "confusion_test.csv"  # written by PatchClassifier at the end of testing
+SUMMARY_FILE = "summary.json"  # a multirun's fold summary (training/fold_summary.py), with its report's keys
+REPORT_DIR = "image_report"  # a multirun's k-fold report (inference/sweep_report.py): report.json, report.md, ...
 
 
 def job_order(path: Path) -> tuple[int, str]:
