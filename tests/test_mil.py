@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import test_embeddings
 import torch
-from conftest import compose_train
+from conftest import compose_train, wandb_run_summary
 
 from histoflow.common.errors import ConfigError
 from histoflow.data.prepare import prepare_dataset
@@ -116,8 +116,8 @@ def test_a_bags_embeddings_equal_the_frozen_encoders_forward_of_its_tiles(images
     assert x.shape == (4, 8, 512) and mask.all() and len(y) == len(idx) == 4
 
 
-def test_abmil_trains_per_fold_and_writes_the_bag_level_report(images: Path, tmp_path: Path,
-                                                                leave_no_trace: None) -> None:
+def test_abmil_trains_per_fold_and_writes_the_bag_level_report(images: Path, tmp_path: Path, leave_no_trace: None,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     weights = tmp_path / "squeezenet.pth"
     torch.save(build_encoder(ENCODER, 40)[0].state_dict(), weights)
@@ -138,6 +138,22 @@ def test_abmil_trains_per_fold_and_writes_the_bag_level_report(images: Path, tmp
     assert report["images"] == 12 and set(report["per_fold"]) == {"fold 1", "fold 2"}
     assert report["settings"]["aggregate"].startswith("bag (ABMIL")
     assert report["pooled"]["image/acc"] >= 0.75  # tinted classes: the bag head learns them
+    assert not list(sweep.rglob("wandb")) and report["keys"]["report/acc"] == report["pooled"]["image/acc"]
+    # Issue 42: had the folds logged to W&B, the bag report is one more run in their group, its gallery with it
+    for job, fold in enumerate((1, 2)):
+        (sweep / str(job) / ".hydra").mkdir()
+        (sweep / str(job) / ".hydra" / "config.yaml").write_text(
+            f"name: tiny-abmil\nfold: {fold}\nlogger:\n  wandb:\n    _target_: histoflow.training.loggers.WandbLogger\n"
+            "    project: histoflow\n    group: ${name}\n")
+        (sweep / str(job) / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime: {}\n  job: {}\n")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    write_image_report(sweep)
+    (offline,) = (sweep / "image_report" / "wandb").glob("offline-run-*")
+    run, summary = wandb_run_summary(next(offline.glob("run-*.wandb")))
+    assert (run.run_group, run.job_type) == ("tiny-abmil", "report")
+    assert summary["report/acc"] == report["pooled"]["image/acc"]
+    assert (offline / "files" / summary["report/attention_gallery/path"]).is_file()
     assert (sweep / "image_report" / "attention_gallery.png").stat().st_size > 0
     maps = sorted((sweep / "image_report" / "attention_maps").glob("*.tiles.csv"))
     assert len(maps) == 12  # an image bag's map: its windows (both rotations summed), weights adding up to one

@@ -273,7 +273,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     # always written, empty when nothing went wrong: its absence would not say whether the run checked
     write_problems(out / "problems.csv", **{"skipped" if cfg.on_bad_image == "skip" else "stopped": problems})
     if cfg.wandb.get("enabled") is True and logged:  # a k-fold report logs itself (publish_report)
-        log_run(out, {"project": "histoflow", "job_type": "predict", **_wandb_init(cfg)["init"]}, settings, logged["metrics"], logged["images"], logged["tables"])
+        init = {"project": "histoflow", "job_type": "predict", **_wandb_init(cfg)["init"]}
+        log_run(out, init, settings, logged["metrics"], logged["images"], logged["tables"])
     what = "slide" if cfg.get("slides") else "image"
     log.info("predicted %d %ss: %s", len(rows), what, out)
     if problems and cfg.on_bad_image == "skip":

@@ -74,9 +74,10 @@ def report_keys(report: Mapping[str, Any]) -> dict[str, float]:
 
 
 def multirun_of(source: str | Path) -> Path | None:
-    """The multirun folder `source` is (a folder whose jobs hold test_metrics.json), else None."""
+    """The multirun folder `source` is (a folder of jobs: test_metrics.json or .hydra/config.yaml), else None."""
     path = Path(source)
-    return path.resolve() if path.is_dir() and any(path.glob(f"*/{METRICS_FILE}")) else None
+    jobs = [*path.glob(f"*/{METRICS_FILE}"), *path.glob("*/.hydra/config.yaml")] if path.is_dir() else []
+    return path.resolve() if jobs else None
 
 
 def job_config(run: Path) -> dict[str, Any]:
