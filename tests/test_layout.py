@@ -25,7 +25,8 @@ BELOW = {
     "features": {"common", "data", "models", "slides"},
     "training": {"common", "data", "models", "features", "evaluation"},
     "inference": {"common", "data", "models", "features", "evaluation", "slides", "training"},
-    "commands": {"common", "data", "models", "features", "evaluation", "slides", "training", "inference"},
+    "viewer": {"common", "data", "models", "features", "evaluation", "slides", "training", "inference"},
+    "commands": {"common", "data", "models", "features", "evaluation", "slides", "training", "inference", "viewer"},
 }
 TOP = {"__init__": set(), "cli": set(), "__main__": {"cli"}}  # top-level modules: cli imports commands by name
 

@@ -18,6 +18,7 @@ VERBS = {
     "embed": "embed every prepared patch, or a slide table's tissue tiles, with a frozen encoder, once",
     "audit": "the leak audit of a data set's folds",
     "summary": "the cross-validation summary of a multirun folder",
+    "view": "a run's report and slides in the browser (deep zoom, heatmaps, attention), or exported as pages",
 }
 
 

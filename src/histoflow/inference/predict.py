@@ -4,6 +4,7 @@ or maps over whole slides."""
 from __future__ import annotations
 
 import glob
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -31,6 +32,7 @@ from histoflow.inference.image_report import (
     prediction_rows,
     write_csv,
 )
+from histoflow.inference.geojson import write_tiles_geojson
 from histoflow.inference.slide_map import SlideConfig, SlideResult, predict_slide
 from histoflow.inference.voting import predict_images, tta_views
 from histoflow.slides.slide import DamagedTileError, SlideError, SlideSettingError
@@ -212,6 +214,9 @@ def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, 
     paths, described = _slide_files(cfg.slides if isinstance(cfg.slides, str) else list(cfg.slides))
     columns = ["slide", *next(iter(described.values()), {}), *SLIDE_COLUMNS[1:]]  # with a table's columns
     slide_cfg = SlideConfig.from_config(OmegaConf.to_container(cfg.slide, resolve=True))
+    exports = [slide_cfg.export] if isinstance(slide_cfg.export, str) else list(slide_cfg.export)
+    if set(exports) - {"geojson"}:
+        raise ConfigError(f"slide.export={slide_cfg.export!r}: expected a list of: geojson")
     classes = models[0].classes
     names = output_names(paths)
     rows: list[dict[str, Any]] = []
@@ -226,6 +231,9 @@ def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, 
                 continue
             if result.damaged:
                 problems.append(_damaged_problem(path, result))
+            if "geojson" in exports:  # QuPath's tile objects (docs/prediction.md)
+                write_tiles_geojson(result.csv, json.loads(result.meta.read_text()),
+                                    result.csv.with_name(f"{names[path]}.geojson"))
             rows.append({"slide": str(path), **described.get(path, {}), "tiles": result.tiles,
                          "tiles_per_s": round(result.tiles_per_s, 1), "damaged_tiles": len(result.damaged),
                          "map": str(result.map), "heatmap": str(result.heatmap)})
