@@ -4,6 +4,7 @@ GeoJSON for QuPath, bad input named, and nothing outside the run served (over re
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from view_run import CLASSES, HEIGHT, TILE, WIDTH, make_run, slide_pixels
 
 from histoflow.commands.view import hydra_arguments
 from histoflow.common.errors import ConfigError, MissingInputError
-from histoflow.inference.geojson import tiles_feature_collection
+from histoflow.inference.geojson import tiles_feature_collection, write_tiles_geojson
 from histoflow.inference.slide_map import SlideConfig
 from histoflow.slides.backend import open_slide
 from histoflow.viewer.deepzoom import DeepZoom
@@ -68,7 +69,7 @@ def test_the_run_is_read_as_written(run: tuple[Path, Path]) -> None:
         site.close()
 
 
-def test_geojson_tiles_for_qupath(run: tuple[Path, Path]) -> None:
+def test_geojson_tiles_for_qupath(run: tuple[Path, Path], tmp_path: Path) -> None:
     folder, _ = run
     entry = read_run(folder).slides["synthetic"]
     collection = tiles_feature_collection([(m.tiles_csv, m.geometry) for m in entry.maps])
@@ -80,6 +81,8 @@ def test_geojson_tiles_for_qupath(run: tuple[Path, Path]) -> None:
     props = first["properties"]
     assert props["objectType"] == "tile" and set(props["measurements"]) == {f"prob_{c}" for c in CLASSES}
     assert props["classification"]["name"] == ("TUM" if y < HEIGHT // 2 else "NORM")
+    written = write_tiles_geojson(entry.maps[0].tiles_csv, entry.maps[0].meta, tmp_path / "s.geojson")  # predict's
+    assert json.loads(written.read_text()) == collection
 
 
 def test_predict_takes_slide_export() -> None:
