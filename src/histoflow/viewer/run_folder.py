@@ -65,9 +65,6 @@ class RunFolder:
     report_dir: Path | None
     slides: dict[str, SlideEntry]
 
-    def allowed_roots(self) -> list[Path]:
-        return [self.root.resolve()]
-
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
