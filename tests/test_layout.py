@@ -25,7 +25,8 @@ BELOW = {
     "features": {"common", "data", "models", "slides"},
     "training": {"common", "data", "models", "features", "evaluation"},
     "inference": {"common", "data", "models", "features", "evaluation", "slides", "training"},
-    "commands": {"common", "data", "models", "features", "evaluation", "slides", "training", "inference"},
+    "viewer": {"common", "data", "models", "features", "evaluation", "slides", "training", "inference"},
+    "commands": {"common", "data", "models", "features", "evaluation", "slides", "training", "inference", "viewer"},
 }
 TOP = {"__init__": set(), "cli": set(), "__main__": {"cli"}}  # top-level modules: cli imports commands by name
 
@@ -156,6 +157,9 @@ def test_a_wheel_installs_and_its_commands_run_outside_the_checkout(tmp_path: Pa
     wheel = next(wheels.glob("histoflow-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "histoflow/conf/train.yaml" in names and "histoflow/conf/data/lymphoma.yaml" in names
+    viewer = "histoflow/viewer/static/openseadragon/"  # the viewer's OpenSeadragon, its licence and its pages' scripts
+    assert {viewer + "openseadragon.min.js", viewer + "LICENSE.txt", viewer + "images/home_rest.png",
+            "histoflow/viewer/static/slide.js", "histoflow/conf/view.yaml"} <= set(names)
     assert not any(n.startswith(("tools/", "tests/")) for n in names)
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

@@ -4,6 +4,7 @@ or maps over whole slides."""
 from __future__ import annotations
 
 import glob
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -25,6 +26,7 @@ from histoflow.inference.fold_models import (
     load_fold_model,
     models_by_fold,
 )
+from histoflow.inference.geojson import write_tiles_geojson
 from histoflow.inference.image_report import fold_report, prediction_rows, write_csv
 from histoflow.inference.report_run import log_run, publish_report
 from histoflow.inference.slide_map import SlideConfig, SlideResult, predict_slide
@@ -216,6 +218,9 @@ def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, 
     paths, described = _slide_files(cfg.slides if isinstance(cfg.slides, str) else list(cfg.slides))
     columns = ["slide", *next(iter(described.values()), {}), *SLIDE_COLUMNS[1:]]  # with a table's columns
     slide_cfg = SlideConfig.from_config(OmegaConf.to_container(cfg.slide, resolve=True))
+    exports = [slide_cfg.export] if isinstance(slide_cfg.export, str) else list(slide_cfg.export)
+    if set(exports) - {"geojson"}:
+        raise ConfigError(f"slide.export={slide_cfg.export!r}: expected a list of: geojson")
     classes = models[0].classes
     names = output_names(paths)
     rows: list[dict[str, Any]] = []
@@ -230,6 +235,9 @@ def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, 
                 continue
             if result.damaged:
                 problems.append(_damaged_problem(path, result))
+            if "geojson" in exports:  # QuPath's tile objects (docs/prediction.md)
+                write_tiles_geojson(result.csv, json.loads(result.meta.read_text()),
+                                    result.csv.with_name(f"{names[path]}.geojson"))
             rows.append({"slide": str(path), **described.get(path, {}), "tiles": result.tiles,
                          "tiles_per_s": round(result.tiles_per_s, 1), "damaged_tiles": len(result.damaged),
                          "map": str(result.map), "heatmap": str(result.heatmap)})

@@ -67,6 +67,7 @@ class SlideConfig:
     #                                  0 on a CPU, the CPUs less one beside a GPU, histoflow.common.machine)
     device: str = "auto"  # auto | cpu | cuda | cuda:1
     progress: bool = True  # progress bar with tiles/s
+    export: list[str] | str = field(default_factory=list)  # also written per slide: geojson (QuPath's tile objects)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> SlideConfig:

@@ -1,0 +1,1 @@
+"""The viewer: a run's report and slides served to a browser (deep zoom, overlays) or exported as static pages."""
