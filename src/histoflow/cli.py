@@ -17,12 +17,8 @@ VERBS = {
     "predict": "classify images by patch votes, report folds, map slides",
     "embed": "embed every prepared patch, or a slide table's tissue tiles, with a frozen encoder, once",
     "audit": "the leak audit of a data set's folds",
-<<<<<<< HEAD
     "summary": "the cross-validation summary of multirun folders, recipes side by side",
-=======
-    "summary": "the cross-validation summary of a multirun folder",
     "view": "a run's report and slides in the browser (deep zoom, heatmaps, attention), or exported as pages",
->>>>>>> viewer
 }
 
 
