@@ -18,11 +18,26 @@ BACKENDS = ("auto", "openslide", "tifffile")
 DEFAULT_BACKEND = "auto"
 
 
-def open_slide(path: str | os.PathLike[str], backend: str = DEFAULT_BACKEND, source_mpp: float | None = None) -> Slide:
+def open_slide(path: str | os.PathLike[str], backend: str = DEFAULT_BACKEND, source_mpp: float | None = None,
+               mpp: float | None = None) -> Slide:
     """The slide at `path` through `backend` (BACKENDS): `auto` tries OpenSlide, then tifffile where OpenSlide
-    does not read the format (logged)."""
+    does not read the format (logged). `source_mpp` serves where the file gives no microns per pixel; `mpp` (a
+    slide table's `mpp` column for this slide) wins over the file's, with a warning where they differ."""
     if backend not in BACKENDS:
         raise ConfigError(f"slide.backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if mpp is not None and not mpp > 0:
+        raise ConfigError(f"{path}: mpp={mpp} in the slide table: microns per pixel must be positive, e.g. 0.25 (40x)")
+    slide = _open(path, backend, source_mpp)
+    if mpp is not None:
+        said = slide.file_mpp
+        if said is not None and abs(said - mpp) > 0.05 * said:
+            _say_once(path, f"the slide table's mpp={mpp} replaces the file's {said:.4g} microns per pixel",
+                      logging.WARNING)
+        slide.stated_mpp = float(mpp)
+    return slide
+
+
+def _open(path: str | os.PathLike[str], backend: str, source_mpp: float | None) -> Slide:
     if backend == "tifffile":
         return TiffSlide(path, source_mpp)
     try:
@@ -53,7 +68,7 @@ def _fuller_pyramid(slide: Slide) -> Slide:
     return slide
 
 
-def _say_once(path: str | os.PathLike[str], choice: str) -> None:
+def _say_once(path: str | os.PathLike[str], choice: str, level: int = logging.INFO) -> None:
     if (str(path), choice) not in _said:
         _said.add((str(path), choice))
-        log.info("%s: %s", path, choice)
+        log.log(level, "%s: %s", path, choice)

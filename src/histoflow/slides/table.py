@@ -23,6 +23,7 @@ from histoflow.common.errors import HistoflowError, MissingInputError
 from histoflow.data.folds import SplitConfig, assign_folds
 
 REQUIRED = ("slide", "patient", "label")
+MPP = "mpp"  # an optional column: a slide's microns per pixel at level 0, where its file gives none or a wrong one
 SHOWN = 20  # problems listed in the error; the rest are counted
 
 
@@ -39,6 +40,7 @@ class SlideRecord:
     patient: str
     label: str
     extra: dict[str, str] = field(default_factory=dict, hash=False)  # the table's other columns, in order
+    mpp: float | None = None  # the `mpp` column: this slide's microns per pixel, over its file's and slide.source_mpp
 
     def columns(self) -> dict[str, str]:
         """patient, label and the other columns: what an output table says of the slide."""
@@ -79,6 +81,20 @@ def _read(table: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
                     for number, cells in enumerate(rows[1:], start=2) if any(cells)]
 
 
+def _mpp(cell: str) -> tuple[float | None, str]:
+    """A cell of the `mpp` column as microns per pixel (empty: None), or the problem with it."""
+    if not cell:
+        return None, ""
+    try:
+        mpp = float(cell)
+    except ValueError:
+        mpp = float("nan")
+    if not 0 < mpp < 100:
+        return None, (f"mpp {cell!r} is not microns per pixel. Fix: the scan's resolution at level 0, e.g. 0.25 "
+                      "(40x) or 0.5 (20x), or leave it empty to use the file's")
+    return mpp, ""
+
+
 def _joined(numbers: Sequence[int]) -> str:
     return ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}" if len(numbers) > 1 else str(numbers[0])
 
@@ -117,8 +133,12 @@ def read_slide_table(path: str | Path) -> list[SlideRecord]:
                             f"(relative paths start from the table's folder {folder})")
             continue
         by_file.setdefault(slide.resolve(), []).append(number)
-        extra = {name: value for name, value in values.items() if name and name not in REQUIRED}
-        records.append(SlideRecord(slide, values["slide"], values["patient"], values["label"], extra))
+        mpp, problem = _mpp(values.get(MPP, ""))
+        if problem:
+            problems.append(f"row {number}: {problem}")
+            continue
+        extra = {name: value for name, value in values.items() if name and name not in (*REQUIRED, MPP)}
+        records.append(SlideRecord(slide, values["slide"], values["patient"], values["label"], extra, mpp))
     for file, numbers in by_file.items():
         if len(numbers) > 1:
             problems.append(f"rows {_joined(numbers)}: the same slide {file}. Fix: keep one row per slide")
