@@ -145,3 +145,15 @@ def test_predict_a_slide_table_from_the_command_line(model: FoldModel, wsi_dir: 
         (str(tmp_path / "wsi" / CMU), "P1", "01_TUMOR", "II", "9999")]
     assert 0 < int(rows[0]["tiles"]) < 9999 and Path(rows[0]["heatmap"]).is_file()  # the tiles predicted
     assert "column tiles named like slides.csv's own: written there as table_tiles" in done.stderr + done.stdout
+
+
+def test_a_table_of_one_class_is_refused_before_any_work(tmp_path: Path) -> None:
+    """Issue 37, item 11: a table of one class gave a torchmetrics traceback after embedding every slide."""
+    from histoflow.features.slide_bags import SlideBagDataModule
+
+    touch(tmp_path, "a.svs", "b.svs")
+    table = write_table(tmp_path / "one.csv", "slide,patient,label\na.svs,P1,tumour\nb.svs,P2,tumour\n")
+    with pytest.raises(SlideTableError, match=r"one.csv: one class, 'tumour', in all 2 slides: a classifier needs "
+                                              r"at least two. Fix: add slides of another class"):
+        SlideBagDataModule(table=str(table), embed=object(), features={"out": str(tmp_path / "features")})
+    assert not (tmp_path / "features").exists()

@@ -161,6 +161,15 @@ def _fail(table: Path, problems: list[str]) -> NoReturn:
                           "row 1):\n" + "\n".join(f"  {p}" for p in problems[:SHOWN]) + more)
 
 
+def check_classes(records: Sequence[SlideRecord], table: str | Path) -> list[str]:
+    """The table's labels, sorted; SlideTableError where there is one only (a classifier needs two)."""
+    labels = sorted({r.label for r in records})
+    if len(labels) < 2:
+        raise SlideTableError(f"{table}: one class, {labels[0]!r}, in all {len(records)} slides: a classifier needs "
+                              "at least two. Fix: add slides of another class (or correct the label column)")
+    return labels
+
+
 def slide_folds(slides: Sequence[SlideRecord], cfg: SplitConfig) -> tuple[list[str], list[bool]]:
     """Each slide's fold and validation flag (data.split's folds): stratified by label and drawn by patient, so all
     slides of a patient are on one side of every split."""
