@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from histoflow.common.errors import ConfigError
 from histoflow.slides.openslide_reader import OpenSlideSlide, UnsupportedByOpenSlide
@@ -16,6 +17,34 @@ _said: set[tuple[str, str]] = set()  # (slide, choice) logged: once per slide, n
 BACKENDS = ("auto", "openslide", "tifffile")
 # OpenSlide for every format it reads as a pyramid; slide.backend=tifffile reads SVS and TIFF faster (docs/benchmarks.md)
 DEFAULT_BACKEND = "auto"
+# Every suffix a backend opens as a slide: OpenSlide 4's formats (Aperio .svs/.tif, DICOM .dcm, Hamamatsu .ndpi/.vms/
+# .vmu, Leica .scn, MIRAX .mrxs, Philips .tiff, Sakura .svslide, Trestle .tif, Ventana .bif/.tif, Zeiss .czi) and the
+# TIFFs the tifffile reader opens. The one list: a folder of slides is searched for these.
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi", ".dcm")
+
+
+def slides_in(files: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Of the files of a folder (sorted), the slides, and the files skipped as no slide. A DICOM slide is a folder of
+    .dcm files (its levels), opened through any one of them: its first stands for it. A MIRAX slide's data folder
+    (beside its .mrxs, of the same name) and a Hamamatsu .vms's image files are parts of those slides, not skipped."""
+    slides, skipped, dicom = [], [], set()
+    for file in files:
+        suffix = file.suffix.lower()
+        if suffix == ".dcm":
+            if file.parent not in dicom:
+                dicom.add(file.parent)
+                slides.append(file)
+        elif suffix in SLIDE_SUFFIXES:
+            slides.append(file)
+        elif not _part_of_a_slide(file):
+            skipped.append(file)
+    return slides, skipped
+
+
+def _part_of_a_slide(file: Path) -> bool:
+    mirax = file.parent.with_name(file.parent.name + ".mrxs").is_file()
+    hamamatsu = file.suffix.lower() in (".jpg", ".jpeg", ".opt") and any(file.parent.glob("*.vms"))
+    return mirax or hamamatsu
 
 
 def open_slide(path: str | os.PathLike[str], backend: str = DEFAULT_BACKEND, source_mpp: float | None = None,
