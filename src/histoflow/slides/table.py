@@ -53,6 +53,10 @@ def _header_problems(header: list[str]) -> list[str]:
     if len(header) == 1 and any(sep in header[0] for sep in ";\t"):
         return [(f"row 1: one column, {header[0]!r}: the columns are not separated by commas. Fix: save the "
                  "table with commas between its columns")]
+    cased = {name: h for name in REQUIRED for h in header if h != name and h.lower() == name}
+    if len(cased) > 1 and all(name in header or name in cased for name in REQUIRED):  # Slide,Patient,Label
+        return [(f"row 1: column names are lower case: found {', '.join(repr(h) for h in cased.values())}. Fix: "
+                 f"rename them {', '.join(cased)}")]
     problems = []
     others = [name for name in header if name not in REQUIRED]
     for name in REQUIRED:
@@ -129,8 +133,10 @@ def read_slide_table(path: str | Path) -> list[SlideRecord]:
         by_patient.setdefault(values["patient"], {}).setdefault(values["label"], []).append(number)
         slide = Path(os.path.abspath(folder / Path(values["slide"]).expanduser()))  # an absolute path stays
         if not slide.is_file():
+            windows = ("; a Windows path: write it with '/' between folders, "
+                       f"{values['slide'].replace(chr(92), '/')!r}" if "\\" in values["slide"] else "")
             problems.append(f"row {number}: slide {values['slide']!r}: no file at {slide}. Fix: correct the path "
-                            f"(relative paths start from the table's folder {folder})")
+                            f"(relative paths start from the table's folder {folder}{windows})")
             continue
         by_file.setdefault(slide.resolve(), []).append(number)
         mpp, problem = _mpp(values.get(MPP, ""))
@@ -173,4 +179,4 @@ def check_classes(records: Sequence[SlideRecord], table: str | Path) -> list[str
 def slide_folds(slides: Sequence[SlideRecord], cfg: SplitConfig) -> tuple[list[str], list[bool]]:
     """Each slide's fold and validation flag (data.split's folds): stratified by label and drawn by patient, so all
     slides of a patient are on one side of every split."""
-    return assign_folds([s.label for s in slides], [s.patient for s in slides], cfg)
+    return assign_folds([s.label for s in slides], [s.patient for s in slides], cfg, ("patients", "slides"))
