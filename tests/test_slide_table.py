@@ -145,3 +145,38 @@ def test_predict_a_slide_table_from_the_command_line(model: FoldModel, wsi_dir: 
         (str(tmp_path / "wsi" / CMU), "P1", "01_TUMOR", "II", "9999")]
     assert 0 < int(rows[0]["tiles"]) < 9999 and Path(rows[0]["heatmap"]).is_file()  # the tiles predicted
     assert "column tiles named like slides.csv's own: written there as table_tiles" in done.stderr + done.stdout
+
+
+def test_a_table_of_one_class_is_refused_before_any_work(tmp_path: Path) -> None:
+    """Issue 37, item 11: a table of one class gave a torchmetrics traceback after embedding every slide."""
+    from histoflow.features.slide_bags import SlideBagDataModule
+
+    touch(tmp_path, "a.svs", "b.svs")
+    table = write_table(tmp_path / "one.csv", "slide,patient,label\na.svs,P1,tumour\nb.svs,P2,tumour\n")
+    with pytest.raises(SlideTableError, match=r"one.csv: one class, 'tumour', in all 2 slides: a classifier needs "
+                                              r"at least two. Fix: add slides of another class"):
+        SlideBagDataModule(table=str(table), embed=object(), features={"out": str(tmp_path / "features")})
+    assert not (tmp_path / "features").exists()
+
+
+def test_capitalised_headers_give_one_hint(tmp_path: Path) -> None:
+    """Issue 37, item 17: `Slide,Patient,Label` gave three errors, one per column."""
+    touch(tmp_path, "a.svs")
+    error = table_error(write_table(tmp_path / "t.csv", "Slide,Patient,Label\na.svs,P1,x\n"))
+    assert error.endswith("row 1: column names are lower case: found 'Slide', 'Patient', 'Label'. Fix: rename them "
+                          "slide, patient, label")
+
+
+def test_a_windows_path_gets_a_hint(tmp_path: Path) -> None:
+    touch(tmp_path, "scans/a.svs")
+    error = table_error(write_table(tmp_path / "t.csv", "slide,patient,label\nscans\\a.svs,P1,x\n"))
+    assert "a Windows path: write it with '/' between folders, 'scans/a.svs'" in error
+
+
+def test_too_few_patients_for_the_folds_say_patients_and_slides(tmp_path: Path) -> None:
+    touch(tmp_path, *(f"s{i}.svs" for i in range(6)))
+    rows = "".join(f"s{i}.svs,P{i // 2},{'aba'[i // 2]}\n" for i in range(6))
+    records = read_slide_table(write_table(tmp_path / "t.csv", "slide,patient,label\n" + rows))
+    with pytest.raises(Exception, match=r"data.split.k: 3 patients cannot fill 5 folds. Fix: add slides of more "
+                                        r"patients"):
+        slide_folds(records, SplitConfig(k=5))

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from histoflow.common.config import CONF_DIR
 from histoflow.common.errors import ConfigError, report_errors
+from histoflow.data.loader import LoaderConfig
 from histoflow.data.prepare import prepare_dataset
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,10 @@ def saved_data_config(cfg: DictConfig, name: str) -> tuple[Path, str]:
     """Where `save_as=name` keeps the data settings, and their text: the data config chosen (as its defaults) and
     what this command changed in it, the image folder as an absolute path. Checked before any work: a file of that
     name with other settings is never overwritten."""
+    stem, suffix = os.path.splitext(name)
+    if suffix.lower() in (".yaml", ".yml"):  # conf/data/mine.yaml.yaml, then data=mine.yaml loads another file
+        raise ConfigError(f"save_as={name}: the name of a data config, without {suffix}; the file is "
+                          f"conf/data/<name>.yaml and train takes data=<name>. Fix: save_as={stem}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ConfigError(f"save_as={name!r}: a name of letters, digits, '_', '-' or '.'. Fix: e.g. save_as=mine")
     choice = HydraConfig.get().runtime.choices["data"]
@@ -59,8 +64,11 @@ def saved_data_config(cfg: DictConfig, name: str) -> tuple[Path, str]:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="prepare")
 @report_errors
 def main(cfg: DictConfig) -> str:
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    # data.loader is train's and embed's, not prepare's: checked here too, so a typo fails now, not after the work
+    LoaderConfig.from_config(data.get("loader"))
     saved = saved_data_config(cfg, str(cfg.save_as)) if cfg.get("save_as") else None
-    prepared = prepare_dataset(OmegaConf.to_container(cfg.data, resolve=True))
+    prepared = prepare_dataset(data)
     if saved is not None:
         file, text = saved
         file.parent.mkdir(parents=True, exist_ok=True)

@@ -67,12 +67,14 @@ class LeakageError(HistoflowError, ValueError):
     """One patient or one identical image is on both sides of a split."""
 
 
-def _grouped_folds(labels: np.ndarray, groups: np.ndarray, n: int, seed: int, what: str) -> np.ndarray:
-    """Fold index 0..n-1 of every item; every group lands in exactly one fold."""
+def _grouped_folds(labels: np.ndarray, groups: np.ndarray, n: int, seed: int, what: str,
+                   words: tuple[str, str] = ("groups", "images")) -> np.ndarray:
+    """Fold index 0..n-1 of every item; every group lands in exactly one fold. words: what the groups and the items
+    are called in the error (patients and slides for a slide table)."""
     n_groups = len(np.unique(groups))
     if n_groups < n:
-        raise ConfigError(f"{what}: {n_groups} groups cannot fill {n} folds. Fix: add images, lower "
-                         "data.split.k, or use coarser fractions")
+        raise ConfigError(f"{what}: {n_groups} {words[0]} cannot fill {n} folds. Fix: add {words[1]} of more "
+                          f"{words[0]}, lower data.split.k, or use coarser fractions")
     from sklearn.model_selection import (
         StratifiedGroupKFold,  # 1.4 s of imports: only where folds are drawn
     )
@@ -123,13 +125,15 @@ def _class_aware_validation(labels: np.ndarray, groups: np.ndarray, fold: np.nda
     return val
 
 
-def assign_folds(labels: list[str], groups: list[str], cfg: SplitConfig) -> tuple[list[str], list[bool]]:
-    """Fold name and validation flag of every image, grouped and stratified, deterministic for the seed."""
+def assign_folds(labels: list[str], groups: list[str], cfg: SplitConfig,
+                 words: tuple[str, str] = ("groups", "images")) -> tuple[list[str], list[bool]]:
+    """Fold name and validation flag of every image, grouped and stratified, deterministic for the seed; words: what
+    the groups and items are called in errors."""
     y, g = np.asarray(labels), np.asarray(groups)
     val = np.zeros(len(y), dtype=bool)
     if cfg.kind in ("kfold", "leave_one_group_out"):
         if cfg.kind == "kfold":
-            idx = _grouped_folds(y, g, cfg.k, cfg.seed, "data.split.k")
+            idx = _grouped_folds(y, g, cfg.k, cfg.seed, "data.split.k", words)
         else:
             idx = np.unique(g, return_inverse=True)[1]
         names = np.array([str(i + 1) for i in idx])

@@ -208,20 +208,22 @@ def embed_dataset(prepared: PreparedDataset, encoder_cfg: Mapping[str, Any], loa
     if (out / RECORD).is_file():
         return EmbeddedDataset(out, prepared)
     transform = fold_free_transform(prepared, loader)
+    # built (its weights read) before its folder is made: a damaged weights file leaves no empty folder behind
+    encoder, dim = build_encoder(encoder_cfg, transform.out_side)
     writable(out, "the embeddings", "they go beside the prepared data: make that folder writable, or prepare the "
              "data where it can be written (data.shards.dir or paths.data_dir)")
     with only_writer(out / ".embed.lock", f"embeds into {out}"):
         if (out / RECORD).is_file():  # another process finished it while this one waited
             return EmbeddedDataset(out, prepared)
-        return _embed(prepared, encoder_cfg, settings, transform, out, batch_size, device, progress)
+        return _embed(prepared, (encoder, dim), settings, transform, out, batch_size, device, progress)
 
 
-def _embed(prepared: PreparedDataset, encoder_cfg: Mapping[str, Any], settings: Mapping[str, Any],
+def _embed(prepared: PreparedDataset, built: tuple[torch.nn.Module, int], settings: Mapping[str, Any],
            transform: PatchTransform, out: Path, batch_size: int, device: str, progress: bool) -> EmbeddedDataset:
     for leftover in out.glob(".*.tmp"):  # half-written by a killed run
         leftover.unlink()
     dev = resolve_device(device)
-    encoder, dim = build_encoder(encoder_cfg, transform.out_side)
+    encoder, dim = built
     encoder = encoder.to(dev)
     shards = prepared.record["shards"]
     todo = [s for s in shards if not (out / s["file"]).is_file()]

@@ -29,7 +29,7 @@ from histoflow.data.folds import SplitConfig
 from histoflow.data.problems import Problem
 from histoflow.features.bags import Bag, BagLoaders, check_one_side, cohort_bags, patient_bags
 from histoflow.features.cohort import embed_cohort, prepare_job
-from histoflow.slides.table import read_slide_table, slide_folds
+from histoflow.slides.table import SlideRecord, check_classes, read_slide_table, slide_folds
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class SlideBagDataModule(BagLoaders, pl.LightningDataModule):
                               "label; docs/cohorts.md)")
         self._read_bag_section(bag)
         self.fold, self.name, self.table = str(fold), name, Path(table)
+        check_classes(read_slide_table(self.table), self.table)  # one class: refused before any slide is embedded
         self.split_cfg = SplitConfig.from_config(split)
         self.slide_cfg, self.run_cfg = plain(slide or {}), {**plain(features or {}), "chunk": None}
         self.on_bad_image, self.wanted_classes = on_bad_image, list(classes) if classes else None
@@ -104,9 +105,21 @@ class SlideBagDataModule(BagLoaders, pl.LightningDataModule):
             check_one_side(self.bags, self.fold)
         self.feature_dim = int(slides[0].features.shape[1]) if slides else None
         self._say_problems("slide(s)")
+        self._say_absent_classes(slides, records)
         if not self.bags["train"] and stage in (None, "fit"):
             raise ConfigError(f"fold {self.fold} of {self.table} leaves no training bag. Fix: more slides or fewer "
                               "folds (data.split.k)")
+
+    def _say_absent_classes(self, slides: Sequence[Bag], records: Sequence[SlideRecord]) -> None:
+        """A class whose every slide was left out: the head keeps it, and no figure says so unless this does."""
+        kept = {b.label for b in slides}
+        why = {p.path: p.kind for p in self.problems}
+        for k, name in enumerate(self.classes):
+            if k not in kept:
+                left = [f"{r.slide} ({why.get(r.slide, 'no bag')})" for r in records if r.label == name]
+                log.warning("class %r: every slide of it was left out (%s): the head keeps the class, but no bag of "
+                            "it is trained or tested. Fix: check those slides (problems.csv), or remove the class's "
+                            "rows from %s", name, ", ".join(left) or "none in the table", self.table)
 
     def tile_sources(self, bags: Sequence[Bag]) -> dict[str, dict[str, Any]]:
         indices = sorted({str(int(i)) for b in bags for i in np.unique(b.coords[:, 0])})

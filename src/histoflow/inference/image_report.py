@@ -161,6 +161,22 @@ def _colour_baselines(rows: list[dict[str, Any]], classes: list[str]) -> dict[st
     return baselines
 
 
+def absent_classes(rows: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> list[str]:
+    """The model's classes that no row is truly of: every image (slide, patient) of theirs was left out, so the
+    report's figures say nothing of them."""
+    present = {r["label"] for r in rows}
+    return [c for c in classes if c not in present]
+
+
+def absent_warning(absent: Sequence[str], unit: str) -> str:
+    """The report's and the headline's word on classes without a row (absent_classes); empty where none."""
+    if not absent:
+        return ""
+    named = ", ".join(repr(c) for c in absent)
+    return (f"no {unit} of class{'es' * (len(absent) > 1)} {named} in this report (every one left out: see Left "
+            "out): the figures say nothing of it, and the head still predicts it")
+
+
 def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, settings: Mapping[str, Any],
                 problems: Sequence[Problem] = (), missing_folds: Sequence[str] = (),
                 colour: bool = True) -> dict[str, Any]:
@@ -194,6 +210,7 @@ def fold_report(rows: list[dict[str, Any]], classes: list[str], out_dir: Path, s
         "per_fold": per_fold, "summary": summary, "pooled": pooled,
         "confusion_images": cm_images.tolist(), "confusion_patches": cm_patches.tolist(),
         "misclassified": wrong, "problems": [asdict(p) for p in problems], "missing_folds": list(missing_folds),
+        "absent_classes": absent_classes(rows, classes),
         "calibration": calibration, "roc_auc": _roc_auc(rows, classes),
         "colour_baselines": _colour_baselines(rows, classes) if colour else {}, **_over_groups(rows, classes),
     }
@@ -230,7 +247,9 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
     names = {"image/acc": f"{unit} acc", "image/balanced_acc": f"{unit} balanced acc",
              "image/f1_macro": f"{unit} macro F1", "patch/acc": f"{tiles} acc"}
     auc = report.get("roc_auc")
+    warning = absent_warning(report.get("absent_classes") or [], unit)
     lines = [f"# {unit.capitalize()}-level prediction report: {' + '.join(sources) if listed else sources}", "",
+             *([f"**Warning**: {warning}.", ""] if warning else []),
              f"{report['images']} {unit}s in {len(report['per_fold'])} folds, each predicted only by {ensemble} of the "
              "fold that held it out of training. "
              f"Aggregate: {s.get('aggregate')}; TTA views: {s.get('views')}; grid: {s.get('window')}-px windows, "
@@ -285,7 +304,8 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
         lines.append("None.")
     if report["problems"]:
         lines += ["", f"## Left out ({len(report['problems'])})", ""]
-        lines += [f"- {p['detail']}" for p in report["problems"]]
+        lines += [f"- {p['detail']}" if p["path"] in p["detail"] else f"- `{p['path']}` ({p['kind']}): {p['detail']}"
+                  for p in report["problems"]]
     if report["missing_folds"]:
         lines += ["", f"Folds without a model (their images are not in this report): {report['missing_folds']}."]
     return "\n".join(lines) + "\n"

@@ -31,6 +31,7 @@ from histoflow.inference.image_report import fold_report, prediction_rows, write
 from histoflow.inference.report_run import log_run, publish_report
 from histoflow.inference.slide_map import SlideConfig, SlideResult, predict_slide
 from histoflow.inference.voting import predict_images, tta_views
+from histoflow.slides.backend import SLIDE_SUFFIXES, slides_in
 from histoflow.slides.slide import DamagedTileError, SlideError, SlideSettingError
 from histoflow.slides.table import read_slide_table
 from histoflow.slides.tiles import NoTissueError
@@ -42,9 +43,11 @@ class BadImagesError(HistoflowError, ValueError):
     """Images that could not be predicted (with on_bad_image=error), reported after the others were written."""
 
 
-def files_matching(spec: str | Sequence[str], suffixes: Sequence[str] = IMAGE_SUFFIXES,
+def files_matching(spec: str | Sequence[str], suffixes: Sequence[str] | None = None,
                    key: str = "images") -> list[Path]:
-    """Image files of a folder (searched recursively), a file, a glob pattern, or a list of these, in order."""
+    """Image files (key=slides: slide files) of a folder (searched recursively), a file, a glob pattern, or a list
+    of these, in order; the files of a folder that are neither are listed in a warning."""
+    suffixes = suffixes or (SLIDE_SUFFIXES if key == "slides" else IMAGE_SUFFIXES)
     found: list[Path] = []
     for entry in [spec] if isinstance(spec, str) else list(spec):
         path = Path(entry).expanduser()
@@ -52,8 +55,18 @@ def files_matching(spec: str | Sequence[str], suffixes: Sequence[str] = IMAGE_SU
             raise MissingInputError(f"{key}={entry}: no such file or folder. Fix: check the path (relative paths "
                                     f"start from {Path.cwd()})")
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
+            every = sorted(p for p in path.rglob("*") if p.is_file()
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if key == "slides":
+                files, skipped = slides_in(every)
+            else:
+                files = [p for p in every if p.suffix.lower() in suffixes]
+                skipped = [p for p in every if p.suffix.lower() not in suffixes]
+            if skipped:  # never in silence: a format left out looks like a slide that was not there
+                kinds = Counter(p.suffix.lower() or "(no suffix)" for p in skipped)
+                log.warning("%s=%s: %d file(s) skipped, not %s files histoflow reads (%s): %s%s", key, entry,
+                            len(skipped), key[:-1], ", ".join(f"{n} {k}" for k, n in kinds.most_common()),
+                            ", ".join(str(p.relative_to(path)) for p in skipped[:5]), ", ..." if len(skipped) > 5 else "")
         elif path.is_file():
             files = [path]
         else:
@@ -153,7 +166,6 @@ def _images_csv(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConf
                             "tables": {"predict/predictions": rows}}
 
 
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 SLIDE_COLUMNS = ["slide", "tiles", "tiles_per_s", "damaged_tiles", "map", "heatmap"]  # of slides.csv
 SLIDE_FIXES = {  # by kind of slide problem, for the error that ends a run with on_bad_image=error
     "damaged-tiles": "re-copy or re-export the damaged slides",

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, open_dict
 from histoflow.common.config import CONF_DIR
 from histoflow.common.errors import HistoflowError, message
 from histoflow.inference.bag_report import bag_runs, logged_maps, write_bag_report
+from histoflow.inference.image_report import absent_warning
 from histoflow.inference.predict import predict
 from histoflow.inference.report_run import publish_report
 from histoflow.training.outputs import REPORT_DIR
@@ -65,7 +66,8 @@ def headline(report: dict[str, Any]) -> str:
     text += f", {summary['mean']:.3f} ± {summary['sd']:.3f} over {int(summary['n'])} folds"
     if case and given and unit != "patient":  # a patient bag is its own case
         text += f"; case-level {case['acc']:.2f} ({case['right']}/{case['groups']})"
-    return text
+    warning = absent_warning(report.get("absent_classes") or [], unit)
+    return text + (f"; WARNING: {warning}" if warning else "")
 
 
 def quoted(key: str, value: str | Path) -> str:

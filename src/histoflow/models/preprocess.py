@@ -9,11 +9,12 @@ Only the resize and the normalisation are taken: patches are already cut, so tim
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from histoflow.common.config import check_keys, plain
-from histoflow.common.errors import ConfigError
+from histoflow.common.errors import ConfigError, HistoflowError
 from histoflow.models.timm_models import pretrained_data_config
 
 AUTO = "auto"
@@ -75,7 +76,12 @@ def model_preprocess(model_cfg: Mapping[str, Any] | None, section: str = "model"
         return None
     check_keys(given, KEYS, f"{section}.preprocess")
     auto = {k: v for k, v in given.items() if v == AUTO}
-    pretrained = _pretrained_config(model_cfg) if auto else {}
+    try:
+        pretrained = _pretrained_config(model_cfg) if auto else {}
+    except HistoflowError as e:  # the builders name their keys model.*; an encoder's are encoder.*
+        if section == "model":
+            raise
+        raise type(e)(re.sub(r"\bmodel\.(name|weights|pretrained|preprocess)\b", rf"{section}.\1", str(e))) from e
     values = {k: pretrained.get(k) if v == AUTO else v for k, v in given.items()}
     size = values.get("input_size")
     if isinstance(size, (list, tuple)):  # timm's (channels, height, width)

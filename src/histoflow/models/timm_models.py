@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
-import torch
 from torch import nn
 
 from histoflow.common.errors import ConfigError, MissingInputError
 from histoflow.models.torchvision_models import WeightsError, clean_state_dict
+from histoflow.models.weights_file import read_weights_file
 
 HUB_PREFIX = "hf-hub:"
 HUB_ENDPOINT = "https://huggingface.co"  # huggingface_hub's default; HF_ENDPOINT overrides it, as there
@@ -83,11 +83,7 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
     """A state dict file (.pth/.bin/.safetensors; a training checkpoint too) into model; its classifier may have
     another number of classes or be absent (an encoder's features only): the model's own head is kept then.
     Every other key must fit, so a file of another architecture fails instead of leaving the model random."""
-    timm = _timm()
-    if path.suffix == ".safetensors":
-        state = timm.models.load_state_dict(str(path))
-    else:
-        state = clean_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    state = clean_state_dict(read_weights_file(path))
     heads = head_prefixes(model)
     own = model.state_dict()
     # a head of another size (ImageNet's 1000 classes) or a head the model does not have (num_classes=0) is dropped

@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 from histoflow.common.errors import ConfigError, HistoflowError, MissingInputError
+from histoflow.models.weights_file import read_weights_file
 
 LIGHTNING_PREFIX = "model."
 COMPILE_PREFIX = "_orig_mod."
@@ -135,7 +136,7 @@ def torchvision_model(
     elif Path(weights).expanduser().is_file():
         model = torchvision.models.get_model(name, weights=None)
         path = Path(weights).expanduser()
-        _load_into(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
+        _load_into(model, read_weights_file(path), str(path))
     elif "/" in weights or "\\" in weights or weights.endswith(FILE_SUFFIXES):
         raise MissingInputError(f"model.weights file '{weights}' does not exist")
     else:

@@ -8,8 +8,10 @@ through it; `open_slide` (slides/backend.py) picks the backend:
   large images, besides SVS and tiled TIFF;
 - `auto` (slide.backend's default): OpenSlide where it opens the file, else tifffile, said once per slide.
 
-A slide's microns per pixel come from the file (OpenSlide's properties, the TIFF resolution tags); `source_mpp`
-supplies them where the file lacks them, and a request in microns without either fails naming the slide.
+A slide's microns per pixel: a slide table's `mpp` for that slide where given (it wins: the user said so of that
+one slide), else the file's (OpenSlide's properties, the TIFF resolution tags), else `source_mpp` (slide.source_mpp,
+for slides whose file does not say; never over what a file says), and a request in microns without any fails
+naming the slide.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class Slide(ABC):
         if source_mpp is not None and not source_mpp > 0:
             raise ConfigError(f"slide.source_mpp={source_mpp}: microns per pixel must be positive, e.g. 0.25 (40x)")
         self.source_mpp = source_mpp
+        self.stated_mpp: float | None = None  # the slide table's `mpp` for this slide (open_slide's `mpp`): wins
 
     # --- pixels, by each backend ----------------------------------------------------------
 
@@ -117,8 +120,11 @@ class Slide(ABC):
 
     @property
     def mpp(self) -> float | None:
-        """Microns per pixel at level 0: slide.source_mpp where given, else the file's, else None."""
-        return self.source_mpp if self.source_mpp is not None else self.file_mpp
+        """Microns per pixel at level 0: the slide table's for this slide where given, else the file's, else
+        slide.source_mpp (for files that do not say), else None."""
+        if self.stated_mpp is not None:
+            return self.stated_mpp
+        return self.file_mpp if self.file_mpp is not None else self.source_mpp
 
     @property
     def dimensions(self) -> tuple[int, int]:

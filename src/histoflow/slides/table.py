@@ -23,6 +23,7 @@ from histoflow.common.errors import HistoflowError, MissingInputError
 from histoflow.data.folds import SplitConfig, assign_folds
 
 REQUIRED = ("slide", "patient", "label")
+MPP = "mpp"  # an optional column: a slide's microns per pixel at level 0, where its file gives none or a wrong one
 SHOWN = 20  # problems listed in the error; the rest are counted
 
 
@@ -39,6 +40,7 @@ class SlideRecord:
     patient: str
     label: str
     extra: dict[str, str] = field(default_factory=dict, hash=False)  # the table's other columns, in order
+    mpp: float | None = None  # the `mpp` column: this slide's microns per pixel, over its file's and slide.source_mpp
 
     def columns(self) -> dict[str, str]:
         """patient, label and the other columns: what an output table says of the slide."""
@@ -51,6 +53,10 @@ def _header_problems(header: list[str]) -> list[str]:
     if len(header) == 1 and any(sep in header[0] for sep in ";\t"):
         return [(f"row 1: one column, {header[0]!r}: the columns are not separated by commas. Fix: save the "
                  "table with commas between its columns")]
+    cased = {name: h for name in REQUIRED for h in header if h != name and h.lower() == name}
+    if len(cased) > 1 and all(name in header or name in cased for name in REQUIRED):  # Slide,Patient,Label
+        return [(f"row 1: column names are lower case: found {', '.join(repr(h) for h in cased.values())}. Fix: "
+                 f"rename them {', '.join(cased)}")]
     problems = []
     others = [name for name in header if name not in REQUIRED]
     for name in REQUIRED:
@@ -77,6 +83,20 @@ def _read(table: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     header = rows[0] if rows else []
     return header, [(number, cells + [""] * (len(header) - len(cells)))
                     for number, cells in enumerate(rows[1:], start=2) if any(cells)]
+
+
+def _mpp(cell: str) -> tuple[float | None, str]:
+    """A cell of the `mpp` column as microns per pixel (empty: None), or the problem with it."""
+    if not cell:
+        return None, ""
+    try:
+        mpp = float(cell)
+    except ValueError:
+        mpp = float("nan")
+    if not 0 < mpp < 100:
+        return None, (f"mpp {cell!r} is not microns per pixel. Fix: the scan's resolution at level 0, e.g. 0.25 "
+                      "(40x) or 0.5 (20x), or leave it empty to use the file's")
+    return mpp, ""
 
 
 def _joined(numbers: Sequence[int]) -> str:
@@ -113,12 +133,18 @@ def read_slide_table(path: str | Path) -> list[SlideRecord]:
         by_patient.setdefault(values["patient"], {}).setdefault(values["label"], []).append(number)
         slide = Path(os.path.abspath(folder / Path(values["slide"]).expanduser()))  # an absolute path stays
         if not slide.is_file():
+            windows = ("; a Windows path: write it with '/' between folders, "
+                       f"{values['slide'].replace(chr(92), '/')!r}" if "\\" in values["slide"] else "")
             problems.append(f"row {number}: slide {values['slide']!r}: no file at {slide}. Fix: correct the path "
-                            f"(relative paths start from the table's folder {folder})")
+                            f"(relative paths start from the table's folder {folder}{windows})")
             continue
         by_file.setdefault(slide.resolve(), []).append(number)
-        extra = {name: value for name, value in values.items() if name and name not in REQUIRED}
-        records.append(SlideRecord(slide, values["slide"], values["patient"], values["label"], extra))
+        mpp, problem = _mpp(values.get(MPP, ""))
+        if problem:
+            problems.append(f"row {number}: {problem}")
+            continue
+        extra = {name: value for name, value in values.items() if name and name not in (*REQUIRED, MPP)}
+        records.append(SlideRecord(slide, values["slide"], values["patient"], values["label"], extra, mpp))
     for file, numbers in by_file.items():
         if len(numbers) > 1:
             problems.append(f"rows {_joined(numbers)}: the same slide {file}. Fix: keep one row per slide")
@@ -141,7 +167,16 @@ def _fail(table: Path, problems: list[str]) -> NoReturn:
                           "row 1):\n" + "\n".join(f"  {p}" for p in problems[:SHOWN]) + more)
 
 
+def check_classes(records: Sequence[SlideRecord], table: str | Path) -> list[str]:
+    """The table's labels, sorted; SlideTableError where there is one only (a classifier needs two)."""
+    labels = sorted({r.label for r in records})
+    if len(labels) < 2:
+        raise SlideTableError(f"{table}: one class, {labels[0]!r}, in all {len(records)} slides: a classifier needs "
+                              "at least two. Fix: add slides of another class (or correct the label column)")
+    return labels
+
+
 def slide_folds(slides: Sequence[SlideRecord], cfg: SplitConfig) -> tuple[list[str], list[bool]]:
     """Each slide's fold and validation flag (data.split's folds): stratified by label and drawn by patient, so all
     slides of a patient are on one side of every split."""
-    return assign_folds([s.label for s in slides], [s.patient for s in slides], cfg)
+    return assign_folds([s.label for s in slides], [s.patient for s in slides], cfg, ("patients", "slides"))

@@ -1,5 +1,6 @@
 """Resuming a run: which checkpoint `ckpt_path` means (a file, or `last` of this run or sweep job), and whether
-this run can go on from it (the same net, optimizer, scheduler and fold), checked before anything is prepared."""
+this run can go on from it (the same net, optimizer, scheduler and fold, the same data, slide table and bag level),
+checked before anything is prepared."""
 
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ RESUME_MUST_MATCH = {
     "scheduler._target_": "its scheduler state fits only the same scheduler",
     "fold": "it was fitted on another fold's training part, which holds this fold's test images",
 }
+# The data a resumed run must share with its checkpoint: its folds and samples are those data's, and a sweep folder
+# resumed with others would mix two data sets' rows in one report. Compared only where the checkpoint records them.
+DATA_MUST_MATCH = {
+    "data.name": "it was trained on another data set",
+    "data.root": "it was trained on the images of another folder",
+    "data.table": "it was trained on the slides of another slide table",
+    "bag.level": "it was trained on bags of another level, and the sweep's report would mix their rows",
+}
+_ABSENT = object()
 
 
 def _is_multirun() -> bool:
@@ -110,6 +120,21 @@ def check_resumable(path: Path, cfg: DictConfig) -> None:
                               f"Fix: resume with the settings it was trained with ({key}={theirs}), or leave out "
                               f"ckpt_path for a new run (a torchvision model can start from its weights: "
                               f"model.weights={path})")
+    for key, reason in DATA_MUST_MATCH.items():
+        theirs, ours = OmegaConf.select(saved, key, default=_ABSENT), OmegaConf.select(cfg, key)
+        if theirs is _ABSENT:  # a checkpoint from before the key: nothing to compare
+            continue
+        if key in ("data.root", "data.table"):  # a path: the same place however it was written
+            theirs, ours = _place(theirs), _place(ours)
+        if theirs != ours:
+            raise ConfigError(f"ckpt_path={path} was trained with {key}={theirs}, this run asks for {key}={ours}: "
+                              f"{reason}. Fix: resume with the data it was trained on ({key}={theirs}), or start a "
+                              "new run: leave out ckpt_path, or give a new hydra.sweep.dir (hydra.run.dir)")
+
+
+def _place(value: object) -> object:
+    """A path as an absolute one (from the working folder, where Hydra runs start), anything else as it is."""
+    return str(Path(value).expanduser().absolute()) if isinstance(value, str) and value else value
 
 
 def resume_checkpoint(cfg: DictConfig, callbacks: list[Callback]) -> Path | None:
