@@ -171,7 +171,8 @@ def test_slide_and_patient_bags_from_a_cohorts_feature_shards(tmp_path: Path) ->
     for i, (patient, label, tiles) in enumerate((("p1", "CLL", 5), ("p1", "CLL", 3), ("p2", "FL", 0), ("p3", "MCL", 2))):
         features = np.random.default_rng(i).normal(size=(tiles, 12)).astype(np.float32)
         px = np.arange(tiles * 2).reshape(tiles, 2)
-        write_slide_features(shards / f"s{i}.npz", features, px, px * 0.5, {"slide": f"s{i}"})
+        write_slide_features(shards / f"s{i}.npz", features, px, px * 0.5,
+                             {"slide": f"s{i}"})
         rows.append(f"s{i}.svs,{patient},{label},{tiles},shards/s{i}.npz,1.0,x")
     rows.append("gone.svs,p4,FL,3,shards/gone.npz,1.0,x")
     (tmp_path / "cohort.index.csv").write_text("\n".join(rows) + "\n")
