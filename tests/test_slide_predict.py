@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import compose_train
+from conftest import compose_config, compose_train
 from omegaconf import OmegaConf
 from PIL import Image
 from test_slide import write_jpeg_slide, zero_stored_tile
@@ -163,7 +163,7 @@ def test_no_tissue_names_the_slide_and_the_fix(model: FoldModel, tmp_path: Path)
     # the hint names predict.py's own override keys, with values that would parse
     hinted = dict(re.findall(r"(slide\.\w+)=([\d.]+)", str(caught.value)))
     assert hinted == {"slide.tissue_threshold": "0.02", "slide.min_tissue": "0.1"}
-    predict_cfg = OmegaConf.load(REPO / "conf" / "predict.yaml")
+    predict_cfg = compose_config("predict", [])  # with its defaults list: the tiling of conf/slide
     assert all(OmegaConf.select(predict_cfg, key, default="absent") != "absent" for key in hinted)
     assert not (tmp_path / "out" / "faint.tiles.csv").exists()
     cfg.tissue_threshold = 0.02
