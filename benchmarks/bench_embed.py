@@ -60,7 +60,8 @@ from histoflow.data.shards import (
     stack_npy,
     tar_samples,
 )
-from histoflow.features.cohort import embed_cohort, encoder_input
+from histoflow.features.cohort import embed_cohort
+from histoflow.features.cohort_job import encoder_input
 from histoflow.features.embeddings import (
     embed_shard,
     encoder_datamodule,

@@ -86,8 +86,8 @@ def bench_slide(path: Path, level: int, tile: int, names: list[str], workers: li
             pure = speed = wall = 0.0
             for _ in range(repeats):
                 pure = max(pure, forward_rate(net, x, batch, device))
-                cfg = SlideConfig(backend=backend, tile_size=tile, level=level, batch_size=batch, num_workers=w,
-                                  progress=False, device=str(device))
+                cfg = SlideConfig(backend=backend, tile_size=tile, level=level, mpp=None, batch_size=batch,
+                                  num_workers=w, progress=False, device=str(device))
                 t0 = time.perf_counter()
                 result = predict_slide(path, [(net, transform)], [f"c{i}" for i in range(9)], cfg, out)
                 wall = max(wall, time.perf_counter() - t0)

@@ -54,8 +54,8 @@ models = [(AlexNet32(num_classes=8, input_size=32), PatchTransform(32, {"mean_im
 before = status("self", "VmHWM")
 sampler = threading.Thread(target=sample, daemon=True)
 sampler.start()
-result = predict_slide(slide, models, [f"c{i}" for i in range(8)], SlideConfig(tile_size=tile, batch_size=64,
-                       num_workers=workers, progress=False, backend=backend), out)
+result = predict_slide(slide, models, [f"c{i}" for i in range(8)], SlideConfig(tile_size=tile, mpp=None,
+                       batch_size=64, num_workers=workers, progress=False, backend=backend), out)
 done.set()
 sampler.join()
 print(json.dumps({"tiles": result.tiles, "seconds": result.seconds, "before": before * 1024, "self": status("self", "VmHWM") * 1024,

@@ -1,5 +1,5 @@
-"""Cohorts of slides embedded once (features/cohort.py), on a cohort cut from the real slides (slides/cohort_fixture):
-a shard is the encoder's forward of the slide's tissue tiles; a killed run resumes to what a clean run writes; a
+"""Cohorts of slides embedded once (features/cohort.py and the modules it launches), on a cohort cut from the real
+slides (slides/cohort_fixture): a shard is the encoder's forward of the slide's tissue tiles; a killed run resumes to what a clean run writes; a
 changed slide is embedded again and an unchanged one is not, also when moved; two Lightning processes, and two
 chunk jobs of a submitit sweep, embed each slide exactly once and write the same index as one process."""
 
@@ -27,16 +27,16 @@ from omegaconf import OmegaConf
 import histoflow.features.cohort as cohort_module
 from histoflow.common.config import plain
 from histoflow.common.errors import ConfigError
-from histoflow.features.cohort import (
+from histoflow.features.cohort import embed_cohort
+from histoflow.features.cohort_index import balanced_bins, parse_chunk
+from histoflow.features.cohort_job import (
     CohortResult,
     CohortRunConfig,
     CohortSlideConfig,
     CohortSlideError,
-    balanced_bins,
-    embed_cohort,
-    parse_chunk,
-    read_shard,
+    cohort_settings,
 )
+from histoflow.features.slide_features import read_slide_features
 from histoflow.models import build_encoder
 from histoflow.slides.backend import open_slide
 from histoflow.slides.cohort_fixture import build_cohort, write_slide_tiff
@@ -88,7 +88,7 @@ def index_rows(index: Path, without: tuple[str, ...] = ("seconds",)) -> list[dic
 
 
 def shards(folder: Path) -> dict[str, dict]:
-    return {p.name: read_shard(p) for p in sorted((folder / "shards").glob("*.npz"))}
+    return {p.name: read_slide_features(p) for p in sorted((folder / "shards").glob("*.npz"))}
 
 
 def table_slides(table: Path) -> list[str]:
@@ -113,7 +113,7 @@ def test_a_slides_shard_is_the_encoders_forward_of_its_tissue_tiles(cohort: Path
     encoder = build_encoder({"_target_": "histoflow.models.torchvision_model", "name": "squeezenet1_1",
                              "weights": str(weights)}, SIDE)[0]
     for row in rows[2:4] + rows[4:5]:  # two TCGA slides and a kidney slide (a fragment of tissue on glass)
-        shard = read_shard(clean.folder / row["shard"])
+        shard = read_slide_features(clean.folder / row["shard"])
         path = cohort.parent / row["slide"]
         with open_slide(path, "tifffile") as slide:
             geometry = TileGeometry.of(slide, SIDE, mpp=1.0)
@@ -294,8 +294,28 @@ def test_the_slurm_launcher_takes_embeds_devices_and_nodes() -> None:
 
 
 def test_embed_yaml_shows_the_cohort_sections_at_their_defaults() -> None:
-    yaml = OmegaConf.load(REPO / "conf" / "embed.yaml")
-    assert OmegaConf.to_container(yaml.slide) == asdict(CohortSlideConfig())
-    shown = OmegaConf.to_container(yaml.embed)
+    """embed's slide section: the tiling of conf/slide/default.yaml and embed's own keys, each at its dataclass
+    default; the embed section at CohortRunConfig's."""
+    composed = OmegaConf.to_container(compose_config("embed", []).slide, resolve=True)
+    assert composed == asdict(CohortSlideConfig())
+    shown = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "embed.yaml").embed)
     assert shown.pop("out") == "${paths.data_dir}/slide_features"  # the dataclass: data/slide_features
     assert shown == {k: v for k, v in asdict(CohortRunConfig()).items() if k != "out"}
+
+
+# an encoder config written out (not conf/encoder's, which may change): the folder key it names with the default
+# tiling was computed by the code before the tiling became one config (slides/tiling.py); a folder of features
+# embedded then must be found now
+PINNED_ENCODER = {"_target_": "histoflow.models.torchvision_model", "name": "mobilenet_v2", "weights": "imagenet",
+                  "preprocess": {"input_size": 224, "interpolation": "bilinear", "mean": MEAN, "std": STD}}
+
+
+def test_the_default_tiling_keys_the_same_features_folder_as_before(tmp_path: Path) -> None:
+    settings, folder = cohort_settings(PINNED_ENCODER, CohortSlideConfig(), tmp_path)
+    assert settings["slide"] == {"source_mpp": None, "tile_size": 224, "level": None, "mpp": 0.5, "stride": None,
+                                 "min_tissue": 0.5, "tissue_threshold": None, "thumbnail_size": 1024}
+    assert sorted(settings) == ["encoder", "format", "input", "kind", "slide", "weights_sha256"]
+    assert folder.name == "mobilenet_v2-14f95202d604"
+    # tile_size null is read as 224 px: the same tiles, so the same folder as tile_size=224 written out
+    assert cohort_settings(PINNED_ENCODER, CohortSlideConfig(tile_size=224), tmp_path)[1] == folder
+    assert cohort_settings(PINNED_ENCODER, CohortSlideConfig(tile_size=256), tmp_path)[1] != folder

@@ -18,8 +18,9 @@ from histoflow.data.loader import LoaderConfig
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import DataConfig
 from histoflow.data.stain import StainConfig
-from histoflow.features.cohort import CohortRunConfig, CohortSlideConfig
+from histoflow.features.cohort_job import CohortRunConfig, CohortSlideConfig
 from histoflow.inference.slide_map import SlideConfig
+from histoflow.slides.tiling import TILING_KEYS, TilingConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -105,14 +106,49 @@ DELIBERATE = {
 def test_the_yaml_shows_every_field_at_its_default_or_a_deliberate_override(path: str, section: str,
                                                                              cls: type) -> None:
     """The YAML repeats the dataclass for users (conf/data/lymphoma.yaml is the default data config; kather.yaml
-    overrides it): every field there, nothing else, and no value that silently disagrees with the dataclass."""
-    yaml = OmegaConf.to_container(OmegaConf.load(CONF / path), resolve=False)
-    yaml = {k: v for k, v in (yaml if section == "data" else yaml[section]).items() if k != "_target_"}
+    overrides it; predict's slide section composes conf/slide/default.yaml and adds its own keys): every field
+    there, nothing else, and no value that silently disagrees with the dataclass."""
+    if section == "data":
+        yaml = OmegaConf.to_container(OmegaConf.load(CONF / path), resolve=False)
+    else:  # composed with its defaults list, interpolations shown as written
+        yaml = OmegaConf.to_container(compose_config(Path(path).stem, [])[section], resolve=False)
+    yaml = {k: v for k, v in yaml.items() if k != "_target_"}
     shown, default = flat(cls, yaml, section), flat(cls, asdict(cls()), section)
     assert sorted(shown.keys() ^ default.keys()) == []
     differ = {k for k in default if shown[k] != default[k]}
     deliberate = {k for k in DELIBERATE if k.startswith(f"{section}.")}
     assert {k: (shown[k], default[k]) for k in differ ^ deliberate} == {}  # key: (YAML, dataclass)
+
+
+def test_embed_train_and_predict_tile_a_slide_alike() -> None:
+    """embed's slide, train's data.slide (data=slides) and predict's slide compose the one tiling of
+    conf/slide/default.yaml: the same keys and values, read into the same TilingConfig; an override of one command
+    changes that command alone."""
+    embed = compose_config("embed", []).slide
+    train = compose_config("train", ["data=slides", "encoder=mobilenet_v2_imagenet"]).data.slide
+    predict = compose_config("predict", []).slide
+    tilings = [{k: v for k, v in OmegaConf.to_container(c, resolve=False).items() if k in TILING_KEYS}
+               for c in (embed, train, predict)]
+    assert sorted(tilings[0]) == sorted(TILING_KEYS)
+    assert tilings[0] == tilings[1] == tilings[2] == TilingConfig().tiling()
+    read = [CohortSlideConfig.from_config(OmegaConf.to_container(embed, resolve=True)),
+            CohortSlideConfig.from_config(OmegaConf.to_container(train, resolve=True))]
+    assert read[0].tiling() == read[1].tiling() == SlideConfig().tiling()
+    assert read[0].side == 224 and SlideConfig().tile_side(32) == 32  # null: the cohort's 224, a patch model's own
+    moved = compose_config("predict", ["slide.mpp=0.25"]).slide
+    assert moved.mpp == 0.25 and compose_config("embed", []).slide.mpp == 0.5
+
+
+@pytest.mark.parametrize("key, value, fix", [("tile_size", 0, "slide.tile_size=224"),
+                                             ("stride", 0, "slide.stride=null"),
+                                             ("min_tissue", 1.5, "e.g. slide.min_tissue=0.5"),
+                                             ("min_tissue", -0.1, "e.g. slide.min_tissue=0.5"),
+                                             ("level", 1, "slide.mpp=null to read level 1")])
+def test_a_tiling_out_of_range_is_refused_by_key_with_the_fix(key: str, value: Any, fix: str) -> None:
+    for cls in (TilingConfig, CohortSlideConfig, SlideConfig):
+        with pytest.raises(ConfigError, match=f"slide.{key}={value}.*Fix: {fix}"):
+            cls.from_config({key: value}) if cls is not TilingConfig else cls(**{key: value})
+    assert TilingConfig(mpp=None, level=1).level == 1 and TilingConfig(stride=1, min_tissue=0).stride == 1
 
 
 @pytest.mark.parametrize("data", sorted(p.stem for p in (CONF / "data").glob("*.yaml") if p.stem != "slides"))
@@ -123,11 +159,12 @@ def test_every_data_config_reads_without_an_unknown_key(data: str) -> None:
 
 
 def test_the_slide_bag_data_config_shows_the_cohort_sections_at_their_defaults() -> None:
-    """data=slides (slide and patient bags from a slide table) repeats embed.yaml's slide and embed sections and
-    data.split: every key at the dataclass's default but val_fraction (0: small cohorts keep every patient in
-    training, the last epoch is kept)."""
+    """data=slides (slide and patient bags from a slide table) composes the tiling (conf/slide) and repeats embed.yaml's
+    slide keys of pace, its embed section and data.split: every key at the dataclass's default but val_fraction (0:
+    small cohorts keep every patient in training, the last epoch is kept)."""
+    composed = compose_config("train", ["data=slides", "encoder=mobilenet_v2_imagenet"]).data
+    assert OmegaConf.to_container(composed.slide, resolve=True) == asdict(CohortSlideConfig())
     yaml = OmegaConf.to_container(OmegaConf.load(CONF / "data" / "slides.yaml"), resolve=False)
-    assert yaml["slide"] == asdict(CohortSlideConfig())
     assert yaml["features"] == {k: v for k, v in asdict(CohortRunConfig()).items() if k != "chunk"} | {
         "out": "${paths.data_dir}/slide_features"}
     split = {k: v for k, v in asdict(SplitConfig()).items() if k != "fractions"}

@@ -113,7 +113,7 @@ def test_frozen_imagenet_features_head_and_a_tumour_map(kather_dir: Path, wsi_di
     assert metrics["test/acc_micro"] > 1 / len(CLASSES)
     model = load_fold_model(metrics["best_checkpoint"])
     assert [n for n, _ in model.net.named_children()] == ["encoder", "head"] and model.patch_size == 64
-    cfg = SlideConfig(tile_size=128, batch_size=16, num_workers=0, progress=False)
+    cfg = SlideConfig(tile_size=128, mpp=None, batch_size=16, num_workers=0, progress=False)
     result = predict_slide(wsi_dir / "cmu-1-small-region.svs", [(model.net, model.transform)], model.classes, cfg,
                            tmp_path / "slides")
     prob_map = np.load(result.map)

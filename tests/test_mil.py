@@ -19,7 +19,7 @@ from histoflow.data.prepare import prepare_dataset
 from histoflow.data.shards import parse_key, stack_npy, tar_samples
 from histoflow.features import embeddings
 from histoflow.features.bags import Bag, BagDataModule, cohort_bags, image_bags, pad_bags, patient_bags
-from histoflow.features.cohort import write_shard
+from histoflow.features.slide_features import write_slide_features
 from histoflow.inference.fold_models import load_fold_model
 from histoflow.inference.sweep_report import write_image_report
 from histoflow.models import ABMIL, MaxPool, MeanPool, build_encoder
@@ -187,7 +187,8 @@ def test_slide_and_patient_bags_from_a_cohorts_feature_shards(tmp_path: Path) ->
     for i, (patient, label, tiles) in enumerate((("p1", "CLL", 5), ("p1", "CLL", 3), ("p2", "FL", 0), ("p3", "MCL", 2))):
         features = np.random.default_rng(i).normal(size=(tiles, 12)).astype(np.float32)
         px = np.arange(tiles * 2).reshape(tiles, 2)
-        write_shard(shards / f"s{i}.npz", features, px, px * 0.5, {"slide": f"s{i}"})
+        write_slide_features(shards / f"s{i}.npz", features, px, px * 0.5,
+                             {"slide": f"s{i}"})
         rows.append(f"s{i}.svs,{patient},{label},{tiles},shards/s{i}.npz,1.0,x")
     rows.append("gone.svs,p4,FL,3,shards/gone.npz,1.0,x")
     (tmp_path / "cohort.index.csv").write_text("\n".join(rows) + "\n")

@@ -15,7 +15,7 @@ from conftest import compose_train
 from PIL import Image
 
 from histoflow.common.errors import ConfigError
-from histoflow.features.cohort import read_shard
+from histoflow.features.slide_features import read_slide_features
 from histoflow.features.embeddings import Embedder
 from histoflow.features.slide_bags import SlideBagDataModule
 from histoflow.inference.attention_maps import attention_gallery
@@ -124,7 +124,7 @@ def test_slide_bags_are_folded_by_patient_and_hold_each_slides_shard(cohort: Pat
     assert not (roles["train"] & roles["test"] or roles["train"] & roles["val"] or roles["val"] & roles["test"])
     bag = module.bags["test"][0]
     source = module.tile_sources([bag])[str(int(bag.coords[0, 0]))]
-    shard = read_shard(source["shard"])
+    shard = read_slide_features(source["shard"])
     torch.testing.assert_close(bag.features, torch.from_numpy(shard["features"]))
     np.testing.assert_array_equal(bag.coords[:, 1:3], shard["coords_px"])
     assert Path(source["path"]).name == Path(bag.name).name

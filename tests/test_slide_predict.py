@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import compose_train
+from conftest import compose_config, compose_train
 from omegaconf import OmegaConf
 from PIL import Image
 from test_slide import write_jpeg_slide, zero_stored_tile
@@ -69,7 +69,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 def test_predict_real_slide_end_to_end(model: FoldModel, wsi_dir: Path, tmp_path: Path) -> None:
     """128-px tiles at level 0, shrunk to the net's 32 px, read by two workers: CSV, map, heatmap and JSON agree."""
-    cfg = SlideConfig(tile_size=128, batch_size=16, num_workers=2, progress=False)
+    cfg = SlideConfig(tile_size=128, mpp=None, batch_size=16, num_workers=2, progress=False)
     result = predict_slide(wsi_dir / CMU, [(model.net, model.transform)], model.classes, cfg, tmp_path)
     rows = read_csv(result.csv)
     assert len(rows) == result.tiles > 20
@@ -112,12 +112,12 @@ def test_predict_at_target_mpp_or_level(model: FoldModel, wsi_dir: Path, tmp_pat
     assert meta["geometry"]["read_size"] == 64 and meta["heatmap_class"] == "07_ADIPOSE"
     assert np.load(result.map).shape[:2] == (geometry.rows, geometry.cols) == (2967 // 64, 2220 // 64)
 
-    cfg = SlideConfig(level=1, tile_size=128, batch_size=64, num_workers=1, progress=False)
+    cfg = SlideConfig(level=1, mpp=None, tile_size=128, batch_size=64, num_workers=1, progress=False)
     result = predict_slide(wsi_dir / TCGA, [(model.net, model.transform)], model.classes, cfg, tmp_path)
     meta = json.loads(result.meta.read_text())
     assert meta["geometry"]["level"] == 1 and meta["geometry"]["downsample"] == pytest.approx(2.0, abs=0.01)
     assert result.tiles > 50 and np.load(result.map).shape == (1783 // 128, 2221 // 128, 8)
-    with pytest.raises(SlideError, match="no microns per pixel in the file.*Fix: slide.source_mpp=.*or pass slide.level"):
+    with pytest.raises(SlideError, match="no microns per pixel in the file.*Fix: slide.source_mpp=.*or slide.mpp=null"):
         predict_slide(wsi_dir / TCGA, [(model.net, model.transform)], model.classes, SlideConfig(mpp=0.5), tmp_path)
 
 
@@ -157,13 +157,13 @@ def test_no_tissue_names_the_slide_and_the_fix(model: FoldModel, tmp_path: Path)
     image[300:700, 200:800] = (232, 224, 230)  # saturation ~0.034, below the 0.05 floor of the automatic threshold
     path = tmp_path / "faint.tif"
     tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb", compression="zlib")
-    cfg = SlideConfig(tile_size=64, num_workers=0, progress=False)
+    cfg = SlideConfig(tile_size=64, mpp=None, num_workers=0, progress=False)
     with pytest.raises(NoTissueError, match=r"faint\.tif: no tissue found.*Fix: lower the tissue threshold") as caught:
         predict_slide(path, [(model.net, model.transform)], model.classes, cfg, tmp_path / "out")
     # the hint names predict.py's own override keys, with values that would parse
     hinted = dict(re.findall(r"(slide\.\w+)=([\d.]+)", str(caught.value)))
     assert hinted == {"slide.tissue_threshold": "0.02", "slide.min_tissue": "0.1"}
-    predict_cfg = OmegaConf.load(REPO / "conf" / "predict.yaml")
+    predict_cfg = compose_config("predict", [])  # with its defaults list: the tiling of conf/slide
     assert all(OmegaConf.select(predict_cfg, key, default="absent") != "absent" for key in hinted)
     assert not (tmp_path / "out" / "faint.tiles.csv").exists()
     cfg.tissue_threshold = 0.02
@@ -278,7 +278,7 @@ def test_predict_command_line_on_slides(model: FoldModel, wsi_dir: Path, tmp_pat
     tifffile.imwrite(blank, np.full((512, 512, 3), 255, np.uint8), tile=(256, 256))
     result = subprocess.run(
         [sys.executable, str(REPO / "predict.py"), f"ckpt_path={model.path}", f"slides=[{wsi_dir / CMU},{blank}]",
-         "slide.tile_size=256", "slide.num_workers=0", "on_bad_image=skip", "progress=false",
+         "slide.tile_size=256", "slide.mpp=null", "slide.num_workers=0", "on_bad_image=skip", "progress=false",
          f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_csv(tmp_path / "run" / "slides.csv")
@@ -314,7 +314,7 @@ def damaged_slide(tmp_path: Path) -> Path:
 def test_damaged_tile_stops_the_slide_or_is_left_out(model: FoldModel, damaged_slide: Path, tmp_path: Path) -> None:
     """By default a zeroed stored tile stops the slide with an error naming it (no half-written outputs); with
     skip_damaged the four 128-px tiles over it are NaN in the map, absent from the CSV and listed in the JSON."""
-    cfg = SlideConfig(tile_size=128, thumbnail_size=512, batch_size=16, num_workers=2, progress=False)
+    cfg = SlideConfig(tile_size=128, mpp=None, thumbnail_size=512, batch_size=16, num_workers=2, progress=False)
     models = [(model.net, model.transform)]
     with pytest.raises(DamagedTileError, match=r"damaged\.tif: level 0, stored tile row 3 col 2 \(pixel x 512, y 768\)"
                                                r": does not decode \(Jpeg8Error"):
@@ -347,7 +347,7 @@ def test_damage_under_the_thumbnail_of_a_one_level_slide_leaves_the_rest_predict
         image = tif.pages[0].asarray()
     tifffile.imwrite(one_level, image, tile=(256, 256), photometric="rgb", compression="jpeg")
     zero_stored_tile(one_level, 3, 2)
-    cfg = SlideConfig(backend=backend, tile_size=128, thumbnail_size=512, batch_size=16, num_workers=0,
+    cfg = SlideConfig(backend=backend, tile_size=128, mpp=None, thumbnail_size=512, batch_size=16, num_workers=0,
                       progress=False)
     models = [(model.net, model.transform)]
     with pytest.raises(DamagedTileError, match=r"level 0, stored tile row 3 col 2 \(pixel x 512, y 768\)"):
@@ -360,10 +360,10 @@ def test_damage_under_the_thumbnail_of_a_one_level_slide_leaves_the_rest_predict
 
 def run_predict_on_slides(model: FoldModel, slides: list[Path], run: Path,
                           *overrides: str) -> subprocess.CompletedProcess:
-    """`predict.py slides=[...]` with 128-px tiles and a 512-px thumbnail (a level above the damaged one)."""
+    """`predict.py slides=[...]` with 128-px tiles at level 0 and a 512-px thumbnail (a level above the damaged one)."""
     return subprocess.run(
         [sys.executable, str(REPO / "predict.py"), f"ckpt_path={model.path}", f"slides=[{','.join(map(str, slides))}]",
-         "slide.tile_size=128", "slide.thumbnail_size=512", "slide.num_workers=1", "progress=false",
+         "slide.tile_size=128", "slide.mpp=null", "slide.thumbnail_size=512", "slide.num_workers=1", "progress=false",
          f"hydra.run.dir={run}", *overrides], capture_output=True, text=True, timeout=300)
 
 

@@ -8,7 +8,7 @@ tile of the slides of a slide table (`histoflow embed slides=<table.csv> encoder
 
 train.py with the same data and encoder (and a head: model=linear_head) finds the patches' embeddings and trains on
 them; it also embeds by itself when they are missing. The work is done in histoflow.features.embeddings (patches)
-and histoflow.features.cohort (slides).
+and histoflow.features.cohort (slides; docs/cohorts.md names the modules it launches).
 """
 
 from __future__ import annotations

@@ -1,1 +1,3 @@
-"""Frozen features: a frozen encoder over prepared patches, embedded once into shards beside them, then found."""
+"""Frozen features: a frozen encoder over prepared patches (embeddings), or over a cohort's slides (cohort, its job,
+index and embedder; slide_features: the per-slide file), embedded once and found afterwards; bags of them (bags,
+slide_bags) for attention MIL."""

@@ -29,7 +29,7 @@ from histoflow.common.errors import ConfigError
 from histoflow.data.datamodule import ROLES, ShardDataModule
 from histoflow.data.problems import Problem
 from histoflow.data.shards import parse_key, stack_npy, tar_samples
-from histoflow.features.cohort import read_shard
+from histoflow.features.slide_features import read_slide_features
 
 log = logging.getLogger(__name__)
 LEVELS = ("image", "slide", "patient")
@@ -109,11 +109,11 @@ def patient_bags(bags: Sequence[Bag], classes: Sequence[str]) -> list[Bag]:
 
 def cohort_bags(index: str | Path, classes: Sequence[str], level: str = "slide",
                 folds: Mapping[str, str] | None = None) -> tuple[list[Bag], list[Problem]]:
-    """Slide bags (or, level=patient, a patient's slides pooled) from a cohort index of per-slide feature shards
-    (features/cohort.py, `histoflow embed slides=...`): coords (N, 4) are (the slide's row in the index, x, y, 0),
-    x, y level-0 pixels; coords_um the same x, y in microns; `folds` gives each slide's fold (slide -> fold). A
-    slide whose shard holds no tile, or is missing, is a problem, left out; a patient whose slides carry two labels
-    is an error naming the patient."""
+    """Slide bags (or, level=patient, a patient's slides pooled) from a cohort index of slide feature files
+    (features/slide_features.py, written by `histoflow embed slides=...`): coords (N, 4) are (the slide's row in the
+    index, x, y, 0), x, y level-0 pixels; coords_um the same x, y in microns; `folds` gives each slide's fold (slide
+    -> fold). A slide whose shard holds no tile, or is missing, is a problem, left out; a patient whose slides carry
+    two labels is an error naming the patient."""
     index = Path(index)
     with index.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -123,7 +123,7 @@ def cohort_bags(index: str | Path, classes: Sequence[str], level: str = "slide",
         if shard is None or not shard.is_file():
             problems.append(Problem(row["slide"], "no-shard", f"no feature shard ({row.get('shard') or 'none'})"))
             continue
-        found = read_shard(shard)
+        found = read_slide_features(shard)
         if len(found["features"]) == 0:
             problems.append(Problem(row["slide"], "no-tile", "the slide's shard holds no tile: left out"))
             continue

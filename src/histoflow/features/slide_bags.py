@@ -4,7 +4,8 @@
         bag.level=patient fold=1,2,3,4,5
 
 `prepare_data` embeds the table's slides once through the frozen encoder (features/cohort.py: tissue mask,
-micron-true tiles, one feature shard per slide keyed by the slide's bytes; a rerun or another fold finds them);
+micron-true tiles as conf/slide tiles them, one slide feature file per slide keyed by the slide's bytes; a rerun or
+another fold finds them);
 `setup` assigns the slides to folds by patient (stratified by label, `data.split`, so that no patient is on both
 sides of any split) and reads one bag per slide (`bag.level=slide`) or per patient, a patient's slides pooled
 (`bag.level=patient`). A slide that gives no tile (no tissue, unreadable, no microns per pixel) is listed in the

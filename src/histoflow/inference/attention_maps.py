@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from histoflow.data.images import read_rgb
-from histoflow.features.cohort import shard_meta
+from histoflow.features.slide_features import slide_features_meta
 from histoflow.inference.heatmap import save_heatmap
 from histoflow.inference.predict import output_names
 from histoflow.slides.backend import open_slide
@@ -78,7 +78,7 @@ class TileSource:
         self.path = Path(info["path"])
         self._slide = None
         if "shard" in info:  # a slide: the geometry its shard was tiled with
-            meta = shard_meta(Path(info["shard"]))
+            meta = slide_features_meta(Path(info["shard"]))
             self.geometry = TileGeometry(**meta["geometry"])
             self.size: tuple[int, int] = tuple(meta["dimensions"])  # type: ignore[assignment]
             self._pixels = None

@@ -32,7 +32,7 @@ from histoflow.inference.report_run import log_run, publish_report
 from histoflow.inference.slide_map import SlideConfig, SlideResult, predict_slide
 from histoflow.inference.voting import predict_images, tta_views
 from histoflow.slides.backend import SLIDE_SUFFIXES, slides_in
-from histoflow.slides.slide import DamagedTileError, SlideError, SlideSettingError
+from histoflow.slides.slide import SLIDE_FIXES, DamagedTileError, SlideError, SlideSettingError
 from histoflow.slides.table import read_slide_table
 from histoflow.slides.tiles import NoTissueError
 
@@ -167,12 +167,6 @@ def _images_csv(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConf
 
 
 SLIDE_COLUMNS = ["slide", "tiles", "tiles_per_s", "damaged_tiles", "map", "heatmap"]  # of slides.csv
-SLIDE_FIXES = {  # by kind of slide problem, for the error that ends a run with on_bad_image=error
-    "damaged-tiles": "re-copy or re-export the damaged slides",
-    "unreadable": "re-copy or re-export the unreadable slides (or convert them to pyramidal TIFF)",
-    "no-tissue": "check those slides, or lower slide.min_tissue or slide.tissue_threshold",
-    "setting": "change the slide setting each line names (slide.level, slide.mpp, slide.tile_size)",
-}
 
 
 def _damaged_problem(path: Path, result: SlideResult) -> Problem:

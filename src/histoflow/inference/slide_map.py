@@ -33,7 +33,7 @@ from histoflow.common.progress import progress_bar
 from histoflow.data.transforms import PatchTransform
 from histoflow.inference.heatmap import save_heatmap
 from histoflow.inference.voting import mean_probabilities
-from histoflow.slides.backend import DEFAULT_BACKEND, open_slide
+from histoflow.slides.backend import open_slide
 from histoflow.slides.slide import DamagedTile, DamagedTileError
 from histoflow.slides.tiles import (
     NoTissueError,
@@ -43,24 +43,18 @@ from histoflow.slides.tiles import (
     tile_loader,
     tissue_tiles,
 )
+from histoflow.slides.tiling import TilingConfig
 
 log = logging.getLogger(__name__)
 __all__ = ["NoTissueError", "SlideConfig", "SlideResult", "default_heatmap_class", "predict_slide"]
 
 
 @dataclass
-class SlideConfig:
-    """How a slide is tiled and predicted (the `slide` section of predict.yaml)."""
+class SlideConfig(TilingConfig):
+    """How a slide is tiled (slides.tiling.TilingConfig, conf/slide/default.yaml: the same tiling as embed and
+    data=slides; tile_size null: the patch model's training patch side) and predicted: the `slide` section of
+    predict.yaml."""
 
-    backend: str = DEFAULT_BACKEND  # tifffile | openslide | auto (OpenSlide where it reads the file, else tifffile)
-    source_mpp: float | None = None  # the scan's microns per pixel, for slides whose file does not say (slide.mpp)
-    tile_size: int | None = None  # tile side in pixels at `level` (or `mpp`); None: the model's training patch side
-    level: int = 0  # pyramid level to read (0: full resolution); ignored when mpp is set
-    mpp: float | None = None  # target microns per pixel (NCT-CRC-HE-100K: 0.5), read at the best level and resized
-    stride: int | None = None  # grid step in the same pixels; None: tile_size (no overlap)
-    min_tissue: float = 0.5  # share of a tile the tissue mask must cover
-    tissue_threshold: float | None = None  # HSV saturation above which a thumbnail pixel is tissue; None: Otsu
-    thumbnail_size: int = 1024  # longer side of the thumbnail for the tissue mask and the heatmap, pixels
     heatmap_class: str | None = None  # class drawn in the heatmap; None: the class named like TUM/TUMOR, else the last
     batch_size: int = 64  # tiles per forward pass
     num_workers: int | str = "auto"  # processes reading tiles while the model runs (0: all in this process; auto:
@@ -135,7 +129,7 @@ def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTrans
     nets = [net.to(device).eval() for net, _ in models]
 
     with open_slide(path, cfg.backend, cfg.source_mpp) as slide:
-        geometry = TileGeometry.of(slide, cfg.tile_size or side, cfg.level, cfg.mpp, cfg.stride, out_size=side)
+        geometry = TileGeometry.of(slide, cfg.tile_side(side), cfg.level, cfg.mpp, cfg.stride, out_size=side)
         # with skip_damaged, stored tiles that do not decode leave the thumbnail white there (no tissue, no tiles)
         thumbnail_damage: list[DamagedTile] | None = [] if skip_damaged else None
         thumbnail = slide.thumbnail(cfg.thumbnail_size, thumbnail_damage)

@@ -31,6 +31,15 @@ from histoflow.common.errors import ConfigError, HistoflowError, MissingInputErr
 
 BAND_PIXELS = 1 << 22  # source pixels read at a time while shrinking a whole level to a thumbnail (12 MB RGB)
 MAX_UPSAMPLING = 0.9  # slide.mpp may be this much finer than the scan (0.5 on a 0.55 scan), no finer
+# the kinds of slide problem (problems.csv's `kind`) and the fix of each, for the error that ends a run (predict's;
+# a cohort lists the same kinds in its problems.csv)
+SLIDE_FIXES = {
+    "damaged-tiles": "re-copy or re-export the damaged slides",
+    "unreadable": "re-copy or re-export the unreadable slides (or convert them to pyramidal TIFF)",
+    "no-tissue": "check those slides, or lower slide.min_tissue or slide.tissue_threshold",
+    "setting": "change the slide setting each line names (slide.level, slide.mpp, slide.tile_size)",
+    "no-mpp": "give the scan's resolution: slide.source_mpp=<microns per pixel> (0.25 at 40x, 0.5 at 20x)",
+}
 
 
 class SlideError(HistoflowError, ValueError):
@@ -142,7 +151,7 @@ class Slide(ABC):
         if self.mpp is None:
             raise SlideSettingError(f"{self.path}: no microns per pixel in the file, so slide.mpp={mpp} cannot be "
                                     "read. Fix: slide.source_mpp=<the scan's microns per pixel> (e.g. 0.25 at 40x), "
-                                    "or pass slide.level instead (and slide.tile_size)")
+                                    "or slide.mpp=null to read slide.level's pixels as stored (and slide.tile_size)")
         if mpp < self.mpp * MAX_UPSAMPLING:
             raise SlideSettingError(f"{self.path}: slide.mpp={mpp} is finer than the slide was scanned ({self.mpp:.3f} "
                                     f"microns per pixel at level 0): its tiles would be blown-up pixels. Fix: "
