@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from lightning_fabric import Fabric
 from lightning_fabric.strategies import DDPStrategy
 
@@ -29,6 +30,7 @@ from histoflow.common.errors import ConfigError
 from histoflow.data.fingerprint import sha256_file
 from histoflow.data.locks import writable
 from histoflow.features.cohort_index import (
+    check_index_table,
     chunk_of,
     combine_ranks,
     merge_index,
@@ -38,9 +40,18 @@ from histoflow.features.cohort_index import (
     rank_share,
     write_json,
 )
-from histoflow.features.cohort_job import CohortJob, CohortResult, CohortRunConfig, CohortSlideConfig, cohort_settings
+from histoflow.features.cohort_job import (
+    OWN,
+    CohortJob,
+    CohortResult,
+    CohortRunConfig,
+    CohortSlideConfig,
+    cohort_settings,
+    say_resize,
+)
 from histoflow.features.slide_embedder import SlideEmbedder
-from histoflow.slides.table import read_slide_table
+from histoflow.models.weights_file import check_encoder_weights
+from histoflow.slides.table import SlideRecord, read_slide_table
 
 log = logging.getLogger(__name__)
 BARRIER_TIMEOUT = timedelta(days=7)  # ranks wait this long for the slowest at the end (no collective before it)
@@ -65,7 +76,7 @@ def run_rank(fabric: Any, job: CohortJob) -> CohortResult:
         chunk = combine_ranks(job, run_id, world)
         result.chunk = {"embedded": len(chunk["embedded"]), "reused": len(chunk["reused"]),
                         "left_out": len(chunk["problems"]), "tiles": chunk["tiles"]}
-        result.index = merge_index(job.folder, job.name, job.table_sha, job.chunk[1])
+        result.index = merge_index(job.folder, job.name, job.table_sha, job.chunk[1], job.table)
     return result
 
 
@@ -77,18 +88,48 @@ def prepare_job(table: str | os.PathLike[str], encoder_cfg: Mapping[str, Any], s
                           "out, listed in the cohort's problems.csv)")
     slide, run = CohortSlideConfig.from_config(slide_cfg), CohortRunConfig.from_config(run_cfg)
     table = Path(table)
+    name = check_name(run.name) if run.name else table.stem
+    check_accelerator(run.accelerator)
     records = read_slide_table(table)
+    say_renamed_columns(records, table)
     chunk = parse_chunk(run.chunk)
     out = Path(run.out)
-    writable(out, "the slide features", "set embed.out to a folder you can write (or paths.data_dir)")
     encoder = dict(plain(encoder_cfg))
+    check_encoder_weights(encoder)  # a damaged weights file fails here, before any folder is made for its features
+    writable(out, "the slide features", "set embed.out to a folder you can write (or paths.data_dir)")
     settings, folder = cohort_settings(encoder, slide, out)
+    say_resize(encoder, slide)
+    table_sha = sha256_file(table)
+    check_index_table(folder, name, table, table_sha)
     writable(folder, "the slide features", "set embed.out to a folder you can write")
     settings_file = folder / "settings.json"
     if not settings_file.is_file():
         write_json(settings_file, settings)
-    return CohortJob(chunk_of(records, chunk), chunk, slide, run, encoder, settings, folder,
-                     run.name or table.stem, sha256_file(table), on_bad_image)
+    return CohortJob(chunk_of(records, chunk), chunk, slide, run, encoder, settings, folder, name, table_sha,
+                     on_bad_image, table)
+
+
+def check_name(name: str) -> str:
+    """embed.name: a file name of the features folder (its index and problems), not a path out of it."""
+    if any(sep in name for sep in ("/", "\\", os.sep)) or name in (".", "..") or name.startswith("."):
+        raise ConfigError(f"embed.name={name!r}: a cohort's name is a file name in the features folder, not a path. "
+                          "Fix: a name without '/' or '..', e.g. embed.name=cohort_a (embed.out sets the folder)")
+    return name
+
+
+def check_accelerator(accelerator: str) -> None:
+    """embed.accelerator: a GPU asked for where torch sees none is refused by key, not by Lightning's traceback."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"embed.accelerator={accelerator}: torch sees no GPU on this machine. Fix: "
+                          "embed.accelerator=auto (a GPU where there is one, else the CPU) or embed.accelerator=cpu")
+
+
+def say_renamed_columns(records: list[SlideRecord], table: Path) -> None:
+    """A table's column named like one of the index's own is kept as table_<name>: said once."""
+    clashing = [k for k in (records[0].extra if records else {}) if k in OWN]
+    if clashing:
+        log.warning("%s: column%s %s named like the cohort index's own: kept there as %s", table,
+                    "s" * (len(clashing) > 1), ", ".join(clashing), ", ".join(f"table_{c}" for c in clashing))
 
 
 def embed_cohort(table: str | os.PathLike[str], encoder_cfg: Mapping[str, Any],

@@ -23,11 +23,10 @@ from histoflow.common.errors import ConfigError, HistoflowError
 from histoflow.common.files import atomic_path
 from histoflow.data.locks import only_writer
 from histoflow.data.problems import Problem, write_problems
-from histoflow.features.cohort_job import CohortJob
+from histoflow.features.cohort_job import INDEX_COLUMNS, CohortJob
 from histoflow.slides.table import SlideRecord
 
 log = logging.getLogger(__name__)
-INDEX_COLUMNS = ["slide", "patient", "label", "tiles", "shard", "seconds", "sha256"]
 
 
 # ------------------------------------------------------------------------------------------------ sharing out
@@ -116,10 +115,32 @@ def combine_ranks(job: CohortJob, run_id: str, world: int) -> dict[str, Any]:
     return chunk
 
 
-def merge_index(folder: Path, name: str, table_sha: str, chunks: int) -> Path | None:
+def table_record(folder: Path, name: str) -> Path:
+    """<name>.table.json: the slide table (its path and sha256) whose slides <name>.index.csv lists."""
+    return folder / f"{name}.table.json"
+
+
+def check_index_table(folder: Path, name: str, table: Path, table_sha: str) -> None:
+    """Refuse a table other than the one the index `name` was written from (another path and other bytes: two
+    tables of one file name would share, and replace each other's, index); the same table edited replaces it."""
+    record = table_record(folder, name)
+    if not record.is_file():
+        return
+    said = json.loads(record.read_text())
+    if said.get("sha256") != table_sha and Path(said.get("table", "")) != table.resolve():
+        raise ConfigError(f"{folder / f'{name}.index.csv'}: the cohort index named {name!r} is of another slide "
+                          f"table, {said.get('table')} (sha256 {str(said.get('sha256'))[:12]}), not {table} "
+                          f"(sha256 {table_sha[:12]}). Fix: embed.name=<a name of its own> (data.features.name with "
+                          "data=slides), or delete that index to replace it")
+
+
+def merge_index(folder: Path, name: str, table_sha: str, chunks: int, table: Path | None = None) -> Path | None:
     """The cohort index and problems table from every chunk's part, once all `chunks` are there (None before: the
-    last chunk to finish writes them). Rows in the table's order; each row's shard checked to be there."""
+    last chunk to finish writes them). Rows in the table's order; each row's shard checked to be there; `table`:
+    the slide table, recorded beside the index (<name>.table.json)."""
     with only_writer(folder / "locks" / f"{name}.merge.lock", f"merges the index of {name}"):
+        if table is not None:  # another table of this name may have written the index since this run started
+            check_index_table(folder, name, table, table_sha)
         parts = []
         for i in range(1, chunks + 1):
             path = folder / "parts" / name / f"{table_sha[:12]}-chunk-{i:04d}-of-{chunks:04d}.json"
@@ -142,6 +163,8 @@ def merge_index(folder: Path, name: str, table_sha: str, chunks: int) -> Path | 
         problems = sorted((q for p in parts for q in p["problems"]), key=lambda q: q["row"])
         with atomic_path(folder / f"{name}.problems.csv") as tmp:
             write_problems(tmp, skipped=[Problem(q["path"], q["kind"], q["detail"]) for q in problems])
+        if table is not None:
+            write_json(table_record(folder, name), {"table": str(table.resolve()), "sha256": table_sha})
     log.info("cohort index: %s (%d slides; %d left out, listed in %s.problems.csv)", index, len(rows), len(problems),
              name)
     return index

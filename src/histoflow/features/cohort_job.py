@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +26,11 @@ from histoflow.slides.slide import SlideError
 from histoflow.slides.table import SlideRecord
 from histoflow.slides.tiling import TILING_KEYS, TilingConfig
 
+# the cohort index's own columns (features/cohort_index.py); a slide table's column of one of these names is kept as
+# table_<name>, never over the index's value
+INDEX_COLUMNS = ["slide", "patient", "label", "tiles", "shard", "seconds", "sha256"]
+OWN = (*INDEX_COLUMNS, "row")  # and the row, which orders the index
+log = logging.getLogger(__name__)
 # the tiling keys that decide which tiles a slide gives and their pixels (the backend only reads them)
 DECIDING = tuple(k for k in TILING_KEYS if k != "backend")
 # a cohort's tile side where slide.tile_size is null: 224 px, the side ImageNet and pathology encoders are trained
@@ -92,6 +98,7 @@ class CohortJob:
     name: str
     table_sha: str
     on_bad_image: str = "error"
+    table: Path | None = None  # the slide table (recorded beside the index)
 
 
 @dataclass
@@ -119,6 +126,11 @@ class CohortResult:
         return self.waiting / max(self.seconds, 1e-9)
 
 
+def index_columns(extra: Mapping[str, str]) -> dict[str, str]:
+    """A slide table's other columns as the index keeps them: one named like an index column as table_<name>."""
+    return {f"table_{k}" if k in OWN else k: v for k, v in extra.items()}
+
+
 def encoder_input(encoder_cfg: Mapping[str, Any], tile_size: int) -> tuple[int, PatchTransform, dict]:
     """The encoder's input side (its preprocess.input_size, else the tile size), the transform of uint8 tiles into
     it (its own mean and std) and the input settings that decide the vectors."""
@@ -139,7 +151,7 @@ def cohort_settings(encoder_cfg: Mapping[str, Any], slide: CohortSlideConfig, ou
     """What decides a cohort's vectors besides each slide's content: the encoder (config, weights' sha256), its input
     and the tiling (tile_size as read: a null one and its value name the same folder); and the folder they name,
     <out>/<encoder name>-<12 hex digits of their sha256>."""
-    _, _, inputs = encoder_input(encoder_cfg, slide.side)
+    side, _, inputs = encoder_input(encoder_cfg, slide.side)
     settings = encoder_settings(encoder_cfg, inputs, out)
     tiling = {k: getattr(slide, k) for k in DECIDING} | {"tile_size": slide.side}
     settings = {**settings, "kind": "slides", "slide": tiling}
@@ -148,4 +160,20 @@ def cohort_settings(encoder_cfg: Mapping[str, Any], slide: CohortSlideConfig, ou
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     encoder = settings["encoder"]
     name = "".join(c if c.isalnum() or c in "_." else "_" for c in str(encoder.get("name") or "encoder")).strip("_")
+    if side != slide.side:  # said in settings.json, after the key: the key has the encoder's input and the tile side
+        settings["input"] = {**settings["input"], "resize": side}
     return settings, out / f"{name}-{digest}"
+
+
+def say_resize(encoder_cfg: Mapping[str, Any], slide: CohortSlideConfig) -> None:
+    """A warning where the encoder's input side is not the tile side: each tile is resized, and the encoder sees
+    coarser (or finer) microns per pixel than slide.mpp says."""
+    side = encoder_input(encoder_cfg, slide.side)[0]
+    if side == slide.side:
+        return
+    how = "shrunk" if side < slide.side else "enlarged"
+    sees = (f"{slide.mpp * slide.side / side:.3g} µm/px, not slide.mpp={slide.mpp:g}" if slide.mpp is not None
+            else f"level {slide.level or 0} at {slide.side / side:.3g} times its pixel size")
+    log.warning("the encoder takes %d-px input: each %d-px tile is %s to %d px, so the encoder sees %s. Fix: "
+                "encoder.preprocess.input_size=%d (tiles as read), or slide.tile_size=%d (tiles of the encoder's "
+                "side)", side, slide.side, how, side, sees, slide.side, side)

@@ -88,7 +88,9 @@ class SlideBagDataModule(BagLoaders, pl.LightningDataModule):
         records = read_slide_table(self.table)
         self.classes = self.wanted_classes or sorted({r.label for r in records})
         self.num_classes = len(self.classes)
-        folds, val = slide_folds(records, self.split_cfg)
+        # the index's sha256 of each slide: two files of identical bytes under two patients are drawn as one
+        shas = {row["slide"]: row["sha256"] for row in _rows(self.index)}
+        folds, val = slide_folds(records, self.split_cfg, shas, self.table)
         fold_of = {r.slide: f for r, f in zip(records, folds)}
         role_of = {r.slide: "test" if f == self.fold else "val" if v else "train"
                    for r, f, v in zip(records, folds, val)}

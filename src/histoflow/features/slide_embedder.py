@@ -36,11 +36,19 @@ from histoflow.data.fingerprint import content_hashes
 from histoflow.data.locks import only_writer
 from histoflow.data.problems import Problem
 from histoflow.data.transforms import PatchTransform
-from histoflow.features.cohort_job import CohortJob, CohortResult, CohortSlideError, NoMppError, encoder_input
+from histoflow.features.cohort_job import (
+    CohortJob,
+    CohortResult,
+    CohortSlideError,
+    NoMppError,
+    encoder_input,
+    index_columns,
+)
 from histoflow.features.embeddings import prefetched
 from histoflow.features.slide_features import (
     FORMAT,
     SHARDS,
+    DamagedSlideFeaturesError,
     slide_features_meta,
     slide_features_path,
     write_slide_features,
@@ -80,6 +88,20 @@ def problem_of(record: SlideRecord, kind: str, error: BaseException) -> Problem:
     return Problem(str(record.slide), kind, str(error).replace(str(record.path) + ": ", ""))
 
 
+def usable(shard: Path, say: bool = False) -> bool:
+    """A slide feature file there and readable; a damaged one (cut short by a full disk or a copy) is embedded
+    again, written whole over it (`say`: logged)."""
+    if not shard.is_file():
+        return False
+    try:
+        slide_features_meta(shard)
+    except DamagedSlideFeaturesError as e:
+        if say:
+            log.warning("%s; it is embedded again now", str(e).split(". Fix:")[0])
+        return False
+    return True
+
+
 def plan_slide(row: int, record: SlideRecord, job: CohortJob, side: int, transform: PatchTransform) -> PlannedSlide:
     """Hash the slide, and where its shard is not there yet, find its tissue tiles (in the planning thread), the
     slide read under READING."""
@@ -88,10 +110,11 @@ def plan_slide(row: int, record: SlideRecord, job: CohortJob, side: int, transfo
         # one small cache file per slide path: no job rewrites, or races over, a cohort-wide file for every slide
         cache = job.folder / HASHES / f"{hashlib.sha256(str(record.path).encode()).hexdigest()[:24]}.json"
         planned.sha = content_hashes([record.path], cache)[0]
-        planned.shard = slide_features_path(job.folder, planned.sha)
-        if planned.shard.is_file():
+        # the table's mpp of a slide tiles it otherwise than its file's: another feature file
+        planned.shard = slide_features_path(job.folder, planned.sha, record.mpp)
+        if usable(planned.shard, say=True):
             return planned
-        with READING, open_slide(record.path, cfg.backend, cfg.source_mpp) as slide:
+        with READING, open_slide(record.path, cfg.backend, cfg.source_mpp, mpp=record.mpp) as slide:
             if slide.mpp is None:
                 raise NoMppError(f"{record.path}: the file gives no microns per pixel, and tile coordinates are in "
                                  "microns too. Fix: slide.source_mpp=<the scan's microns per pixel> (0.25 at 40x)")
@@ -127,7 +150,7 @@ class SlideEmbedder:
         self.result = CohortResult(job.folder, rank=rank)
         self.rows: list[dict[str, Any]] = []
         self.problems: list[tuple[int, Problem]] = []
-        self.done: set[str] = set()  # shas embedded or found by this process
+        self.done: set[str] = set()  # feature files (names) embedded or found by this process
         self.stop: CohortSlideError | None = None  # a bad slide under on_bad_image=error
 
     def _skip_or_reuse(self, planned: PlannedSlide) -> None:
@@ -149,10 +172,12 @@ class SlideEmbedder:
     def _add_row(self, planned: PlannedSlide, meta: Mapping[str, Any]) -> None:
         assert planned.shard is not None
         record = planned.record
-        self.done.add(planned.sha)
-        self.rows.append({"row": planned.row, "slide": record.slide, "patient": record.patient, "label": record.label,
-                          "tiles": meta["tiles"], "shard": f"{SHARDS}/{planned.shard.name}",
-                          "seconds": meta["seconds"], "sha256": planned.sha, **record.extra})
+        self.done.add(planned.shard.name)
+        # the table's own columns never overwrite the index's (a column `shard` would point every bag elsewhere)
+        self.rows.append({**index_columns(record.extra), "row": planned.row, "slide": record.slide,
+                          "patient": record.patient, "label": record.label, "tiles": meta["tiles"],
+                          "shard": f"{SHARDS}/{planned.shard.name}", "seconds": meta["seconds"],
+                          "sha256": planned.sha})
 
     def run(self) -> CohortResult:
         """Every slide of this process: first those no other process is embedding (a slide whose lock another job
@@ -185,7 +210,7 @@ class SlideEmbedder:
                     self._skip_or_reuse(planned)
                     if self.stop is not None:
                         return None
-                elif planned.sha in self.done or planned.shard.is_file():  # a copy's, or another job's meanwhile
+                elif planned.shard.name in self.done or usable(planned.shard):  # a copy's, or another job's
                     self._reuse(planned)
                 else:
                     with READING:  # no fork while a planner reads a slide
@@ -219,11 +244,12 @@ class SlideEmbedder:
         shards = planned.shard.parent
         shards.mkdir(parents=True, exist_ok=True)
         nxt: Any = next_to_embed
-        with only_writer(self.job.folder / "locks" / f"{planned.sha}.lock", f"embeds {record.slide}", wait) as mine:
+        lock = self.job.folder / "locks" / f"{planned.shard.stem}.lock"
+        with only_writer(lock, f"embeds {record.slide}", wait) as mine:
             if not mine:  # another job is embedding this slide: the next one first, this one at the end
                 self.held_elsewhere.append(planned)
                 return nxt
-            if planned.shard.is_file():  # another job embedded it while this one planned or waited
+            if usable(planned.shard):  # another job embedded it while this one planned or waited
                 self._reuse(planned)
                 return nxt
             for leftover in shards.glob(f".{planned.shard.name}.*.tmp"):  # a killed writer's (the lock is ours now)

@@ -186,8 +186,9 @@ def _slide_problem(path: Path, error: SlideError) -> Problem:
     return Problem(str(path), kind, str(error))
 
 
-def _slide_files(spec: str | list[str]) -> tuple[list[Path], dict[Path, dict[str, str]]]:
-    """The slide files to predict, and for a slide table (a .csv) what it says of each: patient, label, the rest."""
+def _slide_files(spec: str | list[str]) -> tuple[list[Path], dict[Path, dict[str, str]], dict[Path, float | None]]:
+    """The slide files to predict, and for a slide table (a .csv) what it says of each: patient, label, the rest;
+    and its `mpp` column (each slide's microns per pixel, over its file's)."""
     if isinstance(spec, str) and spec.lower().endswith(".csv"):
         table = read_slide_table(spec)
         said = {s.path: s.columns() for s in table}
@@ -196,8 +197,8 @@ def _slide_files(spec: str | list[str]) -> tuple[list[Path], dict[Path, dict[str
             log.warning("%s: column%s %s named like slides.csv's own: written there as %s", spec,
                         "s" * (len(clashing) > 1), ", ".join(clashing), ", ".join(f"table_{c}" for c in clashing))
             said = {path: {f"table_{k}" if k in clashing else k: v for k, v in cols.items()} for path, cols in said.items()}
-        return [s.path for s in table], said
-    return files_matching(spec, SLIDE_SUFFIXES, key="slides"), {}
+        return [s.path for s in table], said, {s.path: s.mpp for s in table}
+    return files_matching(spec, SLIDE_SUFFIXES, key="slides"), {}, {}
 
 
 def output_names(paths: Sequence[Path]) -> dict[Path, str]:
@@ -221,7 +222,7 @@ def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, 
     slide also writes problems.csv, naming the slide it stopped at.
     """
     models = [m for ms in members for m in ms]
-    paths, described = _slide_files(cfg.slides if isinstance(cfg.slides, str) else list(cfg.slides))
+    paths, described, mpps = _slide_files(cfg.slides if isinstance(cfg.slides, str) else list(cfg.slides))
     columns = ["slide", *next(iter(described.values()), {}), *SLIDE_COLUMNS[1:]]  # with a table's columns
     slide_cfg = SlideConfig.from_config(OmegaConf.to_container(cfg.slide, resolve=True))
     exports = [slide_cfg.export] if isinstance(slide_cfg.export, str) else list(slide_cfg.export)
@@ -235,7 +236,8 @@ def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, 
         for path in paths:
             try:
                 result = predict_slide(path, [(m.net, m.transform) for m in models], classes, slide_cfg,
-                                       out / "slides", skip_damaged=cfg.on_bad_image == "skip", name=names[path])
+                                       out / "slides", skip_damaged=cfg.on_bad_image == "skip", name=names[path],
+                                       mpp=mpps.get(path))
             except SlideError as e:  # no tissue, unreadable, truncated or damaged file: the other slides still run
                 problems.append(_slide_problem(path, e))
                 continue

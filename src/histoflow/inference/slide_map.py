@@ -111,12 +111,12 @@ class _ModelInputs:
 
 def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTransform]], classes: Sequence[str],
                   cfg: SlideConfig, out_dir: str | Path, skip_damaged: bool = False,
-                  name: str | None = None) -> SlideResult:
+                  name: str | None = None, mpp: float | None = None) -> SlideResult:
     """Classify every tissue tile of a slide with the models (averaged); write the CSV, map, heatmap and JSON.
 
     A stored slide tile that does not decode raises DamagedTileError (and the half-written CSV and map are
     removed), or with `skip_damaged` the tiles over it are left out: NaN in the map, absent from the CSV, listed
-    in the JSON and the result.
+    in the JSON and the result. `mpp`: a slide table's `mpp` column for this slide (over the file's).
     """
     path, out = Path(path), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,7 +128,7 @@ def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTrans
     device = resolve_device(cfg.device, "slide.device")
     nets = [net.to(device).eval() for net, _ in models]
 
-    with open_slide(path, cfg.backend, cfg.source_mpp) as slide:
+    with open_slide(path, cfg.backend, cfg.source_mpp, mpp=mpp) as slide:
         geometry = TileGeometry.of(slide, cfg.tile_side(side), cfg.level, cfg.mpp, cfg.stride, out_size=side)
         # with skip_damaged, stored tiles that do not decode leave the thumbnail white there (no tissue, no tiles)
         thumbnail_damage: list[DamagedTile] | None = [] if skip_damaged else None

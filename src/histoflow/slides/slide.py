@@ -73,7 +73,8 @@ class DamagedTileError(SlideError):
         self.path, self.tiles = Path(path), tiles
         more = f" (and {len(tiles) - 1} more damaged tiles)" if len(tiles) > 1 else ""
         super().__init__(f"{self.path}: {tiles[0]}{more}. Fix: re-export the slide or copy it again; "
-                         "predict.py on_bad_image=skip predicts the rest of it without those tiles")
+                         "on_bad_image=skip: predict maps the rest of it without those tiles, embed and "
+                         "data=slides leave the slide out")
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import csv
 import difflib
+import logging
 import os
 from dataclasses import dataclass, field
 from itertools import zip_longest
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Mapping, NoReturn, Sequence
 
 from histoflow.common.errors import HistoflowError, MissingInputError
 from histoflow.data.folds import SplitConfig, assign_folds
 
+log = logging.getLogger(__name__)
 REQUIRED = ("slide", "patient", "label")
 MPP = "mpp"  # an optional column: a slide's microns per pixel at level 0, where its file gives none or a wrong one
 SHOWN = 20  # problems listed in the error; the rest are counted
@@ -176,7 +178,41 @@ def check_classes(records: Sequence[SlideRecord], table: str | Path) -> list[str
     return labels
 
 
-def slide_folds(slides: Sequence[SlideRecord], cfg: SplitConfig) -> tuple[list[str], list[bool]]:
+def twin_groups(slides: Sequence[SlideRecord], shas: Mapping[str, str], table: str | Path) -> list[str]:
+    """Each slide's fold group: its patient, except that patients sharing a slide of identical bytes (`shas`: each
+    slide's sha256, as the table writes the slide) are one group, with a warning naming both: a fold must not test
+    a slide whose twin it trained on. The same bytes under two labels is a SlideTableError naming both slides."""
+    first: dict[str, SlideRecord] = {}
+    parent = {s.patient: s.patient for s in slides}
+
+    def root(patient: str) -> str:
+        while parent[patient] != patient:
+            patient = parent[patient]
+        return patient
+
+    clashes = []
+    for s in slides:
+        sha = shas.get(s.slide)
+        twin = first.setdefault(sha, s) if sha else s
+        if twin is s:
+            continue
+        if twin.label != s.label:
+            clashes.append(f"slides {twin.slide!r} (label {twin.label!r}) and {s.slide!r} (label {s.label!r}) have "
+                           "identical bytes")
+        elif root(twin.patient) != root(s.patient):
+            log.warning("%s: slides %r (patient %r) and %r (patient %r) have identical bytes: their patients are "
+                        "kept in one fold", table, twin.slide, twin.patient, s.slide, s.patient)
+            parent[root(s.patient)] = root(twin.patient)
+    if clashes:
+        _fail(Path(table), [f"{c}: one set of pixels under two labels. Fix: keep the row with the right label, "
+                            "delete the other" for c in clashes])
+    return [root(s.patient) for s in slides]
+
+
+def slide_folds(slides: Sequence[SlideRecord], cfg: SplitConfig, shas: Mapping[str, str] | None = None,
+                table: str | Path = "the slide table") -> tuple[list[str], list[bool]]:
     """Each slide's fold and validation flag (data.split's folds): stratified by label and drawn by patient, so all
-    slides of a patient are on one side of every split."""
-    return assign_folds([s.label for s in slides], [s.patient for s in slides], cfg, ("patients", "slides"))
+    slides of a patient are on one side of every split; `shas` (each slide's sha256): patients sharing a slide of
+    identical bytes drawn as one (twin_groups)."""
+    groups = twin_groups(slides, shas, table) if shas else [s.patient for s in slides]
+    return assign_folds([s.label for s in slides], groups, cfg, ("patients", "slides"))
