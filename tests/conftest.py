@@ -1,6 +1,7 @@
-"""Shared fixtures and helpers: the real data under ../shared/data (or $HISTOFLOW_DATA), skipped when absent; tiny
-class folders and case tables; composed configs and training runs that leave no trace; a local HTTP server;
-the figures a test saved; W&B's offline run files read back."""
+"""Shared fixtures and helpers: the real data under ../shared/data (or $HISTOFLOW_DATA), skipped when absent; cohorts
+of slides, written from generated tissue (always) or cut from the real slides (where present); a tiny encoder's
+weights; tiny class folders and case tables; composed configs and training runs that leave no trace; a local HTTP
+server; the figures a test saved; W&B's offline run files read back."""
 
 from __future__ import annotations
 
@@ -17,12 +18,19 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 from PIL import Image
+
+from histoflow.models import build_encoder
+
+# the package's test-only helpers, imported here alone (test files take them from conftest): one line to change
+# when they move
+from histoflow.slides.cohort_fixture import build_cohort, write_slide_tiff
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))  # the project's own tools (tools/results.py), not part of the package
@@ -55,13 +63,84 @@ def kather_dir() -> Path:
     return _require("kather2016-sample")
 
 
-@pytest.fixture(scope="session")
-def slide_cohort(wsi_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A slide table of 15 real-tissue slides (512 px, 5 cut from each slide of ../shared/data/wsi, whose class
-    they take), patients of two slides (the fifth alone): 9 patients, 3 a class. Returns the table's path."""
-    from histoflow.slides.cohort_fixture import build_cohort
+# ---------------------------------------------------------------- cohorts of slides
 
-    return build_cohort(wsi_dir, tmp_path_factory.mktemp("slide-cohort"), per_source=5, side=512)
+COHORT_SOURCES = ("synthetic", "real")  # what a cohort test runs on: written tissue always, the real slides if present
+SYNTHETIC_LABELS = {"dense": (0.30, 1.0), "sparse": (0.05, 1.0), "pale": (0.15, 0.5)}  # label: (nuclei share, stain)
+GLASS, EOSIN, HAEMATOXYLIN = np.array([242, 242, 242]), np.array([222, 135, 185]), np.array([90, 55, 145])
+
+
+def tissue_image(side: int, rng: np.random.Generator, nuclei: float, stain: float) -> np.ndarray:
+    """A side x side RGB uint8 slide: glass with tissue over about half of it (a smooth random shape, so tiles at its
+    border are part tissue), eosin pink with round-ish haematoxylin nuclei (`nuclei`: their share of the tissue) at
+    `stain` (1 full colour, 0 glass), with pixel noise."""
+    shape = np.asarray(Image.fromarray(rng.normal(size=(6, 6)).astype(np.float32)).resize((side, side), Image.BICUBIC))
+    tissue = shape > np.quantile(shape, 0.5)
+    cells = side // 4
+    dots = np.asarray(Image.fromarray((rng.random((cells, cells)) < nuclei).astype(np.uint8) * 255)
+                      .resize((side, side), Image.BILINEAR)) > 96
+    colour = np.where(dots[..., None], HAEMATOXYLIN, EOSIN)
+    colour = GLASS + stain * (colour - GLASS)
+    image = np.where(tissue[..., None], colour, GLASS) + rng.normal(0, 10, (side, side, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_synthetic_cohort(out: Path, per_label: int = 2, side: int = 512, slides_per_patient: int = 2,
+                           mpp: float = 0.5, seed: int = 0) -> Path:
+    """build_cohort's layout from generated tissue: `per_label` pyramidal TIFFs (write_slide_tiff) of tissue_image a
+    label of SYNTHETIC_LABELS in out/slides/<label>-<i>.tif, and out/cohort.csv (slide,patient,label,source), every
+    `slides_per_patient` slides of a label one patient <label>-P<n>. Returns the table's path."""
+    (out / "slides").mkdir(parents=True, exist_ok=True)
+    rows, rng = [["slide", "patient", "label", "source"]], np.random.default_rng(seed)
+    for label, (nuclei, stain) in SYNTHETIC_LABELS.items():
+        for i in range(per_label):
+            image = tissue_image(side, rng, nuclei, stain)
+            file = write_slide_tiff(out / "slides" / f"{label}-{i:02d}.tif", image, mpp)
+            rows.append([f"slides/{file.name}", f"{label}-P{i // slides_per_patient + 1}", label, "synthetic"])
+    table = out / "cohort.csv"
+    with table.open("w", newline="") as handle:
+        csv.writer(handle, lineterminator="\n").writerows(rows)
+    return table
+
+
+def write_cohort(source: str, request: pytest.FixtureRequest, out: Path, per_label: int, side: int = 512) -> Path:
+    """A cohort's slide table, `per_label` slides of `side` px a class, patients of two slides: from generated tissue
+    (source "synthetic") or cut from ../shared/data/wsi ("real", build_cohort; the test skips where it is absent)."""
+    if source == "synthetic":
+        return write_synthetic_cohort(out, per_label=per_label, side=side)
+    if source == "real":
+        return build_cohort(request.getfixturevalue("wsi_dir"), out, per_source=per_label, side=side)
+    raise ValueError(f"cohort source {source!r}: one of {COHORT_SOURCES}")
+
+
+@pytest.fixture(scope="session")
+def synthetic_slide_cohort(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A slide table of 15 slides of generated tissue (512 px, 5 a class of 3), patients of two slides (the fifth
+    alone): 9 patients, 3 a class. Returns the table's path."""
+    return write_cohort("synthetic", request, tmp_path_factory.mktemp("synthetic-cohort"), per_label=5)
+
+
+@pytest.fixture(scope="session")
+def real_slide_cohort(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """synthetic_slide_cohort's shape from real tissue: 5 slides cut from each slide of ../shared/data/wsi, whose
+    class they take (skips where absent)."""
+    return write_cohort("real", request, tmp_path_factory.mktemp("real-cohort"), per_label=5)
+
+
+# ---------------------------------------------------------------- a tiny encoder
+
+ENCODER_SIDE = 32  # px a tile goes into the tiny encoder at
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SqueezeNet 1.1 with random weights of its own (seeded), at ENCODER_SIDE px: the encoder's weights file."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "squeezenet-random.pth"
+    net = build_encoder({"_target_": "histoflow.models.torchvision_model", "name": "squeezenet1_1", "weights": None},
+                        ENCODER_SIDE)[0]
+    torch.save(net.state_dict(), path)
+    return path
 
 
 # ---------------------------------------------------------------- tiny class folders

@@ -1,7 +1,8 @@
-"""Cohorts of slides embedded once (features/cohort.py and the modules it launches), on a cohort cut from the real
-slides (slides/cohort_fixture): a shard is the encoder's forward of the slide's tissue tiles; a killed run resumes to what a clean run writes; a
-changed slide is embedded again and an unchanged one is not, also when moved; two Lightning processes, and two
-chunk jobs of a submitit sweep, embed each slide exactly once and write the same index as one process."""
+"""Cohorts of slides embedded once (features/cohort.py and the modules it launches), on a cohort of generated tissue
+and, where ../shared/data is present, on one cut from the real slides (conftest.write_cohort): a shard is the
+encoder's forward of the slide's tissue tiles; a killed run resumes to what a clean run writes; a changed slide is
+embedded again and an unchanged one is not, also when moved; two Lightning processes, and two chunk jobs of a
+submitit sweep, embed each slide exactly once and write the same index as one process."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import REPO, compose_config
+from conftest import COHORT_SOURCES, ENCODER_SIDE, REPO, compose_config, write_cohort, write_slide_tiff
 from omegaconf import OmegaConf
 
 import histoflow.features.cohort as cohort_module
@@ -39,28 +40,17 @@ from histoflow.features.cohort_job import (
 from histoflow.features.slide_features import read_slide_features
 from histoflow.models import build_encoder
 from histoflow.slides.backend import open_slide
-from histoflow.slides.cohort_fixture import build_cohort, write_slide_tiff
 from histoflow.slides.tiles import SlideTiles, TileGeometry, tissue_tiles
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-SIDE = 32  # tiles of 32 px at 1 micron per pixel, into a SqueezeNet at 32 px: ~200 tiles over the cohort
+SIDE = ENCODER_SIDE  # tiles of 32 px at 1 micron per pixel, into a SqueezeNet at 32 px: ~200 tiles over the cohort
 
 
-@pytest.fixture(scope="module")
-def cohort(wsi_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Six slides (two per source slide, one made-up patient each source) and their table."""
-    return build_cohort(wsi_dir, tmp_path_factory.mktemp("cohort"), per_source=2, side=512)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A SqueezeNet 1.1 with random weights of its own (seeded): the encoder's weights file."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "squeezenet-random.pth"
-    net = build_encoder({"_target_": "histoflow.models.torchvision_model", "name": "squeezenet1_1", "weights": None},
-                        SIDE)[0]
-    torch.save(net.state_dict(), path)
-    return path
+@pytest.fixture(scope="module", params=COHORT_SOURCES)
+def cohort(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six slides of 512 px (two a class, one patient each class) and their table: generated, or cut from the real
+    slides."""
+    return write_cohort(request.param, request, tmp_path_factory.mktemp(f"cohort-{request.param}"), per_label=2)
 
 
 def overrides(table: Path, out: Path, weights: Path, *extra: str) -> list[str]:
@@ -91,9 +81,13 @@ def shards(folder: Path) -> dict[str, dict]:
     return {p.name: read_slide_features(p) for p in sorted((folder / "shards").glob("*.npz"))}
 
 
-def table_slides(table: Path) -> list[str]:
+def table_rows(table: Path) -> list[dict[str, str]]:
     with table.open(newline="") as handle:
-        return [row["slide"] for row in csv.DictReader(handle)]
+        return list(csv.DictReader(handle))
+
+
+def table_slides(table: Path) -> list[str]:
+    return [row["slide"] for row in table_rows(table)]
 
 
 @pytest.fixture(scope="module")
@@ -107,12 +101,12 @@ def test_a_slides_shard_is_the_encoders_forward_of_its_tissue_tiles(cohort: Path
     assert clean.index is not None and sorted(clean.embedded) == sorted(table_slides(cohort))
     rows = index_rows(clean.index, without=())
     assert [r["slide"] for r in rows] == table_slides(cohort)  # the table's order
-    assert [r["patient"] for r in rows] == ["skin-P1", "skin-P1", "tcga-P1", "tcga-P1", "kidney-P1", "kidney-P1"]
-    assert rows[0]["source"] == "cmu-1-small-region.svs"  # the table's own columns go on into the index
+    columns = ("slide", "patient", "label", "source")  # the table's own columns (source its extra) go on into the index
+    assert [[r[c] for c in columns] for r in rows] == [[r[c] for c in columns] for r in table_rows(cohort)]
     assert (clean.folder / "cohort.problems.csv").read_text().strip() == "path,kind,detail,action"
     encoder = build_encoder({"_target_": "histoflow.models.torchvision_model", "name": "squeezenet1_1",
                              "weights": str(weights)}, SIDE)[0]
-    for row in rows[2:4] + rows[4:5]:  # two TCGA slides and a kidney slide (a fragment of tissue on glass)
+    for row in rows:  # real: a kidney slide is a fragment of tissue on glass
         shard = read_slide_features(clean.folder / row["shard"])
         path = cohort.parent / row["slide"]
         with open_slide(path, "tifffile") as slide:
@@ -171,24 +165,26 @@ def test_a_changed_slide_is_embedded_again_an_unchanged_one_not_even_moved(cohor
     shutil.copytree(cohort.parent, work)
     out = tmp_path / "features"
     shutil.copytree(clean.folder, out / clean.folder.name)  # what the clean run wrote
-    changed, moved = work / "slides" / "tcga-00.tif", work / "slides" / "skin-01.tif"
+    slides = table_slides(cohort)
+    changed, moved = work / slides[2], work / slides[1]
     with open_slide(changed, "tifffile") as slide:
         image, mpp = slide.read_region((0, 0), 0, slide.dimensions), slide.mpp
     write_slide_tiff(changed, np.ascontiguousarray(image[::-1]), mpp)  # the same slide upside down
     (work / "archive").mkdir()
     moved.rename(work / "archive" / moved.name)
     table = work / "cohort.csv"
-    table.write_text(table.read_text().replace("slides/skin-01.tif", "archive/skin-01.tif"))
+    archived = f"archive/{moved.name}"
+    table.write_text(table.read_text().replace(slides[1], archived))
 
     # another table (another path, other bytes) than the one the copied index was written from: a name of its own
     result = embed(table, out, weights, "embed.name=edited")
-    assert result.embedded == ["slides/tcga-00.tif"]
-    assert sorted(result.reused) == sorted(set(table_slides(table)) - {"slides/tcga-00.tif"})
+    assert result.embedded == [slides[2]]
+    assert sorted(result.reused) == sorted(set(table_slides(table)) - {slides[2]})
     before = {r["slide"]: r for r in index_rows(clean.index)}
     after = {r["slide"]: r for r in index_rows(result.index)}
-    assert after["archive/skin-01.tif"]["shard"] == before["slides/skin-01.tif"]["shard"]
-    assert after["slides/tcga-00.tif"]["shard"] != before["slides/tcga-00.tif"]["shard"]
-    assert after["slides/tcga-00.tif"]["tiles"] == before["slides/tcga-00.tif"]["tiles"]  # the same tissue, turned
+    assert after[archived]["shard"] == before[slides[1]]["shard"]
+    assert after[slides[2]]["shard"] != before[slides[2]]["shard"]
+    assert after[slides[2]]["tiles"] == before[slides[2]]["tiles"]  # the same tissue, turned
 
 
 def test_two_lightning_processes_embed_each_slide_exactly_once(cohort: Path, weights: Path, clean: CohortResult,
@@ -250,7 +246,7 @@ def test_a_submitit_sweep_over_two_chunks_writes_the_index_of_one_job(cohort: Pa
 
 def test_bad_slides_are_listed_with_their_reason_or_stop_the_run(cohort: Path, weights: Path,
                                                                  tmp_path: Path) -> None:
-    good = cohort.parent / "slides" / "tcga-01.tif"
+    good = cohort.parent / table_slides(cohort)[3]
     bad = tmp_path / "slides"
     bad.mkdir()
     shutil.copy(good, bad / "good.tif")

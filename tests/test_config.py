@@ -1,7 +1,9 @@
-"""Config sections: read once, every key checked by its full name, every default in one dataclass."""
+"""Config sections: read once, every key checked by its full name (data.loader's, the top level's of train and
+predict), every default in one dataclass."""
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
@@ -153,9 +155,23 @@ def test_a_tiling_out_of_range_is_refused_by_key_with_the_fix(key: str, value: A
 
 @pytest.mark.parametrize("data", sorted(p.stem for p in (CONF / "data").glob("*.yaml") if p.stem != "slides"))
 def test_every_data_config_reads_without_an_unknown_key(data: str) -> None:
+    """Every key of conf/data/<data>.yaml is one of the dataclasses' (else read_section refuses it) and reaches them
+    with its value."""
     cfg = OmegaConf.to_container(compose_config("prepare", [f"data={data}"]).data, resolve=True)
-    DataConfig.from_config(cfg)
-    LoaderConfig.from_config(cfg["loader"])
+    given = {k: v for k, v in cfg.items() if k not in ("_target_", "loader")}
+    assert_values_read(given, asdict(DataConfig.from_config(cfg)), "data")
+    assert_values_read(cfg["loader"], asdict(LoaderConfig.from_config(cfg["loader"])), "data.loader")
+
+
+def assert_values_read(given: Mapping[str, Any], read: Mapping[str, Any], where: str) -> None:
+    """Each value of `given` (nested sections too) is the one in `read`, a dataclass as asdict gives it."""
+    for key, value in given.items():
+        assert key in read, f"{where}.{key}: not read"
+        if isinstance(value, dict) and isinstance(read[key], dict):
+            assert_values_read(value, read[key], f"{where}.{key}")
+        else:
+            got = list(read[key]) if isinstance(read[key], tuple) else read[key]
+            assert got == value, f"{where}.{key}: {value!r} in the config, {got!r} read"
 
 
 def test_the_slide_bag_data_config_shows_the_cohort_sections_at_their_defaults() -> None:
@@ -169,3 +185,28 @@ def test_the_slide_bag_data_config_shows_the_cohort_sections_at_their_defaults()
         "out": "${paths.data_dir}/slide_features"}
     split = {k: v for k, v in asdict(SplitConfig()).items() if k != "fractions"}
     assert yaml["split"] == split | {"val_fraction": 0.0}
+
+
+@pytest.mark.parametrize("key,value", [("batch_size", 0), ("batch_size", "abc"), ("eval_batch_size", -1),
+                                       ("num_workers", -2), ("shuffle_buffer", 1.5), ("crop", 0)])
+def test_loader_values_are_checked_up_front(key: str, value) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"data.loader.{key}={value!r}")):
+        LoaderConfig.from_config({key: value})
+
+
+
+def test_a_mistyped_top_level_key_is_refused(tmp_path: Path, leave_no_trace: None) -> None:
+    """Issue 29: `+seeed=3` on train and `+aggregat=mean` on predict were ignored, exit 0."""
+    from conftest import compose_config, compose_train
+
+    from histoflow.common.config import refuse_unknown_top_keys
+    from histoflow.inference.predict import predict
+    from histoflow.training.run import train
+
+    with pytest.raises(ConfigError, match="seeed: unknown top-level key"):
+        train(compose_train(["+seeed=3"], tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="aggregat: unknown top-level key"):
+        predict(compose_config("predict", ["ckpt_path=x", "+aggregat=mean"]))
+    for experiment in ("janowczyk_lymphoma", "lymphoma_frozen_squeezenet", "kather_transfer"):  # every real key passes
+        refuse_unknown_top_keys(compose_config("train", [f"experiment={experiment}", "trainer=gpu"]), "train")

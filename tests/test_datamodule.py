@@ -1,4 +1,5 @@
-"""Streaming the prepared shards: batches, epoch lengths, every test patch once, normalisation, HED jitter."""
+"""Streaming the prepared shards: batches, epoch lengths, every test patch once, normalisation, HED jitter, a loader
+worker's error shown without the worker's traceback."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from conftest import CLASSES, make_images
 from omegaconf import OmegaConf
 from skimage.color import hed2rgb, rgb2hed
 
-from histoflow.common.errors import ConfigError
+from histoflow.common.errors import ConfigError, DamagedFileError, message
 from histoflow.data.datamodule import ShardDataModule
 from histoflow.data.loader import LoaderConfig
 from histoflow.data.pipeline import KEY_FIELDS, shard_pipeline
@@ -399,3 +400,17 @@ def test_a_transform_takes_its_defaults_and_checks_from_the_loader_config() -> N
         assert torch.equal(value, vars(given)[name]) if torch.is_tensor(value) else value == vars(given)[name], name
     with pytest.raises(ConfigError, match="data.loader.crpo: unknown key"):
         build_transform({"crpo": 32}, stats, train=False)
+
+
+class _DamagedShards(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        raise DamagedFileError("shard 1-fit-00000.tar: truncated member. Fix: delete the shard and re-run prepare")
+        yield
+
+
+
+def test_an_error_of_a_loader_worker_is_shown_without_the_worker_traceback() -> None:
+    with pytest.raises(DamagedFileError) as info:
+        list(torch.utils.data.DataLoader(_DamagedShards(), num_workers=1))
+    assert "Traceback" in str(info.value)  # what torch re-raises
+    assert message(info.value) == "shard 1-fit-00000.tar: truncated member. Fix: delete the shard and re-run prepare"

@@ -1,5 +1,5 @@
 """Encoders by name: timm models with num_classes, local weights files, the offline hub failing at once with the
-fix, and the input preprocessing taken from the weights' own config."""
+fix, and the input preprocessing taken from the weights' own config; errors that name the encoder's keys."""
 
 from __future__ import annotations
 
@@ -100,8 +100,21 @@ def test_offline_hub_fails_at_once_with_the_fix(name: str, offline_hub: str) -> 
 
 def test_hub_check_is_skipped_when_huggingface_hub_is_told_to_stay_offline(offline_hub: str,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """With HF_HUB_OFFLINE, huggingface_hub reads its local cache only: the check tries no connection (the hub of
+    offline_hub refuses one) and passes."""
+    connections: list[tuple] = []
+
+    def connect(address: tuple, timeout: float) -> socket.socket:
+        connections.append(address)
+        return socket.socket()
+
+    monkeypatch.setattr(socket, "create_connection", connect)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    check_hub("resnet18")  # reads the local cache only: nothing to reach
+    check_hub("resnet18")
+    assert connections == []
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    check_hub("resnet18")  # without it the check connects (here to the stub, which lets it)
+    assert connections == [("127.0.0.1", int(offline_hub.rsplit(":", 1)[1]))]
 
 
 def test_preprocessing_from_the_pretrained_config() -> None:
@@ -166,3 +179,14 @@ def test_fixed_normalisation_and_resize_of_a_pretrained_encoders_input() -> None
         PatchTransform(32, stats, "fixed", mean=[0.5] * 3)
     with pytest.raises(ConfigError, match="interpolation"):
         PatchTransform(32, stats, "none", resize=64, interpolation="lanczos")
+
+
+def test_an_encoders_errors_name_the_encoder_keys(tmp_path: Path) -> None:
+    """Issue 29: an offline or mistyped `encoder=timm` named model.name / model.weights, the head's keys."""
+    from histoflow.models import build_encoder
+
+    with pytest.raises(MissingInputError, match=r"^encoder.weights file '/nonexistent/w.pth' does not exist"):
+        build_encoder({"_target_": "histoflow.models.timm_model", "name": "resnet18",
+                       "weights": "/nonexistent/w.pth"}, 64)
+    with pytest.raises(ConfigError, match=r"^encoder.name=no_such_net_xyz"):
+        build_encoder({"_target_": "histoflow.models.timm_model", "name": "no_such_net_xyz"}, 64)

@@ -43,8 +43,14 @@ def test_another_bag_level_or_table_is_refused_naming_both(tmp_path: Path, monke
 
 
 def test_the_same_data_written_another_way_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accepted (check_resumable returns, where it refuses otherwise) though the data is written another way; the same
+    checkpoint still refuses other data, so the table was compared, not passed over."""
     monkeypatch.chdir(tmp_path)
     ckpt = _checkpoint(tmp_path / "last.ckpt", RUN)
-    check_resumable(ckpt, _asks(data__table=str(tmp_path / "cohort.csv")))  # absolute now, relative then
+    assert check_resumable(ckpt, _asks(data__table=str(tmp_path / "cohort.csv"))) is None  # absolute now, relative then
+    with pytest.raises(ConfigError, match="data.table="):
+        check_resumable(ckpt, _asks(data__table=str(tmp_path / "other" / "cohort.csv")))
     old = _checkpoint(tmp_path / "old.ckpt", {k: v for k, v in RUN.items() if k != "bag"})
-    check_resumable(old, _asks(bag__level="image"))  # a checkpoint from before bag.level: nothing to compare
+    assert check_resumable(old, _asks(bag__level="image")) is None  # a checkpoint from before bag.level: no compare
+    with pytest.raises(ConfigError, match="data.name="):  # the keys it has are still compared
+        check_resumable(old, _asks(data__name="lymphoma"))

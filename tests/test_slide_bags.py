@@ -1,6 +1,7 @@
-"""Slide and patient bags from a slide table (data=slides, features/slide_bags.py), on the real-tissue cohort cut
-from ../shared/data/wsi (slides/cohort_fixture): folds by patient, a five-fold multirun of ABMIL on patient bags
-writing the patient-level report, an attention map over every held-out slide and the gallery."""
+"""Slide and patient bags from a slide table (data=slides, features/slide_bags.py), on a cohort of generated tissue
+and, where ../shared/data is present, on one cut from its real slides (conftest): folds by patient, a five-fold
+multirun of ABMIL on patient bags writing the patient-level report, an attention map over every held-out slide and
+the gallery."""
 
 from __future__ import annotations
 
@@ -11,34 +12,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_train
+from conftest import COHORT_SOURCES, ENCODER_SIDE, compose_train
 from PIL import Image
 
 from histoflow.common.errors import ConfigError
-from histoflow.features.slide_features import read_slide_features
 from histoflow.features.embeddings import Embedder
 from histoflow.features.slide_bags import SlideBagDataModule
+from histoflow.features.slide_features import read_slide_features
 from histoflow.inference.attention_maps import attention_gallery
 from histoflow.inference.sweep_report import headline, write_image_report
-from histoflow.models import build_encoder
 from histoflow.training.run import train
 
-SIDE = 32  # tiles of 32 px at 1 micron per pixel into a SqueezeNet at 32 px
+SIDE = ENCODER_SIDE  # tiles of 32 px at 1 micron per pixel into a SqueezeNet at 32 px
 
 
-@pytest.fixture(scope="module")
-def cohort(slide_cohort: Path) -> Path:
-    return slide_cohort
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "squeezenet-random.pth"
-    net = build_encoder({"_target_": "histoflow.models.torchvision_model", "name": "squeezenet1_1", "weights": None},
-                        SIDE)[0]
-    torch.save(net.state_dict(), path)
-    return path
+@pytest.fixture(scope="module", params=COHORT_SOURCES)
+def cohort(request: pytest.FixtureRequest) -> Path:
+    """15 slides, 9 patients, 3 classes: generated (synthetic_slide_cohort) or cut from the real slides."""
+    return request.getfixturevalue(f"{request.param}_slide_cohort")
 
 
 def overrides(table: Path, weights: Path, work: Path, *extra: str) -> list[str]:

@@ -262,8 +262,8 @@ def test_summarize_sweep(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))
 def test_experiment_fast_dev_run(experiment: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    if reads_a_slide_table("experiment", experiment):  # the real-tissue slide cohort (skips without ../shared/data)
-        table: Path = request.getfixturevalue("slide_cohort")
+    if reads_a_slide_table("experiment", experiment):  # a cohort of slides of generated tissue
+        table: Path = request.getfixturevalue("synthetic_slide_cohort")
         data, classes = slide_table_overrides(table, tmp_path), sorted({r.label for r in read_slide_table(table)})
     else:  # equal sizes (tile data sets need them), 200 px square: room for every experiment's window (<= 192 px)
         write_cases(make_images(tmp_path / "images", per_class=10, size=(200, 200), pixels="tint", digits=3))
