@@ -25,7 +25,6 @@ from histoflow.features.cohort import embed_cohort, prepare_job
 from histoflow.features.cohort_job import CohortResult
 from histoflow.features.slide_bags import SlideBagDataModule
 from histoflow.features.slide_features import read_slide_features
-from histoflow.models import build_encoder
 from histoflow.slides.cohort_fixture import write_slide_tiff
 from histoflow.slides.table import SlideTableError
 
@@ -39,16 +38,6 @@ def tissue(seed: int, side: int = 256) -> np.ndarray:
     pink = np.array([200, 110, 170]) + rng.integers(-30, 30, (side, side // 2, 3))
     image[:, :side // 2] = np.clip(pink, 0, 255).astype(np.uint8)
     return image
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "squeezenet-random.pth"
-    net = build_encoder({"_target_": "histoflow.models.torchvision_model", "name": "squeezenet1_1", "weights": None},
-                        SIDE)[0]
-    torch.save(net.state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
