@@ -136,9 +136,9 @@ def test_without_labels_predictions_only_and_every_fold_model_averaged(sweep: Pa
 
 
 @pytest.mark.parametrize("extra, said", [
-    (["slide.mpp=0.5"], "slide.mpp=0.5 (trained: 1.0)"),
+    (["slide.mpp=0.25"], "slide.mpp=0.25 (trained: 1.0)"),
     (["slide.tile_size=64"], "slide.tile_size=64 (trained: 32)"),
-    (["encoder.name=mobilenet_v2"], "encoder.name=mobilenet_v2 (trained: squeezenet1_1)"),
+    (["+encoder.name=mobilenet_v2"], "encoder.name=mobilenet_v2 (trained: squeezenet1_1)"),
 ])
 def test_a_setting_that_changes_what_the_model_sees_is_refused_before_any_work(
         sweep: Path, slide_cohort: Path, tmp_path: Path, extra: list[str], said: str) -> None:
