@@ -149,7 +149,7 @@ def _bags(index: Path, slides: Sequence[NewSlide], classes: Sequence[str], level
 def _rows(slides: Sequence[NewSlide], bags: Sequence[Bag], pred: FoldPredictions, models: Sequence[BagHeadModel],
           found: dict, labelled: bool) -> tuple[list[dict], list[dict], list[dict]]:
     """slides.csv's and patients.csv's rows, and the bag rows (the k-fold report's form)."""
-    classes, level = models[0].classes, models[0].level
+    classes = models[0].classes
     bag_of = {name: i for i, b in enumerate(bags) for name in b.images}
     slide_rows = []
     for s in slides:

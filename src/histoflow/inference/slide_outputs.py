@@ -92,7 +92,7 @@ def _write_slide(stem: Path, slide: str, meta: Mapping[str, Any], origins: np.nd
                          for (x, y), a, b, p in zip(origins, r, c, probs))
     path = stem.with_suffix(".json")
     path.write_text(json.dumps({
-        "slide": slide, "bag": row["image"], "classes": list(classes), "tiles": int(len(origins)),
+        "slide": slide, "bag": row["image"], "classes": list(classes), "tiles": len(origins),
         "geometry": asdict(g), "level0_size": list(meta.get("dimensions") or []),
         "files": {"map": stem.with_suffix(".map.npy").name, "csv": stem.with_suffix(".tiles.csv").name},
         "mean_probability": {k: float(row[f"prob_{k}"]) for k in classes},
