@@ -40,6 +40,7 @@ from histoflow.common.files import atomic_path
 from histoflow.data.problems import Problem
 from histoflow.features.bags import Bag
 from histoflow.features.cohort import embed_cohort, prepare_job
+from histoflow.features.cohort_job import ENCODER_SIDE
 from histoflow.features.slide_features import read_slide_features
 from histoflow.inference.attention_maps import GALLERY, attention_gallery, write_attention_maps
 from histoflow.inference.bag_heads import (
@@ -217,8 +218,8 @@ def predict_cohort(cfg: DictConfig, out: Path, settings: dict[str, Any]) -> tupl
         [exports] if isinstance(exports, str) else list(exports)))
     settings = {**settings, "models": len(models), "bag_level": first.level, "features": str(result.folder),
                 "aggregate": f"bag ({type(first.head).__name__}, {first.level} bags), the {len(models)} fold models' "
-                             "mean", "window": tiling.get("tile_size"), "stride": tiling.get("stride") or
-                tiling.get("tile_size"), "views": 1}
+                             "mean", "window": tiling.get("tile_size") or ENCODER_SIDE, "stride": tiling.get("stride") or
+                tiling.get("tile_size") or ENCODER_SIDE, "views": 1}
     logged: dict[str, Any] = {"metrics": {"predict/slides": float(len(slide_rows))}, "images": {},
                               "tables": {"predict/slides": slide_rows, "predict/patients": patient_rows}}
     if labelled:
