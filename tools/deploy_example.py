@@ -70,7 +70,7 @@ def main(work: Path) -> None:
     ]
     record = []
     for args in commands:
-        tail, seconds = histoflow(*args)
+        _, seconds = histoflow(*args)
         record.append({"command": "histoflow " + " ".join(args), "seconds": round(seconds, 1)})
     record.append({"deploy_files": sorted(str(p.relative_to(deploy)) for p in deploy.rglob("*") if p.is_file()
                                           and ".hydra" not in p.parts)})
