@@ -67,6 +67,7 @@ class SlideBagDataModule(BagLoaders, pl.LightningDataModule):
         self.input_size: int | None = None
         self.feature_dim: int | None = None
         self.index: Path | None = None
+        self.cohort_settings: dict[str, Any] = {}
         self.rows: list[dict[str, str]] = []
 
     def _arguments(self) -> tuple:
@@ -80,6 +81,7 @@ class SlideBagDataModule(BagLoaders, pl.LightningDataModule):
         if self.bags:
             return
         job = prepare_job(*self._arguments())
+        self.cohort_settings = job.settings  # what keys the features: the checkpoint keeps it (state_dict)
         self.index = job.folder / f"{job.name}.index.csv"
         if not self.index.is_file():
             raise MissingInputError(f"{self.index}: no cohort index; the slides were not (all) embedded. Fix: run "
@@ -132,7 +134,10 @@ class SlideBagDataModule(BagLoaders, pl.LightningDataModule):
         if not self.bags:
             return {}
         return {"classes": list(self.classes), "fold": self.fold, "bag": {"level": self.level},
-                "encoder": {"dim": self.feature_dim, "index": str(self.index)}}
+                "encoder": {"dim": self.feature_dim, "index": str(self.index)},
+                # the encoder (config, weights' sha256, input) and tiling the bags were made with: `histoflow predict
+                # slides=...` embeds new slides alike and refuses a command line that would change them
+                "cohort": self.cohort_settings}
 
 
 def _rows(index: Path) -> list[dict[str, str]]:

@@ -162,17 +162,18 @@ def _write_map(source: TileSource, tiles: Sequence[AttendedTile], largest: float
                         label="attention (1: the bag's most attended tile)")
 
 
-def attention_gallery(runs: Sequence[Path], classes: Sequence[str], png: Path, k: int = 6) -> Path:
+def attention_gallery(runs: Sequence[Path], classes: Sequence[str], png: Path, k: int = 6, by: str = "label") -> Path:
     """A PNG of the k most and k least attended held-out windows of each true class (attention relative to a
-    mean's 1/N), each as it lies in its image or slide."""
+    mean's 1/N), each as it lies in its image or slide; by="predicted": of each predicted class (new slides without
+    labels)."""
     tiles, sources = attended_tiles(runs)
-    held_out = [name for name in classes if any(t.label == name for t in tiles)]  # a class left out has no row
+    held_out = [name for name in classes if any(getattr(t, by) == name for t in tiles)]  # a class left out: no row
     fig = Figure(figsize=(1.6 * k, 1.75 * 2 * max(1, len(held_out))))
     axes = fig.subplots(2 * max(1, len(held_out)), k, squeeze=False)
     opened: dict[str, TileSource] = {}
     try:
         for c, name in enumerate(held_out):
-            ranked = sorted((t for t in tiles if t.label == name), key=lambda t: -t.relative)
+            ranked = sorted((t for t in tiles if getattr(t, by) == name), key=lambda t: -t.relative)
             for r, (which, chosen) in enumerate((("most", ranked[:k]), ("least", ranked[::-1][:k]))):
                 for j, ax in enumerate(axes[2 * c + r]):
                     ax.set_xticks([]), ax.set_yticks([])
@@ -193,7 +194,8 @@ def attention_gallery(runs: Sequence[Path], classes: Sequence[str], png: Path, k
         for ax in axes.flat:
             ax.axis("off")
     missing = ", ".join(sorted(set(classes) - set(held_out)))
-    fig.suptitle("Held-out windows by attention (x: relative to a mean's 1/N), most and least per true class"
+    fig.suptitle(f"{'Held-out' if by == 'label' else 'New'} windows by attention (x: relative to a mean's 1/N), most "
+                 f"and least per {'true' if by == 'label' else 'predicted'} class"
                  + (f"\nno held-out tile of {missing}" if missing else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=100)

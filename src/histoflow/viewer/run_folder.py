@@ -6,6 +6,8 @@
                             <folder>/image_report/attention_maps/<stem>.{tiles.csv,map.npy,json}
                             (inference/image_report.py, inference/attention_maps.py)
     a report folder itself  <folder>/report.md (and attention_maps/)
+    a bag model's deployment  both: slides.csv, slides/<stem>.* (each tile's probabilities) and attention_maps/
+                            (inference/cohort_predict.py), report.md where the new slides carried labels
 
 A slide's maps are joined by their stem (both writers name outputs with inference.predict.output_names). A slide
 file that is no longer where the run read it is looked for under `view.slides_root`.
@@ -136,6 +138,8 @@ def read_run(folder: str | Path, slides_root: str | Path | None = None) -> RunFo
     _prediction_maps(root, entries)
     if report is not None:
         _attention_maps(report, entries)
+    elif (root / MAPS).is_dir():  # a bag model's prediction of new slides without labels: maps, no report
+        _attention_maps(root, entries)
     if report is None and not entries:
         raise MissingInputError(f"{root}: not a run's output: no report.md and no slide maps found. Expected {EXPECTED}")
     run = RunFolder(root, report, dict(sorted(entries.items())))
