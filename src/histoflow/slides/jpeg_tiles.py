@@ -207,7 +207,8 @@ def decode_batch(batch: StoredBatch, device: torch.device) -> torch.Tensor:
     white = torch.full((3, th, tw), 255, dtype=torch.uint8, device=device)
     # a stored tile decodes to its full tile size; one that comes out otherwise is cropped or padded white
     tiles = [t if t.shape[1:] == (th, tw) else _fit(t, white) for t in decoded] + [white]
-    pixels = torch.stack(tiles).permute(0, 2, 3, 1).reshape(-1, 3)  # (stored + 1) * th * tw pixels, HWC
+    # HWC: the layout libjpeg writes (torchvision's CPU tiles are views of it), and the pixels gathered below
+    pixels = torch.stack([t.permute(1, 2, 0) for t in tiles]).reshape(-1, 3)  # (stored + 1) * th * tw pixels
     local = torch.as_tensor(batch.local, device=device)
     local = torch.where(local < 0, len(tiles) - 1, local)
     n, k = local.shape[0], local.shape[1]
