@@ -3,7 +3,7 @@
     python benchmarks/bench_wsi.py [--side 6000] [--tile 224] [--models alexnet resnet18] [--workers 0 2]
                                    [--backends tifffile openslide]
                                    [--batch 32] [--repeats 2] [--real DIR] [--memory] [--peer PYTHON]
-                                   [--device auto|cpu|cuda]
+                                   [--device auto|cpu|cuda] [--decode auto cpu device]
                                    [--json FILE]
 
 A synthetic JPEG-tiled pyramid (`--side` px square at level 0, 512-px tiles, two round tissue sections on glass)
@@ -17,7 +17,10 @@ with the slide. --peer PYTHON (a histolab venv's, made by benchmarks/peer_venv.s
 slides and a --peer-side px pyramid of real tissue tiles (levels as pages), to memory and to disk, by histoflow
 through each backend and by histolab's GridTiler, side by side.
 --device (default auto: the GPU when there is one) runs the nets there; the forward rate
-then waits for the device before its clock stops. Exits 0 whatever the numbers.
+then waits for the device before its clock stops. --decode (slide.decode, default auto) times predict_slide with each
+value; where the stored tiles are JPEG, the decode on --device alone (one process, decode_batch: the stored tiles'
+bytes read, decoded in one call, the grid's tiles cut out) is timed beside the CPU reader's. Exits 0 whatever the
+numbers.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from histoflow.data.transforms import PatchTransform
 from histoflow.inference.slide_map import SlideConfig, predict_slide
 from histoflow.slides.backend import open_slide
 from histoflow.slides.shards import write_slide_shards
-from histoflow.slides.tiles import SlideTiles, TileGeometry, tissue_tiles
+from histoflow.slides.tiles import SlideTiles, TileGeometry, tile_loader, tissue_tiles
 
 FLOOR = 0.7
 H_E_STD = np.array([25.0, 25.0, 25.0])
@@ -59,8 +62,24 @@ def forward_rate(net: torch.nn.Module, x: torch.Tensor, batch: int, device: torc
         return len(x) / (time.perf_counter() - t0)
 
 
+def device_decode_rate(path: Path, origins: np.ndarray, geometry: TileGeometry, batch: int, device: torch.device,
+                       backend: str, reader: np.ndarray) -> tuple[float | None, int | None]:
+    """Tiles/s of the stored JPEG tiles decoded on `device` in this process (slide.decode=device), and their largest
+    difference from the CPU reader's tiles `reader` in grey levels; None, None where the slide's tiles are not JPEG."""
+    tiles = SlideTiles(path, origins, geometry, batch, backend=backend, decode="device", device=device)
+    if tiles.jpeg is None:
+        return None, None
+    t0 = time.perf_counter()
+    batches = [(index, x) for index, x, _ in tile_loader(tiles, 0)]
+    sync(device)
+    rate = len(origins) / (time.perf_counter() - t0)
+    differs = max(int((x.cpu().int() - torch.from_numpy(reader[i * batch:i * batch + len(x)]).int()).abs().max())
+                  for i, x in batches)
+    return rate, differs
+
+
 def bench_slide(path: Path, level: int, tile: int, names: list[str], workers: list[int], batch: int, repeats: int,
-                out: Path, device: torch.device, backend: str) -> list[dict]:
+                out: Path, device: torch.device, backend: str, decodes: tuple[str, ...] = ("auto",)) -> list[dict]:
     """Print the forward rate, predict_slide's rate and their ratio for each net and worker count, the slide read
     through `backend` (slide.backend); return them."""
     stats = {"mean_image": np.full((tile, tile, 3), H_E_MEAN), "channel_mean": np.array(H_E_MEAN), "channel_std": H_E_STD}
@@ -72,31 +91,40 @@ def bench_slide(path: Path, level: int, tile: int, names: list[str], workers: li
     t0 = time.perf_counter()
     tiles = SlideTiles(path, origins, geometry, batch, backend=backend).read(origins)
     read_rate = len(tiles) / (time.perf_counter() - t0)
+    decode_rate, differs = (device_decode_rate(path, origins, geometry, batch, device, backend, tiles)
+                            if "device" in decodes else (None, None))
     x = transform(tiles[:4 * batch]).to(device)  # the forward rate is per batch: a few batches measure it
     print(f"\n{path.name} ({backend}): {dims[0]} x {dims[1]} px, {len(origins)} tissue tiles of {tile} px at level "
-          f"{level}; reading + decoding alone, one process: {read_rate:.0f} tiles/s")
-    print(f"{'model':<10} {'forward tiles/s':>16} {'workers':>8} {'slide tiles/s':>14} {'ratio':>6} {'wall s':>7}")
+          f"{level}; reading + decoding alone, one process: {read_rate:.0f} tiles/s"
+          + (f"; stored JPEG tiles decoded on {device}: {decode_rate:.0f} tiles/s ({decode_rate / read_rate:.2f}x), "
+             f"at most {differs} grey levels from the reader's" if decode_rate else ""))
+    print(f"{'model':<10} {'forward tiles/s':>16} {'decode':>7} {'workers':>8} {'slide tiles/s':>14} {'ratio':>6} "
+          f"{'wall s':>7}")
     rows = []
     for name in names:
         torch.manual_seed(0)
         net = torchvision.models.get_model(name, weights=None, num_classes=9).eval().to(device)
-        for w in workers:
+        for w, decode in ((w, d) for d in decodes for w in workers):
             # best of `repeats`, each forward rate taken just before its slide run: on a shared machine the load
             # drifts from run to run, and the best runs are the least disturbed ones of both
             pure = speed = wall = 0.0
             for _ in range(repeats):
                 pure = max(pure, forward_rate(net, x, batch, device))
                 cfg = SlideConfig(backend=backend, tile_size=tile, level=level, mpp=None, batch_size=batch,
-                                  num_workers=w, progress=False, device=str(device))
+                                  num_workers=w, progress=False, device=str(device), decode=decode)
                 t0 = time.perf_counter()
                 result = predict_slide(path, [(net, transform)], [f"c{i}" for i in range(9)], cfg, out)
                 wall = max(wall, time.perf_counter() - t0)
                 speed = max(speed, result.tiles_per_s)
             ratio = speed / pure
             flag = "" if ratio >= FLOOR else f"  < {FLOOR}"
-            print(f"{name:<10} {pure:>16.1f} {w:>8} {speed:>14.1f} {ratio:>6.2f} {wall:>7.1f}{flag}", flush=True)
+            print(f"{name:<10} {pure:>16.1f} {decode:>7} {w:>8} {speed:>14.1f} {ratio:>6.2f} {wall:>7.1f}{flag}",
+                  flush=True)
             rows.append({"slide": path.name, "backend": backend, "read_tiles_per_s": read_rate, "tiles": len(origins),
-                         "model": name, "workers": w,
+                         "device_decode_tiles_per_s": decode_rate,
+                         "device_decode_over_read": decode_rate / read_rate if decode_rate else None,
+                         "device_decode_max_difference": differs,
+                         "model": name, "workers": w, "decode": decode,
                          "forward_tiles_per_s": pure, "slide_tiles_per_s": speed, "slide_over_forward": ratio})
     return rows
 
@@ -200,6 +228,8 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["tifffile", "openslide"], help="slide.backend values")
     parser.add_argument("--memory", action="store_true", help="also the peak memory on slides of --memory-sides px")
     parser.add_argument("--memory-sides", nargs="+", type=int, default=[10_000, 50_000])
+    parser.add_argument("--decode", nargs="+", default=["auto"], choices=["auto", "cpu", "device"],
+                        help="slide.decode values (device: also the stored JPEG tiles' decode alone)")
     parser.add_argument("--peer", type=Path, default=None,
                         help="the Python of a histolab venv (benchmarks/peer_venv.sh): tiling against its GridTiler")
     parser.add_argument("--peer-side", type=int, default=20_000,
@@ -216,7 +246,7 @@ def main() -> None:
         slides = [path] + ([args.real / "tcga-cr-7395-01a-01-ts1.svs"] if args.real is not None else [])
         rows = [row for slide in slides for backend in args.backends
                 for row in bench_slide(slide, 0, args.tile, args.models, args.workers, args.batch, args.repeats,
-                                       work / "out", device, backend)]
+                                       work / "out", device, backend, tuple(args.decode))]
         peer = []
         if args.peer is not None:
             extra = [args.real / "cmu-1-small-region.svs"] if args.real is not None else []

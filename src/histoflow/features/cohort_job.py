@@ -55,6 +55,8 @@ class CohortSlideConfig(TilingConfig):
     num_workers: int | str = "auto"  # processes decoding tiles beside the encoder; auto: the CPUs per device less one,
     #                                  at least 1 (on a CPU too: decoding is small beside an encoder's forward)
     progress: bool = True  # bars over slides and tiles with tiles/s (rank 0)
+    decode: str = "auto"  # where stored JPEG tiles are decoded: auto (the GPU where the encoder runs on one) | cpu |
+    #                       device (slides/jpeg_tiles.py); pace only, the same tiles either way
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> CohortSlideConfig:

@@ -102,9 +102,10 @@ def usable(shard: Path, say: bool = False) -> bool:
     return True
 
 
-def plan_slide(row: int, record: SlideRecord, job: CohortJob, side: int, transform: PatchTransform) -> PlannedSlide:
+def plan_slide(row: int, record: SlideRecord, job: CohortJob, side: int, transform: PatchTransform,
+               device: torch.device | None = None) -> PlannedSlide:
     """Hash the slide, and where its shard is not there yet, find its tissue tiles (in the planning thread), the
-    slide read under READING."""
+    slide read under READING; its stored JPEG tiles decoded on `device` as slide.decode says."""
     cfg, planned = job.slide, PlannedSlide(row, record)
     try:
         # one small cache file per slide path: no job rewrites, or races over, a cohort-wide file for every slide
@@ -122,8 +123,8 @@ def plan_slide(row: int, record: SlideRecord, job: CohortJob, side: int, transfo
             thumbnail = slide.thumbnail(cfg.thumbnail_size)
             origins = tissue_tiles(slide, geometry, cfg.min_tissue, cfg.tissue_threshold, thumbnail)
             planned.mpp, planned.dimensions = float(slide.mpp), slide.dimensions
-        planned.tiles = SlideTiles(record.path, origins, geometry, cfg.batch_size, transform, cfg.backend,
-                                   cfg.source_mpp)
+            planned.tiles = SlideTiles(record.path, origins, geometry, cfg.batch_size, transform, cfg.backend,
+                                       cfg.source_mpp, cfg.decode, device)
     except NoTissueError as e:
         planned.problem, planned.error = problem_of(record, "no-tissue", e), e
     except (HistoflowError, OSError) as e:
@@ -183,7 +184,7 @@ class SlideEmbedder:
         """Every slide of this process: first those no other process is embedding (a slide whose lock another job
         holds is put off), then the ones put off, waiting for their locks (and then finding most of them done)."""
         job, cfg = self.job, self.job.slide
-        plans = prefetched(plan_slide(row, record, job, self.side, self.transform)
+        plans = prefetched(plan_slide(row, record, job, self.side, self.transform, self.device)
                            for row, record in self.mine)
         t0 = time.perf_counter()
         with progress_bar(cfg.progress and self.rank == 0) as bar:

@@ -60,6 +60,7 @@ class SlideConfig(TilingConfig):
     num_workers: int | str = "auto"  # processes reading tiles while the model runs (0: all in this process; auto:
     #                                  0 on a CPU, the CPUs less one beside a GPU, histoflow.common.machine)
     device: str = "auto"  # auto | cpu | cuda | cuda:1
+    decode: str = "auto"  # where stored JPEG tiles are decoded: auto (the GPU where the model runs on one) | cpu | device
     progress: bool = True  # progress bar with tiles/s
     export: list[str] | str = field(default_factory=list)  # also written per slide: geojson (QuPath's tile objects)
 
@@ -98,15 +99,21 @@ def default_heatmap_class(classes: Sequence[str], wanted: str | None = None) -> 
 
 
 class _ModelInputs:
-    """Every model's transform of a batch of uint8 tiles: (models, B, 3, c, c); run in the loader workers."""
+    """Every model's transform of a batch of uint8 tiles: (models, B, 3, c, c); run in the loader workers, or on the
+    device for tiles decoded there (slide.decode)."""
 
     def __init__(self, transforms: Sequence[PatchTransform]) -> None:
         self.transforms = list(transforms)
 
-    def __call__(self, tiles: np.ndarray) -> torch.Tensor:
-        # a model trained on stain-normalised images gets each tile normalised (a slide has no smaller "image")
-        return torch.stack([t(np.stack([t.stain(tile) for tile in tiles]) if t.stain else tiles)
-                            for t in self.transforms])
+    def __call__(self, tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
+        # a model trained on stain-normalised images gets each tile normalised (a slide has no smaller "image"), on
+        # the CPU
+        def stained(t: PatchTransform) -> np.ndarray | torch.Tensor:
+            cpu = tiles.cpu().numpy() if isinstance(tiles, torch.Tensor) else tiles
+            normalised = np.stack([t.stain(tile) for tile in cpu])
+            return torch.from_numpy(normalised).to(tiles.device) if isinstance(tiles, torch.Tensor) else normalised
+
+        return torch.stack([t(stained(t) if t.stain else tiles) for t in self.transforms])
 
 
 def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTransform]], classes: Sequence[str],
@@ -151,7 +158,7 @@ def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTrans
     damaged: set[DamagedTile] = set(thumbnail_damage or ())
     left_out: list[int] = []  # indices into origins of the tiles over damaged stored tiles
     tiles = SlideTiles(path, origins, geometry, cfg.batch_size, _ModelInputs([t for _, t in models]), cfg.backend,
-                       cfg.source_mpp)
+                       cfg.source_mpp, cfg.decode, device)
     workers = resolve_workers(cfg.num_workers, "slide.num_workers", device.type)
     loader = tile_loader(tiles, workers, pin_memory=device.type == "cuda")
     t0, done = time.perf_counter(), 0

@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from histoflow.data.pipeline import as_made
 from histoflow.slides.backend import DEFAULT_BACKEND, open_slide
+from histoflow.slides.jpeg_tiles import JpegLevel, StoredBatch, decode_batch, jpeg_level, wants_device
 from histoflow.slides.slide import (
     DamagedTile,
     DamagedTileError,
@@ -106,16 +107,27 @@ class SlideTiles(Dataset):
 
     Item i is (i, batch i, damaged): `damaged` maps the position in the batch of each tile over stored slide tiles
     that do not decode (that tile is left white) to those stored tiles.
+
+    `decode` (slide.decode, slides/jpeg_tiles.py): where the level's stored tiles are JPEG and `device` decodes them,
+    item i is (i, StoredBatch, {}) instead, the compressed stored tiles under batch i, which `tile_loader` decodes
+    and transforms on `device`; the tiles are the same as the CPU reader's (within JPEG decoders' rounding).
     """
 
     def __init__(self, path: str | os.PathLike[str], origins: np.ndarray, geometry: TileGeometry, batch_size: int,
                  transform: Callable[[np.ndarray], torch.Tensor] | None = None, backend: str = DEFAULT_BACKEND,
-                 source_mpp: float | None = None) -> None:
+                 source_mpp: float | None = None, decode: str = "cpu",
+                 device: torch.device | str | None = None) -> None:
         self.path, self.origins, self.geometry = Path(path), np.asarray(origins, np.int64), geometry
         self.batch_size, self.transform = int(batch_size), transform
         self.backend, self.source_mpp = backend, source_mpp  # how the slide is opened (slides/backend.py)
         self._slide: Slide | None = None
         self._pid = -1
+        self.device = torch.device(device or "cpu")
+        self.jpeg: JpegLevel | None = None
+        if wants_device(decode, self.device):
+            with open_slide(self.path, backend, source_mpp) as slide:
+                lv = slide.levels[geometry.level]
+            self.jpeg = jpeg_level(self.path, lv.width, lv.height, decode, self.device)
 
     def __len__(self) -> int:
         return math.ceil(len(self.origins) / self.batch_size)
@@ -170,10 +182,29 @@ class SlideTiles(Dataset):
                 damaged[i] = e.tiles
         return out, damaged
 
-    def __getitem__(self, index: int) -> tuple[int, np.ndarray | torch.Tensor, dict[int, list[DamagedTile]]]:
+    def batch_origins(self, index: int) -> np.ndarray:
+        return self.origins[index * self.batch_size:(index + 1) * self.batch_size]
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | torch.Tensor | StoredBatch,
+                                               dict[int, list[DamagedTile]]]:
+        origins = self.batch_origins(index)
+        if self.jpeg is not None:  # the compressed stored tiles alone: decoded on the device (tile_loader)
+            g = self.geometry
+            level_xy = np.rint(origins / g.downsample).astype(np.int64)
+            return index, self.jpeg.plan(level_xy[:, 0], level_xy[:, 1], g.read_size, g.tile_size), {}
         # damaged tiles come back as data: an error raised in a loader worker reaches the caller as its traceback
-        tiles, damaged = self.read_damaged(self.origins[index * self.batch_size:(index + 1) * self.batch_size])
+        tiles, damaged = self.read_damaged(origins)
         return index, tiles if self.transform is None else self.transform(tiles), damaged
+
+    def on_device(self, index: int, batch: StoredBatch) -> tuple[torch.Tensor, dict[int, list[DamagedTile]]]:
+        """Batch `index`'s tiles decoded (and transformed) on the device; where a stored tile does not decode, the
+        batch read by the CPU reader instead, which names the damaged stored tiles."""
+        try:
+            tiles, damaged = decode_batch(batch, self.device), {}
+        except RuntimeError:  # torchvision names no tile: the CPU reader finds which
+            found, damaged = self.read_damaged(self.batch_origins(index))
+            tiles = torch.from_numpy(found).to(self.device)
+        return (tiles if self.transform is None else self.transform(tiles)), damaged
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_slide": None, "_pid": -1}  # spawned workers open the file themselves
@@ -194,11 +225,21 @@ def stored_tiles(damaged: dict[int, list[DamagedTile]]) -> list[DamagedTile]:
     return sorted({t for tiles in damaged.values() for t in tiles})
 
 
-def tile_loader(tiles: SlideTiles, num_workers: int = 2, pin_memory: bool = False) -> DataLoader:
-    """Items (batch index, batch, damaged) of `tiles`, read by `num_workers` processes while the caller computes.
+def tile_loader(tiles: SlideTiles, num_workers: int = 2,
+                pin_memory: bool = False) -> DataLoader | Iterator[tuple[int, torch.Tensor, dict]]:
+    """Items (batch index, batch, damaged) of `tiles`, read by `num_workers` processes while the caller computes;
+    with `tiles.jpeg`, the workers read the compressed stored tiles and the batch is decoded and transformed here,
+    on `tiles.device` (its tensors there).
 
     Batches come in `worker_blocks` order (every batch exactly once, not in index order).
     """
     # Each worker holds at most 2 batches ahead: memory is bounded by workers x batch, never by the slide.
-    return DataLoader(tiles, batch_size=None, sampler=worker_blocks(len(tiles), num_workers), num_workers=num_workers,
-                      collate_fn=as_made, pin_memory=pin_memory, prefetch_factor=2 if num_workers else None)
+    loader = DataLoader(tiles, batch_size=None, sampler=worker_blocks(len(tiles), num_workers),
+                        num_workers=num_workers, collate_fn=as_made, pin_memory=pin_memory and tiles.jpeg is None,
+                        prefetch_factor=2 if num_workers else None)
+    return loader if tiles.jpeg is None else _decoded_on_device(tiles, loader)
+
+
+def _decoded_on_device(tiles: SlideTiles, loader: DataLoader) -> Iterator[tuple[int, torch.Tensor, dict]]:
+    batches = iter(loader)  # the workers start reading now, as a DataLoader's do when iterated
+    return ((index, *tiles.on_device(index, batch)) for index, batch, _ in batches)
