@@ -421,16 +421,29 @@ def test_slide_tables_are_written_when_a_run_breaks(model: FoldModel, wsi_dir: P
     assert problems[0]["detail"] == "the run stopped at this slide: RuntimeError: out of device memory"
 
 
+def test_output_names_follow_one_stated_rule() -> None:
+    """The first slide of a name keeps it; a later one gets -2, -3, ..., never a name another slide has as its own,
+    and names that differ in case only are one name (one file on macOS and Windows). The former rule put the folder
+    in front (a/b-s1.tif -> b-s1) and then clashed with a slide of that very name (b/s1.tif -> b-s1-1)."""
+    paths = [Path("a/b-s1.tif"), Path("b/s1.tif"), Path("c/s1.tif"), Path("d/S1.tif"), Path("e/s1-2.tif")]
+    assert predict_module.output_names(paths) == {
+        Path("a/b-s1.tif"): "b-s1", Path("b/s1.tif"): "s1", Path("c/s1.tif"): "s1-3", Path("d/S1.tif"): "S1-4",
+        Path("e/s1-2.tif"): "s1-2"}
+    assert predict_module.output_names(paths[:2]) == {paths[0]: "b-s1", paths[1]: "s1"}  # unique: the stem alone
+
+
 def test_slides_of_one_file_name_in_two_folders_keep_their_own_outputs(model: FoldModel, wsi_dir: Path,
                                                                        tmp_path: Path) -> None:
     """Outputs are named by the slide's file: a/s1.svs and b/s1.svs once wrote over each other's map and heatmap."""
     assert predict_module.output_names([Path("a/s1.svs"), Path("b/s1.svs"), Path("c/s2.svs")]) == {
-        Path("a/s1.svs"): "a-s1", Path("b/s1.svs"): "b-s1", Path("c/s2.svs"): "s2"}
+        Path("a/s1.svs"): "s1", Path("b/s1.svs"): "s1-2", Path("c/s2.svs"): "s2"}
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / CMU).symlink_to(wsi_dir / CMU)
     run = run_predict_on_slides(model, [tmp_path / "a" / CMU, tmp_path / "b" / CMU], tmp_path / "run")
     assert run.returncode == 0, run.stderr[-3000:]
     rows = read_csv(tmp_path / "run" / "slides.csv")
-    assert sorted(Path(r["map"]).name for r in rows) == [f"a-{Path(CMU).stem}.map.npy", f"b-{Path(CMU).stem}.map.npy"]
+    stem = Path(CMU).stem
+    assert [(r["output"], Path(r["map"]).name) for r in rows] == [(stem, f"{stem}.map.npy"),
+                                                                  (f"{stem}-2", f"{stem}-2.map.npy")]
     assert all(Path(r["map"]).is_file() and Path(r["heatmap"]).is_file() for r in rows)

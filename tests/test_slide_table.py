@@ -3,17 +3,24 @@ by patient; `histoflow predict slides=<table.csv>` predicts the slides listed an
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import test_slide_predict
+from omegaconf import OmegaConf
 from test_slide_predict import CMU, REPO, TCGA, read_csv
 
 from histoflow.common.errors import MissingInputError
 from histoflow.data.folds import SplitConfig
+from histoflow.inference import predict as predict_module
 from histoflow.inference.fold_models import FoldModel
+from histoflow.inference.voting import by_votes
 from histoflow.slides.table import SlideRecord, SlideTableError, read_slide_table, slide_folds
 
 model = test_slide_predict.model  # a fixture: the tiny net trained one batch on the Kather sample
@@ -139,12 +146,42 @@ def test_predict_a_slide_table_from_the_command_line(model: FoldModel, wsi_dir: 
          f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_csv(tmp_path / "run" / "slides.csv")
-    assert list(rows[0]) == ["slide", "patient", "label", "stage", "table_tiles", "tiles", "tiles_per_s",
-                             "damaged_tiles", "map", "heatmap"]
+    assert list(rows[0])[:12] == ["slide", "output", "patient", "label", "stage", "table_tiles", "predicted",
+                                  "correct", "confidence", "vote_margin", "tiles", "tiles_per_s"]
     assert [(r["slide"], r["patient"], r["label"], r["stage"], r["table_tiles"]) for r in rows] == [
         (str(tmp_path / "wsi" / CMU), "P1", "01_TUMOR", "II", "9999")]
     assert 0 < int(rows[0]["tiles"]) < 9999 and Path(rows[0]["heatmap"]).is_file()  # the tiles predicted
     assert "column tiles named like slides.csv's own: written there as table_tiles" in done.stderr + done.stdout
+
+
+def test_a_labelled_table_gets_a_verdict_per_slide_and_labels_outside_the_classes_are_named(
+        model: FoldModel, wsi_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`predict slides=<table with labels>`: each slide's class by the image rule (`aggregate`) over its tiles, and
+    `correct` where its label is one of the model's classes; a label outside them is named once, before any slide
+    is read, and its slide gets no verdict. Two copies of one slide under one file name: `output` names each one's
+    files (the first keeps the name, the second gets -2)."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(wsi_dir / CMU, tmp_path / folder / CMU)
+    table = write_table(tmp_path / "cohort.csv", f"slide,patient,label\na/{CMU},P1,{model.classes[0]}\n"
+                                                 f"b/{CMU},P2,tumour\n")
+    cfg = OmegaConf.create({"slides": str(table), "aggregate": "vote", "on_bad_image": "error",
+                            "slide": {"tile_size": 256, "thumbnail_size": 512, "num_workers": 0, "progress": False}})
+    with caplog.at_level(logging.WARNING, logger="histoflow.inference.predict"):
+        predict_module._slides(cfg, [[model]], None, tmp_path / "run", {})
+    said = [r.getMessage() for r in caplog.records if "not among the model's classes" in r.getMessage()]
+    assert len(said) == 1 and "'tumour' (1 slides)" in said[0] and model.classes[0] not in said[0].split("(")[0]
+    rows = read_csv(tmp_path / "run" / "slides.csv")
+    stem = Path(CMU).stem
+    assert [(r["output"], Path(r["map"]).name) for r in rows] == [(stem, f"{stem}.map.npy"),
+                                                                  (f"{stem}-2", f"{stem}-2.map.npy")]
+    for row in rows:
+        meta = json.loads((tmp_path / "run" / "slides" / f"{row['output']}.json").read_text())
+        votes = np.array([meta["predicted_tiles"][c] for c in model.classes])
+        probs = np.array([meta["mean_probability"][c] for c in model.classes])
+        assert [int(row[f"votes_{c}"]) for c in model.classes] == votes.tolist()
+        assert row["predicted"] == model.classes[int(by_votes(votes[None], probs[None])[0])]  # the image rule
+    assert rows[0]["correct"] == str(rows[0]["predicted"] == model.classes[0]) and rows[1]["correct"] == ""
 
 
 def test_a_table_of_one_class_is_refused_before_any_work(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from histoflow.inference.geojson import write_tiles_geojson
 from histoflow.inference.image_report import fold_report, prediction_rows, write_csv
 from histoflow.inference.report_run import log_run, publish_report
 from histoflow.inference.slide_map import SlideConfig, SlideResult, predict_slide
-from histoflow.inference.voting import predict_images, tta_views
+from histoflow.inference.voting import AGGREGATES, predict_images, tta_views
 from histoflow.slides.backend import SLIDE_SUFFIXES, slides_in
 from histoflow.slides.slide import SLIDE_FIXES, DamagedTileError, SlideError, SlideSettingError
 from histoflow.slides.table import read_slide_table
@@ -166,7 +166,9 @@ def _images_csv(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConf
                             "tables": {"predict/predictions": rows}}
 
 
-SLIDE_COLUMNS = ["slide", "tiles", "tiles_per_s", "damaged_tiles", "map", "heatmap"]  # of slides.csv
+# slides.csv's own columns (a slide table's go after `output`), then votes_<class> and prob_<class>
+SLIDE_COLUMNS = ["slide", "output", "predicted", "correct", "confidence", "vote_margin", "tiles", "tiles_per_s",
+                 "damaged_tiles", "map", "heatmap"]
 
 
 def _damaged_problem(path: Path, result: SlideResult) -> Problem:
@@ -192,7 +194,8 @@ def _slide_files(spec: str | list[str]) -> tuple[list[Path], dict[Path, dict[str
     if isinstance(spec, str) and spec.lower().endswith(".csv"):
         table = read_slide_table(spec)
         said = {s.path: s.columns() for s in table}
-        clashing = sorted(set(SLIDE_COLUMNS) & set(next(iter(said.values()), {})))
+        clashing = sorted(c for c in next(iter(said.values()), {})
+                          if c in SLIDE_COLUMNS or c.startswith(("votes_", "prob_")))
         if clashing:  # a table's column named like one of slides.csv's own is kept, renamed, never overwritten
             log.warning("%s: column%s %s named like slides.csv's own: written there as %s", spec,
                         "s" * (len(clashing) > 1), ", ".join(clashing), ", ".join(f"table_{c}" for c in clashing))
@@ -202,16 +205,44 @@ def _slide_files(spec: str | list[str]) -> tuple[list[Path], dict[Path, dict[str
 
 
 def output_names(paths: Sequence[Path]) -> dict[Path, str]:
-    """The name of each slide's outputs: its file's stem, or where slides of different folders share one (a/s1.svs,
-    b/s1.svs), the folder's name in front, then a number, so that no slide's outputs overwrite another's."""
-    stems = Counter(p.stem for p in paths)
+    """The name of each slide's outputs (slides/<name>.tiles.csv ..., slides.csv's `output`): its file's name without
+    suffix; in the order listed, a slide whose name an earlier slide took (a/s1.svs, b/s1.svs; or S1.svs and s1.svs,
+    one file on a disk blind to case) gets `-2` after it, `-3`..., the first that no other slide has as its own: a/s1,
+    b/s1, c/s1-2.svs are named s1, s1-3, s1-2. docs/prediction.md states the rule."""
+    own = {p.stem.casefold() for p in paths}
+    taken: set[str] = set()
     names: dict[Path, str] = {}
     for path in paths:
-        name = path.stem if stems[path.stem] == 1 else f"{path.parent.name}-{path.stem}"
-        while name in names.values():
-            name = f"{name}-{len(names)}"
+        name, n = path.stem, 1
+        while name.casefold() in taken or (n > 1 and name.casefold() in own):
+            n += 1
+            name = f"{path.stem}-{n}"
+        taken.add(name.casefold())
         names[path] = name
     return names
+
+
+def _slide_row(path: Path, name: str, result: SlideResult, said: Mapping[str, str], classes: list[str],
+               aggregate: str) -> dict[str, Any]:
+    """slides.csv's row of a slide: its table columns, its class by the image rule (`aggregate` over its tiles as
+    patches: inference.image_report.prediction_rows) and, where its label is one of the classes, `correct`."""
+    verdict = next(iter(prediction_rows(result.as_votes(), classes, aggregate)), {})  # none: every tile damaged
+    row = {"slide": str(path), "output": name, **said,
+           **{k: v for k, v in verdict.items() if k not in ("image", "patches")}}
+    if "label" in said:
+        row["correct"] = verdict["predicted"] == said["label"] if verdict and said["label"] in classes else ""
+    return row | {"tiles": result.tiles, "tiles_per_s": round(result.tiles_per_s, 1),
+                  "damaged_tiles": len(result.damaged), "map": str(result.map), "heatmap": str(result.heatmap)}
+
+
+def _labels_outside(described: Mapping[Path, Mapping[str, str]], classes: list[str], table: str) -> None:
+    """One warning naming a slide table's labels that are not the model's classes: those slides get no verdict."""
+    outside = Counter(said["label"] for said in described.values() if said["label"] not in classes)
+    if outside:
+        log.warning("%s: label%s %s not among the model's classes (%s): %d slide(s) are predicted with no verdict "
+                    "(`correct` empty in slides.csv). Fix: correct the label column where it means one of the classes",
+                    table, "s" * (len(outside) > 1), ", ".join(f"{label!r} ({n} slides)" for label, n in
+                    outside.items()), ", ".join(classes), sum(outside.values()))
 
 
 def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, out: Path,
@@ -223,12 +254,19 @@ def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, 
     """
     models = [m for ms in members for m in ms]
     paths, described, mpps = _slide_files(cfg.slides if isinstance(cfg.slides, str) else list(cfg.slides))
-    columns = ["slide", *next(iter(described.values()), {}), *SLIDE_COLUMNS[1:]]  # with a table's columns
+    classes = models[0].classes
+    aggregate = cfg.get("aggregate", "vote")
+    if aggregate not in AGGREGATES:
+        raise ConfigError(f"aggregate={aggregate!r}: expected one of {list(AGGREGATES)}")
+    table = list(next(iter(described.values()), {}))  # a slide table's columns go on into slides.csv, after `output`
+    columns = [*SLIDE_COLUMNS[:2], *table, *(c for c in SLIDE_COLUMNS[2:] if c != "correct" or "label" in table),
+               *(f"votes_{c}" for c in classes), *(f"prob_{c}" for c in classes)]
+    if "label" in table:
+        _labels_outside(described, classes, str(cfg.slides))
     slide_cfg = SlideConfig.from_config(OmegaConf.to_container(cfg.slide, resolve=True))
     exports = [slide_cfg.export] if isinstance(slide_cfg.export, str) else list(slide_cfg.export)
     if set(exports) - {"geojson"}:
         raise ConfigError(f"slide.export={slide_cfg.export!r}: expected a list of: geojson")
-    classes = models[0].classes
     names = output_names(paths)
     rows: list[dict[str, Any]] = []
     problems: list[Problem] = []
@@ -246,9 +284,7 @@ def _slides(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, 
             if "geojson" in exports:  # QuPath's tile objects (docs/prediction.md)
                 write_tiles_geojson(result.csv, json.loads(result.meta.read_text()),
                                     result.csv.with_name(f"{names[path]}.geojson"))
-            rows.append({"slide": str(path), **described.get(path, {}), "tiles": result.tiles,
-                         "tiles_per_s": round(result.tiles_per_s, 1), "damaged_tiles": len(result.damaged),
-                         "map": str(result.map), "heatmap": str(result.heatmap)})
+            rows.append(_slide_row(path, names[path], result, described.get(path, {}), classes, aggregate))
     except BaseException as e:  # a bug or an interrupt: the tables still say what was done before it
         problems.append(Problem(str(path), "run-stopped", f"the run stopped at this slide: {type(e).__name__}: {e}"))
         write_problems(out / "problems.csv", stopped=problems)

@@ -32,7 +32,7 @@ from histoflow.common.machine import resolve_device, resolve_workers
 from histoflow.common.progress import progress_bar
 from histoflow.data.transforms import PatchTransform
 from histoflow.inference.heatmap import save_heatmap
-from histoflow.inference.voting import mean_probabilities
+from histoflow.inference.voting import Votes, mean_probabilities
 from histoflow.slides.backend import open_slide
 from histoflow.slides.slide import DamagedTile, DamagedTileError
 from histoflow.slides.tiles import (
@@ -82,10 +82,16 @@ class SlideResult:
     meta: Path
     damaged: list[DamagedTile] = field(default_factory=list)  # stored slide tiles left out (skip_damaged)
     left_out: int = 0  # tissue tiles over them, NaN in the map like tiles without tissue
+    votes: np.ndarray | None = None  # (classes,) tiles predicted as each class
+    prob_sum: np.ndarray | None = None  # (classes,) the tiles' probabilities summed
 
     @property
     def tiles_per_s(self) -> float:
         return self.tiles / max(self.seconds, 1e-9)
+
+    def as_votes(self) -> Votes:
+        """The slide as one image of voting.Votes (its tiles as patches): its class by the image rule, `aggregate`."""
+        return Votes([str(self.slide)], self.votes[None], self.prob_sum[None], np.array([self.tiles]))
 
 
 def default_heatmap_class(classes: Sequence[str], wanted: str | None = None) -> int:
@@ -212,4 +218,4 @@ def predict_slide(path: str | Path, models: Sequence[tuple[nn.Module, PatchTrans
         log.warning("%s: %d damaged stored tiles; %d tissue tiles over them left out", path.name, len(damaged),
                     len(left_out))
     return SlideResult(path, predicted_n, seconds, csv_path, map_path, heat_path, meta_path, sorted(damaged),
-                       len(left_out))
+                       len(left_out), counts, prob_sum)

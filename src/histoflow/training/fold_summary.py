@@ -28,6 +28,32 @@ from histoflow.evaluation.tables import (
 from histoflow.training.outputs import CONFUSION_FILE, METRICS_FILE, REPORT_DIR, SUMMARY_FILE, job_order
 
 log = logging.getLogger(__name__)
+VAL_CONFUSION = "confusion_val.csv"  # the job's last validation, by PatchClassifier (the same images every epoch)
+
+
+def validation_gaps(run: Path) -> list[str]:
+    """The classes a job's validation held no patch of (empty rows of its confusion_val.csv); [] where it held every
+    class or wrote no matrix."""
+    path = run / VAL_CONFUSION
+    if not path.is_file():
+        return []
+    cm, names = read_confusion_csv(path)
+    return [name for name, row in zip(names, cm) if row.sum() == 0]
+
+
+def _footnotes(per_fold: dict[str, dict[str, float]], shown: list[str], gaps: dict[str, list[str]]) -> list[str]:
+    """What a "–" in the table means: a metric the run did not compute, or a macro score of a validation that lacked
+    classes (a mean of per-class scores over the classes it held: 0.000 where the net predicted an absent class)."""
+    notes = []
+    if gaps:
+        notes.append("–: not computed over every class. The validation of " + "; ".join(
+            f"{fold} held no {' or '.join(missing)} patch" for fold, missing in gaps.items()) + f" ({VAL_CONFUSION} "
+            "in its job folder): its macro scores (val/...macro...) are left out, and the mean ± sd is over the other "
+            "runs. Fix: data.split.val_groups_per_class=2 (every class in every run's validation), and enough "
+            "trainer.limit_val_batches to reach them.")
+    if any(m not in scores for scores in per_fold.values() for m in shown) and not gaps:
+        notes.append("–: not computed in that run.")
+    return [*notes, ""] if notes else []
 
 
 def summarize_sweep(sweep_dir: str | Path) -> Path | None:
@@ -35,6 +61,7 @@ def summarize_sweep(sweep_dir: str | Path) -> Path | None:
     sweep_dir = Path(sweep_dir)
     per_fold: dict[str, dict[str, float]] = {}
     jobs: dict[str, str] = {}  # the job folder of each row: Hydra numbers them from 0, folds count from 1
+    gaps: dict[str, list[str]] = {}  # the runs whose validation lacked classes: their val macro scores left out
     pooled: np.ndarray | None = None
     classes: list[str] | None = None
     for metrics_path in sorted(sweep_dir.glob(f"*/{METRICS_FILE}"), key=job_order):
@@ -43,6 +70,10 @@ def summarize_sweep(sweep_dir: str | Path) -> Path | None:
         if key in per_fold:  # a sweep over more than folds: say which job
             key += f" (job {metrics_path.parent.name})"
         per_fold[key] = {k: v for k, v in metrics.items() if isinstance(v, float) and not k.startswith("train/")}
+        missing = validation_gaps(metrics_path.parent)
+        if missing:  # a macro mean over the classes validated, not over the classes: 0.000 that looks like a failure
+            gaps[key] = missing
+            per_fold[key] = {k: v for k, v in per_fold[key].items() if not (k.startswith("val/") and "macro" in k)}
         jobs[key] = f"{metrics_path.parent.name}/"
         confusion_path = metrics_path.parent / CONFUSION_FILE
         if confusion_path.is_file():
@@ -61,7 +92,7 @@ def summarize_sweep(sweep_dir: str | Path) -> Path | None:
     shown = sorted(m for m in summary if m.startswith("test/")) + sorted(m for m in summary if m.endswith("_best"))
     lines = [f"# Cross-validation summary: {sweep_dir}", "",
              f"{len(per_fold)} runs; mean ± sd (ddof=1) over runs. Protocol: {protocol} (the data config of the first "
-             "job).", "", folds_markdown(per_fold, summary, shown),
+             "job).", "", folds_markdown(per_fold, summary, shown), *_footnotes(per_fold, shown, gaps),
              "Job folders: " + ", ".join(f"{key} in {folder}" for key, folder in jobs.items()) + ".", ""]
     if pooled is not None and classes is not None:
         save_confusion_matrix(pooled, classes, sweep_dir / "confusion_pooled", f"pooled test folds ({len(per_fold)})")
@@ -73,7 +104,7 @@ def summarize_sweep(sweep_dir: str | Path) -> Path | None:
     report = sweep_dir / REPORT_DIR / "report.json"  # written after this summary; kept when it is written again
     keys = json.loads(report.read_text()).get("keys") if report.is_file() else None
     (sweep_dir / SUMMARY_FILE).write_text(json.dumps(
-        {"protocol": protocol, "per_fold": per_fold, "jobs": jobs, "summary": summary,
+        {"protocol": protocol, "per_fold": per_fold, "jobs": jobs, "summary": summary, "validation_gaps": gaps,
          "pooled_confusion": None if pooled is None else pooled.tolist(), "classes": classes,
          **({"report": keys} if keys else {})}, indent=1))
     log.info("cross-validation summary: %s\n%s", out, folds_markdown(per_fold, summary, shown))

@@ -79,7 +79,8 @@ def _prediction_maps(folder: Path, entries: dict[str, SlideEntry]) -> None:
     rows = {}
     if (folder / "slides.csv").is_file():
         with (folder / "slides.csv").open(newline="") as handle:
-            rows = {Path(r["slide"]).name: r for r in csv.DictReader(handle)}
+            # by `output` (the outputs' name: two slides may share a file name); older runs' tables have none
+            rows = {r.get("output") or Path(r["slide"]).name: r for r in csv.DictReader(handle)}
     for meta_path in sorted((folder / "slides").glob("*.json")):
         meta = _read_json(meta_path)
         if "files" not in meta or "geometry" not in meta:
@@ -89,10 +90,11 @@ def _prediction_maps(folder: Path, entries: dict[str, SlideEntry]) -> None:
         entry.maps.append(SlideMap("probabilities", meta, meta_path.parent / meta["files"]["map"],
                                    meta_path.parent / meta["files"]["csv"], list(meta["classes"])))
         mean = meta.get("mean_probability") or {}
-        table = rows.get(Path(meta["slide"]).name, {})
-        best = max(mean, key=mean.get) if mean else ""
+        table = rows.get(stem) or rows.get(Path(meta["slide"]).name, {})
+        # the slide's class as slides.csv gives it (predict's `aggregate` rule); older runs: the highest mean
+        best = table.get("predicted") or (max(mean, key=mean.get) if mean else "")
         entry.row.update({"patient": table.get("patient", ""), "label": table.get("label", ""),
-                          "prediction": best, "probability": f"{mean[best]:.3f}" if best else "",
+                          "prediction": best, "probability": f"{mean[best]:.3f}" if best in mean else "",
                           "tiles": str(meta.get("tiles", ""))})
 
 
