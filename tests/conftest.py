@@ -59,7 +59,7 @@ def kather_dir() -> Path:
 def slide_cohort(wsi_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A slide table of 15 real-tissue slides (512 px, 5 cut from each slide of ../shared/data/wsi, whose class
     they take), patients of two slides (the fifth alone): 9 patients, 3 a class. Returns the table's path."""
-    from histoflow.slides.cohort_fixture import build_cohort
+    from histoflow.testing.cohort_fixture import build_cohort
 
     return build_cohort(wsi_dir, tmp_path_factory.mktemp("slide-cohort"), per_source=5, side=512)
 

@@ -1,5 +1,5 @@
 """Cohorts of slides embedded once (features/cohort.py and the modules it launches), on a cohort cut from the real
-slides (slides/cohort_fixture): a shard is the encoder's forward of the slide's tissue tiles; a killed run resumes to what a clean run writes; a
+slides (testing/cohort_fixture): a shard is the encoder's forward of the slide's tissue tiles; a killed run resumes to what a clean run writes; a
 changed slide is embedded again and an unchanged one is not, also when moved; two Lightning processes, and two
 chunk jobs of a submitit sweep, embed each slide exactly once and write the same index as one process."""
 
@@ -39,7 +39,7 @@ from histoflow.features.cohort_job import (
 from histoflow.features.slide_features import read_slide_features
 from histoflow.models import build_encoder
 from histoflow.slides.backend import open_slide
-from histoflow.slides.cohort_fixture import build_cohort, write_slide_tiff
+from histoflow.testing.cohort_fixture import build_cohort, write_slide_tiff
 from histoflow.slides.tiles import SlideTiles, TileGeometry, tissue_tiles
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

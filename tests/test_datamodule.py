@@ -26,9 +26,8 @@ from histoflow.data.transforms import (
     build_transform,
     colour_jitter,
     hed_jitter,
-    hed_to_rgb,
-    rgb_to_hed,
 )
+from histoflow.testing.stain import hed_to_rgb, rgb_to_hed
 
 REPO = Path(__file__).resolve().parents[1]
 SKIMAGE_UNITS = -np.log(1e-6)  # skimage's stain units are optical densities divided by this

@@ -1,5 +1,5 @@
 """Slide and patient bags from a slide table (data=slides, features/slide_bags.py), on the real-tissue cohort cut
-from ../shared/data/wsi (slides/cohort_fixture): folds by patient, a five-fold multirun of ABMIL on patient bags
+from ../shared/data/wsi (testing/cohort_fixture): folds by patient, a five-fold multirun of ABMIL on patient bags
 writing the patient-level report, an attention map over every held-out slide and the gallery."""
 
 from __future__ import annotations
