@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from histoflow.common.config import read_section
 from histoflow.common.errors import ConfigError
 from histoflow.data.folds import SplitConfig
-from histoflow.data.loader import LoaderConfig
+from histoflow.data.loader_config import LoaderConfig
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import DataConfig
 from histoflow.data.stain import StainConfig
@@ -112,7 +112,7 @@ def test_the_yaml_shows_every_field_at_its_default_or_a_deliberate_override(path
         yaml = OmegaConf.to_container(OmegaConf.load(CONF / path), resolve=False)
     else:  # composed with its defaults list, interpolations shown as written
         yaml = OmegaConf.to_container(compose_config(Path(path).stem, [])[section], resolve=False)
-    yaml = {k: v for k, v in yaml.items() if k != "_target_"}
+    yaml = {k: v for k, v in yaml.items() if k not in ("_target_", "bag_target")}
     shown, default = flat(cls, yaml, section), flat(cls, asdict(cls()), section)
     assert sorted(shown.keys() ^ default.keys()) == []
     differ = {k for k in default if shown[k] != default[k]}

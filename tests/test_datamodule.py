@@ -18,7 +18,7 @@ from skimage.color import hed2rgb, rgb2hed
 
 from histoflow.common.errors import ConfigError
 from histoflow.data.datamodule import ShardDataModule
-from histoflow.data.loader import LoaderConfig
+from histoflow.data.loader_config import LoaderConfig
 from histoflow.data.pipeline import KEY_FIELDS, shard_pipeline
 from histoflow.data.shards import decode_npy, parse_key
 from histoflow.data.transforms import (

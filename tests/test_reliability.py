@@ -25,7 +25,7 @@ from histoflow.common.errors import (
     message,
 )
 from histoflow.data import shards
-from histoflow.data.loader import LoaderConfig
+from histoflow.data.loader_config import LoaderConfig
 from histoflow.data.locks import only_writer
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.problems import FIXES, BadInputError

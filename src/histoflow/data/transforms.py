@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from histoflow.common.errors import ConfigError
-from histoflow.data.loader import LoaderConfig
+from histoflow.data.loader_config import LoaderConfig
 
 NORMALIZE = ("image", "channel", "imagenet", "fixed", "none")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 from lightning_fabric import Fabric
 from lightning_fabric.strategies import DDPStrategy
 
-from histoflow.common.config import plain
+from histoflow.common.config import to_builtin
 from histoflow.common.errors import ConfigError
 from histoflow.data.fingerprint import sha256_file
 from histoflow.data.locks import writable
@@ -81,7 +81,7 @@ def prepare_job(table: str | os.PathLike[str], encoder_cfg: Mapping[str, Any], s
     chunk = parse_chunk(run.chunk)
     out = Path(run.out)
     writable(out, "the slide features", "set embed.out to a folder you can write (or paths.data_dir)")
-    encoder = dict(plain(encoder_cfg))
+    encoder = dict(to_builtin(encoder_cfg))
     settings, folder = cohort_settings(encoder, slide, out)
     writable(folder, "the slide features", "set embed.out to a folder you can write")
     settings_file = folder / "settings.json"
