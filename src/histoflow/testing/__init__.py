@@ -6,4 +6,6 @@
     stain             skimage-compatible H&E-DAB unmixing in torch, the reference the HED jitter is tested against
 
 It sits above every stage: it may import any of them (tests/test_layout.py holds that no stage imports it).
+
+Modules: cohort_fixture, slide_shards, stain, synthetic_slide.
 """
