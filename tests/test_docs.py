@@ -140,3 +140,9 @@ def test_a_package_docstring_names_its_modules_and_only_them(package: Path) -> N
     named = {n.strip() for n in listed.group(1).split(",")}
     assert sorted(named - modules(package)) == [], f"{package.name}/__init__.py names modules that are not there"
     assert sorted(modules(package) - named) == [], f"{package.name}/__init__.py does not name these modules"
+
+
+def test_the_readme_stays_a_front_door() -> None:
+    """The README is read first: under 150 lines (the rest in docs/, its results table the headline rows only)."""
+    lines = (REPO / "README.md").read_text().count("\n")
+    assert lines < 150, f"README.md: {lines} lines; move detail to docs/ (docs/results.md for results)"

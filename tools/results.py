@@ -433,17 +433,18 @@ def _loco_section(records: list[Run]) -> list[str]:
 
 
 def render_headline(records: list[Run], page: str, overview: str | None = None) -> str:
-    """The README's table (markers included): the headline recipes with the figures a newcomer reads first, what
-    each is, the interval plot of every case-fold recipe (`overview`: its link from the README), and where the rest
-    is."""
+    """The README's table (markers included): the headline recipes with the figures a newcomer reads first, the
+    interval plot of every case-fold recipe (`overview`: its link from the README), and where the rest is (what each
+    recipe is: the page, which keeps the README short)."""
     folds, images, cases = _case_counts(records)
     return "\n".join([
         BEGIN, "",
         f"Case folds (`protocol=cases`: no patient on both sides of a fold), {folds} folds, all {images} images; "
         f"pooled accuracy with a 95% interval from a bootstrap over the {cases} cases. {_machine(records)}", "",
-        *_described_table(records, HEADLINE_COLUMNS, headline_recipes(records)), *_overview_line(overview),
-        f"Every recipe and protocol, every run fold by fold, the commands that made each and its figures: [{page}]"
-        f"({page}).", "", END])
+        *recipe_table(records, HEADLINE_COLUMNS, measured(records, CASES, headline_recipes(records)), CASES), "",
+        *_overview_line(overview),
+        f"What each recipe is, every recipe and protocol, every run fold by fold, the commands that made each and its "
+        f"figures: [{page}]({page}).", "", END])
 
 
 def _link(path: Path, start: Path) -> str:
