@@ -69,9 +69,9 @@ from histoflow.features.embeddings import (
 )
 from histoflow.models import build_encoder
 from histoflow.slides.backend import open_slide
-from histoflow.testing.cohort_fixture import build_cohort
 from histoflow.slides.table import read_slide_table
 from histoflow.slides.tiles import NoTissueError, SlideTiles, TileGeometry, tissue_tiles
+from histoflow.testing.cohort_fixture import build_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 FLOOR_EMBED_VS_FORWARD = 0.8  # (b) / (a)

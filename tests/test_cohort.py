@@ -39,8 +39,8 @@ from histoflow.features.cohort_job import (
 from histoflow.features.slide_features import read_slide_features
 from histoflow.models import build_encoder
 from histoflow.slides.backend import open_slide
-from histoflow.testing.cohort_fixture import build_cohort, write_slide_tiff
 from histoflow.slides.tiles import SlideTiles, TileGeometry, tissue_tiles
+from histoflow.testing.cohort_fixture import build_cohort, write_slide_tiff
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SIDE = 32  # tiles of 32 px at 1 micron per pixel, into a SqueezeNet at 32 px: ~200 tiles over the cohort

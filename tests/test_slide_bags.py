@@ -15,9 +15,9 @@ from conftest import compose_train
 from PIL import Image
 
 from histoflow.common.errors import ConfigError
-from histoflow.features.slide_features import read_slide_features
 from histoflow.features.embeddings import Embedder
 from histoflow.features.slide_bags import SlideBagDataModule
+from histoflow.features.slide_features import read_slide_features
 from histoflow.inference.attention_maps import attention_gallery
 from histoflow.inference.sweep_report import headline, write_image_report
 from histoflow.models import build_encoder
