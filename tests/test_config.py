@@ -169,3 +169,27 @@ def test_the_slide_bag_data_config_shows_the_cohort_sections_at_their_defaults()
         "out": "${paths.data_dir}/slide_features"}
     split = {k: v for k, v in asdict(SplitConfig()).items() if k != "fractions"}
     assert yaml["split"] == split | {"val_fraction": 0.0}
+
+
+def test_the_torchvision_models_are_one_config_and_a_name() -> None:
+    """Each per-name torchvision file (resnet18.yaml ...) is two lines, `defaults: [torchvision]` and its name, and
+    composes to conf/model/torchvision.yaml with that name: a key added to one torchvision model is added to all."""
+    base = OmegaConf.to_container(compose_config("train", ["model=torchvision"]).model, resolve=False)
+    names = [p.stem for p in sorted((CONF / "model").glob("*.yaml"))
+             if OmegaConf.load(p).get("defaults") == ["torchvision"]]
+    assert len(names) >= 9, names
+    for name in names:
+        text = (CONF / "model" / f"{name}.yaml").read_text().strip().splitlines()
+        assert len(text) == 2 and text[1] == f"name: {name}", f"conf/model/{name}.yaml: {text}"
+        composed = OmegaConf.to_container(compose_config("train", [f"model={name}"]).model, resolve=False)
+        assert composed == {**base, "name": name}
+
+
+def test_the_imagenet_encoders_build_on_the_encoder_base() -> None:
+    """squeezenet1_1_imagenet and mobilenet_v2_imagenet extend encoder/torchvision_imagenet: ImageNet's mean and std
+    are written once."""
+    base = compose_config("train", ["encoder=torchvision_imagenet", "model=linear_head"]).encoder
+    for name in ("squeezenet1_1_imagenet", "mobilenet_v2_imagenet"):
+        assert OmegaConf.load(CONF / "encoder" / f"{name}.yaml").defaults[0] == "torchvision_imagenet"
+        encoder = compose_config("train", [f"encoder={name}", "model=linear_head"]).encoder
+        assert encoder.preprocess.mean == base.preprocess.mean and encoder._target_ == base._target_
