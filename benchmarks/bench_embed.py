@@ -24,7 +24,7 @@ prepared data and embeddings (default: a temporary folder). Exits 0 whatever the
                                      [--workers N|auto] [--device ...] [--json FILE] [--check]
 
 --cohort times a cohort of slides instead (histoflow.features.cohort, `histoflow embed slides=<table.csv>`): a
-cohort of pyramidal TIFFs cut from the real slides of <data>/wsi (slides/cohort_fixture.py; CMU-1 and the TCGA
+cohort of pyramidal TIFFs cut from the real slides of <data>/wsi (testing/cohort_fixture.py; CMU-1 and the TCGA
 slide, whose regions are mostly tissue), its tissue tiles at --mpp and --tile-size into ImageNet SqueezeNet 1.1 at
 that side, and prints
 (e) the encoder's pure forward rate (tiles/s) on every tissue tile of the cohort, read, normalised and held in
@@ -69,9 +69,9 @@ from histoflow.features.embeddings import (
 )
 from histoflow.models import build_encoder
 from histoflow.slides.backend import open_slide
-from histoflow.slides.cohort_fixture import build_cohort
 from histoflow.slides.table import read_slide_table
 from histoflow.slides.tiles import NoTissueError, SlideTiles, TileGeometry, tissue_tiles
+from histoflow.testing.cohort_fixture import build_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 FLOOR_EMBED_VS_FORWARD = 0.8  # (b) / (a)

@@ -39,12 +39,12 @@ import torch
 import torchvision
 from common import add_common_args, describe, device_of, sync, write_figures
 
-from histoflow.data.synthetic import H_E_MEAN, write_pyramid
 from histoflow.data.transforms import PatchTransform
 from histoflow.inference.slide_map import SlideConfig, predict_slide
 from histoflow.slides.backend import open_slide
-from histoflow.slides.shards import write_slide_shards
 from histoflow.slides.tiles import SlideTiles, TileGeometry, tile_loader, tissue_tiles
+from histoflow.testing.slide_shards import write_slide_shards
+from histoflow.testing.synthetic_slide import H_E_MEAN, write_pyramid
 
 FLOOR = 0.7
 H_E_STD = np.array([25.0, 25.0, 25.0])

@@ -30,7 +30,7 @@ from histoflow.models import build_encoder
 
 # the package's test-only helpers, imported here alone (test files take them from conftest): one line to change
 # when they move
-from histoflow.slides.cohort_fixture import build_cohort, write_slide_tiff
+from histoflow.testing.cohort_fixture import build_cohort, write_slide_tiff
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))  # the project's own tools (tools/results.py), not part of the package

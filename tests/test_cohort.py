@@ -26,7 +26,7 @@ from conftest import COHORT_SOURCES, ENCODER_SIDE, REPO, compose_config, write_c
 from omegaconf import OmegaConf
 
 import histoflow.features.cohort as cohort_module
-from histoflow.common.config import plain
+from histoflow.common.config import to_builtin
 from histoflow.common.errors import ConfigError
 from histoflow.features.cohort import embed_cohort
 from histoflow.features.cohort_index import balanced_bins, parse_chunk
@@ -63,7 +63,7 @@ def overrides(table: Path, out: Path, weights: Path, *extra: str) -> list[str]:
 def arguments(table: Path, out: Path, weights: Path, *extra: str) -> tuple:
     """embed_cohort's arguments from `histoflow embed` with these overrides."""
     cfg = compose_config("embed", overrides(table, out, weights, *extra))
-    return cfg.slides, plain(cfg.encoder), plain(cfg.slide), plain(cfg.embed), cfg.on_bad_image
+    return cfg.slides, to_builtin(cfg.encoder), to_builtin(cfg.slide), to_builtin(cfg.embed), cfg.on_bad_image
 
 
 def embed(table: Path, out: Path, weights: Path, *extra: str) -> CohortResult:

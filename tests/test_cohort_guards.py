@@ -18,15 +18,15 @@ import pytest
 import torch
 from conftest import compose_config
 
-from histoflow.common.config import plain
+from histoflow.common.config import to_builtin
 from histoflow.common.errors import ConfigError, HistoflowError
 from histoflow.features.bags import cohort_bags
 from histoflow.features.cohort import embed_cohort, prepare_job
 from histoflow.features.cohort_job import CohortResult
 from histoflow.features.slide_bags import SlideBagDataModule
 from histoflow.features.slide_features import read_slide_features
-from histoflow.slides.cohort_fixture import write_slide_tiff
 from histoflow.slides.table import SlideTableError
+from histoflow.testing.cohort_fixture import write_slide_tiff
 
 SIDE = 32  # 32-px tiles at 1 micron per pixel into a SqueezeNet at 32 px
 
@@ -63,7 +63,7 @@ def arguments(table: Path, out: Path, weights: Path, *extra: str) -> tuple:
         f"encoder.preprocess.input_size={SIDE}", f"slide.tile_size={SIDE}", "slide.mpp=1.0", "slide.backend=tifffile",
         "slide.progress=false", "slide.batch_size=16", "slide.num_workers=0", f"embed.out={out}",
         "on_bad_image=skip", *extra])
-    return cfg.slides, plain(cfg.encoder), plain(cfg.slide), plain(cfg.embed), cfg.on_bad_image
+    return cfg.slides, to_builtin(cfg.encoder), to_builtin(cfg.slide), to_builtin(cfg.embed), cfg.on_bad_image
 
 
 def embed(table: Path, out: Path, weights: Path, *extra: str) -> CohortResult:
@@ -103,7 +103,7 @@ def test_table_columns_named_like_the_index_never_overwrite_it(slides: Path, wei
 
 
 def bag_module(table: Path, weights: Path, out: Path, seed: int = 0) -> SlideBagDataModule:
-    encoder = plain(compose_config("embed", ["encoder=squeezenet1_1_imagenet", f"encoder.weights={weights}",
+    encoder = to_builtin(compose_config("embed", ["encoder=squeezenet1_1_imagenet", f"encoder.weights={weights}",
                                              f"encoder.preprocess.input_size={SIDE}"]).encoder)
     slide = {"tile_size": SIDE, "mpp": 1.0, "backend": "tifffile", "progress": False, "batch_size": 16,
              "num_workers": 0}
@@ -205,7 +205,7 @@ def test_a_resize_to_the_encoders_side_is_said_and_recorded(slides: Path, weight
                                                             caplog: pytest.LogCaptureFixture) -> None:
     """squeezenet1_1_imagenet takes 64 px; the default tiles are 224 px at 0.5 micron per pixel."""
     table = write_table(tmp_path / "t.csv", slides, ["@a.tif,P1,x", "@b.tif,P2,y"])
-    encoder = plain(compose_config("embed", ["encoder=squeezenet1_1_imagenet", f"encoder.weights={weights}"]).encoder)
+    encoder = to_builtin(compose_config("embed", ["encoder=squeezenet1_1_imagenet", f"encoder.weights={weights}"]).encoder)
     with caplog.at_level(logging.WARNING):
         job = prepare_job(table, encoder, {}, {"out": str(tmp_path / "features")})
     said = [r.message for r in caplog.records if "resize" in r.message or "shrunk" in r.message]

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from histoflow.common.config import read_section
 from histoflow.common.errors import ConfigError
 from histoflow.data.folds import SplitConfig
-from histoflow.data.loader import LoaderConfig
+from histoflow.data.loader_config import LoaderConfig
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import DataConfig
 from histoflow.data.stain import StainConfig
@@ -114,7 +114,7 @@ def test_the_yaml_shows_every_field_at_its_default_or_a_deliberate_override(path
         yaml = OmegaConf.to_container(OmegaConf.load(CONF / path), resolve=False)
     else:  # composed with its defaults list, interpolations shown as written
         yaml = OmegaConf.to_container(compose_config(Path(path).stem, [])[section], resolve=False)
-    yaml = {k: v for k, v in yaml.items() if k != "_target_"}
+    yaml = {k: v for k, v in yaml.items() if k not in ("_target_", "bag_target")}
     shown, default = flat(cls, yaml, section), flat(cls, asdict(cls()), section)
     assert sorted(shown.keys() ^ default.keys()) == []
     differ = {k for k in default if shown[k] != default[k]}
@@ -210,3 +210,27 @@ def test_a_mistyped_top_level_key_is_refused(tmp_path: Path, leave_no_trace: Non
         predict(compose_config("predict", ["ckpt_path=x", "+aggregat=mean"]))
     for experiment in ("janowczyk_lymphoma", "lymphoma_frozen_squeezenet", "kather_transfer"):  # every real key passes
         refuse_unknown_top_keys(compose_config("train", [f"experiment={experiment}", "trainer=gpu"]), "train")
+
+
+def test_the_torchvision_models_are_one_config_and_a_name() -> None:
+    """Each per-name torchvision file (resnet18.yaml ...) is two lines, `defaults: [torchvision]` and its name, and
+    composes to conf/model/torchvision.yaml with that name: a key added to one torchvision model is added to all."""
+    base = OmegaConf.to_container(compose_config("train", ["model=torchvision"]).model, resolve=False)
+    names = [p.stem for p in sorted((CONF / "model").glob("*.yaml"))
+             if OmegaConf.load(p).get("defaults") == ["torchvision"]]
+    assert len(names) >= 9, names
+    for name in names:
+        text = (CONF / "model" / f"{name}.yaml").read_text().strip().splitlines()
+        assert len(text) == 2 and text[1] == f"name: {name}", f"conf/model/{name}.yaml: {text}"
+        composed = OmegaConf.to_container(compose_config("train", [f"model={name}"]).model, resolve=False)
+        assert composed == {**base, "name": name}
+
+
+def test_the_imagenet_encoders_build_on_the_encoder_base() -> None:
+    """squeezenet1_1_imagenet and mobilenet_v2_imagenet extend encoder/torchvision_imagenet: ImageNet's mean and std
+    are written once."""
+    base = compose_config("train", ["encoder=torchvision_imagenet", "model=linear_head"]).encoder
+    for name in ("squeezenet1_1_imagenet", "mobilenet_v2_imagenet"):
+        assert OmegaConf.load(CONF / "encoder" / f"{name}.yaml").defaults[0] == "torchvision_imagenet"
+        encoder = compose_config("train", [f"encoder={name}", "model=linear_head"]).encoder
+        assert encoder.preprocess.mean == base.preprocess.mean and encoder._target_ == base._target_

@@ -19,7 +19,7 @@ from skimage.color import hed2rgb, rgb2hed
 
 from histoflow.common.errors import ConfigError, DamagedFileError, message
 from histoflow.data.datamodule import ShardDataModule
-from histoflow.data.loader import LoaderConfig
+from histoflow.data.loader_config import LoaderConfig
 from histoflow.data.pipeline import KEY_FIELDS, shard_pipeline
 from histoflow.data.shards import decode_npy, parse_key
 from histoflow.data.transforms import (
@@ -27,9 +27,8 @@ from histoflow.data.transforms import (
     build_transform,
     colour_jitter,
     hed_jitter,
-    hed_to_rgb,
-    rgb_to_hed,
 )
+from histoflow.testing.stain import hed_to_rgb, rgb_to_hed
 
 REPO = Path(__file__).resolve().parents[1]
 SKIMAGE_UNITS = -np.log(1e-6)  # skimage's stain units are optical densities divided by this

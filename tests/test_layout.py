@@ -28,6 +28,9 @@ BELOW = {
     "viewer": {"common", "data", "models", "features", "evaluation", "slides", "training", "inference"},
     "commands": {"common", "data", "models", "features", "evaluation", "slides", "training", "inference", "viewer"},
 }
+# Test-only helpers (tests, benchmarks, tools share them): above everything, they may import any stage; no stage
+# imports them.
+BELOW["testing"] = set(BELOW)
 TOP = {"__init__": set(), "cli": set(), "__main__": {"cli"}}  # top-level modules: cli imports commands by name
 
 
@@ -126,6 +129,14 @@ def test_imports_flow_one_way_between_packages() -> None:
                 wrong.append(f"{module}:{line} imports {target}")
     assert wrong == []
     assert "models" not in BELOW["data"] and "features" not in BELOW["data"]
+
+
+def test_no_stage_imports_the_test_helpers() -> None:
+    """histoflow.testing holds what only tests, benchmarks and tools use; a stage importing it ships test code."""
+    users = [f"{module}:{line}" for module, targets in graph().items() if package(module) != "testing"
+             for target, line in targets.items() if package(target) == "testing"]
+    assert users == []
+    assert all("testing" not in allowed for name, allowed in BELOW.items() if name != "testing")
 
 
 def test_no_histoflow_import_inside_a_function() -> None:

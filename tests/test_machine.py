@@ -7,7 +7,7 @@ import pytest
 from histoflow.common.errors import ConfigError
 from histoflow.common.machine import auto_workers, resolve_workers
 from histoflow.data.datamodule import ShardDataModule
-from histoflow.data.loader import LoaderConfig
+from histoflow.data.loader_config import LoaderConfig
 
 
 def test_auto_reads_in_process_on_a_cpu_and_keeps_workers_beside_a_gpu() -> None:

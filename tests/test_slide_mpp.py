@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from histoflow.slides.backend import open_slide
-from histoflow.slides.cohort_fixture import write_slide_tiff
 from histoflow.slides.table import SlideTableError, read_slide_table
+from histoflow.testing.cohort_fixture import write_slide_tiff
 
 
 @pytest.fixture

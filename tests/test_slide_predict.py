@@ -19,7 +19,6 @@ from PIL import Image
 from test_slide import write_jpeg_slide, zero_stored_tile
 
 from histoflow.data.shards import decode_npy, parse_key, tar_samples
-from histoflow.data.synthetic import write_pyramid
 from histoflow.inference import predict as predict_module
 from histoflow.inference.fold_models import FoldModel, load_fold_model
 from histoflow.inference.slide_map import (
@@ -28,7 +27,6 @@ from histoflow.inference.slide_map import (
     predict_slide,
 )
 from histoflow.slides.backend import open_slide
-from histoflow.slides.shards import write_slide_shards
 from histoflow.slides.slide import (
     DamagedTile,
     DamagedTileError,
@@ -42,6 +40,8 @@ from histoflow.slides.tiles import (
     tissue_tiles,
     worker_blocks,
 )
+from histoflow.testing.slide_shards import write_slide_shards
+from histoflow.testing.synthetic_slide import write_pyramid
 from histoflow.training.run import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from headless_chromium import open_page  # noqa: E402
 
-from histoflow.slides.cohort_fixture import build_cohort  # noqa: E402
+from histoflow.testing.cohort_fixture import build_cohort  # noqa: E402
 
 WSI = Path(os.environ.get("HISTOFLOW_DATA", REPO.parent / "shared" / "data")) / "wsi"
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "PYTHONUNBUFFERED": "1"}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from histoflow.common.config import CONF_DIR, localize_weights, plain
+from histoflow.common.config import CONF_DIR, localize_weights, to_builtin
 from histoflow.common.errors import report_errors
 from histoflow.data.prepare import prepare_dataset
 
@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> str:
 def embed_slides(cfg: DictConfig) -> str:
     from histoflow.features.cohort import embed_cohort  # torch and Lightning after the config
 
-    result = embed_cohort(str(cfg.slides), plain(cfg.encoder), plain(cfg.slide), plain(cfg.embed),
+    result = embed_cohort(str(cfg.slides), to_builtin(cfg.encoder), to_builtin(cfg.slide), to_builtin(cfg.embed),
                           str(cfg.on_bad_image))
     if result is None or result.rank != 0:  # a further device's process (embed.strategy=ddp): rank 0 reports
         return ""

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from histoflow.common.config import CONF_DIR
 from histoflow.common.errors import ConfigError, report_errors
-from histoflow.data.loader import LoaderConfig
+from histoflow.data.loader_config import LoaderConfig
 from histoflow.data.prepare import prepare_dataset
 
 log = logging.getLogger(__name__)

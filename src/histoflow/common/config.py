@@ -27,7 +27,7 @@ from histoflow.common.errors import ConfigError
 T = TypeVar("T")
 
 
-def plain(value: Any) -> Any:
+def to_builtin(value: Any) -> Any:
     """A Hydra/OmegaConf node as plain dicts and lists (interpolations resolved); anything else as it is."""
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 

@@ -21,11 +21,11 @@ import pytorch_lightning as L
 import torch
 import webdataset as wds
 
-from histoflow.common.config import plain
+from histoflow.common.config import to_builtin
 from histoflow.common.errors import ConfigError
 from histoflow.common.machine import resolve_workers
 from histoflow.data.dataset import PreparedDataset, Split
-from histoflow.data.loader import LoaderConfig
+from histoflow.data.loader_config import LoaderConfig
 from histoflow.data.pipeline import shard_pipeline
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.transforms import PatchTransform, build_transform
@@ -47,11 +47,11 @@ class ShardDataModule(L.LightningDataModule):
     def __init__(self, fold: int | str = 1, preprocess: Mapping[str, Any] | None = None, embed: Embed | None = None,
                  **data: Any) -> None:
         super().__init__()
-        self.data: dict[str, Any] = {k: plain(v) for k, v in data.items()}
+        self.data: dict[str, Any] = {k: to_builtin(v) for k, v in data.items()}
         self.fold = str(fold)
         self.loader = LoaderConfig.from_config(self.data.get("loader"))
         if preprocess:
-            self.loader = replace(self.loader, **plain(preprocess))
+            self.loader = replace(self.loader, **to_builtin(preprocess))
         self.embed = embed
         self.prepared: PreparedDataset | None = None
         self.features: Any = None  # the embed callable's result, with an encoder

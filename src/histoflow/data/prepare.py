@@ -75,7 +75,8 @@ class ShardsConfig:
 @dataclass
 class DataConfig(SourceConfig):
     """The `data` config as prepare reads it, in one read: the source's keys at its top (SourceConfig), beside
-    these, and a section per step; `loader` is the DataModule's (LoaderConfig), `_target_` Hydra's."""
+    these, and a section per step; `loader` is the DataModule's (LoaderConfig), `_target_` and `bag_target` (the
+    DataModule under a head on bags) train's."""
 
     name: str = "data"  # the prepared folder is <name>-<hash>
     on_bad_image: str = "error"  # error: list every bad file and stop | skip: leave them out, listed in problems.csv
@@ -87,7 +88,7 @@ class DataConfig(SourceConfig):
 
     @classmethod
     def from_config(cls, data: Mapping[str, Any]) -> DataConfig:
-        return read_section(cls, data, "data", ignore=("_target_", "loader"))
+        return read_section(cls, data, "data", ignore=("_target_", "bag_target", "loader"))
 
     def __post_init__(self) -> None:
         if self.on_bad_image not in ("error", "skip"):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from histoflow.common.errors import ConfigError
-from histoflow.data.loader import LoaderConfig
+from histoflow.data.loader_config import LoaderConfig
 
 NORMALIZE = ("image", "channel", "imagenet", "fixed", "none")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
@@ -39,18 +39,6 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Ruifrok & Johnston's H&E-DAB stain vectors, as skimage.color.rgb_from_hed / hed_from_rgb
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
-_LOG_ADJUST = math.log(1e-6)  # skimage's floor on intensities, which also scales its stain units
-
-
-def rgb_to_hed(rgb: torch.Tensor) -> torch.Tensor:
-    """Stain densities of RGB values in 0-255 (..., 3), in skimage.color.rgb2hed units but not clipped at 0."""
-    log_rgb = torch.log(torch.clamp(rgb.double() / 255.0, min=1e-6))
-    return (log_rgb / _LOG_ADJUST) @ HED_FROM_RGB
-
-
-def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
-    """RGB in 0-255 of stain densities (..., 3), as skimage.color.hed2rgb (times 255)."""
-    return torch.clamp(torch.exp((hed.double() * _LOG_ADJUST) @ RGB_FROM_HED), 0, 1) * 255.0
 
 
 def hed_jitter(rgb: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from lightning_fabric import Fabric
 from lightning_fabric.strategies import DDPStrategy
 
-from histoflow.common.config import plain
+from histoflow.common.config import to_builtin
 from histoflow.common.errors import ConfigError
 from histoflow.data.fingerprint import sha256_file
 from histoflow.data.locks import writable
@@ -94,7 +94,7 @@ def prepare_job(table: str | os.PathLike[str], encoder_cfg: Mapping[str, Any], s
     say_renamed_columns(records, table)
     chunk = parse_chunk(run.chunk)
     out = Path(run.out)
-    encoder = dict(plain(encoder_cfg))
+    encoder = dict(to_builtin(encoder_cfg))
     check_encoder_weights(encoder)  # a damaged weights file fails here, before any folder is made for its features
     writable(out, "the slide features", "set embed.out to a folder you can write (or paths.data_dir)")
     settings, folder = cohort_settings(encoder, slide, out)

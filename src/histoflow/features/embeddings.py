@@ -27,14 +27,14 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 import numpy as np
 import torch
 
-from histoflow.common.config import plain
+from histoflow.common.config import to_builtin
 from histoflow.common.errors import ConfigError, MissingInputError
 from histoflow.common.machine import resolve_device
 from histoflow.common.progress import progress_bar
 from histoflow.data.datamodule import ShardDataModule
 from histoflow.data.dataset import PreparedDataset, Split
 from histoflow.data.fingerprint import content_hashes
-from histoflow.data.loader import LoaderConfig
+from histoflow.data.loader_config import LoaderConfig
 from histoflow.data.locks import only_writer, writable
 from histoflow.data.shards import add_sample, atomic_shard, stack_npy, tar_samples
 from histoflow.data.transforms import PatchTransform, build_transform
@@ -59,7 +59,7 @@ def weights_sha256(file: Path, root: Path) -> str:
 def encoder_settings(encoder_cfg: Mapping[str, Any], loader: Mapping[str, Any], root: Path) -> dict[str, Any]:
     """What decides the vectors of an encoder on a prepared data set: its config, weights and input preprocessing
     (root: the embeddings folder of the prepared data set, which caches the weights' sha256)."""
-    encoder = {k: v for k, v in plain(encoder_cfg).items() if k not in NOT_DECIDING}
+    encoder = {k: v for k, v in to_builtin(encoder_cfg).items() if k not in NOT_DECIDING}
     weights = encoder.get("weights")
     digest = None
     if weights is not None and Path(str(weights)).expanduser().is_file():
@@ -85,7 +85,7 @@ class Embedder:
     settings (the encoder's own preprocessing, models.input_preprocess), made once, found afterwards."""
 
     def __init__(self, encoder_cfg: Mapping[str, Any], device: str = "auto") -> None:
-        self.encoder, self.device = plain(encoder_cfg), device
+        self.encoder, self.device = to_builtin(encoder_cfg), device
 
     def __call__(self, prepared: PreparedDataset, loader: LoaderConfig) -> "EmbeddedDataset":
         return embed_dataset(prepared, self.encoder, asdict(loader), device=self.device,

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pytorch_lightning as pl
 
-from histoflow.common.config import plain
+from histoflow.common.config import to_builtin
 from histoflow.common.errors import ConfigError, MissingInputError
 from histoflow.data.datamodule import ROLES
 from histoflow.data.folds import SplitConfig
@@ -58,12 +58,12 @@ class SlideBagDataModule(BagLoaders, pl.LightningDataModule):
         self.fold, self.name, self.table = str(fold), name, Path(table)
         check_classes(read_slide_table(self.table), self.table)  # one class: refused before any slide is embedded
         self.split_cfg = SplitConfig.from_config(split)
-        self.slide_cfg, self.run_cfg = plain(slide or {}), {**plain(features or {}), "chunk": None}
+        self.slide_cfg, self.run_cfg = to_builtin(slide or {}), {**to_builtin(features or {}), "chunk": None}
         self.on_bad_image, self.wanted_classes = on_bad_image, list(classes) if classes else None
         if embed is None:
             raise ConfigError("slide bags are made of a frozen encoder's features. Fix: add encoder=<name> "
                               "(conf/encoder), e.g. encoder=mobilenet_v2_imagenet")
-        self.encoder = plain(embed.encoder)
+        self.encoder = to_builtin(embed.encoder)
         self.input_size: int | None = None
         self.feature_dim: int | None = None
         self.index: Path | None = None

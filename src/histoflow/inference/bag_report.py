@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-
 from histoflow.common.errors import MissingInputError
 from histoflow.data.problems import Problem
 from histoflow.inference.attention_maps import GALLERY, attention_gallery, iter_maps, write_attention_maps

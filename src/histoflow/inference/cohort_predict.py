@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from histoflow.common.config import plain
+from histoflow.common.config import to_builtin
 from histoflow.common.errors import ConfigError, MissingInputError
 from histoflow.common.files import atomic_path
 from histoflow.data.problems import Problem
@@ -192,7 +192,7 @@ def predict_cohort(cfg: DictConfig, out: Path, settings: dict[str, Any]) -> tupl
     slides = read_new_cohort(spec, classes)
     labelled = all(s.label is not None for s in slides)
     table, name = write_cohort_table(slides, out)
-    features = {k: v for k, v in plain(cfg.get("features") or {}).items() if v is not None}
+    features = {k: v for k, v in to_builtin(cfg.get("features") or {}).items() if v is not None}
     run_cfg = {"out": first.config["data"].get("features", {}).get("out"), **features, "name": name}
     encoder, tiling = model_encoder(cfg, first), model_tiling(cfg, first)
     check_settings(prepare_job(table, encoder, tiling, run_cfg, "skip").settings, first)  # before any slide

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-
 from histoflow.common.errors import MissingInputError
 from histoflow.inference.report_run import job_config, report_keys
 from histoflow.training.outputs import REPORT_DIR, SUMMARY_FILE, job_order

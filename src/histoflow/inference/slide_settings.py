@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from histoflow.common.config import plain
+from histoflow.common.config import to_builtin
 from histoflow.features.cohort_job import DECIDING
 from histoflow.inference.bag_heads import BagHeadModel
 from histoflow.slides.tiling import TilingConfig
@@ -47,10 +47,10 @@ def refuse_changes(cfg: DictConfig, model: BagHeadModel) -> None:
         raise CheckpointError(f"{said}: {model.path} was trained on tiles cut that way (its data.slide); other tiles "
                               "are other bags. Fix: leave these keys out (the checkpoint gives them)")
     given = cfg.get("encoder")
-    encoder = plain(given) if OmegaConf.is_config(given) else dict(given or {})
+    encoder = to_builtin(given) if OmegaConf.is_config(given) else dict(given or {})
     other = {k: v for k, v in encoder.items() if k != "weights" and v is not None}
     trained_encoder = model.config.get("encoder") or {}
-    differ = {k: v for k, v in other.items() if plain(v) != plain(trained_encoder.get(k))}
+    differ = {k: v for k, v in other.items() if to_builtin(v) != to_builtin(trained_encoder.get(k))}
     if differ:
         said = ", ".join(f"encoder.{k}={v} (trained: {trained_encoder.get(k)})" for k, v in differ.items())
         raise CheckpointError(f"{said}: {model.path}'s head reads the features of encoder "

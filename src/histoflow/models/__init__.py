@@ -1,4 +1,7 @@
-"""Models: the tutorial's AlexNet32, torchvision and timm classifiers by name, and heads on frozen features."""
+"""Models: the tutorial's AlexNet32, torchvision and timm classifiers by name, and heads on frozen features.
+
+Modules: alexnet32, build, heads, mil, preprocess, timm_models, torchvision_models, weights_file.
+"""
 
 from histoflow.models.alexnet32 import AlexNet32
 from histoflow.models.heads import LinearHead, MLPHead, build_encoder, encoder_with_head

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import hydra
 from torch import nn
 
-from histoflow.common.config import plain
+from histoflow.common.config import to_builtin
 from histoflow.common.errors import ConfigError
 
 
@@ -25,7 +25,7 @@ def build_net(model_cfg: Mapping[str, Any], num_classes: int, input_size: int | 
               in_features: int | None = None) -> nn.Module:
     """The net of a `model` config with num_classes, and where the config lists them, from the data: input_size
     (the input side) and in_features (a head's, the encoder's feature width)."""
-    cfg = dict(plain(model_cfg))
+    cfg = dict(to_builtin(model_cfg))
     cfg.pop("preprocess", None)  # the data loader's business (models.preprocess), not the constructor's
     extra: dict[str, Any] = {"input_size": input_size} if "input_size" in cfg else {}
     require_head(cfg, in_features is not None)

@@ -16,7 +16,7 @@ import torch
 from hydra.errors import InstantiationException
 from torch import nn
 
-from histoflow.common.config import plain
+from histoflow.common.config import to_builtin
 from histoflow.common.errors import ConfigError, HistoflowError
 
 
@@ -47,7 +47,7 @@ class MLPHead(nn.Module):
 def build_encoder(encoder_cfg: Mapping[str, Any], input_size: int) -> tuple[nn.Module, int]:
     """The frozen encoder of a model config (no head, eval mode, no gradients) and its feature width, measured by
     one forward pass at the input side it will see."""
-    cfg = dict(plain(encoder_cfg))
+    cfg = dict(to_builtin(encoder_cfg))
     cfg.pop("preprocess", None)
     cfg.pop("freeze_backbone", None)
     extra = {"input_size": input_size} if "input_size" in cfg else {}

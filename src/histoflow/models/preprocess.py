@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from histoflow.common.config import check_keys, plain
+from histoflow.common.config import check_keys, to_builtin
 from histoflow.common.errors import ConfigError, HistoflowError
 from histoflow.models.timm_models import pretrained_data_config
 
@@ -70,7 +70,7 @@ def model_preprocess(model_cfg: Mapping[str, Any] | None, section: str = "model"
     """The Preprocess of a model config's `preprocess` section; None when it has none (the data's loader rules)."""
     if model_cfg is None:
         return None
-    model_cfg = plain(model_cfg)
+    model_cfg = to_builtin(model_cfg)
     given = model_cfg.get("preprocess")
     if not given:
         return None

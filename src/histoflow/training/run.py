@@ -50,10 +50,16 @@ def bag_settings(cfg: DictConfig) -> dict[str, Any]:
 
 
 def bag_data(cfg: DictConfig) -> dict[str, Any]:
-    """What a bag head adds to the data config: the bag section, and for patch data (data=lymphoma, kather...) the
-    DataModule of its bags (the same preparation and embedding; histoflow.features.bags)."""
-    native = getattr(hydra.utils.get_class(cfg.data._target_), "samples_are_bags", False)  # data=slides
-    return {"bag": cfg.get("bag"), **({} if native else {"_target_": "histoflow.features.bags.BagDataModule"})}
+    """What a bag head adds to the data config: the bag section, and the DataModule of its bags, which the data config
+    names in `bag_target` (conf/data: BagDataModule for prepared images, the same preparation and embedding;
+    SlideBagDataModule for data=slides, whose samples are bags already)."""
+    target = cfg.data.get("bag_target")
+    if not target:
+        raise ConfigError(f"data={cfg.data.get('name')} names no DataModule for bags, which a head on bags "
+                          f"(model={str(cfg.model.get('_target_', '')).rsplit('.', 1)[-1]}) trains on. Fix: add "
+                          "`bag_target: histoflow.features.bags.BagDataModule` to the data config (bags of its "
+                          "images' windows)")
+    return {"bag": cfg.get("bag"), "_target_": target}
 
 
 def refuse_patch_model_on_bags(cfg: DictConfig) -> None:
