@@ -158,7 +158,7 @@ def test_every_data_config_reads_without_an_unknown_key(data: str) -> None:
     """Every key of conf/data/<data>.yaml is one of the dataclasses' (else read_section refuses it) and reaches them
     with its value."""
     cfg = OmegaConf.to_container(compose_config("prepare", [f"data={data}"]).data, resolve=True)
-    given = {k: v for k, v in cfg.items() if k not in ("_target_", "loader")}
+    given = {k: v for k, v in cfg.items() if k not in ("_target_", "bag_target", "loader")}  # bag_target: train's
     assert_values_read(given, asdict(DataConfig.from_config(cfg)), "data")
     assert_values_read(cfg["loader"], asdict(LoaderConfig.from_config(cfg["loader"])), "data.loader")
 
