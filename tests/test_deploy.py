@@ -163,3 +163,23 @@ def test_a_setting_that_changes_what_a_bag_model_sees_is_refused_naming_both(
     monkeypatch.setattr(predict_module, "predict_bags", lambda *a, **k: pytest.fail("work began"))
     with pytest.raises(CheckpointError, match=said):
         predict(predict_config([f"ckpt_path={bag_sweep}", f"images={images}", override, "progress=false"], tmp_path))
+
+
+def test_the_kfold_report_reads_the_embeddings_training_cached(head_sweep: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = [0]
+    loaded = predict_module.load_fold_model
+    monkeypatch.setattr(predict_module, "load_fold_model", lambda *a, **k: counting([loaded(*a, **k)], calls)[0])
+    predict(predict_config([f"ckpt_path={head_sweep}", "progress=false"], tmp_path / "cached"))
+    assert calls[0] == 0  # no window through the encoder
+    monkeypatch.setattr(predict_module, "cached_features", lambda *a, **k: None)  # the path before
+    predict(predict_config([f"ckpt_path={head_sweep}", "progress=false"], tmp_path / "embedded"))
+    assert calls[0] == 12 * 4  # each held-out image's 4 windows, once
+    cached, embedded = (read_rows(tmp_path / d / "predictions.csv") for d in ("cached", "embedded"))
+    assert [r["image"] for r in cached] == [r["image"] for r in embedded] and len(cached) == 12
+    for a, b in zip(cached, embedded):
+        assert (a["predicted"], a["patches"]) == (b["predicted"], b["patches"])
+        np.testing.assert_allclose([float(a[f"prob_{c}"]) for c in CLASSES], [float(b[f"prob_{c}"]) for c in CLASSES],
+                                   atol=2e-6)
+    reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("cached", "embedded")]
+    assert reports[0]["pooled"] == reports[1]["pooled"]

@@ -56,7 +56,7 @@ def image_groups(paths: Sequence[Path], table: str | None, root: Path | None) ->
     groups = read_groups(SimpleNamespace(groups=table), root)
     named = []
     for p in paths:
-        rel = p.resolve().relative_to(root.resolve()).as_posix()
+        rel = p.absolute().relative_to(root.absolute()).as_posix()  # a link is named where it lies
         if rel not in groups:
             raise ConfigError(f"groups={table}: no row for {rel}. Fix: give every image a row image,group")
         named.append(groups[rel][0])

@@ -47,6 +47,9 @@ def refuse_changes(cfg: DictConfig, models: Sequence[FoldModel]) -> None:
                               "averaged. Fix: predict with each separately")
     for m in models:
         refuse_encoder_change(cfg.get("encoder"), m)
+        if m.classes != first.classes:
+            raise CheckpointError(f"{m.path} was trained on classes {m.classes}, {first.path} on {first.classes}: "
+                                  "their probabilities cannot be averaged. Fix: predict with models of one class list")
     trained = dict(first.config["data"].get("patches") or {})
     grid = cfg.get("grid") or {}
     if grid.get("size") is not None and grid.get("size") != trained.get("size"):

@@ -19,6 +19,7 @@ from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.problems import Problem, write_problems
 from histoflow.inference.bag_predict import bag_rows, predict_bags
+from histoflow.inference.cached_votes import cached_features, cached_votes
 from histoflow.inference.external_report import external_report, folder_labels, image_groups
 from histoflow.inference.fold_models import (
     FoldModel,
@@ -114,8 +115,13 @@ def _held_out_report(cfg: DictConfig, members: list[list[FoldModel]], grid: Patc
         check_compatible(models, prepared.classes, grid.size, f"the prepared data {prepared.path}")
         root = Path(overrides["root"]).expanduser() if overrides.get("root") else prepared.root  # images moved
         held_out = [r for r in prepared.manifest() if r["fold"] == fold]
-        votes = predict_images([root / r["image"] for r in held_out], encoder_groups(models),
-                               len(prepared.classes), grid, description=f"fold {fold}", **_run_options(cfg))
+        cached = cached_features(models, prepared, grid, _run_options(cfg)["views"])
+        if cached is not None:  # a head's held-out windows as training embedded them: no encoder pass
+            votes = cached_votes(cached, fold, held_out, root, models, len(prepared.classes))
+            log.info("fold %s: held-out windows' features read from %s", fold, cached.path)
+        else:
+            votes = predict_images([root / r["image"] for r in held_out], encoder_groups(models),
+                                   len(prepared.classes), grid, description=f"fold {fold}", **_run_options(cfg))
         checkpoints = ";".join(str(m.path) for m in models)  # several: an ensemble
         extra = [{"fold": fold, "label": r["label"], "group": r["group"], "checkpoint": checkpoints} for r in held_out]
         rows += prediction_rows(votes, prepared.classes, cfg.aggregate, extra)
@@ -165,7 +171,7 @@ def _images_csv(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConf
                                  problems)
         logged["metrics"].update({f"predict/external/{k}": v for k, v in report["pooled"].items()})
         logged["images"]["predict/external/confusion_images"] = out / "confusion_images.png"
-    else:
+    elif not labels:
         log.info("the images carry no labels (no folder named like a class of %s): predictions only, no report",
                  classes)
     write_csv(rows, out / "predictions.csv")
@@ -293,7 +299,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if models[0].is_bag:  # a bag is cut as training cut it
         grid = PatchConfig.from_config(models[0].config["data"].get("patches"))
     settings = {"ckpt_path": sources if listed else sources[0],
-                "checkpoints": [str(m.path) for m in models], "aggregate": cfg.aggregate,
+                "checkpoints": [str(m.path) for m in models],
+                "aggregate": f"bag ({type(models[0].head).__name__}), the fold models' mean" if models[0].is_bag
+                else cfg.aggregate,
                 "views": len(_run_options(cfg)["views"]), "window": grid.size, "stride": grid.stride}
     run = _slides if cfg.get("slides") else _held_out_report if cfg.images is None else _images_csv
     rows, problems, logged = run(cfg, members, grid, out, settings)
