@@ -81,7 +81,7 @@ def main() -> int:
     paths = sorted(p for p in (args.data / "lymphoma").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     paths = paths[:: max(1, len(paths) // args.images)][: args.images]
     print(f"device: {describe(device)}; {len(paths)} lymphoma images; "
-          f"{args.folds} fold models on frozen {args.encoder}; {args.window}-px windows every {args.stride} px at 224 px")
+          f"{args.folds} fold models on frozen {args.encoder}; {args.window}-px windows every {args.stride} px, at 224")
     figures: dict[str, dict[str, float]] = {}
     for kind in ("patch vote", "ABMIL bags"):
         bags = kind != "patch vote"

@@ -9,8 +9,8 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from histoflow.training.checkpoints import CheckpointError
 from histoflow.inference.fold_models import FoldModel
+from histoflow.training.checkpoints import CheckpointError
 
 
 def _encoder_name(model: FoldModel) -> str:
