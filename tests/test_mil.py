@@ -21,7 +21,8 @@ from histoflow.features import embeddings
 from histoflow.features.bags import Bag, BagDataModule, cohort_bags, image_bags, pad_bags, patient_bags
 from histoflow.features.slide_features import write_slide_features
 from histoflow.inference.fold_models import load_fold_model
-from histoflow.inference.sweep_report import write_image_report
+from histoflow.inference.predict import predict
+from histoflow.inference.sweep_report import predict_config, write_image_report
 from histoflow.models import ABMIL, MaxPool, MeanPool, build_encoder
 from histoflow.training.checkpoints import CheckpointError
 from histoflow.training.run import train
@@ -161,8 +162,9 @@ def test_abmil_trains_per_fold_and_writes_the_bag_level_report(images: Path, tmp
     assert len(tiles) == 4 and abs(tiles["attention"].sum() - 1) < 1e-4
     low, high = report["interval"]["image/acc"]
     assert low <= report["pooled"]["image/acc"] <= high and report["colour_baselines"]
-    with pytest.raises(CheckpointError, match="a head on bags"):  # predict runs patch heads: said, not a traceback
-        load_fold_model(next((sweep / "0" / "checkpoints").glob("*.ckpt")))
+    assert load_fold_model(next((sweep / "0" / "checkpoints").glob("*.ckpt"))).is_bag  # predicts images (test_deploy)
+    with pytest.raises(CheckpointError, match="a head on bags; its multirun's k-fold report"):  # said, no traceback
+        predict(predict_config([f"ckpt_path={sweep}", "progress=false"], tmp_path / "report"))
     # resumed from the job's last checkpoint: two more epochs of 2 batches (6 training bags, 4 a batch)
     last = sweep / "0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 40

@@ -502,6 +502,8 @@ def test_checkpoint_that_does_not_fit_the_data_is_refused(multirun: Path, tiny: 
     with pytest.raises(CheckpointError, match=r"trained on classes \['CLL', 'FL', 'MCL'\].*has \['A', 'B', 'C'\]"):
         check_compatible([model], ["A", "B", "C"], 36, "the data")
     with pytest.raises(CheckpointError, match="trained on 36-px patches, but the grid cuts 40-px windows"):
+        check_compatible([model], None, 40, "the data")
+    with pytest.raises(CheckpointError, match=r"grid.size=40, but .* was trained on 36-px windows"):  # before any work
         predict(predict_config([f"ckpt_path={first}", f"images={tiny / 'images'}", "grid.size=40"], tmp_path / "a"))
 
 

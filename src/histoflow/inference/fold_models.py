@@ -19,6 +19,7 @@ from histoflow.data.prepare import prepare_dataset
 from histoflow.data.stain import StainNormalizer
 from histoflow.data.transforms import PatchTransform, build_transform
 from histoflow.features.embeddings import weights_sha256
+from histoflow.inference.voting import EncoderGroup
 from histoflow.models import is_bag_head
 from histoflow.training.checkpoints import (
     TRUSTED_TARGETS,
@@ -32,6 +33,12 @@ from histoflow.training.outputs import METRICS_FILE, job_order
 
 log = logging.getLogger(__name__)
 DATAMODULE_STATE = "ShardDataModule"  # Lightning saves the datamodule's state_dict() under its class name
+BAG_DATAMODULE_STATE = "BagDataModule"  # a bag head's (features/bags.py), a ShardDataModule with its bag section
+
+
+def datamodule_state(checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The prepared data's state a checkpoint keeps (patch or bag DataModule): loader, statistics, stain, encoder."""
+    return checkpoint.get(DATAMODULE_STATE) or checkpoint.get(BAG_DATAMODULE_STATE)
 
 
 @dataclass
@@ -44,11 +51,43 @@ class FoldModel:
     net: nn.Module
     transform: PatchTransform
     config: dict[str, Any]  # the full resolved training config
+    # a head on a frozen encoder: what decides the encoder's features (its embeddings folder: encoder config, weights
+    # sha256, input preprocessing, prepared data); fold models with the same key share one encoder pass
+    encoder_key: str | None = None
 
     @property
     def patch_size(self) -> int:
         """Side of the windows the transform expects (the training patch side)."""
         return self.transform.side
+
+    @property
+    def is_bag(self) -> bool:
+        """A head on bags (ABMIL, mean or max pooling): one prediction per bag of window features."""
+        return is_bag_head(self.config.get("model") or {})
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The frozen encoder of a head (the identity before a whole net)."""
+        return self.net.encoder if self.encoder_key else nn.Identity()
+
+    @property
+    def head(self) -> nn.Module:
+        """What reads the encoder's output: the head, or the whole net."""
+        return self.net.head if self.encoder_key else self.net
+
+
+def encoder_groups(models: Sequence[FoldModel], share: bool = True) -> list[EncoderGroup]:
+    """The models grouped by their frozen encoder (same encoder_key: weights, config, preprocessing), so that it
+    runs once per window for all their heads; a whole net is a group of its own. share=False: one group a model
+    (each head through its own encoder: the slower path, kept for benchmarks)."""
+    groups: dict[object, EncoderGroup] = {}
+    for i, m in enumerate(models):
+        key = m.encoder_key if share and m.encoder_key else ("alone", i)
+        if key in groups:
+            groups[key].heads.append(m.head)
+        else:
+            groups[key] = EncoderGroup(m.encoder, [m.head], m.transform)
+    return list(groups.values())
 
 
 def _best_checkpoint(run_dir: Path) -> Path:
@@ -160,21 +199,20 @@ def load_fold_model(path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS,
     checkpoint = read_checkpoint(path)  # read once: the classifier is built from these contents
     hparams = checkpoint["hyper_parameters"]
     config = hparams["config"]
-    if is_bag_head(config.get("model") or {}):
-        raise CheckpointError(f"{path}: a head on bags ({config['model'].get('_target_')}): it predicts one bag, not "
-                              "patches, and histoflow predict runs patch heads only. Its multirun's report is built "
-                              "from each fold's bag_predictions.csv (histoflow.inference.bag_report.write_bag_report)")
-    weights = check_encoder_weights(path, config.get("encoder"), checkpoint.get(DATAMODULE_STATE), encoder_weights)
+    state = datamodule_state(checkpoint)
+    weights = check_encoder_weights(path, config.get("encoder"), state, encoder_weights)
     try:
         module = load_classifier(path, trusted, checkpoint=checkpoint, encoder_weights=weights)
     except UntrustedCheckpoint as e:
         raise CheckpointError(str(e)) from e
-    transform = preprocessing_of(module, checkpoint.get(DATAMODULE_STATE))
+    transform = preprocessing_of(module, state)
     if hparams["input_size"] and transform.out_side != hparams["input_size"]:
         raise CheckpointError(f"{path}: the net takes {hparams['input_size']}-px inputs but its preprocessing makes "
                               f"{transform.out_side} px. Fix: retrain, or use a checkpoint whose data.loader.crop "
                               "(and resize) match")
-    return FoldModel(path, str(config["fold"]), list(hparams["classes"]), module.model.eval(), transform, config)
+    embedded = (state or {}).get("encoder") or {}
+    key = str(embedded.get("embeddings")) if config.get("encoder") and embedded.get("embeddings") else None
+    return FoldModel(path, str(config["fold"]), list(hparams["classes"]), module.model.eval(), transform, config, key)
 
 
 def check_compatible(models: list[FoldModel], classes: list[str] | None, window: int, where: str) -> None:

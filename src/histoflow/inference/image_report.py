@@ -38,17 +38,18 @@ from histoflow.evaluation.intervals import (
     roc_auc,
 )
 from histoflow.evaluation.tables import folds_markdown, matrix_markdown, summarize_folds
-from histoflow.inference.voting import Votes
+from histoflow.inference.voting import Votes, spread_columns
 
 log = logging.getLogger(__name__)
 FOLD_METRICS = ["image/acc", "image/balanced_acc", "image/f1_macro", "patch/acc"]
 
 
 def prediction_rows(votes: Votes, classes: list[str], aggregate: str,
-                    extra: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+                    extra: Sequence[Mapping[str, Any]] | None = None, spread: bool = False) -> list[dict[str, Any]]:
     """One row per predicted image: path, any extra columns, predicted class, patch count, confidence (mean
     probability of the predicted class), vote margin ((first - second most votes) / patches), votes and mean
-    probability per class (failed images are left out: they are listed as problems)."""
+    probability per class (failed images are left out: they are listed as problems); spread: the models' sd of
+    their mean probabilities (prob_sd_<class>) and whether they agree (models_agree), after those."""
     labels, mean = votes.labels(aggregate), votes.mean_prob()
     rows = []
     for i in votes.ok:
@@ -60,6 +61,8 @@ def prediction_rows(votes: Votes, classes: list[str], aggregate: str,
                                "vote_margin": round(float(margin), 6)}
         row.update({f"votes_{c}": int(v) for c, v in zip(classes, votes.votes[i])})
         row.update({f"prob_{c}": round(float(p), 6) for c, p in zip(classes, mean[i])})
+        if spread and votes.model_prob_sum is not None:
+            row.update(spread_columns(votes.model_prob_sum[i] / max(1, int(votes.patches[i])), classes))
         rows.append(row)
     return rows
 
@@ -250,8 +253,11 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
     warning = absent_warning(report.get("absent_classes") or [], unit)
     lines = [f"# {unit.capitalize()}-level prediction report: {' + '.join(sources) if listed else sources}", "",
              *([f"**Warning**: {warning}.", ""] if warning else []),
-             f"{report['images']} {unit}s in {len(report['per_fold'])} folds, each predicted only by {ensemble} of the "
-             "fold that held it out of training. "
+             (f"{report['images']} new {unit}s (external validation), each predicted by all "
+              f"{s.get('models', '')} fold models together (probabilities averaged). " if s.get("external") else
+              f"{report['images']} {unit}s in {len(report['per_fold'])} folds, each predicted only by {ensemble} of "
+              "the fold that held it out of training. ")
+             +
              f"Aggregate: {s.get('aggregate')}; TTA views: {s.get('views')}; grid: {s.get('window')}-px windows, "
              f"stride {s.get('stride')}.", "",
              "## Per fold (mean ± sd, ddof=1, over folds)", "",

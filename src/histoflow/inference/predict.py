@@ -19,15 +19,20 @@ from histoflow.data.images import IMAGE_SUFFIXES
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.problems import Problem, write_problems
+from histoflow.inference.bag_predict import bag_rows, predict_bags
+from histoflow.inference.cached_votes import cached_features, cached_votes
+from histoflow.inference.external_report import external_report, folder_labels, image_groups
 from histoflow.inference.fold_models import (
     FoldModel,
     check_compatible,
+    encoder_groups,
     find_checkpoints,
     load_fold_model,
     models_by_fold,
 )
 from histoflow.inference.geojson import write_tiles_geojson
 from histoflow.inference.image_report import fold_report, prediction_rows, write_csv
+from histoflow.inference.model_settings import refuse_changes
 from histoflow.inference.report_run import log_run, publish_report
 from histoflow.inference.slide_map import SlideConfig, SlideResult, predict_slide
 from histoflow.inference.voting import AGGREGATES, predict_images, tta_views
@@ -131,8 +136,13 @@ def _held_out_report(cfg: DictConfig, members: list[list[FoldModel]], grid: Patc
         check_compatible(models, prepared.classes, grid.size, f"the prepared data {prepared.path}")
         root = Path(overrides["root"]).expanduser() if overrides.get("root") else prepared.root  # images moved
         held_out = [r for r in prepared.manifest() if r["fold"] == fold]
-        votes = predict_images([root / r["image"] for r in held_out], [(m.net, m.transform) for m in models],
-                               len(prepared.classes), grid, description=f"fold {fold}", **_run_options(cfg))
+        cached = cached_features(models, prepared, grid, _run_options(cfg)["views"])
+        if cached is not None:  # a head's held-out windows as training embedded them: no encoder pass
+            votes = cached_votes(cached, fold, held_out, root, models, len(prepared.classes))
+            log.info("fold %s: held-out windows' features read from %s", fold, cached.path)
+        else:
+            votes = predict_images([root / r["image"] for r in held_out], encoder_groups(models),
+                                   len(prepared.classes), grid, description=f"fold {fold}", **_run_options(cfg))
         checkpoints = ";".join(str(m.path) for m in models)  # several: an ensemble
         extra = [{"fold": fold, "label": r["label"], "group": r["group"], "checkpoint": checkpoints} for r in held_out]
         rows += prediction_rows(votes, prepared.classes, cfg.aggregate, extra)
@@ -154,16 +164,37 @@ def _held_out_report(cfg: DictConfig, members: list[list[FoldModel]], grid: Patc
 
 def _images_csv(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConfig, out: Path,
                 settings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[Problem], dict[str, Any]]:
-    """Any images, no labels: all models' averaged probabilities per patch, votes per image, in predictions.csv."""
+    """Any images: all models' averaged probabilities (patch votes, or bag heads' bags of the training windows) per
+    image in predictions.csv with the models' spread; where class folders give labels, the external report."""
     models = [m for ms in members for m in ms]
-    paths = files_matching(cfg.images if isinstance(cfg.images, str) else list(cfg.images))
+    spec = cfg.images if isinstance(cfg.images, str) else list(cfg.images)
+    paths = files_matching(spec)
     classes = models[0].classes
-    check_compatible(models, classes, grid.size, f"checkpoint {models[0].path}")
-    votes = predict_images(paths, [(m.net, m.transform) for m in models], len(classes), grid, **_run_options(cfg))
-    rows = prediction_rows(votes, classes, cfg.aggregate)
+    labels = folder_labels(paths, classes, str(cfg.get("labels", "auto")))  # refused before any work when unknown
+    groups = image_groups(paths, cfg.get("groups"), Path(spec).expanduser() if isinstance(spec, str)
+                          and Path(spec).expanduser().is_dir() else None) if labels else []
+    if models[0].is_bag:
+        pred = predict_bags(paths, models, cfg.batch_size, _run_options(cfg)["num_workers"], cfg.device,
+                            cfg.progress)
+        rows, problems, seconds = bag_rows(pred, classes), list(pred.problems.values()), pred.seconds
+    else:
+        check_compatible(models, classes, grid.size, f"checkpoint {models[0].path}")
+        votes = predict_images(paths, encoder_groups(models), len(classes), grid, **_run_options(cfg))
+        rows, problems, seconds = prediction_rows(votes, classes, cfg.aggregate, spread=True), \
+            list(votes.problems.values()), votes.seconds
+    log.info("%d images in %.1f s (%.2f images/s)", len(paths), seconds, len(paths) / max(seconds, 1e-9))
+    logged: dict[str, Any] = {"metrics": {"predict/images": float(len(rows))}, "images": {},
+                              "tables": {"predict/predictions": rows}}
+    if labels and rows:
+        report = external_report(rows, paths, labels, groups, classes, out, {**settings, "models": len(models)},
+                                 problems)
+        logged["metrics"].update({f"predict/external/{k}": v for k, v in report["pooled"].items()})
+        logged["images"]["predict/external/confusion_images"] = out / "confusion_images.png"
+    elif not labels:
+        log.info("the images carry no labels (no folder named like a class of %s): predictions only, no report",
+                 classes)
     write_csv(rows, out / "predictions.csv")
-    return rows, list(votes.problems.values()), {"metrics": {"predict/images": float(len(rows))}, "images": {},
-                            "tables": {"predict/predictions": rows}}
+    return rows, problems, logged
 
 
 # slides.csv's own columns (a slide table's go after `output`), then votes_<class> and prob_<class>
@@ -313,12 +344,20 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"on_bad_image={cfg.on_bad_image!r}: expected error or skip")
     listed = OmegaConf.is_list(cfg.ckpt_path)  # a list: an ensemble, one member per entry
     sources = [str(s) for s in cfg.ckpt_path] if listed else [str(cfg.ckpt_path)]
-    weights = (cfg.get("encoder") or {}).get("weights")
+    encoder = cfg.get("encoder")
+    # encoder.weights: where the same weights lie now; with any other encoder key the models load as trained, and
+    # refuse_changes names the change
+    weights = encoder.get("weights") if OmegaConf.is_dict(encoder) and set(encoder) <= {"weights"} else None
     members = [[load_fold_model(p, cfg.trusted_targets, weights) for p in find_checkpoints(s)] for s in sources]
     models = [m for ms in members for m in ms]
+    refuse_changes(cfg, models)  # what the models see comes from their checkpoints: before any work
     grid = prediction_grid(cfg.grid, models[0])
+    if models[0].is_bag:  # a bag is cut as training cut it
+        grid = PatchConfig.from_config(models[0].config["data"].get("patches"))
     settings = {"ckpt_path": sources if listed else sources[0],
-                "checkpoints": [str(m.path) for m in models], "aggregate": cfg.aggregate,
+                "checkpoints": [str(m.path) for m in models],
+                "aggregate": f"bag ({type(models[0].head).__name__}), the fold models' mean" if models[0].is_bag
+                else cfg.aggregate,
                 "views": len(_run_options(cfg)["views"]), "window": grid.size, "stride": grid.stride}
     run = _slides if cfg.get("slides") else _held_out_report if cfg.images is None else _images_csv
     rows, problems, logged = run(cfg, members, grid, out, settings)

@@ -4,6 +4,8 @@ Loader workers read each image, cut its grid windows (a strided view, no per-pat
 every model's evaluation transform and pack the patches of consecutive images into full batches in
 shared memory, while the main process runs the nets: reading and cutting overlap the forward passes.
 Each patch carries its image's index; votes and probabilities are summed per image with index_add.
+Fold models that share a frozen encoder (heads trained with encoder=..., the same weights and preprocessing) are
+one EncoderGroup: the encoder runs once per window, and each head reads its features.
 """
 
 from __future__ import annotations
@@ -49,6 +51,24 @@ def tta_views(tta: bool | Sequence[str]) -> list[tuple[int, bool]]:
 def grid_config(size: int, stride: int) -> PatchConfig:
     """The prediction grid: size-px windows every stride px, unrotated, none dropped."""
     return PatchConfig(size=size, stride=stride, rotations=[0], min_tissue=0.0)
+
+
+@dataclass
+class EncoderGroup:
+    """Models that see the same input features: one encoder (a frozen one shared by fold heads, or the identity
+    before whole nets), the heads on its output, and the transform that prepares its input."""
+
+    encoder: nn.Module
+    heads: list[nn.Module]
+    transform: PatchTransform
+
+
+Models = Sequence[EncoderGroup | tuple[nn.Module, PatchTransform]]
+
+
+def as_groups(models: Models) -> list[EncoderGroup]:
+    """EncoderGroups as they are; a (net, transform) pair as a group of its own (the net whole, as a head)."""
+    return [m if isinstance(m, EncoderGroup) else EncoderGroup(nn.Identity(), [m[0]], m[1]) for m in models]
 
 
 @dataclass
@@ -187,6 +207,7 @@ class Votes:
     patches: np.ndarray  # (images,) int64; 0 for a failed image
     problems: dict[int, Problem] = field(default_factory=dict)  # image index -> what went wrong
     seconds: float = 0.0
+    model_prob_sum: np.ndarray | None = None  # (images, models, classes) float64: each model's summed probabilities
 
     @property
     def ok(self) -> np.ndarray:
@@ -205,30 +226,53 @@ class Votes:
         return out
 
 
-def mean_probabilities(nets: Sequence[nn.Module], x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Class probabilities (B, C) of patches x (M, B, V, 3, c, c): softmax per view, averaged over views and nets."""
-    m, b, v = x.shape[:3]
-    total = torch.zeros(())
-    for net, xm in zip(nets, x):
-        logits = net(xm.reshape(b * v, *xm.shape[2:]).to(device, non_blocking=True))
-        total = total + logits.float().softmax(-1).view(b, v, -1).mean(1).cpu()
-    return total / m
+def model_probabilities(groups: Sequence[EncoderGroup | nn.Module], x: torch.Tensor,
+                        device: torch.device) -> torch.Tensor:
+    """Each model's class probabilities (models, B, C) of patches x (G, B, V, 3, c, c), one input per group:
+    softmax per view, averaged over views; a group's encoder runs once for all its heads."""
+    g, b, v = x.shape[:3]
+    out = []
+    for group, xg in zip(groups, x):
+        if not isinstance(group, EncoderGroup):  # a whole net (slide maps pass nets)
+            group = EncoderGroup(nn.Identity(), [group], None)  # type: ignore[arg-type]
+        features = group.encoder(xg.reshape(b * v, *xg.shape[2:]).to(device, non_blocking=True))
+        out += [head(features).float().softmax(-1).view(b, v, -1).mean(1).cpu() for head in group.heads]
+    return torch.stack(out)
 
 
-def predict_images(paths: Sequence[str | Path], models: Sequence[tuple[nn.Module, PatchTransform]], num_classes: int,
+def spread_columns(per_model: np.ndarray, classes: Sequence[str]) -> dict[str, object]:
+    """prob_sd_<class> (the models' sd around their mean, ddof=0) and models_agree (each model's own most probable
+    class the same) of one image's (models, classes) probabilities."""
+    own = per_model.argmax(1)
+    return {**{f"prob_sd_{c}": round(float(s), 6) for c, s in zip(classes, per_model.std(0))},
+            "models_agree": bool((own == own[0]).all())}
+
+
+def mean_probabilities(nets: Sequence[EncoderGroup | nn.Module], x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Class probabilities (B, C) of patches x (G, B, V, 3, c, c): softmax per view, averaged over views and models."""
+    return model_probabilities(nets, x, device).mean(0)
+
+
+def predict_images(paths: Sequence[str | Path], models: Models, num_classes: int,
                    grid: PatchConfig, views: Sequence[tuple[int, bool]] = ((0, False),), batch_size: int = 512,
                    num_workers: int = 1, device: str = "auto", progress: bool = True,
                    description: str = "images") -> Votes:
-    """Votes and probabilities of every image's grid patches, from the nets averaged (an ensemble when several)."""
+    """Votes and probabilities of every image's grid patches, from the models averaged (an ensemble when several):
+    (net, transform) pairs, or EncoderGroups whose encoder runs once for all their heads."""
     dev = resolve_device(device)
-    nets = [net.to(dev).eval() for net, _ in models]
+    groups = as_groups(models)
+    for group in groups:
+        group.encoder.to(dev).eval()
+        for head in group.heads:
+            head.to(dev).eval()
     per_batch = max(1, batch_size // len(views))  # a forward pass takes patches x views inputs
-    dataset = PatchBatches(ImagePatches(paths, grid, [t for _, t in models], views), per_batch)
+    dataset = PatchBatches(ImagePatches(paths, grid, [g.transform for g in groups], views), per_batch)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=as_made,
                         pin_memory=dev.type == "cuda", prefetch_factor=4 if num_workers else None)
     n = len(paths)
     votes = torch.zeros(n, num_classes, dtype=torch.long)
     prob_sum = torch.zeros(n, num_classes, dtype=torch.float64)
+    model_prob_sum = torch.zeros(n, sum(len(g.heads) for g in groups), num_classes, dtype=torch.float64)
     patches = np.zeros(n, dtype=np.int64)
     waiting = np.zeros(n, dtype=np.int64)  # patches of each image not inferred yet
     problems: dict[int, Problem] = {}
@@ -241,7 +285,9 @@ def predict_images(paths: Sequence[str | Path], models: Sequence[tuple[nn.Module
             problems.update(batch.problems)
             done = len(batch.problems)
             if batch.x is not None:
-                probs = mean_probabilities(nets, batch.x, dev)
+                per_model = model_probabilities(groups, batch.x, dev)
+                probs = per_model.mean(0)
+                model_prob_sum.index_add_(0, batch.ids, per_model.transpose(0, 1).double())
                 votes.index_put_((batch.ids, probs.argmax(1)), torch.ones(len(probs), dtype=torch.long),
                                  accumulate=True)
                 prob_sum.index_add_(0, batch.ids, probs.double())
@@ -252,4 +298,4 @@ def predict_images(paths: Sequence[str | Path], models: Sequence[tuple[nn.Module
                 finished += done
                 bar.update(task, completed=finished, rate=f"{finished / (time.perf_counter() - t0):.1f} images/s")
     return Votes([str(p) for p in paths], votes.numpy(), prob_sum.numpy(), patches, problems,
-                 time.perf_counter() - t0)
+                 time.perf_counter() - t0, model_prob_sum.numpy())

@@ -1,0 +1,87 @@
+"""External validation: new images that carry labels (class folders) scored by the fold models together, in the form
+of the k-fold report (image_report.fold_report: accuracy, balanced accuracy, macro F1, ROC AUC for two classes, each
+with its 95% interval over patients, the exact interval where every resample scores alike, confusion matrix,
+calibration), plus the fold models' agreement: the share of images where every fold model's own class is the same.
+
+Labels: an image's folder names its class (`new/CLL/a.tif`). Where no image's folder is named like a class of the
+model, the images carry no labels: predictions only. Where some are, every folder must be: a folder named like no
+class is an error naming it. Patients: `groups=<table image,group>` (paths relative to the images folder, as
+data.groups); without it each image is its own patient, and the report says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Mapping, Sequence
+
+from histoflow.common.errors import ConfigError
+from histoflow.data.problems import Problem
+from histoflow.data.sources import read_groups
+from histoflow.inference.image_report import fold_report
+
+log = logging.getLogger(__name__)
+EXTERNAL = "external"  # the one "fold" of the rows: every image predicted by every fold model
+
+
+def folder_labels(paths: Sequence[Path], classes: Sequence[str], labels: str = "auto") -> list[str] | None:
+    """Each image's class from its folder's name, or None where the images carry no labels (labels=none, or no
+    folder named like a class). A folder named like no class, beside folders that are, is a ConfigError."""
+    if labels == "none":
+        return None
+    if labels not in ("auto", "folder"):
+        raise ConfigError(f"labels={labels!r}: expected auto (class folders where an image's folder names a class), "
+                          "folder (always) or none")
+    found = [p.parent.name for p in paths]
+    if labels == "auto" and not set(found) & set(classes):
+        return None
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        where = {name: next(str(p) for p in paths if p.parent.name == name) for name in unknown}
+        raise ConfigError(f"label(s) {unknown} unknown to the model, whose classes are {list(classes)} (class folders: "
+                          + "; ".join(f"{k!r} holds {v}" for k, v in where.items())
+                          + "). Fix: rename the folder to the model's class, leave those images out, or set "
+                          "labels=none (predictions only)")
+    return found
+
+
+def image_groups(paths: Sequence[Path], table: str | None, root: Path | None) -> list[str | None]:
+    """Each image's patient from a table image,group (paths relative to `root`, the images folder); None without."""
+    if not table:
+        return [None] * len(paths)
+    if root is None:
+        raise ConfigError(f"groups={table}: its paths are relative to the images folder. Fix: pass images=<a folder>")
+    groups = read_groups(SimpleNamespace(groups=table), root)
+    named = []
+    for p in paths:
+        rel = p.absolute().relative_to(root.absolute()).as_posix()  # a link is named where it lies
+        if rel not in groups:
+            raise ConfigError(f"groups={table}: no row for {rel}. Fix: give every image a row image,group")
+        named.append(groups[rel][0])
+    return named
+
+
+def external_report(rows: list[dict[str, Any]], paths: Sequence[Path], labels: Sequence[str],
+                    groups: Sequence[str | None],
+                    classes: list[str], out: Path, settings: Mapping[str, Any],
+                    problems: Sequence[Problem] = ()) -> dict[str, Any]:
+    """report.json and report.md of labelled new images (their rows from predictions.csv, with labels and groups
+    added in place); returns the report."""
+    by_image = dict(zip((str(p) for p in paths), zip(labels, groups)))
+    for r in rows:
+        label, group = by_image[str(r["image"])]
+        r.update(label=label, group=group if group is not None else "", fold=EXTERNAL,
+                 correct=r["predicted"] == label)
+    report = fold_report(rows, classes, out, {**settings, "external": True}, problems, colour=False)
+    agree = [bool(r["models_agree"]) for r in rows if "models_agree" in r]
+    report["fold_agreement"] = {"share": sum(agree) / len(agree) if agree else None, "images": len(agree),
+                                "models": settings.get("models")}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    if agree:
+        with (out / "report.md").open("a") as md:
+            md.write(f"\nFold models' agreement: every one of the {settings.get('models')} models gives the same class "
+                     f"to {sum(agree)} of {len(agree)} images ({sum(agree) / len(agree):.3f}); the spread of their "
+                     "probabilities per image: prob_sd_<class> in predictions.csv.\n")
+    return report
