@@ -23,6 +23,7 @@ from histoflow.common.config import CONF_DIR
 from histoflow.common.errors import HistoflowError, message
 from histoflow.inference.bag_report import bag_runs, write_bag_report
 from histoflow.inference.predict import predict
+from histoflow.inference.task_report import is_task_sweep, task_headline, write_task_report
 
 log = logging.getLogger(__name__)
 REPORT_DIR = "image_report"
@@ -84,6 +85,10 @@ def write_image_report(sweep: str | Path, overrides: Sequence[str] = ()) -> Path
     sweep holds no k-fold set of models, e.g. a sweep over settings rather than folds."""
     sweep = Path(sweep).resolve()  # the report names its checkpoints wherever it is read from
     out = sweep / REPORT_DIR
+    if is_task_sweep(bag_runs(sweep)):  # task=survival|regression: C-index, Kaplan-Meier; MAE, R², r
+        task_report = write_task_report(sweep, out)
+        log.info("%s report: %s\n  %s", task_report["task"], out / "report.md", task_headline(task_report))
+        return out / "report.md"
     if bag_runs(sweep):  # heads on bags: each fold's bag predictions are the report's rows (no re-prediction)
         report = write_bag_report(sweep, out)
         log.info("bag-level report: %s\n  %s", out / "report.md", headline(report))
