@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_train, make_images
+from conftest import compose_config, compose_train, make_images
 from lifelines import CoxPHFitter
 from lifelines.utils import concordance_index
 from scipy.stats import pearsonr
@@ -180,3 +180,39 @@ def test_a_five_fold_survival_multirun_writes_the_report(tmp_path: Path, leave_n
     shuffled = sweep(images, tmp_path / "work", tables[True], tmp_path / "shuffled", weights)
     low, high = shuffled["pooled"]["interval"]
     assert low <= 0.5 <= high, shuffled["pooled"]
+
+
+@pytest.mark.parametrize("task", ["classification", "regression", "survival"])
+def test_every_task_config_reads_into_the_task_section(task: str) -> None:
+    cfg = compose_config("train", [f"task={task}"])
+    assert TaskConfig.from_config(cfg.task).name == task
+    assert cfg.monitor == {"classification": "val/acc_macro", "regression": "val/mae", "survival": "val/cindex"}[task]
+
+
+def test_the_regression_report_pools_a_patients_bags_and_gives_intervals_over_patients(tmp_path: Path) -> None:
+    """Fold runs of a regression head (two image bags a patient), as training/target_outputs.py writes them."""
+    rng = np.random.default_rng(0)
+    for fold in (1, 2, 3):
+        run = tmp_path / str(fold - 1)
+        run.mkdir()
+        rows = ["image,group,fold,patches,target,predicted"]
+        for p in range(8):
+            target = rng.normal()
+            rows += [f"{fold}-{p}-{i}.png,P{fold}{p},{fold},4,{target},{target + rng.normal(0, 0.3)}" for i in (0, 1)]
+        (run / "bag_predictions.csv").write_text("\n".join(rows) + "\n")
+        (run / "bags.json").write_text(json.dumps({"task": {"name": "regression", "loss": "l1", "key": "patient",
+                                                            "columns": ["target"]}, "fold": str(fold),
+                                                   "level": "image", "classes": []}))
+    write_image_report(tmp_path)
+    out = tmp_path / "image_report"
+    report = json.loads((out / "report.json").read_text())
+    assert report["n"] == report["patients"] == 24 and set(report["per_fold"]) == {"fold 1", "fold 2", "fold 3"}
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert len(predictions) == 24 and set(predictions["bags"]) == {2}
+    pooled = report["pooled"]
+    assert pooled["mae"] == pytest.approx(mean_absolute_error(predictions["target"], predictions["predicted"]))
+    for metric in ("mae", "r2", "pearson_r"):
+        low, high = pooled["interval"][metric]
+        assert low <= pooled[metric] <= high
+    assert pooled["pearson_r"] > 0.8 and (out / "scatter.png").stat().st_size > 0
+    assert "Pearson r" in (out / "report.md").read_text()
