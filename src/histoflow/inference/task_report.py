@@ -110,6 +110,10 @@ def _fmt(value: float | None, interval: Sequence[float] | None = None) -> str:
     return text + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
 
+def _p(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2g}"
+
+
 def task_headline(report: Mapping[str, Any]) -> str:
     """The figures that matter, in one line."""
     pooled, unit = report["pooled"], report["unit"]
@@ -117,7 +121,7 @@ def task_headline(report: Mapping[str, Any]) -> str:
         s = report["summary"]["cindex"]
         return (f"C-index {_fmt(pooled['cindex'], pooled['interval'])} (95% CI over {report['patients']} patients) "
                 f"pooled over {report['n']} {unit}s ({report['events']} events), {s['mean']:.3f} ± {s['sd']:.3f} "
-                f"over {s['n']} folds; log-rank p {_fmt(pooled['logrank_p'])}")
+                f"over {s['n']} folds; log-rank p {_p(pooled['logrank_p'])}")
     return (f"MAE {_fmt(pooled['mae'], pooled['interval']['mae'])}, R² {_fmt(pooled['r2'], pooled['interval']['r2'])}"
             f", Pearson r {_fmt(pooled['pearson_r'], pooled['interval']['pearson_r'])} pooled over {report['n']} "
             f"{unit}s (95% CI over {report['patients']} patients)")
@@ -129,11 +133,11 @@ def markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# k-fold {report['task']} report", "", task_headline(report), ""]
     if survival:
         lines += ["| fold | n | events | C-index [95% CI] | log-rank p |", "|---|---|---|---|---|"]
-        lines += [f"| {k} | {f['n']} | {f['events']} | {_fmt(f['cindex'], f['interval'])} | {_fmt(f['logrank_p'])} |"
+        lines += [f"| {k} | {f['n']} | {f['events']} | {_fmt(f['cindex'], f['interval'])} | {_p(f['logrank_p'])} |"
                   for k, f in report["per_fold"].items()]
         p = report["pooled"]
         pooled_row = (f"| pooled | {report['n']} | {report['events']} | {_fmt(p['cindex'], p['interval'])} | "
-                      f"{_fmt(p['logrank_p'])} |")
+                      f"{_p(p['logrank_p'])} |")
         lines += [pooled_row, "", "The pooled C-index ranks each fold's risks within the fold (each model has its "
                   "own scale); the risk halves are cut at each fold's median.", ""]
     else:
