@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -21,10 +22,12 @@ from sklearn.metrics import mean_absolute_error, r2_score
 from test_mil import ENCODER, random_bag
 
 from histoflow.common.errors import ConfigError
+from histoflow.data.folds import SplitConfig
 from histoflow.data.synthetic_targets import synthetic_survival, write_survival_table
 from histoflow.data.targets import TargetTableError, TaskConfig, read_targets
 from histoflow.evaluation.regression import regression_intervals, regression_scores
 from histoflow.evaluation.survival import cindex_interval, harrell_c
+from histoflow.features.bag_targets import attach_targets, task_folds
 from histoflow.features.bags import pad_bags, patient_bags
 from histoflow.inference.sweep_report import write_image_report
 from histoflow.models import ABMIL, MaxPool, MeanPool, build_encoder
@@ -216,3 +219,22 @@ def test_the_regression_report_pools_a_patients_bags_and_gives_intervals_over_pa
         assert low <= pooled[metric] <= high
     assert pooled["pearson_r"] > 0.8 and (out / "scatter.png").stat().st_size > 0
     assert "Pearson r" in (out / "report.md").read_text()
+
+
+def test_slide_folds_of_a_task_are_drawn_by_patient_and_stratified_by_the_event() -> None:
+    records = [SimpleNamespace(slide=f"s{i}-{j}", patient=f"P{i:02d}") for i in range(20) for j in range(2)]
+    targets = {f"P{i:02d}": np.array([float(i), float(i % 2)]) for i in range(20)}
+    task = TaskConfig(name="survival", loss="cox")
+    folds, _ = task_folds(records, SplitConfig(k=5, val_fraction=0.0), task, targets)
+    fold_of: dict[str, set[str]] = {}
+    for r, f in zip(records, folds):
+        fold_of.setdefault(r.patient, set()).add(f)
+    assert all(len(f) == 1 for f in fold_of.values())  # a patient's slides on one side
+    events = {f: sorted(int(targets[p][1]) for p, fs in fold_of.items() if f in fs) for f in set(folds)}
+    assert all(e == [0, 0, 1, 1] for e in events.values()), events
+    bags = [random_bag(2, k) for k in range(3)]
+    for bag, patient in zip(bags, ("P00", "P01", "P99")):
+        bag.group = patient
+    kept, problems = attach_targets(bags, targets, task)
+    assert [b.group for b in kept] == ["P00", "P01"] and list(kept[1].target) == [1.0, 1.0]
+    assert [(p.path, p.kind) for p in problems] == [("bag2", "no-target")]
