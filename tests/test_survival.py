@@ -189,7 +189,7 @@ def test_a_five_fold_survival_multirun_writes_the_report(tmp_path: Path, leave_n
 def test_every_task_config_reads_into_the_task_section(task: str) -> None:
     cfg = compose_config("train", [f"task={task}"])
     assert TaskConfig.from_config(cfg.task).name == task
-    assert cfg.monitor == {"classification": "val/acc_macro", "regression": "val/mae", "survival": "val/cindex"}[task]
+    assert cfg.monitor == {"classification": "val/acc_macro", "regression": "val/r2", "survival": "val/cindex"}[task]
 
 
 def test_the_regression_report_pools_a_patients_bags_and_gives_intervals_over_patients(tmp_path: Path) -> None:
@@ -238,3 +238,28 @@ def test_slide_folds_of_a_task_are_drawn_by_patient_and_stratified_by_the_event(
     kept, problems = attach_targets(bags, targets, task)
     assert [b.group for b in kept] == ["P00", "P01"] and list(kept[1].target) == [1.0, 1.0]
     assert [(p.path, p.kind) for p in problems] == [("bag2", "no-target")]
+
+
+def test_a_regression_head_trains_per_fold_and_writes_its_report(tmp_path: Path, leave_no_trace: None) -> None:
+    images = make_images(tmp_path / "images", per_class=4, size=(72, 72), pixels="tint")
+    torch.manual_seed(0)
+    weights = tmp_path / "squeezenet.pth"
+    torch.save(build_encoder(ENCODER, 40)[0].state_dict(), weights)
+    table = tmp_path / "targets.csv"  # a number per image: 10 x the class index
+    rows = [f"{p.relative_to(images)},{10 * ['CLL', 'FL', 'MCL'].index(p.parent.name)}\n"
+            for p in sorted(images.glob("*/*.png"))]
+    table.write_text("image,target\n" + "".join(rows))
+    overrides = [f"data.root={images}", f"paths.data_dir={tmp_path / 'work'}", "protocol=images", "data.split.k=2",
+                 "data.split.val_fraction=0", "encoder=squeezenet1_1_imagenet", f"encoder.weights={weights}",
+                 "encoder.preprocess.input_size=40", "model=mean_pool", "optimizer=adamw", "optimizer.lr=0.05",
+                 "trainer.max_epochs=5", "++data.loader.num_workers=0", "bag.batch_size=4", "logger=csv",
+                 "callbacks.model_checkpoint.monitor=null", "task=regression", f"task.table={table}", "task.key=image"]
+    with pytest.raises(ConfigError, match="task=regression trains heads on bags"):
+        train(compose_train([*overrides, "model=linear_head", "fold=1"], tmp_path / "patch", multirun=True))
+    for job, fold in enumerate((1, 2)):
+        metrics = train(compose_train([*overrides, f"fold={fold}"], tmp_path / "sweep" / str(job), multirun=True))
+        assert np.isfinite(metrics["test/mae"])
+    write_image_report(tmp_path / "sweep")
+    report = json.loads((tmp_path / "sweep" / "image_report" / "report.json").read_text())
+    assert report["task"] == "regression" and report["n"] == 12 and report["loss"] == "l1"
+    assert (tmp_path / "sweep" / "image_report" / "scatter.png").stat().st_size > 0

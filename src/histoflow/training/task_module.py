@@ -3,7 +3,7 @@
 Batches are padded bags whose labels are the task's targets (features/bags.pad_bags: (B, 2) time, event or (B, 1)
 values). The loss follows task.loss (training/losses.py); each validation and test epoch logs the loss and, over
 all its bags, the C-index of the risks (survival: `<stage>/cindex`, lifelines) or the MAE and R² of the values
-(regression: `<stage>/mae`, `<stage>/r2`): monitor=val/cindex (max) or val/mae (min) select on them. The epoch's
+(regression: `<stage>/mae`, `<stage>/r2`): monitor=val/cindex or val/r2 (max) select on them. The epoch's
 scores are this process's bags; the k-fold report (inference/task_report.py) is the analysis at the patient level.
 """
 
