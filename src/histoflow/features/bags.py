@@ -29,6 +29,7 @@ from histoflow.common.errors import ConfigError
 from histoflow.data.datamodule import ROLES, ShardDataModule
 from histoflow.data.problems import Problem
 from histoflow.data.shards import parse_key, stack_npy, tar_samples
+from histoflow.features.bag_targets import attach_targets, table_targets, task_of
 from histoflow.features.slide_features import read_slide_features
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Bag:
     side: int | None = None
     mpp: float | None = None
     coords_um: np.ndarray | None = None  # (N, 2) microns of each tile's top-left corner, where the scan says
+    target: np.ndarray | None = None  # task=survival|regression: (time, event) or (value,) (features/bag_targets.py)
 
     def __len__(self) -> int:
         return len(self.features)
@@ -99,11 +101,16 @@ def patient_bags(bags: Sequence[Bag], classes: Sequence[str]) -> list[Bag]:
             raise ConfigError(f"patient {patient}: its images carry {len(labels)} labels ({', '.join(labels)}), but a "
                               "patient bag has one. Fix: correct the labels or the data.groups table, or train on "
                               "image bags (bag.level=image)")
+        targets = {tuple(b.target) for b in members if b.target is not None}
+        if len(targets) > 1:
+            raise ConfigError(f"patient {patient}: its images or slides carry {len(targets)} targets "
+                              f"({', '.join(map(str, sorted(targets)))}), but a patient bag has one. Fix: correct the "
+                              "target table (task.table), or train on image or slide bags")
         out.append(Bag(patient, members[0].label, torch.cat([b.features for b in members]),
                        np.concatenate([b.coords for b in members]), patient, members[0].fold,
                        [i for b in members for i in b.images], members[0].side,
                        coords_um=None if any(b.coords_um is None for b in members)
-                       else np.concatenate([b.coords_um for b in members])))
+                       else np.concatenate([b.coords_um for b in members]), target=members[0].target))
     return out
 
 
@@ -141,7 +148,7 @@ def cohort_bags(index: str | Path, classes: Sequence[str], level: str = "slide",
 
 def pad_bags(bags: Sequence[tuple[Bag, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """collate_fn of (bag, index) pairs: features (B, N, D) zero-padded to the longest bag, mask (B, N) True on
-    real tiles, labels (B,), indices (B,)."""
+    real tiles, labels (B,) (a task's targets (B, T) where bags carry them), indices (B,)."""
     if any(len(b) == 0 for b, _ in bags):
         raise ValueError("an empty bag reached a batch: bags without tiles are left out when bags are built")
     longest = max(len(b) for b, _ in bags)
@@ -152,6 +159,8 @@ def pad_bags(bags: Sequence[tuple[Bag, int]]) -> tuple[torch.Tensor, torch.Tenso
         x[i, :len(bag)] = bag.features
         mask[i, :len(bag)] = True
     labels = torch.tensor([b.label for b, _ in bags], dtype=torch.long)
+    if bags[0][0].target is not None:  # task=survival|regression: (B, 2) time, event or (B, 1) values
+        labels = torch.as_tensor(np.stack([b.target for b, _ in bags]), dtype=torch.float32)
     return x, mask, labels, torch.tensor([i for _, i in bags], dtype=torch.long)
 
 
@@ -245,9 +254,10 @@ class BagDataModule(BagLoaders, ShardDataModule):
     levels = ("image", "patient")
 
     def __init__(self, fold: int | str = 1, preprocess: Mapping[str, Any] | None = None, embed: Any = None,
-                 bag: Mapping[str, Any] | None = None, **data: Any) -> None:
+                 bag: Mapping[str, Any] | None = None, task: Mapping[str, Any] | None = None, **data: Any) -> None:
         super().__init__(fold=fold, preprocess=preprocess, embed=embed, **data)
         self._read_bag_section(bag)
+        self.task = task_of(task)  # classification, or the targets of task=survival|regression (task.table)
 
     def setup(self, stage: str | None = None) -> None:
         if self.embed is None:
@@ -259,11 +269,13 @@ class BagDataModule(BagLoaders, ShardDataModule):
         self._paths = {int(r["index"]): str(self.prepared.root / r["image"]) for r in manifest}
         role_of = {r["index"]: "test" if str(r["fold"]) == self.fold else "val" if r["val"] else "train"
                    for r in manifest}
+        targets = table_targets(self.task)
         for role in ROLES:
             rows = [r for r in manifest if role_of[r["index"]] == role]
             bags, problems = image_bags(getattr(self.split, role), rows, self.classes, self.prepared.patch_side)
+            bags, untargeted = attach_targets(bags, targets, self.task)
             self.bags[role] = patient_bags(bags, self.classes) if self.level == "patient" else bags
-            self.problems += problems
+            self.problems += problems + untargeted
         if self.level == "patient":
             check_one_side(self.bags, self.fold)
         self._say_problems("image(s) without a tile")

@@ -28,6 +28,7 @@ from histoflow.common.errors import ConfigError, MissingInputError
 from histoflow.data.datamodule import ROLES
 from histoflow.data.folds import SplitConfig
 from histoflow.data.problems import Problem
+from histoflow.features.bag_targets import attach_targets, table_targets, task_folds, task_of
 from histoflow.features.bags import Bag, BagLoaders, check_one_side, cohort_bags, patient_bags
 from histoflow.features.cohort import embed_cohort, prepare_job
 from histoflow.slides.table import SlideRecord, check_classes, read_slide_table, slide_folds
@@ -49,8 +50,10 @@ class SlideBagDataModule(BagLoaders, pl.LightningDataModule):
                  bag: Mapping[str, Any] | None = None, table: str | None = None,
                  classes: Sequence[str] | None = None, split: Mapping[str, Any] | None = None,
                  slide: Mapping[str, Any] | None = None, features: Mapping[str, Any] | None = None,
-                 on_bad_image: str = "skip", name: str = "slides", **unused: Any) -> None:
+                 on_bad_image: str = "skip", name: str = "slides", task: Mapping[str, Any] | None = None,
+                 **unused: Any) -> None:
         super().__init__()
+        self.task = task_of(task)  # classification, or task=survival|regression: targets from task.table or the table
         if not table:
             raise ConfigError("data=slides needs a slide table. Fix: data.table=<cohort.csv> (columns slide, patient, "
                               "label; docs/cohorts.md)")
@@ -92,7 +95,9 @@ class SlideBagDataModule(BagLoaders, pl.LightningDataModule):
         self.num_classes = len(self.classes)
         # the index's sha256 of each slide: two files of identical bytes under two patients are drawn as one
         shas = {row["slide"]: row["sha256"] for row in _rows(self.index)}
-        folds, val = slide_folds(records, self.split_cfg, shas, self.table)
+        targets = table_targets(self.task, self.table)
+        folds, val = (slide_folds(records, self.split_cfg, shas, self.table) if self.task.name == "classification"
+                      else task_folds(records, self.split_cfg, self.task, targets))
         fold_of = {r.slide: f for r, f in zip(records, folds)}
         role_of = {r.slide: "test" if f == self.fold else "val" if v else "train"
                    for r, f, v in zip(records, folds, val)}
@@ -104,7 +109,8 @@ class SlideBagDataModule(BagLoaders, pl.LightningDataModule):
         self._sources = {str(k): {"path": file_of[row["slide"]], "shard": str(self.index.parent / row["shard"])}
                          for k, row in enumerate(_rows(self.index))}
         for role in ROLES:
-            members = [b for b in slides if role_of[b.name] == role]
+            members, untargeted = attach_targets([b for b in slides if role_of[b.name] == role], targets, self.task)
+            self.problems += untargeted
             self.bags[role] = patient_bags(members, self.classes) if self.level == "patient" else members
         if self.level == "patient":
             check_one_side(self.bags, self.fold)

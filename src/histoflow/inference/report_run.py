@@ -29,6 +29,27 @@ def _interval(keys: dict[str, float], name: str, bounds: Sequence[float]) -> Non
     keys[f"{name}_low"], keys[f"{name}_high"] = float(bounds[0]), float(bounds[1])
 
 
+def task_keys(report: Mapping[str, Any]) -> dict[str, float]:
+    """A survival or regression report's figures as flat keys: survival: `report/cindex` with its 95% interval over
+    patients, `report/logrank_p`; regression: `report/mae`, `report/r2`, `report/pearson_r` with theirs; each with
+    mean and sd over folds; patients, rows and folds."""
+    pooled, keys = report["pooled"], {}
+    if report["task"] == "survival":
+        keys["report/cindex"] = pooled["cindex"]
+        _interval(keys, "report/cindex", pooled["interval"])
+        keys["report/logrank_p"] = pooled.get("logrank_p")
+        keys["report/events"] = report.get("events")
+    else:
+        for metric, interval in pooled["interval"].items():
+            keys[f"report/{metric}"] = pooled[metric]
+            _interval(keys, f"report/{metric}", interval)
+    for metric, summary in report["summary"].items():
+        keys[f"report/{metric}_mean"], keys[f"report/{metric}_sd"] = summary["mean"], summary["sd"]
+    keys.update({"report/patients": report["patients"], "report/images": report["n"],
+                 "report/folds": len(report["per_fold"])})
+    return {k: float(v) for k, v in keys.items() if v is not None and math.isfinite(float(v))}
+
+
 def report_keys(report: Mapping[str, Any]) -> dict[str, float]:
     """The report's figures as flat numeric keys: pooled accuracy with its 95% interval over patients (the exact
     interval over cases where every bootstrap resample scores alike: `report/acc_exact` 1), balanced accuracy and
@@ -36,6 +57,8 @@ def report_keys(report: Mapping[str, Any]) -> dict[str, float]:
     (`report/colour_acc`: the stronger), ECE, ROC AUC (two classes), and how many patients (`report/patients_named`
     0: the rows named none, each image its own), images and folds. An interval that every resample puts at one value
     (all right or all wrong) is the exact (Clopper-Pearson) one over the cases instead."""
+    if report.get("task") in ("survival", "regression"):
+        return task_keys(report)
     pooled, interval, case = report["pooled"], report["interval"], report["case_level"]
     keys: dict[str, float] = {"report/acc": pooled["image/acc"]}
     low, high = interval["image/acc"]
@@ -122,7 +145,7 @@ def report_tables(report: Mapping[str, Any], sweep: Path | None) -> dict[str, li
     sd (summary.json), and the misclassified rows."""
     per_fold = [{"fold": fold, **values} for fold, values in report["per_fold"].items()]
     per_fold += [{"fold": stat, **{m: s[stat] for m, s in report["summary"].items()}} for stat in ("mean", "sd")]
-    tables = {"report/per_fold": per_fold, "report/misclassified": list(report["misclassified"])}
+    tables = {"report/per_fold": per_fold, "report/misclassified": list(report.get("misclassified") or [])}
     summary = json.loads((sweep / SUMMARY_FILE).read_text()) if sweep and (sweep / SUMMARY_FILE).is_file() else None
     if summary:
         rows = [{"fold": fold, **values} for fold, values in summary["per_fold"].items()]

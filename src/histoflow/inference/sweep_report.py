@@ -25,6 +25,7 @@ from histoflow.inference.bag_report import bag_runs, logged_maps, write_bag_repo
 from histoflow.inference.image_report import absent_warning
 from histoflow.inference.predict import predict
 from histoflow.inference.report_run import publish_report
+from histoflow.inference.task_report import is_task_sweep, task_headline, write_task_report
 from histoflow.training.outputs import REPORT_DIR
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,10 @@ def write_image_report(sweep: str | Path, overrides: Sequence[str] = ()) -> Path
     sweep holds no k-fold set of models, e.g. a sweep over settings rather than folds."""
     sweep = Path(sweep).resolve()  # the report names its checkpoints wherever it is read from
     out = sweep / REPORT_DIR
+    if is_task_sweep(bag_runs(sweep)):  # task=survival|regression: C-index, Kaplan-Meier; MAE, R², r
+        task_report = write_task_report(sweep, out)
+        log.info("%s report: %s\n  %s", task_report["task"], out / "report.md", task_headline(task_report))
+        return out / "report.md"
     if bag_runs(sweep):  # heads on bags: each fold's bag predictions are the report's rows (no re-prediction)
         report = write_bag_report(sweep, out)
         publish_report(out, report, [sweep], images=logged_maps(out))  # its keys; beside the folds in W&B

@@ -16,6 +16,7 @@ from pytorch_lightning.loggers import CSVLogger
 from histoflow.common.config import localize_weights, refuse_unknown_top_keys
 from histoflow.common.errors import ConfigError
 from histoflow.evaluation.figures import plot_training_curves
+from histoflow.features.bag_targets import task_of
 from histoflow.features.embeddings import Embedder
 from histoflow.models import input_preprocess, is_bag_head
 from histoflow.models.build import build_net, require_head
@@ -24,6 +25,8 @@ from histoflow.training.callbacks import FlushLogs
 from histoflow.training.module import BagClassifier, PatchClassifier
 from histoflow.training.outputs import METRICS_FILE, merge_csv_metrics
 from histoflow.training.resume import ddp_children_rerun_this_job, resume_checkpoint
+from histoflow.training.target_outputs import write_target_outputs
+from histoflow.training.task_module import BagTargetModule
 from histoflow.training.tracking import configure_wandb, finish_wandb
 
 log = logging.getLogger(__name__)
@@ -59,7 +62,7 @@ def bag_data(cfg: DictConfig) -> dict[str, Any]:
                           f"(model={str(cfg.model.get('_target_', '')).rsplit('.', 1)[-1]}) trains on. Fix: add "
                           "`bag_target: histoflow.features.bags.BagDataModule` to the data config (bags of its "
                           "images' windows)")
-    return {"bag": cfg.get("bag"), "_target_": target}
+    return {"bag": cfg.get("bag"), "task": cfg.get("task"), "_target_": target}
 
 
 def refuse_patch_model_on_bags(cfg: DictConfig) -> None:
@@ -87,15 +90,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     require_head(cfg.model, bool(encoder))
     refuse_patch_model_on_bags(cfg)
     bags = is_bag_head(cfg.model)  # a head on bags of tile embeddings (model=abmil|mean_pool|max_pool)
+    task = task_of(cfg.get("task"))  # classification, or a survival | regression target (conf/task)
+    if task.name != "classification" and not bags:
+        raise ConfigError(f"task={task.name} trains heads on bags. Fix: model=abmil (or mean_pool, max_pool) with an "
+                          "encoder, or task=classification")
     extra = bag_data(cfg) if bags else {}
     datamodule = hydra.utils.instantiate(cfg.data, fold=cfg.fold, _recursive_=False,
                                          preprocess=input_preprocess(cfg.model, encoder),
                                          embed=Embedder(encoder) if encoder else None, **extra)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    net = build_net(cfg.model, datamodule.num_classes, datamodule.input_size, datamodule.feature_dim)
-    module = (BagClassifier if bags else PatchClassifier)(
-        net,
+    classify = task.name == "classification"
+    net = build_net(cfg.model, datamodule.num_classes if classify else task.outputs, datamodule.input_size,
+                    datamodule.feature_dim)
+    settings = dict(
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.get("scheduler")),
         classes=list(datamodule.classes),
@@ -103,6 +111,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         config=OmegaConf.to_container(cfg, resolve=True),  # in the checkpoint and, as hparams, in every logger
         feature_dim=datamodule.feature_dim,
     )
+    module = ((BagClassifier if bags else PatchClassifier)(net, **settings) if classify
+              else BagTargetModule.for_data(net, task, datamodule, **settings))
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
@@ -121,7 +131,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer.test(module, datamodule=datamodule, ckpt_path=best_path)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
             if bags and trainer.is_global_zero:  # one prediction per held-out bag: the rows of the k-fold report
-                write_bag_outputs(module.model, datamodule, output_dir, bag_settings(cfg))
+                if classify:
+                    write_bag_outputs(module.model, datamodule, output_dir, bag_settings(cfg))
+                else:
+                    write_target_outputs(module, datamodule, output_dir, bag_settings(cfg))
         metrics.update(fold=str(cfg.fold), best_checkpoint=best_path, output_dir=str(output_dir))
         if trainer.is_global_zero:
             (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
