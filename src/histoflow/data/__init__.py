@@ -2,5 +2,5 @@
 transforms and the LightningDataModule. Knows no model.
 
 Modules: audit, datamodule, dataset, download, fingerprint, folds, images, loader_config, locks, manifest, packing,
-patches, pipeline, prepare, problems, shards, sources, stain, transforms.
+patches, pipeline, prepare, problems, shards, sources, stain, targets, transforms.
 """

@@ -2,5 +2,6 @@
 index and embedder; slide_features: the per-slide file), embedded once and found afterwards; bags of them (bags,
 slide_bags) for attention MIL.
 
-Modules: bags, cohort, cohort_index, cohort_job, embeddings, slide_bags, slide_embedder, slide_features.
+Modules: bag_targets, bags, cohort, cohort_index, cohort_job, embeddings, slide_bags, slide_embedder,
+slide_features.
 """

@@ -7,5 +7,5 @@
 
 It sits above every stage: it may import any of them (tests/test_layout.py holds that no stage imports it).
 
-Modules: cohort_fixture, slide_shards, stain, synthetic_slide.
+Modules: cohort_fixture, slide_shards, stain, synthetic_slide, synthetic_targets.
 """
