@@ -62,3 +62,26 @@ def test_a_sweep_without_report_shows_its_folds_and_a_folder_of_nothing_is_refus
     assert row[3] == "–" and row[8] == "0.500 ± 0.100 (patches)"
     with pytest.raises(MissingInputError, match="not a finished multirun"):
         sweep_row(tmp_path / "elsewhere")
+
+
+def test_survival_and_regression_sweeps_show_their_own_figures(tmp_path: Path) -> None:
+    """A task sweep's report has no accuracy: its C-index (survival) or MAE and R² (regression) with their intervals
+    take the first metric's column, named; the classification columns say nothing rather than a wrong figure."""
+    survival = fake_sweep(tmp_path, "cox", 0, 0, 0, report=False)
+    (survival / "image_report").mkdir()
+    keys = {"report/cindex": 0.712, "report/cindex_low": 0.6, "report/cindex_high": 0.81, "report/logrank_p": 0.03,
+            "report/cindex_mean": 0.7, "report/cindex_sd": 0.05, "report/patients": 40.0, "report/folds": 5.0}
+    (survival / "image_report" / "report.json").write_text(json.dumps({"task": "survival", "keys": keys}))
+    regression = fake_sweep(tmp_path, "l1", 0, 0, 0, report=False)
+    (regression / "image_report").mkdir()
+    interval = {"mae": [1.0, 1.5], "r2": [0.1, 0.5], "pearson_r": [0.3, 0.7]}  # an older report: keys computed
+    (regression / "image_report" / "report.json").write_text(json.dumps({
+        "task": "regression", "n": 30, "patients": 30, "per_fold": {"1": {}, "2": {}},
+        "pooled": {"mae": 1.25, "r2": 0.3, "pearson_r": 0.55, "interval": interval},
+        "summary": {m: {"mean": 1.2 if m == "mae" else 0.3, "sd": 0.1} for m in interval}}))
+    table = comparison_table([sweep_row(survival), sweep_row(regression)])
+    cox, l1 = cells(table, "cox"), cells(table, "l1")
+    assert cox[1:4] == ["5", "40", "C-index 0.712 [0.60, 0.81] (survival)"]
+    assert cox[4:8] == ["–"] * 4 and cox[8] == "0.700 ± 0.050 (C-index)"
+    assert l1[1:4] == ["2", "30", "MAE 1.250 [1.00, 1.50]; R² 0.300 [0.10, 0.50] (regression)"]
+    assert l1[8] == "1.200 ± 0.100 (MAE)"

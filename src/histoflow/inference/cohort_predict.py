@@ -17,7 +17,7 @@ fold's head on each bag (a slide, or a patient's slides pooled as in training), 
     <out>/slides/<stem>.tiles.csv, .map.npy, .json    each tile's own class probabilities (the fold models' mean),
                                 the viewer's probability overlay; .geojson with slide.export=[geojson]: QuPath objects
     <out>/report.md, report.json, ...   where the table has a label column: the external validation
-                                (inference/cohort_report.py)
+                                (inference/external_report.py)
 """
 
 from __future__ import annotations
@@ -43,20 +43,14 @@ from histoflow.features.cohort import embed_cohort, prepare_job
 from histoflow.features.cohort_job import ENCODER_SIDE
 from histoflow.features.slide_features import read_slide_features
 from histoflow.inference.attention_maps import GALLERY, attention_gallery, write_attention_maps
-from histoflow.inference.bag_heads import (
-    BagHeadModel,
-    FoldPredictions,
-    fold_columns,
-    is_slide_bag_checkpoint,
-    load_bag_heads,
-    predict_bags,
-    prediction_columns,
-)
-from histoflow.inference.cohort_report import cohort_report
+from histoflow.inference.bag_heads import FoldPredictions, fold_columns, predict_bags
+from histoflow.inference.external_report import EXTERNAL, external_validation
+from histoflow.inference.fold_models import BagHeadModel, is_slide_bag_checkpoint, load_bag_heads
 from histoflow.inference.image_report import write_csv
+from histoflow.inference.model_settings import check_settings, model_encoder, model_tiling, refuse_slide_changes
 from histoflow.inference.predict import SLIDE_SUFFIXES, files_matching
 from histoflow.inference.slide_outputs import write_bag_folder, write_slide_outputs
-from histoflow.inference.slide_settings import check_settings, model_encoder, model_tiling, refuse_changes
+from histoflow.inference.voting import prediction_columns
 
 log = logging.getLogger(__name__)
 UNLABELLED = "unlabelled"  # the label column of cohort.csv where the new slides carry none
@@ -136,14 +130,14 @@ def _bags(index: Path, slides: Sequence[NewSlide], classes: Sequence[str], level
         coords = np.column_stack([np.full(len(px), number), px, np.zeros(len(px), dtype=np.int64)])
         label = classes.index(slide.label) if slide.label else 0  # bag_outputs names a class; unused unlabelled
         singles.append(Bag(row["slide"], label, torch.from_numpy(data["features"]).float(), coords, slide.patient,
-                           "external", [row["slide"]], coords_um=np.asarray(data["coords_um"])))
+                           EXTERNAL, [row["slide"]], coords_um=np.asarray(data["coords_um"])))
     if level != "patient":
         return singles, found
     pooled: dict[str, list[Bag]] = {}
     for b in singles:
         pooled.setdefault(b.group, []).append(b)
     return [Bag(p, ms[0].label, torch.cat([b.features for b in ms]), np.concatenate([b.coords for b in ms]), p,
-                "external", [i for b in ms for i in b.images], coords_um=np.concatenate([b.coords_um for b in ms]))
+                EXTERNAL, [i for b in ms for i in b.images], coords_um=np.concatenate([b.coords_um for b in ms]))
             for p, ms in pooled.items()], found
 
 
@@ -174,7 +168,7 @@ def _rows(slides: Sequence[NewSlide], bags: Sequence[Bag], pred: FoldPredictions
     for i, b in enumerate(bags):
         cols = prediction_columns(pred.probs[i], classes)
         votes = np.bincount(pred.tile_probs[i].argmax(1), minlength=len(classes))
-        bag_rows.append({"image": b.name, "group": b.group, "fold": "external",
+        bag_rows.append({"image": b.name, "group": b.group, "fold": EXTERNAL,
                          "label": classes[b.label] if labelled else "", "predicted": cols["predicted"],
                          "patches": len(b), **{f"votes_{c}": int(v) for c, v in zip(classes, votes)},
                          **{f"prob_{c}": cols[f"prob_{c}"] for c in classes},
@@ -187,7 +181,7 @@ def predict_cohort(cfg: DictConfig, out: Path, settings: dict[str, Any]) -> tupl
     W&B run would log."""
     models = load_bag_heads(str(cfg.ckpt_path), cfg.trusted_targets)
     first, classes = models[0], models[0].classes
-    refuse_changes(cfg, first)  # what the model sees comes from its checkpoint: before any work
+    refuse_slide_changes(cfg, first)  # what the model sees comes from its checkpoint: before any work
     spec = cfg.slides if isinstance(cfg.slides, str) else list(cfg.slides)
     slides = read_new_cohort(spec, classes)
     labelled = all(s.label is not None for s in slides)
@@ -223,7 +217,7 @@ def predict_cohort(cfg: DictConfig, out: Path, settings: dict[str, Any]) -> tupl
     logged: dict[str, Any] = {"metrics": {"predict/slides": float(len(slide_rows))}, "images": {},
                               "tables": {"predict/slides": slide_rows, "predict/patients": patient_rows}}
     if labelled:
-        report = cohort_report(bag_rows, classes, out, settings, problems)
+        report = external_validation(bag_rows, classes, out, settings, problems, "slides.csv and patients.csv")
         logged["metrics"].update({f"predict/external/{k}": v for k, v in report["pooled"].items()})
     else:
         log.info("the new slides carry no labels (%s has no label column): predictions only, no report", cfg.slides)

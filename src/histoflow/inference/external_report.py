@@ -1,7 +1,8 @@
-"""External validation: new images that carry labels (class folders) scored by the fold models together, in the form
-of the k-fold report (image_report.fold_report: accuracy, balanced accuracy, macro F1, ROC AUC for two classes, each
-with its 95% interval over patients, the exact interval where every resample scores alike, confusion matrix,
-calibration), plus the fold models' agreement: the share of images where every fold model's own class is the same.
+"""External validation, the one report of labelled new images and new cohorts: the rows (images, slides or patients)
+scored by the fold models together, in the form of the k-fold report (image_report.fold_report: accuracy, balanced
+accuracy, macro F1, ROC AUC for two classes, each with its 95% interval over patients, the exact interval where every
+resample scores alike, confusion matrix, expected calibration error and reliability diagram), plus the fold models'
+agreement: the share of rows where every fold model's own class is the same (models_agree).
 
 Labels: an image's folder names its class (`new/CLL/a.tif`). Where no image's folder is named like a class of the
 model, the images carry no labels: predictions only. Where some are, every folder must be: a folder named like no
@@ -63,25 +64,42 @@ def image_groups(paths: Sequence[Path], table: str | None, root: Path | None) ->
     return named
 
 
+def fold_agreement(rows: Sequence[Mapping[str, Any]], models: int, unit: str = "image") -> dict[str, Any]:
+    """The share of rows whose fold models all give the same class (their models_agree, a bool or as CSV writes it);
+    share None where no row has the column."""
+    agree = [str(r["models_agree"]) == "True" for r in rows if "models_agree" in r]
+    return {"share": sum(agree) / len(agree) if agree else None, "agree": sum(agree), f"{unit}s": len(agree),
+            "models": models}
+
+
+def external_validation(rows: list[dict[str, Any]], classes: list[str], out: Path, settings: Mapping[str, Any],
+                        problems: Sequence[Problem] = (), table: str = "predictions.csv") -> dict[str, Any]:
+    """report.json, report.md and the figures of labelled new rows (label, group, fold=external) in `out`: the
+    k-fold report's form, the fold models' agreement and the calibration; returns the report. The rows' unit is
+    settings' bag_level (slide, patient) or image; `table` names where their spread (prob_sd_<class>) is."""
+    unit = str(settings.get("bag_level") or "image")
+    report = fold_report(rows, classes, out, {**settings, "external": True}, problems, colour=False)
+    report["fold_agreement"] = agreement = fold_agreement(rows, int(settings.get("models") or 1), unit)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    said = (f"Fold models' agreement: all {agreement['models']} give the same class to {agreement['agree']} of "
+            f"{agreement[f'{unit}s']} {unit}s ({agreement['share']:.3f}); the spread of their probabilities per "
+            f"{unit}: prob_sd_<class> in {table}. " if agreement["share"] is not None else "")
+    with (out / "report.md").open("a") as md:
+        md.write(f"\n## External validation\n\nEvery new {unit} predicted by all {agreement['models']} fold models "
+                 "together (their probabilities averaged); the figures above are one external \"fold\". "
+                 f"{said}Calibration: ECE {report['calibration']['ece']:.3f} (reliability_images.png).\n")
+    return report
+
+
 def external_report(rows: list[dict[str, Any]], paths: Sequence[Path], labels: Sequence[str],
                     groups: Sequence[str | None],
                     classes: list[str], out: Path, settings: Mapping[str, Any],
                     problems: Sequence[Problem] = ()) -> dict[str, Any]:
-    """report.json and report.md of labelled new images (their rows from predictions.csv, with labels and groups
+    """The external validation of labelled new images (their rows from predictions.csv, with labels and groups
     added in place); returns the report."""
     by_image = dict(zip((str(p) for p in paths), zip(labels, groups)))
     for r in rows:
         label, group = by_image[str(r["image"])]
         r.update(label=label, group=group if group is not None else "", fold=EXTERNAL,
                  correct=r["predicted"] == label)
-    report = fold_report(rows, classes, out, {**settings, "external": True}, problems, colour=False)
-    agree = [bool(r["models_agree"]) for r in rows if "models_agree" in r]
-    report["fold_agreement"] = {"share": sum(agree) / len(agree) if agree else None, "images": len(agree),
-                                "models": settings.get("models")}
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    if agree:
-        with (out / "report.md").open("a") as md:
-            md.write(f"\nFold models' agreement: every one of the {settings.get('models')} models gives the same class "
-                     f"to {sum(agree)} of {len(agree)} images ({sum(agree) / len(agree):.3f}); the spread of their "
-                     "probabilities per image: prob_sd_<class> in predictions.csv.\n")
-    return report
+    return external_validation(rows, classes, out, settings, problems)

@@ -1,7 +1,11 @@
 """Trained models for prediction: find the fold checkpoints of a run, load them safely, rebuild their preprocessing.
 
 A checkpoint is read with torch.load(weights_only=True), so it cannot run pickled code, and the net
-is rebuilt from the config stored in it only when every `_target_` there is on a trusted list.
+is rebuilt from the config stored in it only when every `_target_` there is on a trusted list
+(training/checkpoints.py load_classifier: the one loader of patch models, heads on an encoder and heads on bags).
+A head on slide or patient bags is loaded alone (BagHeadModel): its encoder runs once, in the cohort's embedding
+(features/cohort.py); its checkpoint keeps the full training config (encoder, data.slide: the tiling, classes) and,
+from the bag DataModule, the cohort settings that keyed its features (the encoder's weights' sha256 among them).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from histoflow.training.outputs import METRICS_FILE, job_order
 log = logging.getLogger(__name__)
 DATAMODULE_STATE = "ShardDataModule"  # Lightning saves the datamodule's state_dict() under its class name
 BAG_DATAMODULE_STATE = "BagDataModule"  # a bag head's (features/bags.py), a ShardDataModule with its bag section
+SLIDE_BAG_STATE = "SlideBagDataModule"  # a head on slide or patient bags (features/slide_bags.py): its cohort settings
 
 
 def datamodule_state(checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -224,3 +229,61 @@ def check_compatible(models: list[FoldModel], classes: list[str] | None, window:
         if m.patch_size != window:
             raise CheckpointError(f"{m.path}: trained on {m.patch_size}-px patches, but the grid cuts {window}-px "
                                   f"windows. Fix: set grid.size={m.patch_size} (or null, the training size)")
+
+
+@dataclass
+class BagHeadModel:
+    """One fold's head on slide or patient bags, with what it was trained on."""
+
+    path: Path
+    fold: str
+    classes: list[str]
+    head: nn.Module
+    config: dict[str, Any]  # the full resolved training config
+    level: str  # slide | patient
+    cohort: dict[str, Any]  # the cohort settings of its features ({} for a checkpoint older than they are kept)
+
+    @property
+    def tiling(self) -> dict[str, Any]:
+        """data.slide of its training: how its slides were cut into tiles."""
+        return dict(self.config["data"].get("slide") or {})
+
+
+def is_slide_bag_checkpoint(path: str | Path) -> bool:
+    """Whether ckpt_path's first checkpoint is a head on slide or patient bags (data=slides)."""
+    config = read_checkpoint(find_checkpoints(path)[0])["hyper_parameters"]["config"]
+    return is_bag_head(config.get("model") or {}) and str(config["data"].get("_target_", "")).endswith(
+        SLIDE_BAG_STATE)
+
+
+def load_bag_head(path: Path, trusted: Iterable[str] = TRUSTED_TARGETS) -> BagHeadModel:
+    """A head on slide or patient bags from its checkpoint, without its encoder (load_classifier, with_encoder=False);
+    CheckpointError naming the file where it is none or not trusted."""
+    checkpoint = read_checkpoint(path)
+    config = checkpoint["hyper_parameters"]["config"]
+    if not is_bag_head(config.get("model") or {}):
+        raise CheckpointError(f"{path}: not a head on bags (model {config['model'].get('_target_')}): slide tables "
+                              "with a patch model are predicted as maps (slides=<files>, docs/prediction.md)")
+    try:
+        module = load_classifier(path, trusted, checkpoint=checkpoint, with_encoder=False)
+    except UntrustedCheckpoint as e:
+        raise CheckpointError(str(e)) from e
+    state = checkpoint.get(SLIDE_BAG_STATE) or {}
+    level = str((state.get("bag") or config.get("bag") or {}).get("level", "slide"))
+    return BagHeadModel(path, str(config["fold"]), list(module.classes), module.model.eval(), config, level,
+                        dict(state.get("cohort") or {}))
+
+
+def load_bag_heads(ckpt_path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS) -> list[BagHeadModel]:
+    """Every fold's head of a multirun (or the one of a run or .ckpt); heads that differ in classes, bag level,
+    encoder or tiling cannot be averaged and are refused naming both checkpoints."""
+    models = [load_bag_head(p, trusted) for p in find_checkpoints(ckpt_path)]
+    first = models[0]
+    for m in models[1:]:
+        for what, mine, theirs in (("classes", m.classes, first.classes), ("bag.level", m.level, first.level),
+                                   ("encoder and tiling (cohort settings)", m.cohort, first.cohort)):
+            if mine != theirs:
+                raise CheckpointError(f"{m.path} was trained with {what} {mine}, {first.path} with {theirs}: their "
+                                      "probabilities cannot be averaged. Fix: predict with the fold models of one "
+                                      "training multirun")
+    return models

@@ -1,6 +1,8 @@
 """Recipes side by side: several multirun folders' k-fold reports in one table (`histoflow summary <multirun>
 <multirun> ...`), read from each one's image_report/report.json keys (inference/report_run.py), the folds' own
 test metrics from its summary.json where it has no report. The same figures as the report runs' table in W&B.
+A survival or regression sweep (task=survival|regression: report/cindex, report/mae ... keys) shows its own figures
+in the first metric's column, its task named: `C-index 0.712 [0.60, 0.81] (survival)`.
 """
 
 from __future__ import annotations
@@ -50,8 +52,28 @@ def _ci(keys: Mapping[str, float], name: str) -> str:
     return text
 
 
+# a task's figures (inference/report_run.py task_keys): its name in the table, and the key of each figure shown
+TASK_FIGURES = {"survival": [("C-index", "report/cindex")],
+                "regression": [("MAE", "report/mae"), ("R²", "report/r2")]}
+
+
+def task_of(keys: Mapping[str, float]) -> str | None:
+    """survival or regression where the keys are a task report's, None for a classifier's."""
+    return next((task for task, figures in TASK_FIGURES.items() if figures[0][1] in keys), None)
+
+
+def _task_cell(keys: Mapping[str, float], task: str) -> str:
+    shown = "; ".join(f"{label} {_ci(keys, key)}" for label, key in TASK_FIGURES[task] if key in keys)
+    return f"{shown} ({task})"
+
+
 def _over_folds(row: Mapping[str, Any]) -> str:
     keys, folds = row["keys"], row["folds"]
+    task = task_of(keys)
+    if task:
+        label, key = TASK_FIGURES[task][0]
+        if f"{key}_mean" in keys:
+            return f"{keys[f'{key}_mean']:.3f} ± {keys.get(f'{key}_sd', float('nan')):.3f} ({label})"
     if "report/acc_mean" in keys:
         return f"{keys['report/acc_mean']:.3f} ± {keys['report/acc_sd']:.3f}"
     if "test/acc_macro" in folds:  # no report: the folds' patch-level test accuracy
@@ -68,11 +90,14 @@ def comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
         patients = int(keys["report/patients"]) if "report/patients" in keys else "–"
         if keys.get("report/patients_named") == 0.0:
             patients = f"{patients} (images)"
-        cells = [row["recipe"], str(folds), str(patients), _ci(keys, "report/acc"), _ci(keys, "report/case_acc"),
+        task = task_of(keys)
+        first = _task_cell(keys, task) if task else _ci(keys, "report/acc")
+        cells = [row["recipe"], str(folds), str(patients), first, _ci(keys, "report/case_acc"),
                  _ci(keys, "report/balanced_acc"), _ci(keys, "report/f1_macro"), _ci(keys, "report/colour_acc"),
                  _over_folds(row), row["folder"]]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["", "Pooled over folds, 95% intervals over patients (bootstrap; exact over cases where every resample "
              "scores alike); case-level: the majority of a case's images; colour only: the stronger colour-only "
-             "baseline on the same folds; over folds: mean ± sd."]
+             "baseline on the same folds; over folds: mean ± sd. A survival or regression sweep: its own figures "
+             "(C-index; MAE and R²) in the accuracy column, with their intervals over patients."]
     return "\n".join(lines + notes) + "\n"

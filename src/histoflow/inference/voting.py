@@ -248,6 +248,15 @@ def spread_columns(per_model: np.ndarray, classes: Sequence[str]) -> dict[str, o
             "models_agree": bool((own == own[0]).all())}
 
 
+def prediction_columns(per_model: np.ndarray, classes: Sequence[str]) -> dict[str, object]:
+    """One bag's or image's columns from its (models, classes) probabilities: predicted (the mean's most probable
+    class), confidence, prob_<class> (the models' mean), then spread_columns (prob_sd_<class>, models_agree)."""
+    mean = per_model.mean(0)
+    k = int(mean.argmax())
+    return {"predicted": classes[k], "confidence": round(float(mean[k]), 6),
+            **{f"prob_{c}": round(float(p), 6) for c, p in zip(classes, mean)}, **spread_columns(per_model, classes)}
+
+
 def mean_probabilities(nets: Sequence[EncoderGroup | nn.Module], x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Class probabilities (B, C) of patches x (G, B, V, 3, c, c): softmax per view, averaged over views and models."""
     return model_probabilities(nets, x, device).mean(0)

@@ -62,13 +62,15 @@ def untrusted_targets(config: Any, trusted: Iterable[str]) -> list[str]:
 
 
 def load_classifier(checkpoint_path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS,
-                    checkpoint: Mapping[str, Any] | None = None, encoder_weights: str | None = None) -> PatchClassifier:
+                    checkpoint: Mapping[str, Any] | None = None, encoder_weights: str | None = None,
+                    with_encoder: bool = True) -> PatchClassifier:
     """A trained PatchClassifier from a histoflow checkpoint, its net rebuilt from the config stored in it.
 
     The file is read once, with weights_only=True (read_checkpoint: no pickled code runs), unless its contents are
     given already read (`checkpoint`), and the stored model config is instantiated only when its `_target_`s start
     with a trusted prefix. A head's encoder is rebuilt with `encoder_weights` where given, else the weights file it
-    was trained on.
+    was trained on. with_encoder=False: a head alone, whatever its encoder (a head on slide or patient bags reads
+    the features the cohort's embedding made).
     """
     if checkpoint is None:
         checkpoint = read_checkpoint(checkpoint_path)
@@ -84,7 +86,7 @@ def load_classifier(checkpoint_path: str | Path, trusted: Iterable[str] = TRUSTE
         model_cfg["weights"] = None  # the checkpoint holds every weight: no pretrained download needed
     net = build_net(model_cfg, len(classes), hparams["input_size"], hparams.get("feature_dim"))
     net.load_state_dict(clean_state_dict(checkpoint))
-    if config.get("encoder"):  # a head on frozen features: predicts patches through its encoder, rebuilt as trained
+    if with_encoder and config.get("encoder"):  # a head on frozen features: predicts patches through its encoder, rebuilt as trained
         encoder = {**config["encoder"], **({"weights": encoder_weights} if encoder_weights else {})}
         net = encoder_with_head(build_encoder(encoder, hparams["input_size"])[0], net)
     # no optimizer: a loaded classifier predicts; training resumes through Trainer.fit(ckpt_path=...)
