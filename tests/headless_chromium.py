@@ -1,5 +1,6 @@
 """Headless Chromium driven over the DevTools protocol (aiohttp's websocket client): open a page, wait until it says
-it is ready, read what it set, collect its script errors and console errors, take a screenshot."""
+it is ready, read what it set, collect its script errors and console errors, take a screenshot; then, step by step,
+move the pointer (Input.dispatchMouseEvent, as a mouse does) or run a script, wait again, read and take another."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import aiohttp
 
@@ -24,6 +26,19 @@ class PageResult:
     png: bytes
     values: dict  # the page's expressions evaluated once it was ready
     errors: list[str] = field(default_factory=list)  # uncaught exceptions and console.error messages
+    steps: list[PageResult] = field(default_factory=list)  # what each Step found (errors: the page's, all steps)
+
+
+@dataclass
+class Step:
+    """Once the page (or the step before) is ready: move the pointer to `pointer(values)` (window px; `values`: what
+    the page gave when it was first ready) and/or run `script`, wait until `ready` is truthy and settled, evaluate
+    `values`, take a screenshot."""
+
+    ready: str
+    values: dict[str, str] = field(default_factory=dict)
+    script: str | None = None
+    pointer: Callable[[dict], tuple[float, float]] | None = None
 
 
 def _devtools_port(profile: Path, process: subprocess.Popen, timeout: float = 30) -> int:
@@ -39,7 +54,7 @@ def _devtools_port(profile: Path, process: subprocess.Popen, timeout: float = 30
 
 
 async def _session(port: int, url: str, ready: str, values: dict[str, str], size: tuple[int, int],
-                   timeout: float) -> PageResult:
+                   timeout: float, steps: Sequence[Step]) -> PageResult:
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{port}/json/list") as r:
             target = next(t for t in await r.json() if t["type"] == "page")
@@ -73,22 +88,36 @@ async def _session(port: int, url: str, ready: str, values: dict[str, str], size
             await call("Page.enable")
             await call("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1,
                        mobile=False)
+            async def settle(expression: str) -> PageResult:
+                end, last, now = time.monotonic() + timeout, None, None
+                while not now or now != last:  # truthy, and the same twice in a row: the page has settled
+                    if time.monotonic() > end:
+                        raise TimeoutError(f"{url}: not ready ({expression}) after {timeout} s; errors: {errors}")
+                    await asyncio.sleep(0.2)
+                    last, now = now, await evaluate(expression)
+                return PageResult(b"", {}, errors)
+
+            async def read(result: PageResult, wanted: dict[str, str]) -> PageResult:
+                result.values = {k: await evaluate(v) for k, v in wanted.items()}
+                result.png = base64.b64decode((await call("Page.captureScreenshot", format="png"))["data"])
+                return result
+
             await call("Page.navigate", url=url)
-            end, last, now = time.monotonic() + timeout, None, None
-            while not now or now != last:  # truthy, and the same twice in a row: the page has settled
-                if time.monotonic() > end:
-                    raise TimeoutError(f"{url}: not ready ({ready}) after {timeout} s; errors: {errors}")
-                await asyncio.sleep(0.2)
-                last, now = now, await evaluate(ready)
-            found = {k: await evaluate(v) for k, v in values.items()}
-            shot = await call("Page.captureScreenshot", format="png")
-            return PageResult(base64.b64decode(shot["data"]), found, errors)
+            page = await read(await settle(ready), values)
+            for step in steps:
+                if step.pointer is not None:
+                    x, y = step.pointer(page.values)
+                    await call("Input.dispatchMouseEvent", type="mouseMoved", x=float(x), y=float(y))
+                if step.script is not None:
+                    await evaluate(step.script)
+                page.steps.append(await read(await settle(step.ready), step.values))
+            return page
 
 
 def open_page(url: str, ready: str, values: dict[str, str] | None = None, size: tuple[int, int] = (1000, 700),
-              timeout: float = 60) -> PageResult:
+              timeout: float = 60, steps: Sequence[Step] = ()) -> PageResult:
     """Open `url` in headless Chromium, wait until the expression `ready` is truthy and its value settles (the same
-    twice in a row), evaluate `values`, take a screenshot."""
+    twice in a row), evaluate `values`, take a screenshot; then each of `steps` (PageResult.steps)."""
     if CHROMIUM is None:
         raise RuntimeError(MISSING)
     with tempfile.TemporaryDirectory(prefix="histoflow-chromium-") as profile:
@@ -98,7 +127,7 @@ def open_page(url: str, ready: str, values: dict[str, str] | None = None, size: 
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             port = _devtools_port(Path(profile), process)
-            return asyncio.run(_session(port, url, ready, values or {}, size, timeout))
+            return asyncio.run(_session(port, url, ready, values or {}, size, timeout, steps))
         finally:
             process.terminate()
             try:

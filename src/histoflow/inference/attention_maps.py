@@ -117,8 +117,11 @@ def _by_source(tiles: Sequence[AttendedTile]) -> dict[str, list[AttendedTile]]:
     return out
 
 
-def write_attention_maps(runs: Sequence[Path], out: Path) -> list[Path]:
-    """A map of attention over every held-out image or slide of the runs in out/attention_maps/; the PNGs."""
+def write_attention_maps(runs: Sequence[Path], out: Path, names: Mapping[Path, str] | None = None) -> list[Path]:
+    """A map of attention over every held-out image or slide of the runs in out/attention_maps/<name>.*; the PNGs.
+    `names`: each source's outputs' name where the caller named them already (a deployment's slides.csv `output`:
+    a slide's probability and attention maps must share it); by default inference.predict.output_names in the
+    order the runs list their sources."""
     tiles, sources = attended_tiles(runs)
     largest: dict[str, float] = {}
     for t in tiles:
@@ -126,7 +129,8 @@ def write_attention_maps(runs: Sequence[Path], out: Path) -> list[Path]:
     folder = out / MAPS
     folder.mkdir(parents=True, exist_ok=True)
     by_source = _by_source(tiles)
-    names = output_names([Path(sources[s]["path"]) for s in by_source])
+    if names is None:
+        names = output_names([Path(sources[s]["path"]) for s in by_source])
     pngs = []
     for index, members in by_source.items():
         source = TileSource(sources[index])
@@ -145,20 +149,20 @@ def _write_map(source: TileSource, tiles: Sequence[AttendedTile], largest: float
     grid = np.full((g.rows, g.cols, 1), np.nan, dtype=np.float32)
     shown = np.array([t.attention for t in tiles]) / max(largest, 1e-12)
     grid[rows, cols, 0] = shown
-    np.save(stem.with_suffix(".map.npy"), grid)
-    with stem.with_suffix(".tiles.csv").open("w", newline="") as handle:
+    np.save(stem.with_name(stem.name + ".map.npy"), grid)
+    with stem.with_name(stem.name + ".tiles.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["x", "y", "row", "col", "attention", "relative"])
         writer.writerows([t.x, t.y, int(r), int(c), f"{t.attention:.6g}", f"{t.relative:.4f}"]
                          for t, r, c in zip(tiles, rows, cols))
     first = tiles[0]
-    stem.with_suffix(".json").write_text(json.dumps({
+    stem.with_name(stem.name + ".json").write_text(json.dumps({
         "source": str(source.path), "bag": first.bag, "label": first.label, "predicted": first.predicted,
         "fold": first.fold, "tiles": len(tiles), "geometry": asdict(g), "level0_size": list(source.size),
         "scale": "attention / the largest weight in the bag"}, indent=1))
     title = (f"{Path(first.bag).name}: {first.label}, predicted {first.predicted} (fold {first.fold}); "
              "attention / bag's largest")
-    return save_heatmap(source.picture(), grid[..., 0], g, source.size, stem.with_suffix(".heatmap.png"), title,
+    return save_heatmap(source.picture(), grid[..., 0], g, source.size, stem.with_name(stem.name + ".heatmap.png"), title,
                         label="attention (1: the bag's most attended tile)")
 
 

@@ -8,7 +8,7 @@ again; kill -9 safe; several processes, `features.devices`, `features.chunk=i/n`
 fold's head on each bag (a slide, or a patient's slides pooled as in training), the fold models averaged:
 
     <out>/cohort.csv            the slides as the embedding read them (absolute paths; label `unlabelled` without)
-    <out>/slides.csv            a row per slide: patient, label, tiles, its bag's prediction (predicted, confidence,
+    <out>/slides.csv            a row per slide: output (the name of its files below), patient, label, tiles, its bag's prediction (predicted, confidence,
                                 prob_<class> the fold models' mean, prob_sd_<class> their sd, models_agree, and
                                 prob_<class>_fold<k> each fold model's)
     <out>/patients.csv          a row per patient: its bag (patient bags), or its slides' mean (slide bags)
@@ -48,7 +48,7 @@ from histoflow.inference.external_report import EXTERNAL, external_validation
 from histoflow.inference.fold_models import BagHeadModel, is_slide_bag_checkpoint, load_bag_heads
 from histoflow.inference.image_report import write_csv
 from histoflow.inference.model_settings import check_settings, model_encoder, model_tiling, refuse_slide_changes
-from histoflow.inference.predict import SLIDE_SUFFIXES, files_matching
+from histoflow.inference.predict import SLIDE_SUFFIXES, files_matching, output_names
 from histoflow.inference.slide_outputs import write_bag_folder, write_slide_outputs
 from histoflow.inference.voting import prediction_columns
 
@@ -142,8 +142,9 @@ def _bags(index: Path, slides: Sequence[NewSlide], classes: Sequence[str], level
 
 
 def _rows(slides: Sequence[NewSlide], bags: Sequence[Bag], pred: FoldPredictions, models: Sequence[BagHeadModel],
-          found: dict, labelled: bool) -> tuple[list[dict], list[dict], list[dict]]:
-    """slides.csv's and patients.csv's rows, and the bag rows (the k-fold report's form)."""
+          found: dict, labelled: bool, names: dict[Path, str]) -> tuple[list[dict], list[dict], list[dict]]:
+    """slides.csv's and patients.csv's rows (`output`: the name of the slide's files in slides/ and attention_maps/),
+    and the bag rows (the k-fold report's form)."""
     classes = models[0].classes
     bag_of = {name: i for i, b in enumerate(bags) for name in b.images}
     slide_rows = []
@@ -152,7 +153,7 @@ def _rows(slides: Sequence[NewSlide], bags: Sequence[Bag], pred: FoldPredictions
         if key not in found:
             continue
         i = bag_of[key]
-        row = {"slide": key, "patient": s.patient, **({"label": s.label} if labelled else {}), **s.extra,
+        row = {"slide": key, "output": names[s.path], "patient": s.patient, **({"label": s.label} if labelled else {}), **s.extra,
                "tiles": int(found[key]["tiles"]), "bag": bags[i].name}
         slide_rows.append({**row, **prediction_columns(pred.probs[i], classes), **fold_columns(pred.probs[i], models)})
     patient_rows = []
@@ -201,15 +202,18 @@ def predict_cohort(cfg: DictConfig, out: Path, settings: dict[str, Any]) -> tupl
         raise MissingInputError(f"{cfg.slides}: no slide gave a tissue tile ({len(problems)} left out, listed in "
                                 f"{out / 'problems.csv'}); nothing to predict")
     pred = predict_bags(models, bags)
-    slide_rows, patient_rows, bag_rows = _rows(slides, bags, pred, models, found, labelled)
+    # one name per slide for every output (the table's order, as `histoflow predict slides=` names them): the
+    # attention maps list slides bag by bag, which for patient bags is another order
+    names = output_names([s.path for s in slides if str(s.path) in found])
+    slide_rows, patient_rows, bag_rows = _rows(slides, bags, pred, models, found, labelled, names)
     write_csv(slide_rows, out / "slides.csv")
     write_csv(patient_rows, out / "patients.csv")
     bag_dir = write_bag_folder(out / "bags", bags, bag_rows, pred, found, classes, first.level)
-    write_attention_maps([bag_dir], out)
+    write_attention_maps([bag_dir], out, names)
     attention_gallery([bag_dir], classes, out / GALLERY, by="label" if labelled else "predicted")
     exports = cfg.slide.get("export") or []
     write_slide_outputs(out, bags, pred, found, bag_rows, classes, "geojson" in (
-        [exports] if isinstance(exports, str) else list(exports)))
+        [exports] if isinstance(exports, str) else list(exports)), names)
     settings = {**settings, "models": len(models), "bag_level": first.level, "features": str(result.folder),
                 "aggregate": f"bag ({type(first.head).__name__}, {first.level} bags), the {len(models)} fold models' "
                              "mean", "window": tiling.get("tile_size") or ENCODER_SIDE, "stride": tiling.get("stride") or

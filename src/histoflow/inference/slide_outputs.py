@@ -52,30 +52,36 @@ def write_bag_folder(folder: Path, bags: Sequence[Bag], rows: Sequence[Mapping[s
 
 def write_slide_outputs(out: Path, bags: Sequence[Bag], pred: FoldPredictions,
                         found: Mapping[str, Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
-                        classes: Sequence[str], geojson: bool) -> list[Path]:
-    """Each slide's tile probabilities (CSV, map, JSON) in out/slides/ and, geojson: its QuPath objects with the
-    attention map's measurements beside; the JSON paths."""
+                        classes: Sequence[str], geojson: bool, names: Mapping[Path, str] | None = None) -> list[Path]:
+    """Each slide's tile probabilities (CSV, map, JSON) in out/slides/<name>.* and, geojson: its QuPath objects with
+    the attention map's measurements beside; the JSON paths. `names`: each slide's outputs' name (slides.csv's
+    `output`, the attention maps' names); by default inference.predict.output_names in `found`'s order."""
     folder = out / "slides"
     folder.mkdir(parents=True, exist_ok=True)
-    names = output_names([Path(s) for s in found])
+    names = names if names is not None else output_names([Path(s) for s in found])
     written = []
     for i, bag in enumerate(bags):
         for slide in bag.images:
             info = found[slide]
             mine = bag.coords[:, 0] == int(info["number"])
-            stem = folder / names[Path(slide)]
+            stem = folder / names[Path(slide)]  # a name may hold dots (TCGA's): suffixes added, never replaced
             meta = slide_features_meta(Path(info["shard"]))
             written.append(_write_slide(stem, slide, meta, bag.coords[mine, 1:3], pred.tile_probs[i][mine],
                                         rows[i], classes))
             if geojson:
                 geometry = meta["geometry"]
-                maps = [(stem.with_suffix(".tiles.csv"), geometry)]
+                maps = [(_named(stem, ".tiles.csv"), geometry)]
                 attention = out / MAPS / f"{names[Path(slide)]}.tiles.csv"
                 if attention.is_file():
                     maps.append((attention, geometry))
-                with atomic_path(stem.with_suffix(".geojson")) as tmp:
+                with atomic_path(_named(stem, ".geojson")) as tmp:
                     Path(tmp).write_text(json.dumps(tiles_feature_collection(maps)))
     return written
+
+
+def _named(stem: Path, suffix: str) -> Path:
+    """stem's file with `suffix` added (Path.with_suffix would cut a name at its last dot: a.b -> a.map.npy)."""
+    return stem.with_name(stem.name + suffix)
 
 
 def _write_slide(stem: Path, slide: str, meta: Mapping[str, Any], origins: np.ndarray, probs: np.ndarray,
@@ -84,17 +90,17 @@ def _write_slide(stem: Path, slide: str, meta: Mapping[str, Any], origins: np.nd
     r, c = g.grid_index(np.asarray(origins, dtype=np.int64))
     grid = np.full((g.rows, g.cols, len(classes)), np.nan, dtype=np.float32)
     grid[r, c] = probs
-    np.save(stem.with_suffix(".map.npy"), grid)
-    with stem.with_suffix(".tiles.csv").open("w", newline="") as handle:
+    np.save(_named(stem, ".map.npy"), grid)
+    with _named(stem, ".tiles.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["x", "y", "row", "col", "predicted", *(f"prob_{k}" for k in classes)])
         writer.writerows([int(x), int(y), int(a), int(b), classes[int(p.argmax())], *(f"{v:.6f}" for v in p)]
                          for (x, y), a, b, p in zip(origins, r, c, probs))
-    path = stem.with_suffix(".json")
+    path = _named(stem, ".json")
     path.write_text(json.dumps({
         "slide": slide, "bag": row["image"], "classes": list(classes), "tiles": len(origins),
         "geometry": asdict(g), "level0_size": list(meta.get("dimensions") or []),
-        "files": {"map": stem.with_suffix(".map.npy").name, "csv": stem.with_suffix(".tiles.csv").name},
+        "files": {"map": f"{stem.name}.map.npy", "csv": f"{stem.name}.tiles.csv"},
         "mean_probability": {k: float(row[f"prob_{k}"]) for k in classes},
         "scale": "each tile's own class probabilities (the head on the tile alone), the fold models' mean; "
                  "mean_probability: the slide's bag"}, indent=1))

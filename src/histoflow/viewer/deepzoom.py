@@ -2,9 +2,12 @@
 interface (slides/slide.py), so every backend (OpenSlide, tifffile) serves the viewer, not only OpenSlide objects.
 
 The deep-zoom pyramid halves the level-0 image down to one pixel; its level L has downsample 2^(max - L). A tile is
-`tile_size` px plus `overlap` px on each side that has a neighbour; it is read from the slide level nearest below its
-downsample and resized (Lanczos) only where the level's downsample differs, so at a deep-zoom level that is a slide
-level the tile's pixels are that level's read_region. Encoded tiles are kept in an LRU cache by bytes.
+`tile_size` px plus `overlap` px on each side that has a neighbour; it is read from the slide level OpenSlide would
+read (the largest whose downsample does not exceed the tile's: no slack, unlike Slide.best_level_for_downsample) at
+the location and size OpenSlide computes (float level coordinates, level-0 location rounded down, size rounded up)
+and shrunk as OpenSlide shrinks it (PIL's thumbnail, Lanczos) only where the sizes differ. So an OpenSlide-backed
+slide's tiles are `openslide.deepzoom.DeepZoomGenerator`'s pixels (tests/test_view_deepzoom.py), and at a deep-zoom
+level that is a slide level a tile is that level's read_region. Encoded tiles are kept in an LRU cache by bytes.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ class TileRead:
     location: tuple[int, int]
     size: tuple[int, int]
     out: tuple[int, int]
+
+
+def openslide_level(slide: Slide, downsample: float) -> int:
+    """The level OpenSlide's DeepZoomGenerator reads for `downsample`: the largest whose downsample does not exceed
+    it (a level at 2.0005 is not read for 2x)."""
+    return max((i for i, lv in enumerate(slide.levels) if lv.downsample <= downsample), default=0)
 
 
 class DeepZoom:
@@ -81,20 +90,18 @@ class DeepZoom:
             raise ValueError(f"deep-zoom tile {col}_{row} of level {level}: the level has {cols} x {rows} tiles")
         z_w, z_h = self.level_dimensions[level]
         z_ds = 2.0 ** (self.level_count - 1 - level)  # this deep-zoom level's downsample from level 0
-        s_level = self.slide.best_level_for_downsample(z_ds)
+        s_level = openslide_level(self.slide, z_ds)
         lv = self.slide.levels[s_level]
         l_ds = z_ds / lv.downsample  # slide-level pixels per deep-zoom pixel
-        if abs(l_ds - 1) < 1e-3:
-            l_ds = 1.0
         tl = (self.overlap * (col > 0), self.overlap * (row > 0))
         br = (self.overlap * (col < cols - 1), self.overlap * (row < rows - 1))
         z_x, z_y = col * self.tile_size - tl[0], row * self.tile_size - tl[1]
         out = (min(self.tile_size, z_w - col * self.tile_size) + tl[0] + br[0],
                min(self.tile_size, z_h - row * self.tile_size) + tl[1] + br[1])
-        l_x, l_y = round(z_x * l_ds), round(z_y * l_ds)
-        size = (max(1, min(math.ceil(out[0] * l_ds), lv.width - l_x)), max(1, min(math.ceil(out[1] * l_ds),
-                                                                                 lv.height - l_y)))
-        location = (round(l_x * lv.downsample), round(l_y * lv.downsample))
+        l_x, l_y = z_x * l_ds, z_y * l_ds  # OpenSlide's DeepZoomGenerator._get_tile_info, step by step
+        location = (int(lv.downsample * l_x), int(lv.downsample * l_y))
+        size = (max(1, min(math.ceil(out[0] * l_ds), lv.width - math.ceil(l_x))),
+                max(1, min(math.ceil(out[1] * l_ds), lv.height - math.ceil(l_y))))
         return TileRead(s_level, location, size, out)
 
     def tile_pixels(self, level: int, col: int, row: int) -> np.ndarray:
@@ -104,7 +111,9 @@ class DeepZoom:
             pixels = self.slide.read_region(read.location, read.level, read.size)
         if read.size == read.out:
             return pixels
-        return np.asarray(Image.fromarray(pixels).resize(read.out, Image.Resampling.LANCZOS))
+        image = Image.fromarray(pixels)
+        image.thumbnail(read.out, Image.Resampling.LANCZOS)  # as DeepZoomGenerator.get_tile shrinks it
+        return np.asarray(image)
 
     def tile(self, level: int, col: int, row: int) -> bytes:
         """A deep-zoom tile encoded (JPEG or PNG), from the cache where it was made before."""

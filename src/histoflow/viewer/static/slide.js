@@ -1,6 +1,7 @@
 // A slide in OpenSeadragon: its deep-zoom tiles, one overlay at a time (picker, opacity), the values under the pointer.
-// When the slide and the overlay are drawn, body[data-ready] is set and body[data-image-rect] holds the slide's
-// level-0 extent in window pixels (left,top,right,bottom): what the browser test reads.
+// When the slide and the overlay are drawn, body[data-ready] is set (the overlay's key, "none" without) and
+// body[data-image-rect] holds the slide's level-0 extent in window pixels (left,top,right,bottom); body[data-opacity]
+// is the overlay's opacity once set: what the browser test reads.
 (function () {
   var data = window.HISTOFLOW_SLIDE;
   document.body.classList.add("slide");
@@ -11,7 +12,7 @@
     showNavigator: true, imageSmoothingEnabled: false, animationTime: 0.3, crossOriginPolicy: false,
   });
   var select = document.getElementById("overlay"), opacity = document.getElementById("opacity");
-  var readout = document.getElementById("readout"), shown = null, slideItem = null;
+  var readout = document.getElementById("readout"), shown = null, slideItem = null, adding = false;
 
   data.overlays.forEach(function (o) {
     var option = document.createElement("option");
@@ -28,7 +29,7 @@
   function overlayByKey(key) { return data.overlays.filter(function (o) { return o.key === key; })[0]; }
 
   function markReady() {
-    if (!slideItem || !slideItem.getFullyLoaded() || (shown && !shown.getFullyLoaded())) { return; }
+    if (!slideItem || adding || !slideItem.getFullyLoaded() || (shown && !shown.getFullyLoaded())) { return; }
     var el = viewer.element.getBoundingClientRect();
     var size = slideItem.getContentSize();
     var a = slideItem.imageToViewerElementCoordinates(new OpenSeadragon.Point(0, 0));
@@ -43,14 +44,17 @@
     var o = overlayByKey(key);
     if (!o) { markReady(); return; }
     var extent = data.maps[o.map].extent;
+    adding = true;  // not ready until the new overlay is in the world (the slide alone would say so before)
     viewer.addTiledImage({
       tileSource: {type: "image", url: o.url}, x: 0, y: 0, width: extent.cols * extent.step / width,
       opacity: Number(opacity.value),
       success: function (event) {
         shown = event.item;
+        adding = false;
         shown.addHandler("fully-loaded-change", markReady);
         markReady();
       },
+      error: function (event) { adding = false; console.error("overlay " + o.url + ": " + event.message); },
     });
   }
 
@@ -61,7 +65,10 @@
   });
   viewer.addHandler("animation-finish", markReady);
   select.addEventListener("change", function () { show(select.value); });
-  opacity.addEventListener("input", function () { if (shown) { shown.setOpacity(Number(opacity.value)); } });
+  opacity.addEventListener("input", function () {
+    if (shown) { shown.setOpacity(Number(opacity.value)); }
+    document.body.dataset.opacity = opacity.value;
+  });
 
   new OpenSeadragon.MouseTracker({
     element: viewer.element,
