@@ -17,12 +17,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from histoflow.features.bags import Bag
+from histoflow.data.targets import TaskConfig
+from histoflow.features.bags import Bag, pad_bags
 from histoflow.inference.fold_models import find_checkpoints
 from histoflow.models import clean_state_dict, is_bag_head
 from histoflow.models.build import build_net
 from histoflow.training.bag_outputs import bag_outputs
-from histoflow.training.checkpoints import TRUSTED_TARGETS, CheckpointError, read_checkpoint, untrusted_targets
+from histoflow.training.checkpoints import (
+    TRUSTED_TARGETS,
+    CheckpointError,
+    head_outputs,
+    read_checkpoint,
+    untrusted_targets,
+)
+from histoflow.training.losses import task_value
 
 SLIDE_BAG_STATE = "SlideBagDataModule"  # Lightning saves the datamodule's state_dict() under its class name
 
@@ -44,6 +52,11 @@ class BagHeadModel:
         """data.slide of its training: how its slides were cut into tiles."""
         return dict(self.config["data"].get("slide") or {})
 
+    @property
+    def task(self) -> TaskConfig:
+        """What its head learned: classes, a survival risk or a regression value (the training config's task)."""
+        return TaskConfig.from_config(self.config.get("task"))
+
 
 def is_slide_bag_checkpoint(path: str | Path) -> bool:
     """Whether ckpt_path's first checkpoint is a head on slide or patient bags (data=slides)."""
@@ -64,7 +77,7 @@ def load_bag_head(path: Path, trusted: Iterable[str] = TRUSTED_TARGETS) -> BagHe
     if bad:
         raise CheckpointError(f"{path}: its config would instantiate {bad}, which are not trusted. Fix: if you trust "
                               f"this checkpoint, add the prefixes to trusted_targets (now {list(trusted)})")
-    head = build_net(dict(config["model"]), len(classes), hparams["input_size"], hparams.get("feature_dim"))
+    head = build_net(dict(config["model"]), head_outputs(hparams), hparams["input_size"], hparams.get("feature_dim"))
     head.load_state_dict(clean_state_dict(checkpoint))
     state = checkpoint.get(SLIDE_BAG_STATE) or {}
     level = str((state.get("bag") or config.get("bag") or {}).get("level", "slide"))
@@ -102,6 +115,8 @@ class FoldPredictions:
 def predict_bags(models: Sequence[BagHeadModel], bags: Sequence[Bag], batch_size: int = 16) -> FoldPredictions:
     """Each fold's head on each bag, as training's held-out predictions were made (training.bag_outputs), so a bag
     gets from a fold model the very probabilities its k-fold report recorded."""
+    if models[0].task.name != "classification":
+        return predict_values(models, bags, batch_size)
     classes = models[0].classes
     probs = np.zeros((len(bags), len(models), len(classes)))
     attention = [np.zeros(len(b), dtype=np.float64) for b in bags]
@@ -113,6 +128,34 @@ def predict_bags(models: Sequence[BagHeadModel], bags: Sequence[Bag], batch_size
             attention[i] += w / len(models)
             tile_probs[i] += m.head.tile_logits(bags[i].features).float().softmax(-1).double().numpy() / len(models)
     return FoldPredictions(probs, [a.astype(np.float32) for a in attention], tile_probs)
+
+
+@torch.inference_mode()
+def predict_values(models: Sequence[BagHeadModel], bags: Sequence[Bag], batch_size: int = 16) -> FoldPredictions:
+    """A survival or regression head's risk or value of each bag from each fold model (probs: (bags, models, 1)), as
+    training/target_outputs.py recorded its held-out bags; no tile verdicts (tile_probs: (tiles, 0))."""
+    task = models[0].task
+    values = np.zeros((len(bags), len(models), 1))
+    attention = [np.zeros(len(b), dtype=np.float64) for b in bags]
+    for j, m in enumerate(models):
+        for start in range(0, len(bags), batch_size):
+            chunk = [(b, i) for i, b in enumerate(bags[start:start + batch_size])]
+            x, mask, _, _ = pad_bags(chunk)
+            values[start:start + len(chunk), j, 0] = task_value(m.head(x, mask), task).double().numpy()
+            weights = (m.head.attention_weights(x, mask) if hasattr(m.head, "attention_weights")
+                       else mask.float() / mask.sum(1, keepdim=True))
+            for k, (b, _) in enumerate(chunk):
+                attention[start + k] += weights[k, :len(b)].double().numpy() / len(models)
+    return FoldPredictions(values, [a.astype(np.float32) for a in attention], [np.zeros((len(b), 0)) for b in bags])
+
+
+def value_columns(per_model: np.ndarray, models: Sequence[BagHeadModel]) -> dict[str, Any]:
+    """One bag's columns from its (models, 1) risks or values: risk|value (the fold models' mean), its sd (ddof=0),
+    and each fold model's (risk_fold<k>)."""
+    name = "risk" if models[0].task.name == "survival" else "value"
+    v = per_model[:, 0]
+    return {name: round(float(v.mean()), 6), f"{name}_sd": round(float(v.std()), 6),
+            **{f"{name}_fold{m.fold}": round(float(x), 6) for m, x in zip(models, v)}}
 
 
 def prediction_columns(per_model: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from torch import nn
 
 from histoflow.common.config import local_file
+from histoflow.data.targets import TaskConfig
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.stain import StainNormalizer
 from histoflow.data.transforms import PatchTransform, build_transform
@@ -64,6 +65,11 @@ class FoldModel:
     def is_bag(self) -> bool:
         """A head on bags (ABMIL, mean or max pooling): one prediction per bag of window features."""
         return is_bag_head(self.config.get("model") or {})
+
+    @property
+    def task(self) -> TaskConfig:
+        """What its head learned: classes, a survival risk or a regression value (the training config's task)."""
+        return TaskConfig.from_config(self.config.get("task"))
 
     @property
     def encoder(self) -> nn.Module:
