@@ -20,6 +20,7 @@ from lifelines.utils import concordance_index
 from scipy.stats import pearsonr
 from sklearn.metrics import mean_absolute_error, r2_score
 from test_mil import ENCODER, random_bag
+from test_slide_bags import overrides, table_rows
 
 from histoflow.common.errors import ConfigError
 from histoflow.data.folds import SplitConfig
@@ -315,3 +316,38 @@ def test_a_survival_sweep_maps_attention_and_predict_gives_each_image_the_risk_i
     low, high = external["pooled"]["interval"]
     assert low <= external["pooled"]["cindex"] <= high
     assert (out / "kaplan_meier.png").stat().st_size > 0
+
+
+def test_a_survival_head_on_patient_bags_of_a_table_without_labels_is_put_to_work_on_new_slides(
+        synthetic_slide_cohort: Path, weights: Path, tmp_path: Path, leave_no_trace: None) -> None:
+    """A slide table of slide,patient,time,event (no label) trains two folds of ABMIL on patient bags; `histoflow
+    predict slides=<that table>` gives each patient every fold model's risk (fold 1's held-out patients the risk fold
+    1 recorded), their mean and sd, the attention maps, and the external report from the table's time and event."""
+    rows = table_rows(synthetic_slide_cohort)
+    survival = synthetic_survival({r["patient"]: r["label"] for r in rows}, seed=0)
+    table = tmp_path / "cohort.csv"
+    table.write_text("slide,patient,time,event\n" + "".join(
+        f"{(synthetic_slide_cohort.parent / r['slide']).resolve()},{r['patient']},{survival[r['patient']][0]},"
+        f"{survival[r['patient']][1]}\n" for r in rows))
+    sweep_dir = tmp_path / "sweep"
+    for job, fold in enumerate((1, 2)):
+        train(compose_train([*overrides(table, weights, tmp_path / "work", "model.hidden=16", "bag.level=patient",
+                                        "data.split.k=2", "trainer.max_epochs=2", "task=survival", f"fold={fold}")],
+                            sweep_dir / str(job), multirun=True))
+    out = tmp_path / "predict"
+    predict(predict_config([f"ckpt_path={sweep_dir}", f"slides={table}", "on_bad_image=skip", "slide.progress=false",
+                            "slide.num_workers=1", "progress=false"], out))
+    patients = pd.read_csv(out / "patients.csv").set_index("patient")
+    assert len(patients) == len(survival) == 9
+    assert {"risk", "risk_sd", "risk_fold1", "risk_fold2"} <= set(patients.columns)
+    recorded = pd.read_csv(sweep_dir / "0" / "bag_predictions.csv")  # fold 1's held-out patients
+    assert len(recorded) > 0
+    for r in recorded.itertuples():
+        assert patients.loc[r.image, "risk_fold1"] == pytest.approx(r.risk, rel=1e-6, abs=2e-6)
+    both = patients[["risk_fold1", "risk_fold2"]].to_numpy()
+    np.testing.assert_allclose(patients["risk"], both.mean(1), atol=2e-6)
+    np.testing.assert_allclose(patients["risk_sd"], both.std(1), atol=2e-6)
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "survival" and report["n"] == 9 and report["external"]
+    assert (out / "kaplan_meier.png").stat().st_size > 0 and (out / "attention_gallery.png").stat().st_size > 0
+    assert len(list((out / "attention_maps").glob("*.heatmap.png"))) == len(rows)
