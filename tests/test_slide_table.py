@@ -217,3 +217,23 @@ def test_too_few_patients_for_the_folds_say_patients_and_slides(tmp_path: Path) 
     with pytest.raises(Exception, match=r"data.split.k: 3 patients cannot fill 5 folds. Fix: add slides of more "
                                         r"patients"):
         slide_folds(records, SplitConfig(k=5))
+
+
+def test_a_table_of_slides_with_a_target_needs_no_label(tmp_path: Path) -> None:
+    """task=survival|regression (and embedding) read the table with labelled=False: the label column may be left
+    out, or empty, and the target's columns are kept; a classifier's read still requires it, naming the column."""
+    touch(tmp_path, "a.svs", "b.svs", "c.svs")
+    table = write_table(tmp_path / "survival.csv", "slide,patient,time,event\na.svs,P1,3.5,1\nb.svs,P1,3.5,1\n"
+                                                   "c.svs,P2,7,0\n")
+    slides = read_slide_table(table, labelled=False)
+    assert [(s.patient, s.label, s.extra) for s in slides] == [
+        ("P1", "unlabelled", {"time": "3.5", "event": "1"}), ("P1", "unlabelled", {"time": "3.5", "event": "1"}),
+        ("P2", "unlabelled", {"time": "7", "event": "0"})]
+    assert "row 1: no column 'label' (required: slide, patient, label" in table_error(table)
+    with_empty = write_table(tmp_path / "empty.csv", "slide,patient,label,time,event\na.svs,P1,,3.5,1\n"
+                                                     "c.svs,P2,FL,7,0\n")
+    assert [s.label for s in read_slide_table(with_empty, labelled=False)] == ["unlabelled", "FL"]
+    assert "row 2: label empty" in table_error(with_empty)
+    no_patient = write_table(tmp_path / "no_patient.csv", "slide,time,event\na.svs,3.5,1\n")
+    with pytest.raises(SlideTableError, match=r"no column 'patient' \(required: slide, patient; found"):
+        read_slide_table(no_patient, labelled=False)

@@ -20,6 +20,7 @@ from lifelines.utils import concordance_index
 from scipy.stats import pearsonr
 from sklearn.metrics import mean_absolute_error, r2_score
 from test_mil import ENCODER, random_bag
+from test_slide_bags import overrides, table_rows
 
 from histoflow.common.errors import ConfigError
 from histoflow.data.folds import SplitConfig
@@ -28,7 +29,9 @@ from histoflow.evaluation.regression import regression_intervals, regression_sco
 from histoflow.evaluation.survival import cindex_interval, harrell_c
 from histoflow.features.bag_targets import attach_targets, task_folds
 from histoflow.features.bags import pad_bags, patient_bags
-from histoflow.inference.sweep_report import write_image_report
+from histoflow.inference.deploy import predict
+from histoflow.inference.fold_models import find_checkpoints
+from histoflow.inference.sweep_report import predict_config, write_image_report
 from histoflow.models import ABMIL, MaxPool, MeanPool, build_encoder
 from histoflow.testing.synthetic_targets import synthetic_survival, write_survival_table
 from histoflow.training.losses import cox_efron_nll, discrete_time_nll, survival_risk
@@ -263,3 +266,88 @@ def test_a_regression_head_trains_per_fold_and_writes_its_report(tmp_path: Path,
     report = json.loads((tmp_path / "sweep" / "image_report" / "report.json").read_text())
     assert report["task"] == "regression" and report["n"] == 12 and report["loss"] == "l1"
     assert (tmp_path / "sweep" / "image_report" / "scatter.png").stat().st_size > 0
+
+
+def test_a_survival_sweep_maps_attention_and_predict_gives_each_image_the_risk_its_fold_recorded(
+        tmp_path: Path, leave_no_trace: None) -> None:
+    """Two folds of ABMIL on image bags with a survival target: the report's attention maps and gallery (by predicted
+    risk half); `histoflow predict` of fold 1's model on the images gives each held-out image the risk fold 1
+    recorded and, with targets=, the external report."""
+    images = make_images(tmp_path / "images", per_class=4, size=(72, 72), pixels="tint")
+    torch.manual_seed(0)
+    weights = tmp_path / "squeezenet.pth"
+    torch.save(build_encoder(ENCODER, 40)[0].state_dict(), weights)
+    classes = {str(p.relative_to(images)): p.parent.name for p in sorted(images.glob("*/*.png"))}
+    table = write_survival_table(synthetic_survival(classes, seed=0), tmp_path / "survival.csv", key="image")
+    overrides = [f"data.root={images}", f"paths.data_dir={tmp_path / 'work'}", "protocol=images", "data.split.k=2",
+                 "data.split.val_fraction=0", "encoder=squeezenet1_1_imagenet", f"encoder.weights={weights}",
+                 "encoder.preprocess.input_size=40", "model=abmil", "model.hidden=null", "model.attention=8",
+                 "optimizer=adamw", "optimizer.lr=0.01", "trainer.max_epochs=3", "++data.loader.num_workers=0",
+                 "bag.batch_size=4", "callbacks.model_checkpoint.monitor=null", "logger=csv", "task=survival",
+                 f"task.table={table}", "task.key=image"]
+    sweep_dir = tmp_path / "sweep"
+    for job, fold in enumerate((1, 2)):
+        train(compose_train([*overrides, f"fold={fold}"], sweep_dir / str(job), multirun=True))
+    write_image_report(sweep_dir)
+    report_dir = sweep_dir / "image_report"
+    report = json.loads((report_dir / "report.json").read_text())
+    assert "attention_gallery.png" in report["figures"] and (report_dir / "attention_gallery.png").stat().st_size
+    maps = sorted((report_dir / "attention_maps").glob("*.json"))
+    assert len(maps) == len(classes) == 12  # every held-out image, each by the fold that held it out
+    halves = [json.loads(m.read_text())["predicted"] for m in maps]
+    assert sorted(set(halves)) == ["high risk", "low risk"], halves
+    grid = np.load(maps[0].with_suffix("").with_suffix(".map.npy"))
+    assert np.nanmax(grid) == pytest.approx(1.0)  # attention / the bag's largest
+    assert "not stratified by the event" in (report_dir / "report.md").read_text()
+
+    recorded = pd.read_csv(sweep_dir / "0" / "bag_predictions.csv")  # fold 1's held-out images, by fold 1's model
+    checkpoint = find_checkpoints(sweep_dir / "0")[0]
+    out = tmp_path / "predict"
+    predict(predict_config([f"ckpt_path={checkpoint}", f"images={images}", f"targets={table}", "progress=false"],
+                           out))
+    rows = pd.read_csv(out / "predictions.csv")
+    assert {"risk", "risk_sd", "risk_fold1"} <= set(rows.columns) and "predicted" not in rows.columns
+    risk = {str(Path(r.image).relative_to(images)): r.risk_fold1 for r in rows.itertuples()}
+    assert len(recorded) == 6
+    for r in recorded.itertuples():
+        assert risk[r.image] == pytest.approx(r.risk, rel=1e-6, abs=2e-6)  # float32 of an unbounded risk
+    external = json.loads((out / "report.json").read_text())
+    assert external["task"] == "survival" and external["n"] == 12 and external["external"]
+    low, high = external["pooled"]["interval"]
+    assert low <= external["pooled"]["cindex"] <= high
+    assert (out / "kaplan_meier.png").stat().st_size > 0
+
+
+def test_a_survival_head_on_patient_bags_of_a_table_without_labels_is_put_to_work_on_new_slides(
+        synthetic_slide_cohort: Path, weights: Path, tmp_path: Path, leave_no_trace: None) -> None:
+    """A slide table of slide,patient,time,event (no label) trains two folds of ABMIL on patient bags; `histoflow
+    predict slides=<that table>` gives each patient every fold model's risk (fold 1's held-out patients the risk fold
+    1 recorded), their mean and sd, the attention maps, and the external report from the table's time and event."""
+    rows = table_rows(synthetic_slide_cohort)
+    survival = synthetic_survival({r["patient"]: r["label"] for r in rows}, seed=0)
+    table = tmp_path / "cohort.csv"
+    table.write_text("slide,patient,time,event\n" + "".join(
+        f"{(synthetic_slide_cohort.parent / r['slide']).resolve()},{r['patient']},{survival[r['patient']][0]},"
+        f"{survival[r['patient']][1]}\n" for r in rows))
+    sweep_dir = tmp_path / "sweep"
+    for job, fold in enumerate((1, 2)):
+        train(compose_train([*overrides(table, weights, tmp_path / "work", "model.hidden=16", "bag.level=patient",
+                                        "data.split.k=2", "trainer.max_epochs=2", "task=survival", f"fold={fold}")],
+                            sweep_dir / str(job), multirun=True))
+    out = tmp_path / "predict"
+    predict(predict_config([f"ckpt_path={sweep_dir}", f"slides={table}", "on_bad_image=skip", "slide.progress=false",
+                            "slide.num_workers=1", "progress=false"], out))
+    patients = pd.read_csv(out / "patients.csv").set_index("patient")
+    assert len(patients) == len(survival) == 9
+    assert {"risk", "risk_sd", "risk_fold1", "risk_fold2"} <= set(patients.columns)
+    recorded = pd.read_csv(sweep_dir / "0" / "bag_predictions.csv")  # fold 1's held-out patients
+    assert len(recorded) > 0
+    for r in recorded.itertuples():
+        assert patients.loc[r.image, "risk_fold1"] == pytest.approx(r.risk, rel=1e-6, abs=2e-6)
+    both = patients[["risk_fold1", "risk_fold2"]].to_numpy()
+    np.testing.assert_allclose(patients["risk"], both.mean(1), atol=2e-6)
+    np.testing.assert_allclose(patients["risk_sd"], both.std(1), atol=2e-6)
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "survival" and report["n"] == 9 and report["external"]
+    assert (out / "kaplan_meier.png").stat().st_size > 0 and (out / "attention_gallery.png").stat().st_size > 0
+    assert len(list((out / "attention_maps").glob("*.heatmap.png"))) == len(rows)

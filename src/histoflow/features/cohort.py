@@ -90,7 +90,7 @@ def prepare_job(table: str | os.PathLike[str], encoder_cfg: Mapping[str, Any], s
     table = Path(table)
     name = check_name(run.name) if run.name else table.stem
     check_accelerator(run.accelerator)
-    records = read_slide_table(table)
+    records = read_slide_table(table, labelled=False)  # features need no label; training checks its own
     say_renamed_columns(records, table)
     chunk = parse_chunk(run.chunk)
     out = Path(run.out)

@@ -59,7 +59,8 @@ class SlideBagDataModule(BagLoaders, pl.LightningDataModule):
                               "label; docs/cohorts.md)")
         self._read_bag_section(bag)
         self.fold, self.name, self.table = str(fold), name, Path(table)
-        check_classes(read_slide_table(self.table), self.table)  # one class: refused before any slide is embedded
+        if self.task.name == "classification":  # one class: refused before any slide is embedded
+            check_classes(read_slide_table(self.table), self.table)
         self.split_cfg = SplitConfig.from_config(split)
         self.slide_cfg, self.run_cfg = to_builtin(slide or {}), {**to_builtin(features or {}), "chunk": None}
         self.on_bad_image, self.wanted_classes = on_bad_image, list(classes) if classes else None
@@ -90,7 +91,7 @@ class SlideBagDataModule(BagLoaders, pl.LightningDataModule):
             raise MissingInputError(f"{self.index}: no cohort index; the slides were not (all) embedded. Fix: run "
                                     f"`histoflow embed slides={self.table} encoder=...` with this run's slide and "
                                     "encoder settings, or train again (it embeds what is missing)")
-        records = read_slide_table(self.table)
+        records = read_slide_table(self.table, labelled=self.task.name == "classification")  # a target: no label
         self.classes = self.wanted_classes or sorted({r.label for r in records})
         self.num_classes = len(self.classes)
         # the index's sha256 of each slide: two files of identical bytes under two patients are drawn as one

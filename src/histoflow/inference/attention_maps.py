@@ -8,6 +8,11 @@
     <report>/attention_maps/<stem>.heatmap.png  that map over the image or the slide's thumbnail
     <report>/attention_maps/<stem>.json         geometry, bag, true and predicted class, fold
 
+A survival or regression head (task=survival|regression) has no class: its maps are the same attention, the bag's
+"label" is its target (time and event, or the number) and its "predicted" its group, by which the gallery is drawn:
+the predicted high- or low-risk half (cut at each fold's median risk, as the report's Kaplan-Meier halves), or the
+quartile of the predicted value (pooled over folds).
+
 Each source (an image of the prepared data, or a slide of a cohort) is held out by one fold, so every map comes
 from the model that never saw it. A patient bag spreads its attention over its slides: each slide's map shows its
 share, scaled by the bag's largest weight, so a patient's maps compare.
@@ -25,6 +30,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from histoflow.data.images import read_rgb
+from histoflow.evaluation.survival import risk_halves
 from histoflow.features.slide_features import slide_features_meta
 from histoflow.inference.heatmap import save_heatmap
 from histoflow.inference.predict import output_names
@@ -34,6 +40,8 @@ from histoflow.training.bag_outputs import ATTENTION, read_bag_predictions
 
 MAPS = "attention_maps"
 GALLERY = "attention_gallery.png"
+RISK_HALVES = ("high risk", "low risk")  # a survival head's gallery rows
+QUARTILES = tuple(f"value Q{k}" for k in (4, 3, 2, 1))  # a regression head's: the predicted value's quartiles
 
 
 @dataclass(frozen=True)
@@ -51,12 +59,27 @@ class AttendedTile:
     relative: float  # attention x the number of windows in the bag: 1 is the weight of a mean
 
 
+def task_groups(rows: Sequence[Mapping[str, Any]], task: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Each row of a survival or regression head as (its target in words, its predicted group): the risk half of its
+    fold (RISK_HALVES), or the quartile of the predicted value over all rows (QUARTILES)."""
+    if task["name"] == "survival":
+        high = risk_halves([float(r["risk"]) for r in rows], [str(r["fold"]) for r in rows])
+        return [((f"time {float(r['time']):g}, event {int(float(r['event']))}; " if r.get("time") else "")
+                 + f"risk {float(r['risk']):.3g}", RISK_HALVES[0] if h else RISK_HALVES[1]) for r, h in zip(rows, high)]
+    values = np.array([float(r["predicted"]) for r in rows])
+    cuts = np.quantile(values, [0.25, 0.5, 0.75]) if len(values) else []
+    return [((f"target {float(r['target']):g}; " if r.get("target") else "") + f"predicted {v:.3g}",
+             f"value Q{int(np.searchsorted(cuts, v)) + 1}") for r, v in zip(rows, values)]
+
+
 def attended_tiles(runs: Sequence[Path]) -> tuple[list[AttendedTile], dict[str, dict[str, Any]]]:
     """Every held-out window of the runs with its attention (rotations of a window summed), and the sources."""
     tiles: list[AttendedTile] = []
     sources: dict[str, dict[str, Any]] = {}
-    for run in runs:
-        rows, record = read_bag_predictions(run)
+    read = [read_bag_predictions(run) for run in runs]
+    task = read[0][1].get("task") if read else None
+    named = iter(task_groups([r for rows, _ in read for r in rows], task) if task else [])
+    for run, (rows, record) in zip(runs, read):
         sources.update(record.get("sources") or {})
         with np.load(run / ATTENTION) as z:
             for i, row in enumerate(rows):
@@ -64,7 +87,8 @@ def attended_tiles(runs: Sequence[Path]) -> tuple[list[AttendedTile], dict[str, 
                 for w, c in zip(z[f"attention_{i}"], z[f"coords_{i}"]):
                     key = (str(int(c[0])), int(c[1]), int(c[2]))
                     weights[key] = weights.get(key, 0.0) + float(w)
-                tiles += [AttendedTile(row["image"], row["label"], row["predicted"], str(row["fold"]), s, x, y, w,
+                label, predicted = next(named) if task else (row["label"], row["predicted"])
+                tiles += [AttendedTile(row["image"], label, predicted, str(row["fold"]), s, x, y, w,
                                        w * len(weights)) for (s, x, y), w in weights.items()]
     return tiles, sources
 
@@ -166,10 +190,12 @@ def _write_map(source: TileSource, tiles: Sequence[AttendedTile], largest: float
                         label="attention (1: the bag's most attended tile)")
 
 
-def attention_gallery(runs: Sequence[Path], classes: Sequence[str], png: Path, k: int = 6, by: str = "label") -> Path:
+def attention_gallery(runs: Sequence[Path], classes: Sequence[str], png: Path, k: int = 6, by: str = "label",
+                      rows_are: str | None = None) -> Path:
     """A PNG of the k most and k least attended held-out windows of each true class (attention relative to a
     mean's 1/N), each as it lies in its image or slide; by="predicted": of each predicted class (new slides without
-    labels)."""
+    labels), or of a survival or regression head's predicted group (classes: RISK_HALVES or QUARTILES; rows_are
+    names them in the title)."""
     tiles, sources = attended_tiles(runs)
     held_out = [name for name in classes if any(getattr(t, by) == name for t in tiles)]  # a class left out: no row
     fig = Figure(figsize=(1.6 * k, 1.75 * 2 * max(1, len(held_out))))
@@ -198,8 +224,9 @@ def attention_gallery(runs: Sequence[Path], classes: Sequence[str], png: Path, k
         for ax in axes.flat:
             ax.axis("off")
     missing = ", ".join(sorted(set(classes) - set(held_out)))
-    fig.suptitle(f"{'Held-out' if by == 'label' else 'New'} windows by attention (x: relative to a mean's 1/N), most "
-                 f"and least per {'true' if by == 'label' else 'predicted'} class"
+    rows_are = rows_are or ("true class" if by == "label" else "predicted class")
+    fig.suptitle(f"{'New' if by == 'predicted' and rows_are == 'predicted class' else 'Held-out'} windows by attention "
+                 f"(x: relative to a mean's 1/N), most and least per {rows_are}"
                  + (f"\nno held-out tile of {missing}" if missing else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=100)

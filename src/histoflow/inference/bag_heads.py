@@ -6,14 +6,15 @@ as training's held-out predictions were made, and each bag's columns from the fo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from histoflow.features.bags import Bag
+from histoflow.features.bags import Bag, pad_bags
 from histoflow.inference.fold_models import BagHeadModel
 from histoflow.training.bag_outputs import bag_outputs
+from histoflow.training.losses import task_value
 
 
 @dataclass
@@ -32,6 +33,8 @@ class FoldPredictions:
 def predict_bags(models: Sequence[BagHeadModel], bags: Sequence[Bag], batch_size: int = 16) -> FoldPredictions:
     """Each fold's head on each bag, as training's held-out predictions were made (training.bag_outputs), so a bag
     gets from a fold model the very probabilities its k-fold report recorded."""
+    if models[0].task.name != "classification":
+        return predict_values(models, bags, batch_size)
     classes = models[0].classes
     probs = np.zeros((len(bags), len(models), len(classes)))
     attention = [np.zeros(len(b), dtype=np.float64) for b in bags]
@@ -43,6 +46,34 @@ def predict_bags(models: Sequence[BagHeadModel], bags: Sequence[Bag], batch_size
             attention[i] += w / len(models)
             tile_probs[i] += m.head.tile_logits(bags[i].features).float().softmax(-1).double().numpy() / len(models)
     return FoldPredictions(probs, [a.astype(np.float32) for a in attention], tile_probs)
+
+
+@torch.inference_mode()
+def predict_values(models: Sequence[BagHeadModel], bags: Sequence[Bag], batch_size: int = 16) -> FoldPredictions:
+    """A survival or regression head's risk or value of each bag from each fold model (probs: (bags, models, 1)), as
+    training/target_outputs.py recorded its held-out bags; no tile verdicts (tile_probs: (tiles, 0))."""
+    task = models[0].task
+    values = np.zeros((len(bags), len(models), 1))
+    attention = [np.zeros(len(b), dtype=np.float64) for b in bags]
+    for j, m in enumerate(models):
+        for start in range(0, len(bags), batch_size):
+            chunk = [(b, i) for i, b in enumerate(bags[start:start + batch_size])]
+            x, mask, _, _ = pad_bags(chunk)
+            values[start:start + len(chunk), j, 0] = task_value(m.head(x, mask), task).double().numpy()
+            weights = (m.head.attention_weights(x, mask) if hasattr(m.head, "attention_weights")
+                       else mask.float() / mask.sum(1, keepdim=True))
+            for k, (b, _) in enumerate(chunk):
+                attention[start + k] += weights[k, :len(b)].double().numpy() / len(models)
+    return FoldPredictions(values, [a.astype(np.float32) for a in attention], [np.zeros((len(b), 0)) for b in bags])
+
+
+def value_columns(per_model: np.ndarray, models: Sequence[BagHeadModel]) -> dict[str, Any]:
+    """One bag's columns from its (models, 1) risks or values: risk|value (the fold models' mean), its sd (ddof=0),
+    and each fold model's (risk_fold<k>)."""
+    name = "risk" if models[0].task.name == "survival" else "value"
+    v = per_model[:, 0]
+    return {name: round(float(v.mean()), 6), f"{name}_sd": round(float(v.std()), 6),
+            **{f"{name}_fold{m.fold}": round(float(x), 6) for m, x in zip(models, v)}}
 
 
 def fold_columns(per_model: np.ndarray, models: Sequence[BagHeadModel]) -> Mapping[str, float]:

@@ -6,6 +6,9 @@ bag probabilities, their mean and their spread.
 The rows have the patch vote's form (image, predicted, patches, confidence, vote_margin, votes_<class>,
 prob_<class>) plus prob_sd_<class> (the fold models' sd around their mean, ddof=0) and models_agree (every fold
 model's own class the same); votes_<class> count the tiles by the fold models' mean verdict on each tile alone.
+A survival or regression head (task=survival|regression in its checkpoint) gives one number a fold model instead:
+`risk` or `value` (the fold models' mean), `risk_sd` or `value_sd` (their sd, ddof=0) and `risk_fold<k>` or
+`value_fold<k>` (each fold model's, as its k-fold run recorded it).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from histoflow.data.transforms import PatchTransform
 from histoflow.inference.fold_models import FoldModel, encoder_groups
 from histoflow.inference.voting import spread_columns
 from histoflow.training.checkpoints import CheckpointError
+from histoflow.training.losses import task_value
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +99,7 @@ class BagPredictions:
     """Per image: each fold model's bag probabilities, the tiles' votes, the tile count; the images that failed."""
 
     paths: list[str]
-    probs: np.ndarray  # (images, models, classes); NaN for a failed image
+    probs: np.ndarray  # (images, models, classes), or (images, models, 1) of a task's risk or value; NaN: failed
     votes: np.ndarray  # (images, classes) int64
     tiles: np.ndarray  # (images,) int64; 0 for a failed image
     problems: dict[int, Problem]
@@ -120,7 +124,9 @@ def predict_bags(paths: Sequence[str | Path], models: Sequence[FoldModel], batch
         for head in g.heads:
             head.to(dev).eval()
     n, c = len(paths), len(models[0].classes)
-    probs = np.full((n, len(models), c), np.nan)
+    learned = models[0].task
+    valued = learned.name != "classification"  # a survival risk or a regression value: one number a fold model
+    probs = np.full((n, len(models), 1 if valued else c), np.nan)
     votes, tiles = np.zeros((n, c), dtype=np.int64), np.zeros(n, dtype=np.int64)
     problems: dict[int, Problem] = {}
     passes, t0 = 0, time.perf_counter()
@@ -138,12 +144,16 @@ def predict_bags(paths: Sequence[str | Path], models: Sequence[FoldModel], batch
                                           for i in range(0, len(x), batch_size)])
                     passes += len(x)
                     for head in g.heads:
+                        if valued:
+                            per_model.append(task_value(head(features[None]).float(), learned).cpu())
+                            continue
                         per_model.append(head(features[None]).float().softmax(-1)[0].cpu())
                         tile_probs.append(head.tile_logits(features).float().softmax(-1).cpu())
                 probs[item.index] = torch.stack(per_model).double().numpy()
-                verdicts = torch.stack(tile_probs).mean(0).argmax(1).numpy()
-                votes[item.index] = np.bincount(verdicts, minlength=c)
-                tiles[item.index] = len(verdicts)
+                if tile_probs:
+                    verdicts = torch.stack(tile_probs).mean(0).argmax(1).numpy()
+                    votes[item.index] = np.bincount(verdicts, minlength=c)
+                tiles[item.index] = len(item.x[0])
             bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - t0):.1f} images/s")
     return BagPredictions([str(p) for p in paths], probs, votes, tiles, problems, time.perf_counter() - t0, passes)
 
@@ -162,4 +172,18 @@ def bag_rows(pred: BagPredictions, classes: Sequence[str]) -> list[dict[str, Any
         row.update({f"prob_{c}": round(float(p), 6) for c, p in zip(classes, mean)})
         row.update(spread_columns(pred.probs[i], classes))
         rows.append(row)
+    return rows
+
+
+def value_rows(pred: BagPredictions, models: Sequence[FoldModel]) -> list[dict[str, Any]]:
+    """predictions.csv's rows of a survival or regression head: image, risk or value (the fold models' mean), its sd
+    (ddof=0), patches, and each fold model's (risk_fold<k>). A Cox risk is known up to a constant per fold model:
+    compare the folds' own columns, or ranks, where the models' scales differ."""
+    name = "risk" if models[0].task.name == "survival" else "value"
+    rows = []
+    for i in pred.ok:
+        per_model = pred.probs[i][:, 0]
+        rows.append({"image": pred.paths[i], name: round(float(per_model.mean()), 6),
+                     f"{name}_sd": round(float(per_model.std()), 6), "patches": int(pred.tiles[i]),
+                     **{f"{name}_fold{m.fold}": round(float(v), 6) for m, v in zip(models, per_model)}})
     return rows

@@ -18,6 +18,12 @@ fold's head on each bag (a slide, or a patient's slides pooled as in training), 
                                 the viewer's probability overlay; .geojson with slide.export=[geojson]: QuPath objects
     <out>/report.md, report.json, ...   where the table has a label column: the external validation
                                 (inference/external_report.py)
+
+A survival or regression head (task=survival|regression in its checkpoint) gives instead a `risk` or `value` per
+slide and patient (the fold models' mean, `risk_sd` their sd, `risk_fold<k>` each fold model's; no tile verdicts,
+no slides/ folder), the attention maps and the gallery by predicted risk half or value quartile, and, where the table
+has the checkpoint's target columns (time,event or target), the report of a k-fold run for one external fold
+(inference/target_report.py: C-index with its interval over patients, Kaplan-Meier, log-rank; MAE, R², r).
 """
 
 from __future__ import annotations
@@ -42,14 +48,21 @@ from histoflow.features.bags import Bag
 from histoflow.features.cohort import embed_cohort, prepare_job
 from histoflow.features.cohort_job import ENCODER_SIDE
 from histoflow.features.slide_features import read_slide_features
-from histoflow.inference.attention_maps import GALLERY, attention_gallery, write_attention_maps
-from histoflow.inference.bag_heads import FoldPredictions, fold_columns, predict_bags
+from histoflow.inference.attention_maps import (
+    GALLERY,
+    QUARTILES,
+    RISK_HALVES,
+    attention_gallery,
+    write_attention_maps,
+)
+from histoflow.inference.bag_heads import FoldPredictions, fold_columns, predict_bags, value_columns
 from histoflow.inference.external_report import EXTERNAL, external_validation
 from histoflow.inference.fold_models import BagHeadModel, is_slide_bag_checkpoint, load_bag_heads
 from histoflow.inference.image_report import write_csv
 from histoflow.inference.model_settings import check_settings, model_encoder, model_tiling, refuse_slide_changes
 from histoflow.inference.predict import SLIDE_SUFFIXES, files_matching, output_names
 from histoflow.inference.slide_outputs import write_bag_folder, write_slide_outputs
+from histoflow.inference.target_report import external_task_report
 from histoflow.inference.voting import prediction_columns
 
 log = logging.getLogger(__name__)
@@ -205,6 +218,8 @@ def predict_cohort(cfg: DictConfig, out: Path, settings: dict[str, Any]) -> tupl
     # one name per slide for every output (the table's order, as `histoflow predict slides=` names them): the
     # attention maps list slides bag by bag, which for patient bags is another order
     names = output_names([s.path for s in slides if str(s.path) in found])
+    if first.task.name != "classification":  # a risk or value per slide and patient (module docstring)
+        return _task_outputs(cfg, out, slides, bags, pred, models, found, settings, problems, result.folder, names)
     slide_rows, patient_rows, bag_rows = _rows(slides, bags, pred, models, found, labelled, names)
     write_csv(slide_rows, out / "slides.csv")
     write_csv(patient_rows, out / "patients.csv")
@@ -225,6 +240,62 @@ def predict_cohort(cfg: DictConfig, out: Path, settings: dict[str, Any]) -> tupl
         logged["metrics"].update({f"predict/external/{k}": v for k, v in report["pooled"].items()})
     else:
         log.info("the new slides carry no labels (%s has no label column): predictions only, no report", cfg.slides)
+    (out / "settings.json").write_text(json.dumps(settings, indent=1, default=str))
+    return slide_rows, problems, logged
+
+
+def _task_outputs(cfg: DictConfig, out: Path, slides: Sequence[NewSlide], bags: Sequence[Bag], pred: FoldPredictions,
+                  models: Sequence[BagHeadModel], found: dict, settings: dict[str, Any], problems: list[Problem],
+                  features: Path, names: dict[Path, str]) -> tuple[list[dict], list[Problem], dict]:
+    """slides.csv, patients.csv, the bag folder, attention maps and gallery of a survival or regression head, and
+    the external report where the table has the target's columns (`names`: each slide's outputs' name)."""
+    task, level = models[0].task, models[0].level
+    survival = task.name == "survival"
+    targeted = all(all((s.extra.get(c) or "").strip() for c in task.columns) for s in slides)
+    bag_of = {name: i for i, b in enumerate(bags) for name in b.images}
+    kept = [s for s in slides if str(s.path) in found]
+    slide_rows = [{"slide": str(s.path), "output": names[s.path], "patient": s.patient, **s.extra,
+                   "tiles": int(found[str(s.path)]["tiles"]),
+                   "bag": bags[bag_of[str(s.path)]].name, **value_columns(pred.probs[bag_of[str(s.path)]], models)}
+                  for s in kept]
+    patient_rows = []
+    for patient in dict.fromkeys(s.patient for s in kept):
+        members = sorted({bag_of[str(s.path)] for s in kept if s.patient == patient})
+        own = [s for s in kept if s.patient == patient]
+        patient_rows.append({"patient": patient, **({c: own[0].extra[c] for c in task.columns} if targeted else {}),
+                             "slides": len(own), "tiles": sum(len(bags[i]) for i in members),
+                             **value_columns(pred.probs[members].mean(0), models)})
+    value = "risk" if survival else "predicted"
+    first_slide = {str(s.path): s for s in kept}
+    bag_rows = []
+    for i, b in enumerate(bags):
+        row: dict[str, Any] = {"image": b.name, "group": b.group, "fold": "external", "patches": len(b),
+                               value: round(float(pred.probs[i, :, 0].mean()), 6)}
+        if targeted:
+            row.update({k: first_slide[b.images[0]].extra[c] for k, c in zip(
+                ("time", "event") if survival else ("target",), task.columns)})
+        bag_rows.append(row)
+    write_csv(slide_rows, out / "slides.csv")
+    write_csv(patient_rows, out / "patients.csv")
+    record = {"name": task.name, "loss": task.loss, "columns": list(task.columns), "key": task.key}
+    bag_dir = write_bag_folder(out / "bags", bags, bag_rows, pred, found, models[0].classes, level, task=record)
+    write_attention_maps([bag_dir], out, names)
+    attention_gallery([bag_dir], RISK_HALVES if survival else QUARTILES, out / GALLERY, by="predicted",
+                      rows_are="predicted risk half" if survival else "quartile of the predicted value")
+    settings = {**settings, "models": len(models), "bag_level": level, "features": str(features), "task": task.name}
+    name = "risk" if survival else "value"
+    logged: dict[str, Any] = {"metrics": {"predict/slides": float(len(slide_rows))}, "images": {},
+                              "tables": {"predict/slides": slide_rows, "predict/patients": patient_rows}}
+    if targeted:
+        per_key = slide_rows if task.key in ("slide", "image") else patient_rows
+        rows = [{"name": r.get("slide", r["patient"]), "patient": r["patient"], "fold": "external",
+                 value: r[name], **{k: float(r[c]) for k, c in zip(
+                     ("time", "event") if survival else ("target",), task.columns)}} for r in per_key]
+        report = external_task_report(rows, task.name, out, {**settings, "unit": task.key})
+        logged["metrics"].update({f"predict/external/{k}": v for k, v in report["pooled"].items()
+                                  if isinstance(v, (int, float))})
+    else:
+        log.info("the new slides carry no %s (%s): predictions only, no report", ", ".join(task.columns), cfg.slides)
     (out / "settings.json").write_text(json.dumps(settings, indent=1, default=str))
     return slide_rows, problems, logged
 

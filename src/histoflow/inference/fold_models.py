@@ -21,6 +21,7 @@ from torch import nn
 from histoflow.common.config import local_file
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.stain import StainNormalizer
+from histoflow.data.targets import TaskConfig
 from histoflow.data.transforms import PatchTransform, build_transform
 from histoflow.features.embeddings import weights_sha256
 from histoflow.inference.voting import EncoderGroup
@@ -69,6 +70,11 @@ class FoldModel:
     def is_bag(self) -> bool:
         """A head on bags (ABMIL, mean or max pooling): one prediction per bag of window features."""
         return is_bag_head(self.config.get("model") or {})
+
+    @property
+    def task(self) -> TaskConfig:
+        """What its head learned: classes, a survival risk or a regression value (the training config's task)."""
+        return TaskConfig.from_config(self.config.get("task"))
 
     @property
     def encoder(self) -> nn.Module:
@@ -247,6 +253,11 @@ class BagHeadModel:
     def tiling(self) -> dict[str, Any]:
         """data.slide of its training: how its slides were cut into tiles."""
         return dict(self.config["data"].get("slide") or {})
+
+    @property
+    def task(self) -> TaskConfig:
+        """What its head learned: classes, a survival risk or a regression value (the training config's task)."""
+        return TaskConfig.from_config(self.config.get("task"))
 
 
 def is_slide_bag_checkpoint(path: str | Path) -> bool:

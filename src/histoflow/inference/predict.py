@@ -19,7 +19,7 @@ from histoflow.data.images import IMAGE_SUFFIXES
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.problems import Problem, write_problems
-from histoflow.inference.bag_predict import bag_rows, predict_bags
+from histoflow.inference.bag_predict import bag_rows, predict_bags, value_rows
 from histoflow.inference.cached_votes import cached_features, cached_votes
 from histoflow.inference.external_report import external_report, folder_labels, image_groups
 from histoflow.inference.fold_models import (
@@ -35,6 +35,7 @@ from histoflow.inference.image_report import fold_report, prediction_rows, write
 from histoflow.inference.model_settings import refuse_changes
 from histoflow.inference.report_run import log_run, publish_report
 from histoflow.inference.slide_map import SlideConfig, SlideResult, predict_slide
+from histoflow.inference.target_report import external_task_report, new_image_targets
 from histoflow.inference.voting import AGGREGATES, predict_images, tta_views
 from histoflow.slides.backend import SLIDE_SUFFIXES, slides_in
 from histoflow.slides.slide import SLIDE_FIXES, DamagedTileError, SlideError, SlideSettingError
@@ -169,14 +170,16 @@ def _images_csv(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConf
     models = [m for ms in members for m in ms]
     spec = cfg.images if isinstance(cfg.images, str) else list(cfg.images)
     paths = files_matching(spec)
-    classes = models[0].classes
-    labels = folder_labels(paths, classes, str(cfg.get("labels", "auto")))  # refused before any work when unknown
-    groups = image_groups(paths, cfg.get("groups"), Path(spec).expanduser() if isinstance(spec, str)
-                          and Path(spec).expanduser().is_dir() else None) if labels else []
+    classes, task = models[0].classes, models[0].task
+    valued = task.name != "classification"  # a survival or regression head: a risk or value per image, no class
+    labels = None if valued else folder_labels(paths, classes, str(cfg.get("labels", "auto")))  # before any work
+    root = Path(spec).expanduser() if isinstance(spec, str) and Path(spec).expanduser().is_dir() else None
+    groups = image_groups(paths, cfg.get("groups"), root) if labels or (valued and cfg.get("targets")) else []
     if models[0].is_bag:
         pred = predict_bags(paths, models, cfg.batch_size, _run_options(cfg)["num_workers"], cfg.device,
                             cfg.progress)
-        rows, problems, seconds = bag_rows(pred, classes), list(pred.problems.values()), pred.seconds
+        rows = value_rows(pred, models) if valued else bag_rows(pred, classes)
+        problems, seconds = list(pred.problems.values()), pred.seconds
     else:
         check_compatible(models, classes, grid.size, f"checkpoint {models[0].path}")
         votes = predict_images(paths, encoder_groups(models), len(classes), grid, **_run_options(cfg))
@@ -190,6 +193,15 @@ def _images_csv(cfg: DictConfig, members: list[list[FoldModel]], grid: PatchConf
                                  problems)
         logged["metrics"].update({f"predict/external/{k}": v for k, v in report["pooled"].items()})
         logged["images"]["predict/external/confusion_images"] = out / "confusion_images.png"
+    elif valued and cfg.get("targets") and rows:  # survival or regression targets: the k-fold report's form
+        by_path = dict(zip(map(str, paths), groups))
+        report = external_task_report(new_image_targets(rows, str(cfg.targets), task, root,
+                                                        [by_path[str(r["image"])] for r in rows]),
+                                      task.name, out, {**settings, "models": len(models), "unit": "image"})
+        logged["metrics"].update({f"predict/external/{k}": v for k, v in report["pooled"].items()
+                                  if isinstance(v, (int, float))})
+    elif valued:
+        log.info("no targets=<table> of the new images' %s: predictions only, no report", ", ".join(task.columns))
     elif not labels:
         log.info("the images carry no labels (no folder named like a class of %s): predictions only, no report",
                  classes)

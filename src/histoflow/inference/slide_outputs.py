@@ -34,8 +34,10 @@ from histoflow.training.bag_outputs import ATTENTION, PREDICTIONS, RECORD
 
 
 def write_bag_folder(folder: Path, bags: Sequence[Bag], rows: Sequence[Mapping[str, Any]], pred: FoldPredictions,
-                     found: Mapping[str, Mapping[str, Any]], classes: Sequence[str], level: str) -> Path:
-    """The new bags as a fold run leaves its held-out bags (training/bag_outputs.py); the folder."""
+                     found: Mapping[str, Mapping[str, Any]], classes: Sequence[str], level: str,
+                     task: Mapping[str, Any] | None = None) -> Path:
+    """The new bags as a fold run leaves its held-out bags (training/bag_outputs.py; a survival or regression head's:
+    training/target_outputs.py, its task in the record); the folder."""
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / PREDICTIONS).open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -46,7 +48,7 @@ def write_bag_folder(folder: Path, bags: Sequence[Bag], rows: Sequence[Mapping[s
                         **{f"attention_{i}": a for i, a in enumerate(pred.attention)})
     sources = {str(r["number"]): {"path": slide, "shard": r["shard"]} for slide, r in found.items()}
     (folder / RECORD).write_text(json.dumps({"classes": list(classes), "level": level, "fold": "external",
-                                             "sources": sources}, indent=1))
+                                             "sources": sources, **({"task": dict(task)} if task else {})}, indent=1))
     return folder
 
 

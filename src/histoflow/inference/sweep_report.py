@@ -25,7 +25,8 @@ from histoflow.inference.bag_report import bag_runs, logged_maps, write_bag_repo
 from histoflow.inference.image_report import absent_warning
 from histoflow.inference.predict import predict
 from histoflow.inference.report_run import publish_report
-from histoflow.inference.task_report import is_task_sweep, task_headline, write_task_report
+from histoflow.inference.target_report import task_headline
+from histoflow.inference.task_report import is_task_sweep, write_task_report
 from histoflow.training.outputs import REPORT_DIR
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,10 @@ kept), slide paths relative to the CSV's folder, checked on read; and the slides
     scans/p1-b.svs,P1,tumour,II
     /archive/p2.ndpi,P2,normal,
 
+A table of slides with a survival or regression target (task=survival|regression), or one read for its features
+only (`histoflow embed`), needs no label: the column may be left out or empty (the slide's label is then
+`unlabelled`).
+
 Every problem of a table is reported at once, row by row as a spreadsheet numbers them (the header is row 1).
 """
 
@@ -25,6 +29,7 @@ from histoflow.data.folds import SplitConfig, assign_folds
 
 log = logging.getLogger(__name__)
 REQUIRED = ("slide", "patient", "label")
+UNLABELLED = "unlabelled"  # the label of a slide in a table read with labelled=False that gives it none
 MPP = "mpp"  # an optional column: a slide's microns per pixel at level 0, where its file gives none or a wrong one
 SHOWN = 20  # problems listed in the error; the rest are counted
 
@@ -49,24 +54,24 @@ class SlideRecord:
         return {"patient": self.patient, "label": self.label, **self.extra}
 
 
-def _header_problems(header: list[str]) -> list[str]:
+def _header_problems(header: list[str], required: Sequence[str] = REQUIRED) -> list[str]:
     """Required columns that are missing (with the closest name found: a likely typo), names given twice, a table
     separated by something other than commas."""
     if len(header) == 1 and any(sep in header[0] for sep in ";\t"):
         return [(f"row 1: one column, {header[0]!r}: the columns are not separated by commas. Fix: save the "
                  "table with commas between its columns")]
-    cased = {name: h for name in REQUIRED for h in header if h != name and h.lower() == name}
-    if len(cased) > 1 and all(name in header or name in cased for name in REQUIRED):  # Slide,Patient,Label
+    cased = {name: h for name in required for h in header if h != name and h.lower() == name}
+    if len(cased) > 1 and all(name in header or name in cased for name in required):  # Slide,Patient,Label
         return [(f"row 1: column names are lower case: found {', '.join(repr(h) for h in cased.values())}. Fix: "
                  f"rename them {', '.join(cased)}")]
     problems = []
     others = [name for name in header if name not in REQUIRED]
-    for name in REQUIRED:
+    for name in required:
         if name not in header:
             close = difflib.get_close_matches(name, others, n=1, cutoff=0.6)
             fix = f"rename column {close[0]!r} to {name!r}" if close else f"add a column {name!r}"
             found = ", ".join(repr(h) for h in header) or "nothing"
-            problems.append(f"row 1: no column {name!r} (required: {', '.join(REQUIRED)}; found: {found}). "
+            problems.append(f"row 1: no column {name!r} (required: {', '.join(required)}; found: {found}). "
                             f"Fix: {fix}")
     for name in dict.fromkeys(h for h in header if h and header.count(h) > 1):
         problems.append(f"row 1: column {name!r} is named {header.count(name)} times. Fix: give each column its "
@@ -105,14 +110,16 @@ def _joined(numbers: Sequence[int]) -> str:
     return ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}" if len(numbers) > 1 else str(numbers[0])
 
 
-def read_slide_table(path: str | Path) -> list[SlideRecord]:
-    """The slides a CSV `slide,patient,label[,...]` lists, in its order; SlideTableError lists every problem."""
+def read_slide_table(path: str | Path, labelled: bool = True) -> list[SlideRecord]:
+    """The slides a CSV `slide,patient,label[,...]` lists, in its order; SlideTableError lists every problem.
+    labelled=False (a survival or regression target; features only): the label column may be absent or empty."""
+    required = REQUIRED if labelled else tuple(n for n in REQUIRED if n != "label")
     table = Path(path).expanduser()
     if not table.is_file():
         raise MissingInputError(f"{path}: no slide table there. Fix: check the path (relative paths start from "
                                 f"{Path.cwd()})")
     header, rows = _read(table)
-    problems = _header_problems(header)
+    problems = _header_problems(header, required)
     if not problems and not rows:
         problems.append("no slides: the table has a header and no rows. Fix: add a row per slide")
     if problems:
@@ -127,11 +134,12 @@ def read_slide_table(path: str | Path) -> list[SlideRecord]:
         if unnamed:
             problems.append(f"row {number}: a value under no column name ({unnamed[0]!r}). Fix: name its column "
                             "in row 1, or delete the value")
-        empty = [name for name in REQUIRED if not values[name]]
+        empty = [name for name in required if not values[name]]
         if empty:
             problems.append(f"row {number}: {' and '.join(empty)} empty. Fix: fill in every slide's "
-                            f"{', '.join(REQUIRED)}")
+                            f"{', '.join(required)}")
             continue
+        values["label"] = values.get("label") or UNLABELLED
         by_patient.setdefault(values["patient"], {}).setdefault(values["label"], []).append(number)
         slide = Path(os.path.abspath(folder / Path(values["slide"]).expanduser()))  # an absolute path stays
         if not slide.is_file():

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from histoflow.common.errors import HistoflowError
+from histoflow.data.targets import TaskConfig
 from histoflow.models import build_encoder, clean_state_dict, encoder_with_head
 from histoflow.models.build import build_net
 from histoflow.training.module import PatchClassifier
@@ -61,6 +62,17 @@ def untrusted_targets(config: Any, trusted: Iterable[str]) -> list[str]:
     return []
 
 
+def checkpoint_task(hparams: Mapping[str, Any]) -> TaskConfig:
+    """The task a checkpoint's head learned: its training config's task section (classification where none)."""
+    return TaskConfig.from_config((hparams.get("config") or {}).get("task"))
+
+
+def head_outputs(hparams: Mapping[str, Any]) -> int:
+    """The net's outputs: a class each, or the task's (one risk or value; a hazard logit per time bin)."""
+    task = checkpoint_task(hparams)
+    return len(hparams["classes"]) if task.name == "classification" else task.outputs
+
+
 def load_classifier(checkpoint_path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS,
                     checkpoint: Mapping[str, Any] | None = None, encoder_weights: str | None = None,
                     with_encoder: bool = True) -> PatchClassifier:
@@ -84,7 +96,7 @@ def load_classifier(checkpoint_path: str | Path, trusted: Iterable[str] = TRUSTE
     model_cfg = dict(config["model"])
     if "weights" in model_cfg:
         model_cfg["weights"] = None  # the checkpoint holds every weight: no pretrained download needed
-    net = build_net(model_cfg, len(classes), hparams["input_size"], hparams.get("feature_dim"))
+    net = build_net(model_cfg, head_outputs(hparams), hparams["input_size"], hparams.get("feature_dim"))
     net.load_state_dict(clean_state_dict(checkpoint))
     if with_encoder and config.get("encoder"):  # a head on frozen features: predicts patches through its encoder, rebuilt as trained
         encoder = {**config["encoder"], **({"weights": encoder_weights} if encoder_weights else {})}

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -75,6 +75,12 @@ def survival_risk(outputs: torch.Tensor, loss: str) -> torch.Tensor:
     if loss == "nll":
         return -torch.cumprod(1 - torch.sigmoid(outputs), 1).sum(1)
     return outputs[:, 0]
+
+
+def task_value(outputs: torch.Tensor, task: Any) -> torch.Tensor:
+    """One number per bag of a task's head outputs (B, outputs): its risk (survival; higher: the event sooner) or
+    its predicted value (regression); training's held-out rows and deployment both read it here."""
+    return survival_risk(outputs, task.loss) if task.name == "survival" else outputs[:, 0]
 
 
 def task_loss(outputs: torch.Tensor, targets: torch.Tensor, loss: str,

@@ -19,7 +19,7 @@ from torch import nn
 from histoflow.data.targets import TaskConfig
 from histoflow.evaluation.regression import regression_scores
 from histoflow.evaluation.survival import harrell_c
-from histoflow.training.losses import survival_risk, task_loss, time_cuts
+from histoflow.training.losses import task_loss, task_value, time_cuts
 
 
 class BagTargetModule(pl.LightningModule):
@@ -54,7 +54,7 @@ class BagTargetModule(pl.LightningModule):
 
     def predict_value(self, outputs: torch.Tensor) -> torch.Tensor:
         """One number per bag: its risk (survival; higher: the event sooner) or its predicted value (regression)."""
-        return survival_risk(outputs, self.task.loss) if self.task.name == "survival" else outputs[:, 0]
+        return task_value(outputs, self.task)
 
     def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return task_loss(outputs, targets, self.task.loss, self.cuts)
