@@ -91,14 +91,15 @@ def cpu_reference(paths: list[Path], models, views) -> tuple[np.ndarray, np.ndar
     return np.stack(means), np.stack(per_model)
 
 
-@pytest.mark.parametrize("tta", [False, True])
-def test_device_transform_gives_the_cpu_transforms_probabilities(tmp_path: Path, tta: bool) -> None:
+@pytest.mark.parametrize("tta,workers", [(False, 0), (True, 0), (True, 1)])
+def test_device_transform_gives_the_cpu_transforms_probabilities(tmp_path: Path, tta: bool, workers: int) -> None:
+    """workers=0: the batch's inputs made where the net runs; 1: a net on the CPU has its loader worker make them."""
     paths = write_images(tmp_path)
     views = tta_views(tta)
     models = fold_models()
     expected, expected_per_model = cpu_reference(paths, models, views)
-    votes = predict_images(paths, models, 3, GRID, views, batch_size=7 * len(views), num_workers=0, device="cpu",
-                           progress=False)
+    votes = predict_images(paths, models, 3, GRID, views, batch_size=7 * len(views), num_workers=workers,
+                           device="cpu", progress=False)
     assert votes.patches.tolist() == [6, 12]
     np.testing.assert_allclose(votes.mean_prob(), expected, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(votes.model_prob_sum / votes.patches[:, None, None], expected_per_model,

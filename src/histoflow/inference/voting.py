@@ -3,7 +3,9 @@
 Loader workers read each image, cut its grid windows (a strided view, no per-patch loop) and pack the uint8 windows
 of consecutive images into full batches in shared memory, while the main process runs the nets: reading and cutting
 overlap the forward passes. On the model's device each distinct preprocessing (crop, conversion, normalisation,
-resize, test-time views) runs once per batch for all the fold models that share it (window_inputs.SharedInputs).
+resize, test-time views) runs once per batch for all the fold models that share it (window_inputs.SharedInputs);
+a model on the CPU with loader workers has them make its batches' inputs instead, beside the net (measured faster on
+a 2-core machine: the main process's threads are the net's).
 Each patch carries its image's index; votes and probabilities are summed per image with index_add.
 Fold models that share a frozen encoder (heads trained with encoder=..., the same weights and preprocessing) are
 one EncoderGroup: the encoder runs once per window, and each head reads its features.
@@ -127,10 +129,12 @@ class PatchBatch:
     ids: torch.Tensor | None  # (patches,) image index of each patch
     begun: list[tuple[int, int]]  # (image, its patch count) for images whose first patches are in x
     problems: list[tuple[int, Problem]]  # (image, what went wrong) for images that failed since the last batch
+    inputs: list[torch.Tensor] | None = None  # each distinct preprocessing's (patches * views, 3, c, c), by a worker
 
     def pin_memory(self) -> "PatchBatch":
         """Page-locked copy for fast copies to a GPU (the DataLoader calls this when pin_memory is on)."""
-        return PatchBatch(None if self.x is None else self.x.pin_memory(), self.ids, self.begun, self.problems)
+        return PatchBatch(None if self.x is None else self.x.pin_memory(), self.ids, self.begun, self.problems,
+                          None if self.inputs is None else [x.pin_memory() for x in self.inputs])
 
 
 class PatchBatches(IterableDataset):
@@ -140,8 +144,15 @@ class PatchBatches(IterableDataset):
     receives a batch without any copy and spends its time on the nets.
     """
 
-    def __init__(self, images: ImagePatches, per_batch: int) -> None:
-        self.images, self.per_batch = images, per_batch
+    def __init__(self, images: ImagePatches, per_batch: int, prepare: SharedInputs | None = None) -> None:
+        self.images, self.per_batch, self.prepare = images, per_batch, prepare
+
+    def _batch(self, x: torch.Tensor | None, ids: torch.Tensor | None, begun: list[tuple[int, int]],
+               problems: list[tuple[int, Problem]]) -> PatchBatch:
+        """A batch of windows as cut, or (with `prepare`) of the inputs made of them here, once per preprocessing."""
+        if self.prepare is None or x is None:
+            return PatchBatch(x, ids, begun, problems)
+        return PatchBatch(None, ids, begun, problems, self.prepare.prepare(x))
 
     def _empty(self, like: torch.Tensor) -> torch.Tensor:
         out = torch.empty(like.shape[0], self.per_batch, *like.shape[2:], dtype=like.dtype)
@@ -169,10 +180,11 @@ class PatchBatches(IterableDataset):
                 ids[filled:filled + take] = index
                 filled, start = filled + take, start + take
                 if filled == self.per_batch:
-                    yield PatchBatch(x, ids, begun, problems)
+                    yield self._batch(x, ids, begun, problems)
                     x, ids, filled, begun, problems = None, torch.empty(self.per_batch, dtype=torch.long), 0, [], []
         if filled or problems:
-            yield PatchBatch(x[:, :filled] if x is not None else None, ids[:filled] if filled else None, begun, problems)
+            yield self._batch(x[:, :filled] if x is not None else None, ids[:filled] if filled else None, begun,
+                              problems)
 
 
 def by_votes(votes: np.ndarray, prob_sum: np.ndarray) -> np.ndarray:
@@ -267,8 +279,9 @@ def predict_images(paths: Sequence[str | Path], models: Models, num_classes: int
         for head in group.heads:
             head.to(dev).eval()
     per_batch = max(1, batch_size // len(views))  # a forward pass takes patches x views inputs
-    inputs = SharedInputs([g.transform for g in groups], views)  # run on the device, once per distinct one
-    dataset = PatchBatches(ImagePatches(paths, grid, inputs.stains), per_batch)
+    inputs = SharedInputs([g.transform for g in groups], views)  # once per batch for each distinct preprocessing
+    in_workers = dev.type == "cpu" and num_workers > 0  # the net's device is the CPU: the workers' cores make them
+    dataset = PatchBatches(ImagePatches(paths, grid, inputs.stains), per_batch, inputs if in_workers else None)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=as_made,
                         pin_memory=dev.type == "cuda", prefetch_factor=4 if num_workers else None)
     n = len(paths)
@@ -286,8 +299,9 @@ def predict_images(paths: Sequence[str | Path], models: Models, num_classes: int
                 patches[index] = waiting[index] = count
             problems.update(batch.problems)
             done = len(batch.problems)
-            if batch.x is not None:
-                per_model = group_probabilities(groups, inputs(batch.x.to(dev, non_blocking=True)), len(views))
+            if batch.ids is not None:
+                made = batch.inputs if in_workers else inputs.prepare(batch.x.to(dev, non_blocking=True))
+                per_model = group_probabilities(groups, inputs.per_model(made), len(views))
                 probs = per_model.mean(0)
                 model_prob_sum.index_add_(0, batch.ids, per_model.transpose(0, 1).double())
                 votes.index_put_((batch.ids, probs.argmax(1)), torch.ones(len(probs), dtype=torch.long),

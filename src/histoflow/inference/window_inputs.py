@@ -59,8 +59,9 @@ class SharedInputs:
                 self.preparations.append((s, t))
             self.of_model.append(preps[key])
 
-    def __call__(self, windows: torch.Tensor) -> list[torch.Tensor]:
-        """Each model's input (B * V, 3, c, c) of windows (stains, B, s, s, 3) uint8, made where they are."""
+    def prepare(self, windows: torch.Tensor) -> list[torch.Tensor]:
+        """Each distinct preprocessing's input (B * V, 3, c, c) of windows (stains, B, s, s, 3) uint8, made where
+        they are."""
         if windows.shape[0] != len(self.stains):
             raise ValueError(f"windows for {windows.shape[0]} stain step(s); these models have {len(self.stains)}")
         viewed: dict[int, torch.Tensor] = {}
@@ -69,4 +70,12 @@ class SharedInputs:
             if s not in viewed:
                 viewed[s] = view_windows(windows[s], self.views)
             made.append(transform(viewed[s]))
+        return made
+
+    def per_model(self, made: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each model's input of the distinct inputs that prepare made."""
         return [made[i] for i in self.of_model]
+
+    def __call__(self, windows: torch.Tensor) -> list[torch.Tensor]:
+        """Each model's input (B * V, 3, c, c) of windows (stains, B, s, s, 3) uint8, made where they are."""
+        return self.per_model(self.prepare(windows))
