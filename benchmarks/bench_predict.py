@@ -1,7 +1,8 @@
 """Whole-image prediction throughput (images/s) on the real lymphoma images, against the net's pure forward rate.
 
     python benchmarks/bench_predict.py [--data DIR] [--ckpt FILE] [--images N] [--workers W] [--batch-size B]
-                                       [--passes P] [--repeat R] [--chunks K] [--device auto|cpu|cuda] [--json FILE] [--check]
+                                       [--passes P] [--repeat R] [--chunks K] [--models M] [--device auto|cpu|cuda]
+                                       [--json FILE] [--check]
 
 Prints (a) whole-image prediction as predict.py runs it: loader workers read each PNG and cut its 36-px grid
 windows (stride 32) as uint8; on the net's device each batch is centre-cropped and normalised, the net runs, votes
@@ -11,7 +12,9 @@ transform is the device's now). Floor: (a) >=
 0.8 (b), so reading, cutting and voting are not the bottleneck. Other load on a shared machine comes
 and goes, so (a) and (b) alternate on --chunks chunks of the images and the floor is checked on the
 median of the per-chunk ratios (the totals are printed too). The
-net is the lymphoma recipe's AlexNet32 (a trained --ckpt or fresh weights: the speed is the same).
+net is the lymphoma recipe's AlexNet32 (a trained --ckpt or fresh weights: the speed is the same); --models M
+predicts with M copies, as the M fold models of one run predict new images (one preprocessing for all: prepared
+once a batch), and (b) runs the M nets.
 --data names the folder holding lymphoma/ (default $HISTOFLOW_DATA, else ../shared/data). Exits 0
 whatever the numbers unless --check is given (then 1 when the floor is missed); 2 without data. --device (default
 auto: the GPU when there is one) runs (a) and (b) there; (b) then waits for the device before its clock stops.
@@ -53,14 +56,15 @@ def model_and_transform(ckpt: Path | None) -> tuple[nn.Module, PatchTransform]:
     return AlexNet32(num_classes=3, input_size=32).eval(), PatchTransform(32, stats, "image", train=False)
 
 
-def forward_rate(net: nn.Module, batches: list[torch.Tensor], device: torch.device) -> float:
-    """Patches/s of the net alone over batches already on its device (after one warm-up batch)."""
+def forward_rate(nets: list[nn.Module], batches: list[torch.Tensor], device: torch.device) -> float:
+    """Patches/s of the nets alone (each on every patch) over batches already on their device (after a warm-up)."""
     with torch.inference_mode():
-        net(batches[0])
+        nets[0](batches[0])
         sync(device)
         t0 = time.perf_counter()
         for x in batches:
-            net(x).softmax(-1)
+            for net in nets:
+                net(x).softmax(-1)
         sync(device)
         return sum(len(x) for x in batches) / (time.perf_counter() - t0)
 
@@ -84,6 +88,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="list every image this many times: a larger set of the same files, where few are at hand")
     parser.add_argument("--chunks", type=int, default=6, help="chunks of images per pass, timed in alternation")
+    parser.add_argument("--models", type=int, default=1, help="fold models of one run predicting every image")
     parser.add_argument("--check", action="store_true", help="exit 1 when the floor is missed")
     add_common_args(parser)
     args = parser.parse_args()
@@ -119,9 +124,11 @@ def main() -> int:
         for chunk in np.array_split(np.arange(len(paths)), args.chunks):
             lo, hi = int(chunk[0] * per_image), int((chunk[-1] + 1) * per_image)
             c0 = cpu_seconds(resource.RUSAGE_SELF)
-            t_forward = (hi - lo) / forward_rate(net, list(patches[lo:hi].to(device).split(args.batch_size)), device)
+            t_forward = (hi - lo) / forward_rate([net] * args.models, list(patches[lo:hi].to(device).split(
+                args.batch_size)), device)
             c1, k1 = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
-            votes = predict_images([paths[i] for i in chunk], [(net, transform)], 3, grid, batch_size=args.batch_size,
+            votes = predict_images([paths[i] for i in chunk], [(net, transform)] * args.models, 3, grid,
+                                   batch_size=args.batch_size,
                                    num_workers=args.workers, device=str(device), progress=False)
             cpu["forward"] += c1 - c0
             cpu["predict"] += cpu_seconds(resource.RUSAGE_SELF) - c1
@@ -144,6 +151,7 @@ def main() -> int:
     print(f"(a)/(b) = {ratio:.2f} (median of {len(ratios)} alternating chunks; {predict / forward:.2f} overall)  "
           f"floor {FLOOR:g}: {'ok' if ok else 'MISSED'}")
     write_figures(args.json, {"device": describe(device), "batch_size": args.batch_size, "workers": args.workers,
+                              "models": args.models,
                               "images": len(paths), "patches_per_image": per_image,
                               "predict_patches_per_s": predict * per_image, "forward_patches_per_s": forward * per_image,
                               "reader_images_per_s": read, "predict_over_forward_median": ratio,
