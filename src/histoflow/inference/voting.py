@@ -141,7 +141,8 @@ class PatchBatches(IterableDataset):
     """Every image's patches packed into full batches across image boundaries, in the loader workers.
 
     Each worker takes every k-th image and fills its batches in shared memory, so the main process
-    receives a batch without any copy and spends its time on the nets.
+    receives a batch without any copy and spends its time on the nets. With `prepare` (a net on the CPU) a worker
+    ships the inputs made of its batch instead, once per distinct preprocessing.
     """
 
     def __init__(self, images: ImagePatches, per_batch: int, prepare: SharedInputs | None = None) -> None:
