@@ -45,6 +45,7 @@ from histoflow.inference.voting import (
     predict_images,
     tta_views,
 )
+from histoflow.inference.window_inputs import view_windows
 from histoflow.training.checkpoints import CheckpointError, load_classifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,8 +99,7 @@ def test_a_bug_while_cutting_an_image_fails_the_run_not_the_image(tmp_path: Path
 
     Image.fromarray(painted([[0, 1, 1], [2, 1, 2]])).save(tmp_path / "a.png")
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tiny.png")  # smaller than a window
-    patches = voting.ImagePatches([tmp_path / "a.png", tmp_path / "tiny.png"], grid_config(36, 32),
-                                  [plain_transform()])
+    patches = voting.ImagePatches([tmp_path / "a.png", tmp_path / "tiny.png"], grid_config(36, 32))
     assert patches[1].problem.kind == "too-small" and "smaller than the 36-px window" in patches[1].problem.detail
     monkeypatch.setattr(voting, "extract_patches", lambda *a: (_ for _ in ()).throw(TypeError("a bug")))
     with pytest.raises(TypeError, match="a bug"):
@@ -147,11 +147,11 @@ def test_ties_go_to_the_higher_summed_probability_then_to_class_order(tmp_path: 
 def test_grid_positions_for_a_known_image_size(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((68, 100, 3), np.uint8)).save(tmp_path / "small.png")
     Image.fromarray(np.zeros((312, 417, 3), np.uint8)).save(tmp_path / "lymphoma-size.png")
-    data = ImagePatches([tmp_path / "small.png", tmp_path / "lymphoma-size.png"], grid_config(36, 32),
-                        [plain_transform()])
+    data = ImagePatches([tmp_path / "small.png", tmp_path / "lymphoma-size.png"], grid_config(36, 32))
     small, large = data[0], data[1]
     assert small.origins.tolist() == [[0, 0], [32, 0], [64, 0], [0, 32], [32, 32], [64, 32]]
-    assert tuple(small.x.shape) == (1, 6, 1, 3, 32, 32)  # models, patches, views, channels, crop, crop
+    assert tuple(small.x.shape) == (1, 6, 36, 36, 3)  # stain steps, patches, the uint8 window as cut
+    assert small.x.dtype == torch.uint8
     xs, ys = large.origins[:, 0], large.origins[:, 1]
     assert len(large.origins) == 12 * 9 == PatchConfig(36, 32, [0]).count(312, 417)
     assert sorted(set(xs.tolist())) == list(range(0, 353, 32)) and sorted(set(ys.tolist())) == list(range(0, 257, 32))
@@ -161,11 +161,13 @@ def test_grid_positions_for_a_known_image_size(tmp_path: Path) -> None:
 def test_tta_views_are_the_flips_and_rotations_of_each_window(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (68, 100, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
-    item = ImagePatches([tmp_path / "noise.png"], grid_config(36, 32), [plain_transform()], tta_views(True))[0]
-    views = item.x[0, 0]  # the 8 views of the first window
+    item = ImagePatches([tmp_path / "noise.png"], grid_config(36, 32))[0]
+    views = view_windows(item.x[0], tta_views(True)).unflatten(0, (-1, 8))[0]  # the 8 views of the first window
     assert len(views) == len(VIEWS) == 8
     assert len({v.numpy().tobytes() for v in views}) == 8  # all distinct
-    assert torch.equal(views[1], torch.rot90(views[0], 1, dims=(1, 2)))  # rot90: a quarter turn, counter-clockwise
+    assert torch.equal(views[0], item.x[0, 0])
+    assert torch.equal(views[1], torch.rot90(views[0], 1, dims=(0, 1)))  # rot90: a quarter turn, counter-clockwise
+    assert torch.equal(views[4], views[0].flip(1))  # flip: mirrored left to right
     with pytest.raises(ValueError, match="unknown view"):
         tta_views(["identity", "rot45"])
 

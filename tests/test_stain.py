@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from skimage.color import rgb2lab
 
 from histoflow.data.datamodule import ShardDataModule
@@ -119,15 +118,18 @@ def test_prediction_cuts_windows_from_the_normalised_image(tmp_path: Path) -> No
 
     from histoflow.data.transforms import PatchTransform
     from histoflow.inference.voting import ImagePatches, grid_config
+    from histoflow.inference.window_inputs import SharedInputs
 
     image = he_image(3, 0.5, 1.0, side=100)
     Image.fromarray(image).save(tmp_path / "x.png")
     normalise = StainNormalizer.fit("reinhard", he_image(0, 1.0, 0.6))
     as_is = PatchTransform(None, {"mean_image": np.zeros((36, 36, 3))}, "none")
     stained = PatchTransform(None, {"mean_image": np.zeros((36, 36, 3))}, "none", stain=normalise)
-    item = ImagePatches([tmp_path / "x.png"], grid_config(36, 32), [as_is, stained])[0]
-    x = (item.x * 255).round().to(dtype=torch.uint8).numpy()  # (models, N, views, 3, 36, 36)
+    inputs = SharedInputs([as_is, stained, stained])
+    assert inputs.stains == [None, normalise] and inputs.of_model == [0, 1, 1]  # one set of windows a stain step
+    item = ImagePatches([tmp_path / "x.png"], grid_config(36, 32), inputs.stains)[0]
+    x = item.x.numpy()  # (stain steps, N, 36, 36, 3) uint8
     expected = normalise(image)
     for k, (ox, oy) in enumerate(item.origins.tolist()):
-        np.testing.assert_array_equal(x[0, k, 0].transpose(1, 2, 0), image[oy:oy + 36, ox:ox + 36])
-        np.testing.assert_array_equal(x[1, k, 0].transpose(1, 2, 0), expected[oy:oy + 36, ox:ox + 36])
+        np.testing.assert_array_equal(x[0, k], image[oy:oy + 36, ox:ox + 36])
+        np.testing.assert_array_equal(x[1, k], expected[oy:oy + 36, ox:ox + 36])

@@ -21,6 +21,7 @@ the patches of a batch are one gather. kornia.augmentation draws per-sample para
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -185,6 +186,15 @@ class PatchTransform:
             out = F.interpolate(out, size=(self.resize, self.resize), mode=self.interpolation,
                                 **({} if self.interpolation == "nearest" else {"align_corners": False}))
         return out[0] if single else out
+
+    def key(self) -> tuple:
+        """What decides an evaluation transform's output: transforms with equal keys make equal inputs of the same
+        patches (prediction prepares them once for all such models). A training transform draws at random: its own."""
+        if self.train:
+            return ("train", id(self))
+        mean = None if self.mean is None else hashlib.sha256(self.mean.numpy().tobytes()).hexdigest()
+        return (self.side, self.crop, self.normalize, self.grey, mean, tuple(self.scale.flatten().tolist()),
+                self.resize, self.interpolation)
 
     @property
     def out_side(self) -> int:

@@ -1,8 +1,11 @@
 """Whole-image prediction by patch voting: grid patches of each image, batched inference, votes per image.
 
-Loader workers read each image, cut its grid windows (a strided view, no per-patch loop), apply
-every model's evaluation transform and pack the patches of consecutive images into full batches in
-shared memory, while the main process runs the nets: reading and cutting overlap the forward passes.
+Loader workers read each image, cut its grid windows (a strided view, no per-patch loop) and pack the uint8 windows
+of consecutive images into full batches in shared memory, while the main process runs the nets: reading and cutting
+overlap the forward passes. On the model's device each distinct preprocessing (crop, conversion, normalisation,
+resize, test-time views) runs once per batch for all the fold models that share it (window_inputs.SharedInputs);
+a model on the CPU with loader workers has them make its batches' inputs instead, beside the net (measured faster on
+a 2-core machine: the main process's threads are the net's).
 Each patch carries its image's index; votes and probabilities are summed per image with index_add.
 Fold models that share a frozen encoder (heads trained with encoder=..., the same weights and preprocessing) are
 one EncoderGroup: the encoder runs once per window, and each head reads its features.
@@ -28,6 +31,7 @@ from histoflow.data.patches import PatchConfig, extract_patches
 from histoflow.data.pipeline import as_made
 from histoflow.data.problems import Problem
 from histoflow.data.transforms import PatchTransform
+from histoflow.inference.window_inputs import SharedInputs, Stain, stain_key
 
 # Test-time views of a patch: (counter-clockwise quarter turns, mirrored first); together the 8 symmetries of a square.
 VIEWS: dict[str, tuple[int, bool]] = {
@@ -73,7 +77,7 @@ def as_groups(models: Models) -> list[EncoderGroup]:
 
 @dataclass
 class ImageItem:
-    """One image's preprocessed patches x (models, patches, views, 3, c, c) and window origins, or why it failed."""
+    """One image's uint8 grid windows x (stain steps, patches, s, s, 3) and their origins, or why it failed."""
 
     index: int
     x: torch.Tensor | None = None
@@ -82,14 +86,13 @@ class ImageItem:
 
 
 class ImagePatches(Dataset):
-    """Grid patches of whole images, as every model's transform prepares them, one image per item."""
+    """Grid windows of whole images, uint8 as cut, one image per item: one set for each stain step (None: the image
+    as read), applied to the whole image before cutting."""
 
-    def __init__(self, paths: Sequence[str | Path], grid: PatchConfig, transforms: Sequence[PatchTransform],
-                 views: Sequence[tuple[int, bool]] = ((0, False),)) -> None:
-        self.paths, self.grid, self.transforms, self.views = list(paths), grid, list(transforms), list(views)
-        # models trained on the same stain normalisation (the folds of one run) share the normalised image
-        self._stain_keys = [repr(t.stain.state()) if hasattr(t.stain, "state") else id(t.stain)
-                            for t in self.transforms]
+    def __init__(self, paths: Sequence[str | Path], grid: PatchConfig, stains: Sequence[Stain] = (None,)) -> None:
+        self.paths, self.grid, self.stains = list(paths), grid, list(stains)
+        if len({stain_key(s) for s in self.stains}) < len(self.stains):
+            raise ValueError("stain steps listed twice: pass each distinct step once (SharedInputs.stains)")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -106,49 +109,51 @@ class ImagePatches(Dataset):
     def _patches(self, index: int) -> ImageItem:
         path = self.paths[index]
         image, _ = read_rgb(path)
-        flat_views: dict[object, np.ndarray] = {}  # by stain step
-        inputs = []
-        for t, key in zip(self.transforms, self._stain_keys):
-            if key not in flat_views:
-                windows, xs, ys, _ = extract_patches(t.stain(image) if t.stain else image, self.grid)
-                if not len(windows):
-                    h, w = image.shape[:2]
-                    return ImageItem(index, problem=Problem(
-                        str(path), "too-small", f"{path}: {w}x{h} px is smaller than the {self.grid.size}-px window"))
-                # views of the raw windows, before normalising, as training rotated raw patches before the mean
-                views = np.stack([np.rot90(windows[:, :, ::-1] if flip else windows, k, axes=(1, 2))
-                                  for k, flip in self.views], axis=1)  # (N, V, s, s, 3)
-                n, v = views.shape[:2]
-                flat_views[key] = views.reshape(n * v, *views.shape[2:])
-            inputs.append(t(flat_views[key]))
-        x = torch.stack(inputs)  # (M, N*V, 3, c, c)
+        windows = []
+        for stain in self.stains:
+            cut, xs, ys, _ = extract_patches(stain(image) if stain else image, self.grid)
+            if not len(cut):
+                h, w = image.shape[:2]
+                return ImageItem(index, problem=Problem(
+                    str(path), "too-small", f"{path}: {w}x{h} px is smaller than the {self.grid.size}-px window"))
+            windows.append(cut)
         origins = torch.from_numpy(np.stack([xs, ys], axis=1))
-        return ImageItem(index, x.view(len(self.transforms), n, v, *x.shape[2:]), origins)
+        return ImageItem(index, torch.from_numpy(np.stack(windows)), origins)
 
 
 @dataclass
 class PatchBatch:
     """Up to a batch of patches of consecutive images, with the image index of each, and the images begun or failed."""
 
-    x: torch.Tensor | None  # (models, patches, views, 3, c, c)
+    x: torch.Tensor | None  # (stain steps, patches, s, s, 3) uint8 windows
     ids: torch.Tensor | None  # (patches,) image index of each patch
     begun: list[tuple[int, int]]  # (image, its patch count) for images whose first patches are in x
     problems: list[tuple[int, Problem]]  # (image, what went wrong) for images that failed since the last batch
+    inputs: list[torch.Tensor] | None = None  # each distinct preprocessing's (patches * views, 3, c, c), by a worker
 
     def pin_memory(self) -> "PatchBatch":
         """Page-locked copy for fast copies to a GPU (the DataLoader calls this when pin_memory is on)."""
-        return PatchBatch(None if self.x is None else self.x.pin_memory(), self.ids, self.begun, self.problems)
+        return PatchBatch(None if self.x is None else self.x.pin_memory(), self.ids, self.begun, self.problems,
+                          None if self.inputs is None else [x.pin_memory() for x in self.inputs])
 
 
 class PatchBatches(IterableDataset):
     """Every image's patches packed into full batches across image boundaries, in the loader workers.
 
     Each worker takes every k-th image and fills its batches in shared memory, so the main process
-    receives a batch without any copy and spends its time on the nets.
+    receives a batch without any copy and spends its time on the nets. With `prepare` (a net on the CPU) a worker
+    ships the inputs made of its batch instead, once per distinct preprocessing.
     """
 
-    def __init__(self, images: ImagePatches, per_batch: int) -> None:
-        self.images, self.per_batch = images, per_batch
+    def __init__(self, images: ImagePatches, per_batch: int, prepare: SharedInputs | None = None) -> None:
+        self.images, self.per_batch, self.prepare = images, per_batch, prepare
+
+    def _batch(self, x: torch.Tensor | None, ids: torch.Tensor | None, begun: list[tuple[int, int]],
+               problems: list[tuple[int, Problem]]) -> PatchBatch:
+        """A batch of windows as cut, or (with `prepare`) of the inputs made of them here, once per preprocessing."""
+        if self.prepare is None or x is None:
+            return PatchBatch(x, ids, begun, problems)
+        return PatchBatch(None, ids, begun, problems, self.prepare.prepare(x))
 
     def _empty(self, like: torch.Tensor) -> torch.Tensor:
         out = torch.empty(like.shape[0], self.per_batch, *like.shape[2:], dtype=like.dtype)
@@ -176,10 +181,11 @@ class PatchBatches(IterableDataset):
                 ids[filled:filled + take] = index
                 filled, start = filled + take, start + take
                 if filled == self.per_batch:
-                    yield PatchBatch(x, ids, begun, problems)
+                    yield self._batch(x, ids, begun, problems)
                     x, ids, filled, begun, problems = None, torch.empty(self.per_batch, dtype=torch.long), 0, [], []
         if filled or problems:
-            yield PatchBatch(x[:, :filled] if x is not None else None, ids[:filled] if filled else None, begun, problems)
+            yield self._batch(x[:, :filled] if x is not None else None, ids[:filled] if filled else None, begun,
+                              problems)
 
 
 def by_votes(votes: np.ndarray, prob_sum: np.ndarray) -> np.ndarray:
@@ -226,18 +232,25 @@ class Votes:
         return out
 
 
-def model_probabilities(groups: Sequence[EncoderGroup | nn.Module], x: torch.Tensor,
-                        device: torch.device) -> torch.Tensor:
-    """Each model's class probabilities (models, B, C) of patches x (G, B, V, 3, c, c), one input per group:
-    softmax per view, averaged over views; a group's encoder runs once for all its heads."""
-    g, b, v = x.shape[:3]
+def group_probabilities(groups: Sequence[EncoderGroup | nn.Module], inputs: Sequence[torch.Tensor],
+                        views: int) -> torch.Tensor:
+    """Each model's class probabilities (models, B, C) of each group's input (B * V, 3, c, c) on its device, the views
+    of a patch consecutive: softmax per view, averaged over views; a group's encoder runs once for all its heads."""
     out = []
-    for group, xg in zip(groups, x):
+    for group, xg in zip(groups, inputs):
         if not isinstance(group, EncoderGroup):  # a whole net (slide maps pass nets)
             group = EncoderGroup(nn.Identity(), [group], None)  # type: ignore[arg-type]
-        features = group.encoder(xg.reshape(b * v, *xg.shape[2:]).to(device, non_blocking=True))
-        out += [head(features).float().softmax(-1).view(b, v, -1).mean(1).cpu() for head in group.heads]
+        features = group.encoder(xg)
+        out += [head(features).float().softmax(-1).unflatten(0, (-1, views)).mean(1).cpu() for head in group.heads]
     return torch.stack(out)
+
+
+def model_probabilities(groups: Sequence[EncoderGroup | nn.Module], x: torch.Tensor,
+                        device: torch.device) -> torch.Tensor:
+    """Each model's class probabilities (models, B, C) of patches x (G, B, V, 3, c, c) already transformed, one input
+    per group (slide maps): softmax per view, averaged over views; a group's encoder runs once for all its heads."""
+    v = x.shape[2]
+    return group_probabilities(groups, [xg.flatten(0, 1).to(device, non_blocking=True) for xg in x], v)
 
 
 def spread_columns(per_model: np.ndarray, classes: Sequence[str]) -> dict[str, object]:
@@ -267,7 +280,8 @@ def predict_images(paths: Sequence[str | Path], models: Models, num_classes: int
                    num_workers: int = 1, device: str = "auto", progress: bool = True,
                    description: str = "images") -> Votes:
     """Votes and probabilities of every image's grid patches, from the models averaged (an ensemble when several):
-    (net, transform) pairs, or EncoderGroups whose encoder runs once for all their heads."""
+    (net, transform) pairs, or EncoderGroups whose encoder runs once for all their heads. The workers cut uint8
+    windows; each distinct transform and the test-time views run on `device`, once per batch for all its models."""
     dev = resolve_device(device)
     groups = as_groups(models)
     for group in groups:
@@ -275,7 +289,9 @@ def predict_images(paths: Sequence[str | Path], models: Models, num_classes: int
         for head in group.heads:
             head.to(dev).eval()
     per_batch = max(1, batch_size // len(views))  # a forward pass takes patches x views inputs
-    dataset = PatchBatches(ImagePatches(paths, grid, [g.transform for g in groups], views), per_batch)
+    inputs = SharedInputs([g.transform for g in groups], views)  # once per batch for each distinct preprocessing
+    in_workers = dev.type == "cpu" and num_workers > 0  # the net's device is the CPU: the workers' cores make them
+    dataset = PatchBatches(ImagePatches(paths, grid, inputs.stains), per_batch, inputs if in_workers else None)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=as_made,
                         pin_memory=dev.type == "cuda", prefetch_factor=4 if num_workers else None)
     n = len(paths)
@@ -293,8 +309,9 @@ def predict_images(paths: Sequence[str | Path], models: Models, num_classes: int
                 patches[index] = waiting[index] = count
             problems.update(batch.problems)
             done = len(batch.problems)
-            if batch.x is not None:
-                per_model = model_probabilities(groups, batch.x, dev)
+            if batch.ids is not None:
+                made = batch.inputs if in_workers else inputs.prepare(batch.x.to(dev, non_blocking=True))
+                per_model = group_probabilities(groups, inputs.per_model(made), len(views))
                 probs = per_model.mean(0)
                 model_prob_sum.index_add_(0, batch.ids, per_model.transpose(0, 1).double())
                 votes.index_put_((batch.ids, probs.argmax(1)), torch.ones(len(probs), dtype=torch.long),
