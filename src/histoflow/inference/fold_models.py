@@ -31,6 +31,7 @@ from histoflow.training.checkpoints import (
     CheckpointError,
     UntrustedCheckpoint,
     load_classifier,
+    load_net,
     read_checkpoint,
 )
 from histoflow.training.module import PatchClassifier
@@ -268,20 +269,22 @@ def is_slide_bag_checkpoint(path: str | Path) -> bool:
 
 
 def load_bag_head(path: Path, trusted: Iterable[str] = TRUSTED_TARGETS) -> BagHeadModel:
-    """A head on slide or patient bags from its checkpoint, without its encoder (load_classifier, with_encoder=False);
-    CheckpointError naming the file where it is none or not trusted."""
+    """A head on slide or patient bags from its checkpoint, without its encoder (load_net, with_encoder=False: a
+    classifier's, or a survival or regression head's); CheckpointError naming the file where it is none or not
+    trusted."""
     checkpoint = read_checkpoint(path)
     config = checkpoint["hyper_parameters"]["config"]
     if not is_bag_head(config.get("model") or {}):
         raise CheckpointError(f"{path}: not a head on bags (model {config['model'].get('_target_')}): slide tables "
                               "with a patch model are predicted as maps (slides=<files>, docs/prediction.md)")
     try:
-        module = load_classifier(path, trusted, checkpoint=checkpoint, with_encoder=False)
+        head = load_net(path, trusted, checkpoint=checkpoint, with_encoder=False)
     except UntrustedCheckpoint as e:
         raise CheckpointError(str(e)) from e
     state = checkpoint.get(SLIDE_BAG_STATE) or {}
     level = str((state.get("bag") or config.get("bag") or {}).get("level", "slide"))
-    return BagHeadModel(path, str(config["fold"]), list(module.classes), module.model.eval(), config, level,
+    classes = list(checkpoint["hyper_parameters"]["classes"])
+    return BagHeadModel(path, str(config["fold"]), classes, head.eval(), config, level,
                         dict(state.get("cohort") or {}))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
+from torch import nn
 
 from histoflow.common.errors import HistoflowError
 from histoflow.data.targets import TaskConfig
@@ -73,10 +74,11 @@ def head_outputs(hparams: Mapping[str, Any]) -> int:
     return len(hparams["classes"]) if task.name == "classification" else task.outputs
 
 
-def load_classifier(checkpoint_path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS,
-                    checkpoint: Mapping[str, Any] | None = None, encoder_weights: str | None = None,
-                    with_encoder: bool = True) -> PatchClassifier:
-    """A trained PatchClassifier from a histoflow checkpoint, its net rebuilt from the config stored in it.
+def load_net(checkpoint_path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS,
+             checkpoint: Mapping[str, Any] | None = None, encoder_weights: str | None = None,
+             with_encoder: bool = True) -> nn.Module:
+    """The trained net of a histoflow checkpoint (a classifier, or a head's one risk or value per bag), rebuilt from
+    the config stored in it.
 
     The file is read once, with weights_only=True (read_checkpoint: no pickled code runs), unless its contents are
     given already read (`checkpoint`), and the stored model config is instantiated only when its `_target_`s start
@@ -87,7 +89,7 @@ def load_classifier(checkpoint_path: str | Path, trusted: Iterable[str] = TRUSTE
     if checkpoint is None:
         checkpoint = read_checkpoint(checkpoint_path)
     hparams = checkpoint["hyper_parameters"]
-    config, classes = hparams["config"], hparams["classes"]
+    config = hparams["config"]
     bad = untrusted_targets([config.get("model"), config.get("encoder")], trusted)
     if bad:
         raise UntrustedCheckpoint(f"{checkpoint_path}: its config would instantiate {bad}, which are not trusted. "
@@ -98,9 +100,21 @@ def load_classifier(checkpoint_path: str | Path, trusted: Iterable[str] = TRUSTE
         model_cfg["weights"] = None  # the checkpoint holds every weight: no pretrained download needed
     net = build_net(model_cfg, head_outputs(hparams), hparams["input_size"], hparams.get("feature_dim"))
     net.load_state_dict(clean_state_dict(checkpoint))
-    if with_encoder and config.get("encoder"):  # a head on frozen features: predicts patches through its encoder, rebuilt as trained
+    if with_encoder and config.get("encoder"):
+        # a head on frozen features: predicts patches through its encoder, rebuilt as trained
         encoder = {**config["encoder"], **({"weights": encoder_weights} if encoder_weights else {})}
         net = encoder_with_head(build_encoder(encoder, hparams["input_size"])[0], net)
+    return net
+
+
+def load_classifier(checkpoint_path: str | Path, trusted: Iterable[str] = TRUSTED_TARGETS,
+                    checkpoint: Mapping[str, Any] | None = None, encoder_weights: str | None = None,
+                    with_encoder: bool = True) -> PatchClassifier:
+    """A trained PatchClassifier from a histoflow checkpoint (load_net's net with its classes and config)."""
+    if checkpoint is None:
+        checkpoint = read_checkpoint(checkpoint_path)
+    hparams = checkpoint["hyper_parameters"]
+    net = load_net(checkpoint_path, trusted, checkpoint, encoder_weights, with_encoder)
     # no optimizer: a loaded classifier predicts; training resumes through Trainer.fit(ckpt_path=...)
-    return PatchClassifier(net, optimizer=None, classes=classes, input_size=hparams["input_size"], config=config,
-                           feature_dim=hparams.get("feature_dim"))
+    return PatchClassifier(net, optimizer=None, classes=hparams["classes"], input_size=hparams["input_size"],
+                           config=hparams["config"], feature_dim=hparams.get("feature_dim"))
