@@ -98,7 +98,8 @@ def load_classifier(checkpoint_path: str | Path, trusted: Iterable[str] = TRUSTE
         model_cfg["weights"] = None  # the checkpoint holds every weight: no pretrained download needed
     net = build_net(model_cfg, head_outputs(hparams), hparams["input_size"], hparams.get("feature_dim"))
     net.load_state_dict(clean_state_dict(checkpoint))
-    if with_encoder and config.get("encoder"):  # a head on frozen features: predicts patches through its encoder, rebuilt as trained
+    # a head on frozen features: predicts patches through its encoder, rebuilt as trained
+    if with_encoder and config.get("encoder"):
         encoder = {**config["encoder"], **({"weights": encoder_weights} if encoder_weights else {})}
         net = encoder_with_head(build_encoder(encoder, hparams["input_size"])[0], net)
     # no optimizer: a loaded classifier predicts; training resumes through Trainer.fit(ckpt_path=...)
