@@ -81,7 +81,8 @@ def sweep(data: Path, work: Path, encoder: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("HISTOFLOW_DATA", REPO.parent / "shared/data")))
+    parser.add_argument("--data", type=Path,
+                        default=Path(os.environ.get("HISTOFLOW_DATA", REPO.parent / "shared/data")))
     parser.add_argument("--work", type=Path, default=REPO / "data")
     parser.add_argument("--encoder", default="squeezenet1_1_imagenet")
     parser.add_argument("--tiles", type=int, nargs="+", default=[1000, 20000])

@@ -153,7 +153,8 @@ def main() -> int:
     write_figures(args.json, {"device": describe(device), "batch_size": args.batch_size, "workers": args.workers,
                               "models": args.models,
                               "images": len(paths), "patches_per_image": per_image,
-                              "predict_patches_per_s": predict * per_image, "forward_patches_per_s": forward * per_image,
+                              "predict_patches_per_s": predict * per_image,
+                              "forward_patches_per_s": forward * per_image,
                               "reader_images_per_s": read, "predict_over_forward_median": ratio,
                               "predict_over_forward_overall": predict / forward,
                               "predict_over_ceiling": predict / ceiling})

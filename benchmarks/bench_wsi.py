@@ -82,7 +82,8 @@ def bench_slide(path: Path, level: int, tile: int, names: list[str], workers: li
                 out: Path, device: torch.device, backend: str, decodes: tuple[str, ...] = ("auto",)) -> list[dict]:
     """Print the forward rate, predict_slide's rate and their ratio for each net and worker count, the slide read
     through `backend` (slide.backend); return them."""
-    stats = {"mean_image": np.full((tile, tile, 3), H_E_MEAN), "channel_mean": np.array(H_E_MEAN), "channel_std": H_E_STD}
+    stats = {"mean_image": np.full((tile, tile, 3), H_E_MEAN), "channel_mean": np.array(H_E_MEAN),
+             "channel_std": H_E_STD}
     transform = PatchTransform(tile, stats, "channel")
     with open_slide(path, backend) as slide:
         geometry = TileGeometry.of(slide, tile, level=level)
@@ -209,7 +210,8 @@ def bench_peer(path: Path, tile: int, python: Path, backends: list[str], work: P
     else:
         m = json.loads(run.stdout.strip().splitlines()[-1])
         rows.append({"slide": path.name, "tiler": m["peer"], "tiles": m["tiles"],
-                     "memory_tiles_per_s": m["tiles"] / m["generate_s"], "disk_tiles_per_s": m["tiles"] / m["extract_s"]})
+                     "memory_tiles_per_s": m["tiles"] / m["generate_s"],
+                     "disk_tiles_per_s": m["tiles"] / m["extract_s"]})
     for r in rows:
         print(f"{r['tiler']:<26} {r['tiles']:>6} {r['memory_tiles_per_s']:>18.0f} {r['disk_tiles_per_s']:>16.0f}",
               flush=True)
@@ -253,7 +255,8 @@ def main() -> None:
             if args.peer_side:
                 extra.append(work / f"pyramid-{args.peer_side}.tif")
                 write_pyramid(extra[-1], args.peer_side, subifds=False,
-                              tissue_tiles=real_tissue_tiles(args.real / "cmu-1-small-region.svs") if args.real else None)
+                              tissue_tiles=(real_tissue_tiles(args.real / "cmu-1-small-region.svs")
+                                            if args.real else None))
             peer = [row for slide in slides + extra for row in bench_peer(slide, args.tile, args.peer, args.backends,
                                                                           work)]
         memory = []

@@ -77,8 +77,8 @@ class Budget:
 GPU = Budget(train_epochs=3, train_batches=40, train_batch=256, eval_batches=1.0, bench_batches=150, bench_batch=4096,
              predict_batch=4096, predict_repeat=10, embed_patches=4096, slide_side=20000, slide_batch=128,
              slide_workers=(0, 8))
-CPU = Budget(train_epochs=3, train_batches=4, train_batch=16, eval_batches=2, bench_batches=3, bench_batch=32, predict_batch=256,
-             predict_repeat=1, embed_patches=16, slide_side=1200, slide_batch=8, slide_workers=(0,),
+CPU = Budget(train_epochs=3, train_batches=4, train_batch=16, eval_batches=2, bench_batches=3, bench_batch=32,
+             predict_batch=256, predict_repeat=1, embed_patches=16, slide_side=1200, slide_batch=8, slide_workers=(0,),
              train_variants=(("alexnet32", "32-true"), ("resnet18", "bf16-mixed")))
 
 # Floors of issue 28, judged on a GPU only: (figure key, floor, what it says)
@@ -91,7 +91,8 @@ FLOORS = [("bench_train_bf16.end_to_end_over_step", 0.9, "end to end >= 0.9 of t
           ("bench_predict.predict_over_ceiling", 0.9, "whole-image prediction >= 0.9 of min(forward, CPU reader)"),
           ("bench_embed.embed_over_forward", 0.8, "embedding >= 0.8 of the encoder's forward"),
           # issue 39: slides with JPEG tiles at half ResNet-18's forward rate at 224 px, decoded on the GPU
-          ("bench_wsi_decode.resnet18_slide_over_forward", 0.5, "JPEG slides (decode=device) >= 0.5 of ResNet-18's forward")]
+          ("bench_wsi_decode.resnet18_slide_over_forward", 0.5,
+           "JPEG slides (decode=device) >= 0.5 of ResNet-18's forward")]
 
 
 class GpuSampler:
@@ -297,7 +298,8 @@ def train(stage: Stage, check: Check, budget: Budget, data: Path, cuda: bool, mo
                  "optimizer.lr=0.01",
                  f"trainer.max_epochs={budget.train_epochs}", f"data.loader.epoch_batches={budget.train_batches}",
                  f"data.loader.batch_size={budget.train_batch}", "trainer.log_every_n_steps=1",
-                 f"trainer.limit_val_batches={budget.eval_batches}", f"trainer.limit_test_batches={budget.eval_batches}",
+                 f"trainer.limit_val_batches={budget.eval_batches}",
+                 f"trainer.limit_test_batches={budget.eval_batches}",
                  "callbacks.progress_bar._target_=pytorch_lightning.callbacks.TQDMProgressBar"]
     if trainer == "ddp":
         overrides += ["trainer.devices=1", "trainer.sync_batchnorm=false"]
@@ -320,7 +322,8 @@ def bench(stage: Stage, check: Check, script: str, *args: str) -> None:
 
 
 def wsi_decode(stage: Stage, check: Check, *args: str) -> None:
-    """bench_wsi with slide.decode=device, beside bench_wsi's decode=cpu runs; the device's tiles against the reader's."""
+    """bench_wsi with slide.decode=device, beside bench_wsi's decode=cpu runs; the device's tiles against the
+    reader's."""
     bench(stage, check, "bench_wsi.py", *args, "--decode", "device")
     runs = stage.figures.get("runs", [])
     cpu = {(r["slide"], r["backend"], r["model"], r["workers"]): r["slide_tiles_per_s"]
@@ -358,7 +361,8 @@ def summary_markdown(result: dict[str, Any]) -> str:
              f"{env.get('cpus')} CPUs; Python {env.get('python')}; "
              + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v), "",
              f"Result: {'PASSED' if result['passed'] else 'FAILED'} in {result['seconds']:.0f} s.", "",
-             "| stage | ok | s | GPU util mean / max % | GPU memory max MiB | figures |", "|---|---|---:|---:|---:|---|"]
+             "| stage | ok | s | GPU util mean / max % | GPU memory max MiB | figures |",
+             "|---|---|---:|---:|---:|---|"]
     for s in result["stages"]:
         gpu = s["gpu"] or {}
         figures = {k: v for k, v in s["figures"].items() if k not in ("versions", "runs")}
@@ -369,7 +373,8 @@ def summary_markdown(result: dict[str, Any]) -> str:
                      f"{gpu.get('memory_max_mib', '-')} | {text}{' ERROR ' + s['error'] if s['error'] else ''} |")
     runs = [r for s in result["stages"] for r in s["figures"].get("runs", [])]
     if runs:
-        lines += ["", "| slide | tiles | model | decode | workers | forward tiles/s | slide tiles/s | slide / forward |",
+        lines += ["",
+                  "| slide | tiles | model | decode | workers | forward tiles/s | slide tiles/s | slide / forward |",
                   "|---|---:|---|---|---:|---:|---:|---:|"]
         lines += [f"| {r['slide']} | {r['tiles']} | {r['model']} | {r.get('decode', 'cpu')} | {r['workers']} | "
                   f"{r['forward_tiles_per_s']:,.0f} | {r['slide_tiles_per_s']:,.0f} | {r['slide_over_forward']:.2f} |"
@@ -411,7 +416,8 @@ def main() -> int:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH), str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
     check = Check(args.out, work, args.budget_s, env)
     check.say("CUDA device found: the GPU budgets" if cuda else
-              f"{'--cpu' if args.cpu else 'no CUDA device here'}: the CPU variants with tiny budgets (floors not judged)")
+              f"{'--cpu' if args.cpu else 'no CUDA device here'}: "
+              "the CPU variants with tiny budgets (floors not judged)")
     data, b = args.data, budget
     device = "cuda" if cuda else "cpu"
     check.stage("environment", environment, cuda)
@@ -446,7 +452,8 @@ def main() -> int:
     failed = [s.name for s in check.stages if not s.ok]
     missed = [f["key"] for f in floors if f["holds"] == "**no**"]
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cuda": cuda,
-              "seconds": round(time.perf_counter() - check.start, 1), "passed": not failed and not (args.strict and missed),
+              "seconds": round(time.perf_counter() - check.start, 1),
+              "passed": not failed and not (args.strict and missed),
               "failed_stages": failed, "missed_floors": missed, "stages": stages, "floors": floors}
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     markdown = summary_markdown(result)

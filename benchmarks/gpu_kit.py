@@ -9,7 +9,8 @@ Run on this (CPU) machine, which reaches the package index; the GPU machine reac
                      the version installed here, so the GPU runs what CI tests; imagecodecs keeps only the codecs
                      histoflow's slide and image readers use (its full wheel is 25 MiB of the 64 MiB that travel);
   .gpu-kit/data/     lymphoma/: --per-class images of each class, spread over the cases of cases.csv (every case
-                     kept where the count allows), with their rows of cases.csv; wsi/: the TCGA slide (JPEG 2000 tiles) unless --no-slide;
+                     kept where the count allows), with their rows of cases.csv; wsi/: the TCGA slide (JPEG 2000
+                     tiles) unless --no-slide;
   .gpu-kit/weights/  the ImageNet SqueezeNet 1.1 features (embedding).
 Then it lists the kit and checks that the kit and the working tree that travels with it (tracked and untracked,
 not ignored files) fit in --limit-mib together. Exit 1 when they do not, naming the largest parts.

@@ -58,5 +58,5 @@ result = predict_slide(slide, models, [f"c{i}" for i in range(8)], SlideConfig(t
                        batch_size=64, num_workers=workers, progress=False, backend=backend), out)
 done.set()
 sampler.join()
-print(json.dumps({"tiles": result.tiles, "seconds": result.seconds, "before": before * 1024, "self": status("self", "VmHWM") * 1024,
-                  **{k: v * 1024 for k, v in peak.items()}}))
+print(json.dumps({"tiles": result.tiles, "seconds": result.seconds, "before": before * 1024,
+                  "self": status("self", "VmHWM") * 1024, **{k: v * 1024 for k, v in peak.items()}}))

@@ -70,7 +70,8 @@ async def _session(port: int, url: str, ready: str, values: dict[str, str], size
                         details = data["params"]["exceptionDetails"]
                         errors.append(details.get("exception", {}).get("description") or details["text"])
                     elif data.get("method") == "Runtime.consoleAPICalled" and data["params"]["type"] == "error":
-                        errors.append(" ".join(str(a.get("value", a.get("description"))) for a in data["params"]["args"]))
+                        errors.append(" ".join(str(a.get("value", a.get("description")))
+                                               for a in data["params"]["args"]))
                     elif data.get("method") == "Log.entryAdded" and data["params"]["entry"]["level"] == "error":
                         errors.append(f"{data['params']['entry']['text']} {data['params']['entry'].get('url', '')}")
                     if data.get("id") == i:

@@ -205,7 +205,8 @@ def test_a_resize_to_the_encoders_side_is_said_and_recorded(slides: Path, weight
                                                             caplog: pytest.LogCaptureFixture) -> None:
     """squeezenet1_1_imagenet takes 64 px; the default tiles are 224 px at 0.5 micron per pixel."""
     table = write_table(tmp_path / "t.csv", slides, ["@a.tif,P1,x", "@b.tif,P2,y"])
-    encoder = to_builtin(compose_config("embed", ["encoder=squeezenet1_1_imagenet", f"encoder.weights={weights}"]).encoder)
+    encoder = to_builtin(compose_config("embed", ["encoder=squeezenet1_1_imagenet",
+                                                  f"encoder.weights={weights}"]).encoder)
     with caplog.at_level(logging.WARNING):
         job = prepare_job(table, encoder, {}, {"out": str(tmp_path / "features")})
     said = [r.message for r in caplog.records if "resize" in r.message or "shrunk" in r.message]

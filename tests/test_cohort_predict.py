@@ -54,7 +54,8 @@ def new_table(cohort: Path, patients: set[str], path: Path, labels: bool = True)
         writer = csv.writer(handle)
         writer.writerow(["slide", "patient", *(["label"] if labels else [])])
         for r in rows:
-            writer.writerow([str((cohort.parent / r["slide"]).resolve()), r["patient"], *([r["label"]] if labels else [])])
+            writer.writerow([str((cohort.parent / r["slide"]).resolve()), r["patient"],
+                             *([r["label"]] if labels else [])])
     return path
 
 

@@ -93,7 +93,8 @@ def test_embeddings_are_keyed_by_encoder_and_weights_and_reused(images: Path, tm
     assert len({a.path, other_weights.path, other_size.path}) == 3
     assert a.path.parent == prepared.path / "embeddings"
     hashes = json.loads((prepared.path / "embeddings" / embeddings.HASHES).read_text())  # read once per file
-    assert {v["sha256"] for v in hashes.values()} >= {a.record["weights_sha256"], other_weights.record["weights_sha256"]}
+    assert {v["sha256"] for v in hashes.values()} >= {a.record["weights_sha256"],
+                                                      other_weights.record["weights_sha256"]}
     # the same encoder again: found, nothing embedded (a moved weights file with the same bytes too)
     monkeypatch.setattr(embeddings, "embed_shard", lambda *a, **k: pytest.fail("embedded again"))
     moved = tmp_path / "moved"
@@ -143,9 +144,9 @@ def test_fold_dependent_normalisation_is_refused(images: Path, tmp_path: Path) -
 def head_overrides(images: Path, tmp: Path, weights: str) -> list[str]:
     return [f"data.root={images}", f"paths.data_dir={tmp / 'work'}", "protocol=images", "data.split.k=2",
             "data.split.val_fraction=0", "encoder=squeezenet1_1_imagenet", f"encoder.weights={weights}",
-            "encoder.preprocess.input_size=40", "model=linear_head", "optimizer=adamw", "optimizer.lr=0.05", "trainer.max_epochs=30",
-            "++data.loader.num_workers=0", "++data.loader.batch_size=16", "callbacks.model_checkpoint.monitor=null",
-            "logger=csv"]
+            "encoder.preprocess.input_size=40", "model=linear_head", "optimizer=adamw", "optimizer.lr=0.05",
+            "trainer.max_epochs=30", "++data.loader.num_workers=0", "++data.loader.batch_size=16",
+            "callbacks.model_checkpoint.monitor=null", "logger=csv"]
 
 
 def two_folds(overrides: list[str], sweep: Path) -> Path:

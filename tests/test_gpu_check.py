@@ -35,7 +35,8 @@ def test_kit_subset_keeps_every_case_and_only_its_rows(lymphoma_dir: Path, tmp_p
         rows = list(csv.DictReader(f))
     assert count == len(rows) == 30
     assert all((tmp_path / row["image"]).is_file() for row in rows)
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")) == sorted(r["image"] for r in rows)
+    assert (sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png"))
+            == sorted(r["image"] for r in rows))
     assert cases_of(tmp_path / "cases.csv") == cases_of(lymphoma_dir / "cases.csv")  # 8-9 cases a class, all kept
 
 
@@ -50,7 +51,8 @@ def test_kit_carries_what_the_gpu_image_lacks_and_nothing_it_has() -> None:
 @pytest.mark.slow
 def test_gpu_check_runs_its_cpu_variants(lymphoma_dir: Path, wsi_dir: Path, tmp_path: Path) -> None:
     """Every stage of the check on the CPU with tiny budgets: training (both nets and both precisions, AlexNet32 in
-    fp32 and ResNet-18 in bf16, the GPU trainer's config on the CPU, DDP with one process) whose loss falls and logs no NaN, and the four benchmarks."""
+    fp32 and ResNet-18 in bf16, the GPU trainer's config on the CPU, DDP with one process) whose loss falls and logs
+    no NaN, and the four benchmarks."""
     if not (WEIGHTS / gpu_kit.WEIGHTS).is_file():
         pytest.skip(f"real pretrained weights {WEIGHTS / gpu_kit.WEIGHTS} are absent (see ../shared/weights/README.md)")
     data = tmp_path / "kit"

@@ -123,7 +123,8 @@ def test_imports_flow_one_way_between_packages() -> None:
     for module, targets in graph().items():
         own = package(module)
         allowed = BELOW.get(own, TOP.get(own))
-        assert allowed is not None, f"{module}: a package the layout does not know; add it to BELOW (and docs/layout.md)"
+        assert allowed is not None, (f"{module}: a package the layout does not know; "
+                                     "add it to BELOW (and docs/layout.md)")
         for target, line in targets.items():
             if package(target) != own and package(target) not in allowed:
                 wrong.append(f"{module}:{line} imports {target}")

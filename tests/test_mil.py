@@ -124,8 +124,8 @@ def test_abmil_trains_per_fold_and_writes_the_bag_level_report(images: Path, tmp
     torch.save(build_encoder(ENCODER, 40)[0].state_dict(), weights)
     overrides = [f"data.root={images}", f"paths.data_dir={tmp_path / 'work'}", "protocol=images", "data.split.k=2",
                  "data.split.val_fraction=0", "encoder=squeezenet1_1_imagenet", f"encoder.weights={weights}",
-                 "encoder.preprocess.input_size=40", "model=abmil", "model.hidden=null", "optimizer=adamw", "optimizer.lr=0.01",
-                 "trainer.max_epochs=20", "++data.loader.num_workers=0", "bag.batch_size=4",
+                 "encoder.preprocess.input_size=40", "model=abmil", "model.hidden=null", "optimizer=adamw",
+                 "optimizer.lr=0.01", "trainer.max_epochs=20", "++data.loader.num_workers=0", "bag.batch_size=4",
                  "callbacks.model_checkpoint.monitor=null", "logger=csv"]
     sweep = tmp_path / "multirun"
     for job, fold in enumerate((1, 2)):
@@ -186,7 +186,8 @@ def test_slide_and_patient_bags_from_a_cohorts_feature_shards(tmp_path: Path) ->
     shards = tmp_path / "shards"
     shards.mkdir()
     rows = ["slide,patient,label,tiles,shard,seconds,sha256"]
-    for i, (patient, label, tiles) in enumerate((("p1", "CLL", 5), ("p1", "CLL", 3), ("p2", "FL", 0), ("p3", "MCL", 2))):
+    for i, (patient, label, tiles) in enumerate((("p1", "CLL", 5), ("p1", "CLL", 3), ("p2", "FL", 0),
+                                                 ("p3", "MCL", 2))):
         features = np.random.default_rng(i).normal(size=(tiles, 12)).astype(np.float32)
         px = np.arange(tiles * 2).reshape(tiles, 2)
         write_slide_features(shards / f"s{i}.npz", features, px, px * 0.5,
@@ -196,7 +197,8 @@ def test_slide_and_patient_bags_from_a_cohorts_feature_shards(tmp_path: Path) ->
     (tmp_path / "cohort.index.csv").write_text("\n".join(rows) + "\n")
     classes = ["CLL", "FL", "MCL"]
     slides, problems = cohort_bags(tmp_path / "cohort.index.csv", classes)
-    assert [(b.name, len(b), b.group) for b in slides] == [("s0.svs", 5, "p1"), ("s1.svs", 3, "p1"), ("s3.svs", 2, "p3")]
+    assert [(b.name, len(b), b.group) for b in slides] == [("s0.svs", 5, "p1"), ("s1.svs", 3, "p1"),
+                                                           ("s3.svs", 2, "p3")]
     assert sorted((p.path, p.kind) for p in problems) == [("gone.svs", "no-shard"), ("s2.svs", "no-tile")]
     np.testing.assert_array_equal(slides[0].coords_um, slides[0].coords[:, 1:3] * 0.5)  # (row, x, y, 0)
     assert [set(b.coords[:, 0]) for b in slides] == [{0}, {1}, {3}]

@@ -110,7 +110,8 @@ def test_a_table_that_is_not_there_or_not_utf8(tmp_path: Path) -> None:
     table = write_table(tmp_path / "t.csv", "slide,patient,label\na.svs,Müller,tumour\n", encoding="latin-1")
     assert table_error(table).startswith(f"{table}: not UTF-8 text (") and "Fix: save it as 'CSV UTF-8'" in (
         table_error(table))
-    many = write_table(tmp_path / "many.csv", "slide,patient,label\n" + "".join(f"x{i}.svs,P{i},a\n" for i in range(25)))
+    many = write_table(tmp_path / "many.csv",
+                       "slide,patient,label\n" + "".join(f"x{i}.svs,P{i},a\n" for i in range(25)))
     message = table_error(many)
     assert message.startswith(f"{many}: 25 problems") and message.endswith("\n  ... and 5 more")
 

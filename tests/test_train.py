@@ -594,7 +594,8 @@ def test_checkpoint_write_on_a_full_disk_leaves_the_previous_one_whole(
         writer.save_checkpoint({"global_step": 2, "weight": torch.zeros(100_000)}, last)
     assert error.value.errno == errno.ENOSPC
     monkeypatch.undo()
-    assert checkpoint_state(last)["global_step"] == 1 and torch.equal(checkpoint_state(last)["weight"], torch.ones(1000))
+    assert checkpoint_state(last)["global_step"] == 1
+    assert torch.equal(checkpoint_state(last)["weight"], torch.ones(1000))
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"], "a partial file is left behind"
     writer.save_checkpoint({"global_step": 2}, last)  # with room again, the write replaces it
     assert checkpoint_state(last)["global_step"] == 2 and sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]

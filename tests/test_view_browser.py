@@ -96,7 +96,10 @@ def check_page(result: PageResult) -> None:
     scale = (right - left) / WIDTH
     assert scale > 0.2 and abs((bottom - top) / HEIGHT - scale) < 0.01
     tum, colours = tumour_probability(), expected_colours()
-    kinds = lambda row, col: "glass" if np.isnan(tum[row, col]) else "high" if tum[row, col] > 0.5 else "low"
+
+    def kinds(row: int, col: int) -> str:
+        return "glass" if np.isnan(tum[row, col]) else "high" if tum[row, col] > 0.5 else "low"
+
     assert check_cells(result.png, result.values, lambda row, col: colours[kinds(row, col)]) > 10
     if left > 10:  # beside the slide: the viewer's background, so the slide was drawn, not a blank page
         assert np.abs(shot[int((top + bottom) / 2), int(left / 2)] - BACKGROUND).max() < 4
@@ -135,7 +138,8 @@ def test_pointer_readout_opacity_and_class_picker(served: str) -> None:
     pointer = [Step(f"(t => t.startsWith('x ') && t)({READOUT})", {"readout": READOUT},
                     pointer=lambda values, cell=cell: cell_centre(values, *cell)) for cell in cells.values()]
     redraws = [Step("document.body.dataset.opacity === '1'", VALUES, script=_set("opacity", "1", "input")),
-               Step("document.body.dataset.ready === 'prob_NORM'", VALUES, script=_set("overlay", "prob_NORM", "change")),
+               Step("document.body.dataset.ready === 'prob_NORM'", VALUES,
+                    script=_set("overlay", "prob_NORM", "change")),
                Step("document.body.dataset.opacity === '0'", VALUES, script=_set("opacity", "0", "input"))]
     result = open_page(served + "slides/synthetic.html", READY, VALUES, steps=[*pointer, *redraws])
     assert all(cell_centre(result.values, *cell) for cell in cells.values())  # each pointed cell in view

@@ -1,8 +1,8 @@
-"""docs/prediction.md's worked example, run for real: a slide cohort cut from ../shared/data/wsi (slides/cohort_fixture),
-ABMIL on patient bags trained on the first half of its patients (three folds), then the three fold models put to work
-on the other half as a new cohort (predictions, attention maps, GeoJSON), then its external validation (the same
-slides with their labels); finally `histoflow view` on the deployment, a screenshot of a real-tissue slide with its
-attention overlay -> docs/figures/viewer.png (the README's figure).
+"""docs/prediction.md's worked example, run for real: a slide cohort cut from ../shared/data/wsi
+(slides/cohort_fixture), ABMIL on patient bags trained on the first half of its patients (three folds), then the
+three fold models put to work on the other half as a new cohort (predictions, attention maps, GeoJSON), then its
+external validation (the same slides with their labels); finally `histoflow view` on the deployment, a screenshot
+of a real-tissue slide with its attention overlay -> docs/figures/viewer.png (the README's figure).
 
     python tools/deploy_example.py <work folder>      # writes <work>/example.json: the commands and what they wrote
 """
@@ -48,7 +48,8 @@ def split(table: Path) -> tuple[Path, Path, Path]:
             patients[r["label"]].append(r["patient"])
     train = {p for ps in patients.values() for p in ps[:(len(ps) + 1) // 2]}
     out = []
-    for name, keep, cols in (("train.csv", True, ["slide", "patient", "label"]), ("new.csv", False, ["slide", "patient"]),
+    for name, keep, cols in (("train.csv", True, ["slide", "patient", "label"]),
+                             ("new.csv", False, ["slide", "patient"]),
                              ("new_labelled.csv", False, ["slide", "patient", "label"])):
         path = table.parent / name
         with path.open("w", newline="") as handle:

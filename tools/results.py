@@ -271,7 +271,8 @@ def leaky_table(records: list[Run]) -> list[str]:
         colour = " / ".join(f"{blocks['colour'][c]['mean']:.3f}" if c in blocks["colour"] else "–"
                             for c in COLOUR) if blocks else "–"
         lines.append(f"| {recipe} | {_pm(image and image['acc'])} | {_pm(blocks and blocks['acc'])} "
-                     f"| {_pm(blocks and blocks['f1'])} | {recall} | {colour} | {_minutes(image)} / {_minutes(blocks)} |")
+                     f"| {_pm(blocks and blocks['f1'])} | {recall} | {colour} "
+                     f"| {_minutes(image)} / {_minutes(blocks)} |")
     lines.append(f"| {PUBLISHED[0]} | {PUBLISHED[1]} | | | | | |")
     return lines
 
@@ -418,7 +419,8 @@ def render(records: list[Run], figures_from: Path = Path("."), page_dir: Path = 
 
 
 def _overview_line(link: str | None) -> list[str]:
-    return [f"![Every recipe under case folds: pooled image accuracy, 95% interval over cases]({link})", ""] if link else []
+    return ([f"![Every recipe under case folds: pooled image accuracy, 95% interval over cases]({link})", ""]
+            if link else [])
 
 
 def _loco_section(records: list[Run]) -> list[str]:

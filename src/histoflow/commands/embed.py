@@ -46,8 +46,8 @@ def embed_slides(cfg: DictConfig) -> str:
     if result is None or result.rank != 0:  # a further device's process (embed.strategy=ddp): rank 0 reports
         return ""
     total = result.chunk
-    done = (f"{total['embedded']} slides embedded ({total['tiles']} tiles; {result.tiles_per_s:.0f} tiles/s on rank 0), "
-            f"{total['reused']} found done, {total['left_out']} left out")
+    done = (f"{total['embedded']} slides embedded ({total['tiles']} tiles; {result.tiles_per_s:.0f} tiles/s "
+            f"on rank 0), {total['reused']} found done, {total['left_out']} left out")
     where = (f"  index: {result.index}" if result.index is not None else
              f"  features: {result.folder} (the index is written once every chunk of embed.chunk is done)")
     print(f"{done}\n{where}")

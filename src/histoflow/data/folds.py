@@ -1,8 +1,9 @@
 """Patient-level folds: assign every image's group to one fold, save the split, check it for leaks.
 
 Three kinds of split, all grouped (and stratified by class where there is a choice):
-- `kfold` (scikit-learn's StratifiedGroupKFold): folds "1".."k"; within each fold a grouped `val_fraction` is flagged for validation, so
-  training on the other folds can validate on their flagged images without touching the test fold.
+- `kfold` (scikit-learn's StratifiedGroupKFold): folds "1".."k"; within each fold a grouped `val_fraction` is
+  flagged for validation, so training on the other folds can validate on their flagged images without touching
+  the test fold.
 - `leave_one_group_out`: every group (patient) is its own fold, "1".."number of groups" in sorted group order, so
   each training run sees all patients but one.
 - `fractions`: folds "train", "val", "test" (e.g. 0.4/0.2/0.4, the tissue-tile use case): each class's

@@ -15,10 +15,12 @@ class LoaderConfig:
 
     batch_size: int = 128
     eval_batch_size: int | None = None  # None: batch_size
-    num_workers: int | str = "auto"  # per DDP rank; auto: 0 on a CPU, CPUs per rank less one beside a GPU (common/machine.py)
+    num_workers: int | str = "auto"  # per DDP rank; auto: 0 on a CPU, CPUs per rank less one beside a GPU
+    #                                  (common/machine.py)
     shuffle_buffer: int = 5000  # samples held per worker for shuffling (about 4 kB each); 0: off
     crop: int | None = 32  # side of the network input cut from each patch; None: the whole patch
-    normalize: str = "image"  # image | channel | imagenet | fixed (mean, std) | none; image/channel: this fold's statistics
+    normalize: str = "image"  # image | channel | imagenet | fixed (mean, std) | none; image/channel: this fold's
+    #                           statistics
     mean: list[float] | None = None  # normalize=fixed: RGB mean in 0-1 units, e.g. a pretrained encoder's
     std: list[float] | None = None
     resize: int | None = None  # scale each crop to this side for the net (a pretrained encoder's input); None: as cut

@@ -76,7 +76,8 @@ def extract_patches(image: np.ndarray, cfg: PatchConfig) -> tuple[np.ndarray, np
             image = np.asarray(Image.fromarray(image).resize((cfg.resize, cfg.resize), Image.BILINEAR))
         windows, xs, ys = image[None], np.zeros(1, int), np.zeros(1, int)
     elif h < cfg.size or w < cfg.size:
-        windows, xs, ys = np.empty((0, cfg.size, cfg.size, image.shape[2]), image.dtype), np.zeros(0, int), np.zeros(0, int)
+        windows, xs, ys = (np.empty((0, cfg.size, cfg.size, image.shape[2]), image.dtype), np.zeros(0, int),
+                           np.zeros(0, int))
     else:
         s = cfg.size
         view = np.lib.stride_tricks.sliding_window_view(image, (s, s), axis=(0, 1))[:: cfg.stride, :: cfg.stride]

@@ -126,7 +126,8 @@ def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
             if kind not in (b"0", b"\0") or pos + 512 + size > len(buf):
                 problem = f"member type {kind!r}" if kind not in (b"0", b"\0") else "truncated member"
                 raise DamagedFileError(f"{url}: {problem} at byte {pos}; the loader reads plain, complete tar members. "
-                                 "Fix: re-run prepare with the same data options (it writes missing and damaged shards again)")
+                                       "Fix: re-run prepare with the same data options (it writes missing "
+                                       "and damaged shards again)")
             name = buf[pos:pos + 100].split(b"\0", 1)[0].decode()
             if buf[pos + 345] != 0:  # ustar prefix of a long path
                 name = buf[pos + 345:pos + 500].split(b"\0", 1)[0].decode() + "/" + name

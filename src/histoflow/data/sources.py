@@ -173,7 +173,8 @@ def list_images(cfg: SourceConfig, root: Path) -> tuple[list[ImageRecord], list[
         class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and _is_listed(d.relative_to(root)))
         for d in class_dirs:
             files = files_under(d)
-            if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files) and (not cfg.classes or d.name in cfg.classes):
+            if (not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files)
+                    and (not cfg.classes or d.name in cfg.classes)):
                 # a folder data.classes leaves out is not a class of this data set (the fix the problem suggests)
                 problems.append(Problem(str(d), "empty-class", "no image files in this class folder"))
             found += [(p, d.name, None) for p in files]

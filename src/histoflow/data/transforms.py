@@ -157,7 +157,8 @@ class PatchTransform:
         if resize is not None and not resize > 0:
             raise ConfigError(f"data.loader.resize={resize}: a positive side in pixels, or null (the crop as cut)")
         if interpolation not in INTERPOLATIONS:
-            raise ConfigError(f"data.loader.interpolation={interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
+            raise ConfigError(f"data.loader.interpolation={interpolation!r}: "
+                              f"expected one of {', '.join(INTERPOLATIONS)}")
         self.resize = None if resize in (None, crop) else int(resize)
         self.interpolation = interpolation
 

@@ -65,7 +65,8 @@ def encoder_settings(encoder_cfg: Mapping[str, Any], loader: Mapping[str, Any], 
     if weights is not None and Path(str(weights)).expanduser().is_file():
         digest = weights_sha256(Path(str(weights)), root)
         encoder["weights"] = Path(str(weights)).name  # the content counts, not where the file lies
-    elif weights is not None and ("/" in str(weights) or str(weights).endswith((".pth", ".pt", ".bin", ".safetensors"))):
+    elif weights is not None and ("/" in str(weights)
+                                  or str(weights).endswith((".pth", ".pt", ".bin", ".safetensors"))):
         raise MissingInputError(f"encoder.weights file '{weights}' does not exist. Fix: point encoder.weights at the "
                                 "encoder's weights file (or set HISTOFLOW_WEIGHTS to the folder holding it)")
     return {"format": FORMAT, "encoder": encoder, "weights_sha256": digest,

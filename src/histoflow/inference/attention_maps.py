@@ -186,8 +186,8 @@ def _write_map(source: TileSource, tiles: Sequence[AttendedTile], largest: float
         "scale": "attention / the largest weight in the bag"}, indent=1))
     title = (f"{Path(first.bag).name}: {first.label}, predicted {first.predicted} (fold {first.fold}); "
              "attention / bag's largest")
-    return save_heatmap(source.picture(), grid[..., 0], g, source.size, stem.with_name(stem.name + ".heatmap.png"), title,
-                        label="attention (1: the bag's most attended tile)")
+    return save_heatmap(source.picture(), grid[..., 0], g, source.size, stem.with_name(stem.name + ".heatmap.png"),
+                        title, label="attention (1: the bag's most attended tile)")
 
 
 def attention_gallery(runs: Sequence[Path], classes: Sequence[str], png: Path, k: int = 6, by: str = "label",

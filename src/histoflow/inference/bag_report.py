@@ -2,8 +2,9 @@
 predictions (<job>/bag_predictions.csv, training/bag_outputs.py) pooled into the image report's files and summary
 (inference/image_report.fold_report): per fold, mean ± sd, pooled with 95% intervals over patients, case-level
 accuracy, the colour-only baseline where the bags are images; attention maps over each held-out image or slide and
-a gallery of the most and least attended tiles per class (inference/attention_maps.py). The bag's own prediction replaces the patch vote;
-`votes_<class>` count the head's verdicts on each tile taken alone (the report's patch accuracy).
+a gallery of the most and least attended tiles per class (inference/attention_maps.py). The bag's own prediction
+replaces the patch vote; `votes_<class>` count the head's verdicts on each tile taken alone (the report's patch
+accuracy).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """A slide- or patient-bag multirun put to work on a new cohort (docs/prediction.md):
 
-    histoflow predict ckpt_path=<multirun of experiment=slides_abmil> slides=<table.csv | folder> [slide.export=[geojson]]
+    histoflow predict ckpt_path=<multirun of experiment=slides_abmil> slides=<table.csv | folder>
+                      [slide.export=[geojson]]
 
 The new slides go through the cohort store as training's did (features/cohort.py embed_cohort with the checkpoint's
 encoder and tiling: content-keyed per-slide feature files, so slides training embedded are found, not embedded
@@ -8,9 +9,9 @@ again; kill -9 safe; several processes, `features.devices`, `features.chunk=i/n`
 fold's head on each bag (a slide, or a patient's slides pooled as in training), the fold models averaged:
 
     <out>/cohort.csv            the slides as the embedding read them (absolute paths; label `unlabelled` without)
-    <out>/slides.csv            a row per slide: output (the name of its files below), patient, label, tiles, its bag's prediction (predicted, confidence,
-                                prob_<class> the fold models' mean, prob_sd_<class> their sd, models_agree, and
-                                prob_<class>_fold<k> each fold model's)
+    <out>/slides.csv            a row per slide: output (the name of its files below), patient, label, tiles, its
+                                bag's prediction (predicted, confidence, prob_<class> the fold models' mean,
+                                prob_sd_<class> their sd, models_agree, and prob_<class>_fold<k> each fold model's)
     <out>/patients.csv          a row per patient: its bag (patient bags), or its slides' mean (slide bags)
     <out>/bags/                 the bags in a fold run's form (bag_predictions.csv, bags.json, attention.npz)
     <out>/attention_maps/, attention_gallery.png      as the k-fold report's (inference/attention_maps.py)
@@ -166,7 +167,8 @@ def _rows(slides: Sequence[NewSlide], bags: Sequence[Bag], pred: FoldPredictions
         if key not in found:
             continue
         i = bag_of[key]
-        row = {"slide": key, "output": names[s.path], "patient": s.patient, **({"label": s.label} if labelled else {}), **s.extra,
+        row = {"slide": key, "output": names[s.path], "patient": s.patient,
+               **({"label": s.label} if labelled else {}), **s.extra,
                "tiles": int(found[key]["tiles"]), "bag": bags[i].name}
         slide_rows.append({**row, **prediction_columns(pred.probs[i], classes), **fold_columns(pred.probs[i], models)})
     patient_rows = []
@@ -230,9 +232,10 @@ def predict_cohort(cfg: DictConfig, out: Path, settings: dict[str, Any]) -> tupl
     write_slide_outputs(out, bags, pred, found, bag_rows, classes, "geojson" in (
         [exports] if isinstance(exports, str) else list(exports)), names)
     settings = {**settings, "models": len(models), "bag_level": first.level, "features": str(result.folder),
-                "aggregate": f"bag ({type(first.head).__name__}, {first.level} bags), the {len(models)} fold models' "
-                             "mean", "window": tiling.get("tile_size") or ENCODER_SIDE, "stride": tiling.get("stride") or
-                tiling.get("tile_size") or ENCODER_SIDE, "views": 1}
+                "aggregate": f"bag ({type(first.head).__name__}, {first.level} bags), the {len(models)} fold "
+                             "models' mean",
+                "window": tiling.get("tile_size") or ENCODER_SIDE,
+                "stride": tiling.get("stride") or tiling.get("tile_size") or ENCODER_SIDE, "views": 1}
     logged: dict[str, Any] = {"metrics": {"predict/slides": float(len(slide_rows))}, "images": {},
                               "tables": {"predict/slides": slide_rows, "predict/patients": patient_rows}}
     if labelled:

@@ -72,7 +72,8 @@ def files_matching(spec: str | Sequence[str], suffixes: Sequence[str] | None = N
                 kinds = Counter(p.suffix.lower() or "(no suffix)" for p in skipped)
                 log.warning("%s=%s: %d file(s) skipped, not %s files histoflow reads (%s): %s%s", key, entry,
                             len(skipped), key[:-1], ", ".join(f"{n} {k}" for k, n in kinds.most_common()),
-                            ", ".join(str(p.relative_to(path)) for p in skipped[:5]), ", ..." if len(skipped) > 5 else "")
+                            ", ".join(str(p.relative_to(path)) for p in skipped[:5]),
+                            ", ..." if len(skipped) > 5 else "")
         elif path.is_file():
             files = [path]
         else:
@@ -242,7 +243,8 @@ def _slide_files(spec: str | list[str]) -> tuple[list[Path], dict[Path, dict[str
         if clashing:  # a table's column named like one of slides.csv's own is kept, renamed, never overwritten
             log.warning("%s: column%s %s named like slides.csv's own: written there as %s", spec,
                         "s" * (len(clashing) > 1), ", ".join(clashing), ", ".join(f"table_{c}" for c in clashing))
-            said = {path: {f"table_{k}" if k in clashing else k: v for k, v in cols.items()} for path, cols in said.items()}
+            said = {path: {f"table_{k}" if k in clashing else k: v for k, v in cols.items()}
+                    for path, cols in said.items()}
         return [s.path for s in table], said, {s.path: s.mpp for s in table}
     return files_matching(spec, SLIDE_SUFFIXES, key="slides"), {}, {}
 

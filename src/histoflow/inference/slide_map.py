@@ -60,7 +60,8 @@ class SlideConfig(TilingConfig):
     num_workers: int | str = "auto"  # processes reading tiles while the model runs (0: all in this process; auto:
     #                                  0 on a CPU, the CPUs less one beside a GPU, histoflow.common.machine)
     device: str = "auto"  # auto | cpu | cuda | cuda:1
-    decode: str = "auto"  # where stored JPEG tiles are decoded: auto (the GPU where the model runs on one) | cpu | device
+    decode: str = "auto"  # where stored JPEG tiles are decoded: auto (the GPU where the model runs on one) | cpu |
+    #                       device
     progress: bool = True  # progress bar with tiles/s
     export: list[str] | str = field(default_factory=list)  # also written per slide: geojson (QuPath's tile objects)
 

@@ -14,5 +14,6 @@ from histoflow.models.torchvision_models import (
            torchvision_model,
 )
 
-__all__ = ["ABMIL", "AlexNet32", "MaxPool", "MeanPool", "is_bag_head", "LinearHead", "MLPHead", "Preprocess", "build_encoder", "clean_state_dict", "classifier_head",
-           "encoder_with_head", "input_preprocess", "model_preprocess", "timm_model", "torchvision_model"]
+__all__ = ["ABMIL", "AlexNet32", "MaxPool", "MeanPool", "is_bag_head", "LinearHead", "MLPHead", "Preprocess",
+           "build_encoder", "clean_state_dict", "classifier_head", "encoder_with_head", "input_preprocess",
+           "model_preprocess", "timm_model", "torchvision_model"]

@@ -52,8 +52,8 @@ def _torchvision_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
                           f"model, or a torchvision weights name); model.weights={weights} does not. Fix: give "
                           f"model.preprocess.input_size, interpolation, mean and std") from err
     transforms = member.transforms()
-    return {"input_size": transforms.crop_size[0],
-            "interpolation": transforms.interpolation.value, "mean": tuple(transforms.mean), "std": tuple(transforms.std)}
+    return {"input_size": transforms.crop_size[0], "interpolation": transforms.interpolation.value,
+            "mean": tuple(transforms.mean), "std": tuple(transforms.std)}
 
 
 def _pretrained_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:

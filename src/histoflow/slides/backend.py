@@ -15,7 +15,8 @@ from histoflow.slides.tiff_reader import TiffSlide
 log = logging.getLogger(__name__)
 _said: set[tuple[str, str]] = set()  # (slide, choice) logged: once per slide, not per open (loader workers reopen)
 BACKENDS = ("auto", "openslide", "tifffile")
-# OpenSlide for every format it reads as a pyramid; slide.backend=tifffile reads SVS and TIFF faster (docs/benchmarks.md)
+# OpenSlide for every format it reads as a pyramid; slide.backend=tifffile reads SVS and TIFF faster
+# (docs/benchmarks.md)
 DEFAULT_BACKEND = "auto"
 # Every suffix a backend opens as a slide: OpenSlide 4's formats (Aperio .svs/.tif, DICOM .dcm, Hamamatsu .ndpi/.vms/
 # .vmu, Leica .scn, MIRAX .mrxs, Philips .tiff, Sakura .svslide, Trestle .tif, Ventana .bif/.tif, Zeiss .czi) and the

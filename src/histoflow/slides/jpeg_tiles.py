@@ -172,8 +172,8 @@ def device_codec(device: torch.device) -> str | None:
 def wants_device(decode: str, device: torch.device) -> bool:
     """Whether slide.decode asks for the device to decode (where the tiles are JPEG): `device`, or `auto` on a GPU."""
     if decode not in DECODES:
-        raise ConfigError(f"slide.decode={decode!r}: expected one of {', '.join(DECODES)} (auto: the GPU where there is "
-                          "one and the slide's tiles are JPEG)")
+        raise ConfigError(f"slide.decode={decode!r}: expected one of {', '.join(DECODES)} (auto: the GPU where there "
+                          "is one and the slide's tiles are JPEG)")
     return decode == "device" or (decode == "auto" and device.type == "cuda")
 
 
@@ -220,8 +220,10 @@ def decode_batch(batch: StoredBatch, device: torch.device) -> torch.Tensor:
     for a in range(0, n, chunk):
         b = min(n, a + chunk)
         block = local[a:b].reshape(b - a, k * k)
-        which = torch.gather(block, 1, ((ys[a:b] // th)[:, :, None] * k + (xs[a:b] // tw)[:, None, :]).reshape(b - a, -1))
-        flat = which.view(b - a, size, size) * (th * tw) + ((ys[a:b] % th) * tw)[:, :, None] + (xs[a:b] % tw)[:, None, :]
+        which = torch.gather(block, 1,
+                             ((ys[a:b] // th)[:, :, None] * k + (xs[a:b] // tw)[:, None, :]).reshape(b - a, -1))
+        flat = (which.view(b - a, size, size) * (th * tw) + ((ys[a:b] % th) * tw)[:, :, None]
+                + (xs[a:b] % tw)[:, None, :])
         out[a:b] = pixels[flat]
     if batch.tile_size != size:
         out = resize_tiles(out, batch.tile_size)

@@ -97,8 +97,8 @@ def tissue_tiles(slide: Slide, geometry: TileGeometry, min_tissue: float = 0.5,
         raise NoTissueError(
             f"{slide.path}: no tissue found ({how} on saturation finds {mask.mean():.1%} of the thumbnail; no "
             f"{geometry.read_size}-px tile at level {geometry.level} is {min_tissue:.0%} covered). Fix: lower the "
-            "tissue threshold (slide.tissue_threshold=0.02; data.slide.tissue_threshold with data=slides) or the share of "
-            "a tile that must be tissue (slide.min_tissue=0.1), or check that this is the slide")
+            "tissue threshold (slide.tissue_threshold=0.02; data.slide.tissue_threshold with data=slides) or the "
+            "share of a tile that must be tissue (slide.min_tissue=0.1), or check that this is the slide")
     return origins
 
 

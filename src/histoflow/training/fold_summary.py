@@ -144,8 +144,8 @@ class FoldSummary(Callback):
         trained fold 1, then failed on 6 and wrote no summary. (SystemExit passes through Hydra's callbacks.)"""
         bad = folds_not_in_split(config)
         if bad:
-            log.error("fold=%s: not folds of data.split (%s). Fix: sweep over %s", ",".join(bad), describe_split(config),
-                      ",".join(SplitConfig.from_config(config.data.get("split")).test_folds()))
+            log.error("fold=%s: not folds of data.split (%s). Fix: sweep over %s", ",".join(bad),
+                      describe_split(config), ",".join(SplitConfig.from_config(config.data.get("split")).test_folds()))
             raise SystemExit(1)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -16,7 +16,8 @@ from pytorch_lightning.utilities import rank_zero_only
 def widen_atomically(writer: ExperimentWriter) -> None:
     """Give the writer's metrics.csv the columns of its pending rows, old rows kept under the new header: written
     whole under a temporary name, then renamed over the old file (the old file or the new, never half of one)."""
-    keys = sorted({*writer.metrics_keys, *(k for row in writer.metrics for k in row)})  # sorted, as Lightning keeps them
+    # sorted, as Lightning keeps them
+    keys = sorted({*writer.metrics_keys, *(k for row in writer.metrics for k in row)})
     path = writer.metrics_file_path
     if keys != writer.metrics_keys and os.path.isfile(path):
         with open(path, newline="") as file:

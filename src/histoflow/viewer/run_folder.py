@@ -143,7 +143,8 @@ def read_run(folder: str | Path, slides_root: str | Path | None = None) -> RunFo
     elif (root / MAPS).is_dir():  # a bag model's prediction of new slides without labels: maps, no report
         _attention_maps(root, entries)
     if report is None and not entries:
-        raise MissingInputError(f"{root}: not a run's output: no report.md and no slide maps found. Expected {EXPECTED}")
+        raise MissingInputError(f"{root}: not a run's output: no report.md and no slide maps found. "
+                                f"Expected {EXPECTED}")
     run = RunFolder(root, report, dict(sorted(entries.items())))
     locate_slides(run, slides_root)
     return run
