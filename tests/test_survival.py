@@ -13,8 +13,9 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import test_embeddings
 import torch
-from conftest import compose_config, compose_train, make_images
+from conftest import compose_config, compose_train, make_images, write_cases
 from lifelines import CoxPHFitter
 from lifelines.utils import concordance_index
 from scipy.stats import pearsonr
@@ -24,11 +25,13 @@ from test_slide_bags import overrides, table_rows
 
 from histoflow.common.errors import ConfigError
 from histoflow.data.folds import SplitConfig
+from histoflow.data.prepare import prepare_dataset
 from histoflow.data.targets import TargetTableError, TaskConfig, read_targets
 from histoflow.evaluation.regression import regression_intervals, regression_scores
 from histoflow.evaluation.survival import cindex_interval, harrell_c
+from histoflow.features import embeddings
 from histoflow.features.bag_targets import attach_targets, task_folds
-from histoflow.features.bags import pad_bags, patient_bags
+from histoflow.features.bags import BagDataModule, pad_bags, patient_bags
 from histoflow.inference.deploy import predict
 from histoflow.inference.fold_models import find_checkpoints
 from histoflow.inference.sweep_report import predict_config, write_image_report
@@ -180,6 +183,7 @@ def test_a_five_fold_survival_multirun_writes_the_report(tmp_path: Path, leave_n
     report = tmp_path / "informative" / "image_report"
     for name in ("report.md", "predictions.csv", "kaplan_meier.png", "kaplan_meier_fold1.png"):
         assert (report / name).stat().st_size > 0
+    assert "stratified by the event" in (report / "report.md").read_text()  # the folds drawn for the task
     low, high = informative["pooled"]["interval"]
     assert low <= informative["pooled"]["cindex"] <= high
     assert informative["pooled"]["cindex"] > 0.65  # the tint tells the class, the class the hazard
@@ -298,7 +302,8 @@ def test_a_survival_sweep_maps_attention_and_predict_gives_each_image_the_risk_i
     assert sorted(set(halves)) == ["high risk", "low risk"], halves
     grid = np.load(maps[0].with_suffix("").with_suffix(".map.npy"))
     assert np.nanmax(grid) == pytest.approx(1.0)  # attention / the bag's largest
-    assert "not stratified by the event" in (report_dir / "report.md").read_text()
+    text = (report_dir / "report.md").read_text()  # image bags' folds drawn for the task, as the report says
+    assert "stratified by the event" in text and "not stratified" not in text
 
     recorded = pd.read_csv(sweep_dir / "0" / "bag_predictions.csv")  # fold 1's held-out images, by fold 1's model
     checkpoint = find_checkpoints(sweep_dir / "0")[0]
@@ -351,3 +356,55 @@ def test_a_survival_head_on_patient_bags_of_a_table_without_labels_is_put_to_wor
     assert report["task"] == "survival" and report["n"] == 9 and report["external"]
     assert (out / "kaplan_meier.png").stat().st_size > 0 and (out / "attention_gallery.png").stat().st_size > 0
     assert len(list((out / "attention_maps").glob("*.heatmap.png"))) == len(rows)
+
+
+def test_image_bag_folds_of_a_survival_task_are_by_patient_stratified_by_the_event_and_the_same_in_every_job(
+        tmp_path: Path) -> None:
+    """Image bags of task=survival draw their folds from the manifest's patients, stratified by the event: no patient
+    in two folds, each fold's event share within one patient of the whole's, and every fold job gives an image the
+    same fold; classification keeps the manifest's folds."""
+    images = write_cases(make_images(tmp_path / "images", per_class=8, size=(72, 72), pixels="tint"), per_case=2)
+    torch.manual_seed(0)
+    weights = tmp_path / "squeezenet.pth"
+    torch.save(build_encoder(ENCODER, 40)[0].state_dict(), weights)
+    encoder = {**ENCODER, "weights": str(weights)}
+    data = {**test_embeddings.data_config(images, tmp_path / "work"), "groups": str(images / "cases.csv"),
+            "split": {"kind": "kfold", "k": 4, "val_fraction": 0.0, "seed": 3}}
+    cases = pd.read_csv(images / "cases.csv")
+    patient_class = dict(zip(cases.group, cases.label))  # 12 patients of 2 images each
+    survival = synthetic_survival(patient_class, seed=0)
+    table = write_survival_table(survival, tmp_path / "survival.csv", key="patient")
+
+    def module(fold: int, task: dict | None) -> BagDataModule:
+        made = BagDataModule(fold=fold, preprocess=embeddings.input_preprocess(None, encoder),
+                             embed=embeddings.Embedder(encoder, "cpu"), bag={"batch_size": 4}, task=task, **data)
+        made.prepare_data()
+        made.setup("fit")
+        return made
+
+    task = {"name": "survival", "loss": "cox", "table": str(table), "key": "patient"}
+    folds_of_job = []
+    for fold in (1, 2):
+        made = module(fold, task)
+        bags = [b for role in ("train", "val", "test") for b in made.bags[role]]
+        assert len(bags) == 24 and {b.fold for b in made.bags["test"]} == {str(fold)}
+        assert not {b.group for b in made.bags["test"]} & {b.group for b in made.bags["train"]}
+        folds_of_job.append({b.name: b.fold for b in bags})
+    assert folds_of_job[0] == folds_of_job[1]  # a held-out image's fold is the same in every job
+    fold_of_patient: dict[str, set[str]] = {}
+    for name, fold in folds_of_job[0].items():
+        fold_of_patient.setdefault(str(cases.set_index("image").group[name]), set()).add(fold)
+    assert all(len(f) == 1 for f in fold_of_patient.values())  # no patient in two folds
+    events = {p: survival[p][1] for p in fold_of_patient}
+    overall = np.mean(list(events.values()))
+    assert 0 < overall < 1, events  # the fixture has both events and censored patients
+    for fold in {"1", "2", "3", "4"}:
+        members = [p for p, f in fold_of_patient.items() if f == {fold}]
+        share = np.mean([events[p] for p in members])
+        assert abs(share - overall) <= 1 / len(members) + 1e-9, (fold, members, share, overall)
+
+    manifest = prepare_dataset(data, quiet=True).manifest()
+    classification = module(1, None)
+    assert {b.name: b.fold for role in ("train", "val", "test") for b in classification.bags[role]} == \
+        {r["image"]: str(r["fold"]) for r in manifest}  # classification: the manifest's folds, as they were
+    assert {b.name for b in classification.bags["test"]} == {r["image"] for r in manifest if str(r["fold"]) == "1"}

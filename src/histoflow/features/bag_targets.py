@@ -3,7 +3,8 @@ slide's or image's target before a patient's bags are pooled; folds of a slide t
 
 A bag whose key has no row in the target table is listed as a problem (`no-target`) and left out, never trained on
 with a made-up target; a patient whose images or slides disagree on the target is an error naming the patient
-(features/bags.patient_bags, and the table's own check).
+(features/bags.patient_bags, and the table's own check). Folds of a task, of a slide table (task_folds) or of
+prepared images (image_task_folds), are drawn by patient and stratified by the event or the target's quantile bin.
 """
 
 from __future__ import annotations
@@ -61,3 +62,21 @@ def task_folds(records: Sequence[Any], cfg: SplitConfig, task: TaskConfig,
     target's quantile bin (regression) instead of the label."""
     keys = [r.patient if task.key == "patient" else r.slide for r in records]
     return assign_folds(strata([targets.get(k) for k in keys], task), [r.patient for r in records], cfg)
+
+
+def image_task_folds(manifest: Sequence[Mapping[str, Any]], cfg: SplitConfig, task: TaskConfig,
+                     targets: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The prepared manifest's rows with their fold and validation flag drawn again for a task (image bags): by the
+    manifest's group (each image's patient or case, identical images joined), stratified by the event or the
+    target's quantile bin instead of the class; deterministic for data.split.seed, so every fold job of a multirun
+    gives an image the same fold. Rows are copies; the manifest is left as it is."""
+    groups = [str(r.get("group") or r["image"]) for r in manifest]
+    keys = groups if task.key == "patient" else [str(r["image"]) for r in manifest]
+    folds, val = assign_folds(strata([targets.get(k) for k in keys], task), groups, cfg, ("patients", "images"))
+    return [{**r, "fold": f, "val": v} for r, f, v in zip(manifest, folds, val)]
+
+
+def stratified_by(task: TaskConfig) -> str:
+    """What a task's folds are stratified by, in words (the report says it)."""
+    return "class" if task.name == "classification" else "event" if task.name == "survival" else \
+        f"target's quantile bin (task.bins={task.bins})"

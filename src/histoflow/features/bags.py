@@ -27,9 +27,16 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from histoflow.common.errors import ConfigError
 from histoflow.data.datamodule import ROLES, ShardDataModule
+from histoflow.data.folds import SplitConfig
 from histoflow.data.problems import Problem
 from histoflow.data.shards import parse_key, stack_npy, tar_samples
-from histoflow.features.bag_targets import attach_targets, table_targets, task_of
+from histoflow.features.bag_targets import (
+    attach_targets,
+    image_task_folds,
+    stratified_by,
+    table_targets,
+    task_of,
+)
 from histoflow.features.slide_features import read_slide_features
 
 log = logging.getLogger(__name__)
@@ -246,8 +253,10 @@ class BagLoaders:
 
 
 class BagDataModule(BagLoaders, ShardDataModule):
-    """The frozen-feature DataModule of one held-out fold whose samples are bags: the same preparation, embedding
-    and folds (patients never on both sides), batches of padded bags (features, mask, labels, bag indices).
+    """The frozen-feature DataModule of one held-out fold whose samples are bags: the same preparation and
+    embedding, batches of padded bags (features, mask, labels, bag indices). Folds: the prepared manifest's for
+    classification; for task=survival|regression drawn again from the manifest's groups (patients never on both
+    sides), stratified by the event or the target's quantile bin (features/bag_targets.image_task_folds).
 
     bag: the `bag` section of train.yaml (level: image | patient, batch_size, balanced, seed)."""
 
@@ -258,6 +267,7 @@ class BagDataModule(BagLoaders, ShardDataModule):
         super().__init__(fold=fold, preprocess=preprocess, embed=embed, **data)
         self._read_bag_section(bag)
         self.task = task_of(task)  # classification, or the targets of task=survival|regression (task.table)
+        self.stratified_by = stratified_by(self.task)  # what the folds are stratified by (the task report says it)
 
     def setup(self, stage: str | None = None) -> None:
         if self.embed is None:
@@ -267,12 +277,22 @@ class BagDataModule(BagLoaders, ShardDataModule):
             return
         manifest = self.prepared.manifest()
         self._paths = {int(r["index"]): str(self.prepared.root / r["image"]) for r in manifest}
-        role_of = {r["index"]: "test" if str(r["fold"]) == self.fold else "val" if r["val"] else "train"
-                   for r in manifest}
         targets = table_targets(self.task)
-        for role in ROLES:
-            rows = [r for r in manifest if role_of[r["index"]] == role]
-            bags, problems = image_bags(getattr(self.split, role), rows, self.classes, self.prepared.patch_side)
+        if self.task.name == "classification":  # the manifest's folds, each role read from its own shards
+            role_of = {r["image"]: self._role(r) for r in manifest}
+            parts = {role: image_bags(getattr(self.split, role), [r for r in manifest if role_of[r["image"]] == role],
+                                      self.classes, self.prepared.patch_side) for role in ROLES}
+        else:  # folds drawn again by patient, stratified by the task's target: every shard read once, then sorted
+            rows = image_task_folds(manifest, SplitConfig.from_config(self.data.get("split")), self.task, targets)
+            if self.fold not in {str(r["fold"]) for r in rows}:
+                raise ConfigError(f"fold={self.fold}: the folds of task={self.task.name} are "
+                                  f"{sorted({str(r['fold']) for r in rows})} (data.split)")
+            role_of = {r["image"]: self._role(r) for r in rows}
+            urls = list(dict.fromkeys([*self.split.train, *self.split.val, *self.split.test]))
+            every, problems = image_bags(urls, rows, self.classes, self.prepared.patch_side)
+            parts = {role: ([b for b in every if role_of[b.name] == role], problems if role == "test" else [])
+                     for role in ROLES}
+        for role, (bags, problems) in parts.items():
             bags, untargeted = attach_targets(bags, targets, self.task)
             self.bags[role] = patient_bags(bags, self.classes) if self.level == "patient" else bags
             self.problems += problems + untargeted
@@ -281,6 +301,9 @@ class BagDataModule(BagLoaders, ShardDataModule):
         self._say_problems("image(s) without a tile")
         if not self.bags["train"] and stage in (None, "fit"):
             raise ConfigError(f"fold {self.fold} leaves no training bag. Fix: choose another fold or more images")
+
+    def _role(self, row: Mapping[str, Any]) -> str:
+        return "test" if str(row["fold"]) == self.fold else "val" if row["val"] else "train"
 
     def tile_sources(self, bags: Sequence[Bag]) -> dict[str, dict[str, Any]]:
         patches = self.data.get("patches") or {}

@@ -28,7 +28,7 @@ from histoflow.common.errors import ConfigError, MissingInputError
 from histoflow.data.datamodule import ROLES
 from histoflow.data.folds import SplitConfig
 from histoflow.data.problems import Problem
-from histoflow.features.bag_targets import attach_targets, table_targets, task_folds, task_of
+from histoflow.features.bag_targets import attach_targets, stratified_by, table_targets, task_folds, task_of
 from histoflow.features.bags import Bag, BagLoaders, check_one_side, cohort_bags, patient_bags
 from histoflow.features.cohort import embed_cohort, prepare_job
 from histoflow.slides.table import SlideRecord, check_classes, read_slide_table, slide_folds
@@ -54,6 +54,7 @@ class SlideBagDataModule(BagLoaders, pl.LightningDataModule):
                  **unused: Any) -> None:
         super().__init__()
         self.task = task_of(task)  # classification, or task=survival|regression: targets from task.table or the table
+        self.stratified_by = stratified_by(self.task)  # what the folds are stratified by (the task report says it)
         if not table:
             raise ConfigError("data=slides needs a slide table. Fix: data.table=<cohort.csv> (columns slide, patient, "
                               "label; docs/cohorts.md)")

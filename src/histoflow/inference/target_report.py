@@ -23,9 +23,11 @@ from histoflow.data.targets import TaskConfig, read_targets
 from histoflow.evaluation.regression import METRICS, regression_intervals, regression_scores, scatter_figure
 from histoflow.evaluation.survival import cindex_interval, harrell_c, kaplan_meier_figure, risk_halves
 
-# image bags take the prepared data's folds (drawn by patient, stratified by class); slide tables' by the target
-IMAGE_FOLDS = ("The folds of image bags are the prepared data's (manifest.csv: by patient, stratified by class), not "
-               "stratified by the {target}: a fold may hold few {few}.")
+# the folds of a task's runs (bags.json's stratified_by): by patient, stratified by the event or the target's bin
+FOLDS = "The folds are drawn by patient (no patient on both sides), stratified by the {by}."
+# runs recorded before image bags drew their own folds took the prepared data's (by patient, stratified by class)
+IMAGE_FOLDS = ("The folds of these image bags are the prepared data's (manifest.csv: by patient, stratified by "
+               "class), not stratified by the {target}: a fold may hold few {few}.")
 
 
 def label_rows(rows: Sequence[Mapping[str, Any]], task: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -139,7 +141,9 @@ def markdown(report: Mapping[str, Any]) -> str:
         for k, f in [*report["per_fold"].items(), ("pooled", {"n": report["n"], **report["pooled"]})]:
             lines.append(f"| {k} | {f['n']} | " + " | ".join(_fmt(f[m], f["interval"][m]) for m in METRICS) + " |")
         lines.append("")
-    if report.get("bag_level") == "image":
+    if report.get("stratified_by") and not report.get("external"):
+        lines += [FOLDS.format(by=report["stratified_by"]), ""]
+    elif report.get("bag_level") == "image" and not report.get("external"):
         lines += [IMAGE_FOLDS.format(target="event" if survival else "target", few="events" if survival else
                                      "high or low targets"), ""]
     lines += [f"![{png}]({png})" for png in report["figures"]]

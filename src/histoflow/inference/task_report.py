@@ -52,7 +52,8 @@ def write_task_report(sweep: str | Path, out: Path | None = None,
     body = (survival_report if task["name"] == "survival" else regression_report)(targets, out, resamples)
     report = {"task": task["name"], "loss": task["loss"], "unit": task.get("key", "patient"), "n": len(targets),
               "patients": len({r["patient"] for r in targets}), "bag_level": records[0].get("level"),
-              "folds": folds, **body, "settings": {k: records[0].get(k) for k in ("aggregate", "window", "stride")}}
+              "folds": folds, "stratified_by": records[0].get("stratified_by"), **body,
+              "settings": {k: records[0].get(k) for k in ("aggregate", "window", "stride")}}
     write_csv(targets, out / "predictions.csv")
     if all((run / ATTENTION).is_file() for run in runs) and all(r.get("sources") for r in records):
         # where the head looked: maps over every held-out image or slide; the gallery by predicted risk half or

@@ -66,7 +66,8 @@ def write_target_outputs(module: BagTargetModule, datamodule: Any, output_dir: P
     task = module.task
     record = {"task": {"name": task.name, "loss": task.loss, "columns": list(task.columns), "key": task.key},
               "classes": list(datamodule.classes), "level": datamodule.level, "fold": str(datamodule.fold),
-              "sources": datamodule.tile_sources(bags), **dict(settings)}
+              "stratified_by": getattr(datamodule, "stratified_by", None), "sources": datamodule.tile_sources(bags),
+              **dict(settings)}
     (output_dir / RECORD).write_text(json.dumps(record, indent=1))
     write_problems(output_dir / "problems.csv", skipped=datamodule.problems)
     return path
