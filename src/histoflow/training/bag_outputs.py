@@ -55,14 +55,10 @@ def bag_outputs(model: torch.nn.Module, bags: Sequence[Bag], classes: Sequence[s
     return rows, attention
 
 
-def write_bag_outputs(model: torch.nn.Module, datamodule: Any, output_dir: Path,
-                      settings: Mapping[str, Any]) -> Path:
-    """The held-out fold's bag predictions, attention, record and problems in output_dir; the predictions' path."""
-    bags = datamodule.bags.get("test") or []
-    classes = list(datamodule.classes)
-    sources = datamodule.tile_sources(bags)
-    rows, attention = bag_outputs(model, bags, classes, {k: v["path"] for k, v in sources.items()}
-                                  if datamodule.level == "image" else None)
+def write_predictions_and_attention(output_dir: Path, rows: Sequence[Mapping[str, Any]], bags: Sequence[Bag],
+                                    attention: Sequence[np.ndarray]) -> Path:
+    """A held-out fold's bag rows (bag_predictions.csv) and each bag's tile coordinates and attention
+    (attention.npz), as every bag head writes them; the predictions' path."""
     path = output_dir / PREDICTIONS
     columns = list(rows[0]) if rows else ["image"]
     with path.open("w", newline="") as handle:
@@ -72,6 +68,18 @@ def write_bag_outputs(model: torch.nn.Module, datamodule: Any, output_dir: Path,
     np.savez_compressed(output_dir / ATTENTION, names=np.array([b.name for b in bags]),
                         **{f"coords_{i}": b.coords for i, b in enumerate(bags)},
                         **{f"attention_{i}": a for i, a in enumerate(attention)})
+    return path
+
+
+def write_bag_outputs(model: torch.nn.Module, datamodule: Any, output_dir: Path,
+                      settings: Mapping[str, Any]) -> Path:
+    """The held-out fold's bag predictions, attention, record and problems in output_dir; the predictions' path."""
+    bags = datamodule.bags.get("test") or []
+    classes = list(datamodule.classes)
+    sources = datamodule.tile_sources(bags)
+    rows, attention = bag_outputs(model, bags, classes, {k: v["path"] for k, v in sources.items()}
+                                  if datamodule.level == "image" else None)
+    path = write_predictions_and_attention(output_dir, rows, bags, attention)
     (output_dir / RECORD).write_text(json.dumps({"classes": classes, "level": datamodule.level,
                                                  "fold": str(datamodule.fold), "sources": sources, **dict(settings)},
                                                 indent=1))

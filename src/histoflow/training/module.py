@@ -33,6 +33,16 @@ def scores(num_classes: int, prefix: str) -> MetricCollection:
     )
 
 
+
+def optimizers_of(module: nn.Module, optimizer: Callable[..., Any], scheduler: Callable[..., Any] | None) -> Any:
+    """Lightning's configure_optimizers of a module: the optimizer (a partial from the config) over its trainable
+    parameters (frozen ones, e.g. freeze_backbone, left out, so weight decay does not shrink them either) and, where
+    given, the scheduler stepped every epoch."""
+    built = optimizer(params=[p for p in module.parameters() if p.requires_grad])
+    if scheduler is None:
+        return built
+    return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler(optimizer=built), "interval": "epoch"}}
+
 class PatchClassifier(pl.LightningModule):
     """Any classifier net of patches; metrics are DDP-safe torchmetrics, reports go to the trainer's root dir."""
 
@@ -111,12 +121,7 @@ class PatchClassifier(pl.LightningModule):
         self._eval_epoch_end("test")
 
     def configure_optimizers(self) -> Any:
-        # Frozen parameters (freeze_backbone) are left out, so weight decay does not shrink them either.
-        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer),
-                                                          "interval": "epoch"}}
+        return optimizers_of(self, self.optimizer_factory, self.scheduler_factory)
 
 
 class BagClassifier(PatchClassifier):

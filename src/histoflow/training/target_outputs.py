@@ -11,7 +11,6 @@ The same files as a classifier's (training/bag_outputs.py), so that a multirun's
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -21,7 +20,7 @@ import torch
 
 from histoflow.data.problems import write_problems
 from histoflow.features.bags import Bag, pad_bags
-from histoflow.training.bag_outputs import ATTENTION, PREDICTIONS, RECORD
+from histoflow.training.bag_outputs import RECORD, write_predictions_and_attention
 from histoflow.training.task_module import BagTargetModule
 
 
@@ -54,15 +53,7 @@ def write_target_outputs(module: BagTargetModule, datamodule: Any, output_dir: P
     """The held-out fold's rows, attention, record and problems in output_dir; the predictions' path."""
     bags = datamodule.bags.get("test") or []
     rows, attention = target_rows(module, bags)
-    path = output_dir / PREDICTIONS
-    columns = list(rows[0]) if rows else ["image"]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    np.savez_compressed(output_dir / ATTENTION, names=np.array([b.name for b in bags]),
-                        **{f"coords_{i}": b.coords for i, b in enumerate(bags)},
-                        **{f"attention_{i}": a for i, a in enumerate(attention)})
+    path = write_predictions_and_attention(output_dir, rows, bags, attention)
     task = module.task
     record = {"task": {"name": task.name, "loss": task.loss, "columns": list(task.columns), "key": task.key},
               "classes": list(datamodule.classes), "level": datamodule.level, "fold": str(datamodule.fold),

@@ -20,6 +20,7 @@ from histoflow.data.targets import TaskConfig
 from histoflow.evaluation.regression import regression_scores
 from histoflow.evaluation.survival import harrell_c
 from histoflow.training.losses import task_loss, task_value, time_cuts
+from histoflow.training.module import optimizers_of
 
 
 class BagTargetModule(pl.LightningModule):
@@ -97,8 +98,4 @@ class BagTargetModule(pl.LightningModule):
         self._eval_epoch_end("test")
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer),
-                                                          "interval": "epoch"}}
+        return optimizers_of(self, self.optimizer_factory, self.scheduler_factory)
