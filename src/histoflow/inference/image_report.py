@@ -260,10 +260,12 @@ def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], classes: list[
              +
              f"Aggregate: {s.get('aggregate')}; TTA views: {s.get('views')}; grid: {s.get('window')}-px windows, "
              f"stride {s.get('stride')}.", "",
-             "## Per fold (mean ± sd, ddof=1, over folds)", "",
-             folds_markdown(report["per_fold"], report["summary"], FOLD_METRICS, names),
-             f"{unit.capitalize()}s per fold: "
-             + ", ".join(f"{f}: {k}" for f, k in report["images_per_fold"].items()) + ".", "",
+             # an external report is one "fold" (every fold model together): no table of one row with sd 0
+             *([] if s.get("external") else [
+                 "## Per fold (mean ± sd, ddof=1, over folds)", "",
+                 folds_markdown(report["per_fold"], report["summary"], FOLD_METRICS, names),
+                 f"{unit.capitalize()}s per fold: "
+                 + ", ".join(f"{f}: {k}" for f, k in report["images_per_fold"].items()) + ".", ""]),
              "## Pooled over folds", "", "| metric | value |", "|---|---:|",
              f"| {unit} accuracy | {pooled['image/acc']:.3f} ({right}/{len(rows)}; 95% CI {_ci(ci['image/acc'])} "
              f"{over}) |",
