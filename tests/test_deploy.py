@@ -183,3 +183,17 @@ def test_the_kfold_report_reads_the_embeddings_training_cached(head_sweep: Path,
                                    atol=2e-6)
     reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("cached", "embedded")]
     assert reports[0]["pooled"] == reports[1]["pooled"]
+
+
+def test_an_ensembles_repeated_folds_keep_a_column_each() -> None:
+    """Two multiruns' fold 1 and fold 2 (ckpt_path=[a,b]): four per-model columns, none overwriting another."""
+    from types import SimpleNamespace
+
+    from histoflow.inference.voting import fold_labels, value_columns
+
+    models = [SimpleNamespace(fold=f, task=SimpleNamespace(name="survival")) for f in ("1", "2", "1", "2")]
+    assert fold_labels(models) == ["1.1", "2.1", "1.2", "2.2"]
+    assert fold_labels(models[:2]) == ["1", "2"]
+    columns = value_columns(np.array([[1.0], [2.0], [3.0], [4.0]]), models)
+    assert [columns[f"risk_fold{k}"] for k in ("1.1", "2.1", "1.2", "2.2")] == [1.0, 2.0, 3.0, 4.0]
+    assert columns["risk"] == 2.5

@@ -6,13 +6,14 @@ as training's held-out predictions were made, and each bag's columns from the fo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from histoflow.features.bags import Bag, pad_bags
 from histoflow.inference.fold_models import BagHeadModel
+from histoflow.inference.voting import fold_labels
 from histoflow.training.bag_outputs import bag_outputs
 from histoflow.training.losses import task_value
 
@@ -67,16 +68,7 @@ def predict_values(models: Sequence[BagHeadModel], bags: Sequence[Bag], batch_si
     return FoldPredictions(values, [a.astype(np.float32) for a in attention], [np.zeros((len(b), 0)) for b in bags])
 
 
-def value_columns(per_model: np.ndarray, models: Sequence[BagHeadModel]) -> dict[str, Any]:
-    """One bag's columns from its (models, 1) risks or values: risk|value (the fold models' mean), its sd (ddof=0),
-    and each fold model's (risk_fold<k>)."""
-    name = "risk" if models[0].task.name == "survival" else "value"
-    v = per_model[:, 0]
-    return {name: round(float(v.mean()), 6), f"{name}_sd": round(float(v.std()), 6),
-            **{f"{name}_fold{m.fold}": round(float(x), 6) for m, x in zip(models, v)}}
-
-
 def fold_columns(per_model: np.ndarray, models: Sequence[BagHeadModel]) -> Mapping[str, float]:
     """Each fold model's probabilities of a bag: prob_<class>_fold<k> (k: its training fold)."""
-    return {f"prob_{c}_fold{m.fold}": round(float(p), 6) for m, row in zip(models, per_model)
+    return {f"prob_{c}_fold{k}": round(float(p), 6) for m, k, row in zip(models, fold_labels(models), per_model)
             for c, p in zip(m.classes, row)}

@@ -31,7 +31,7 @@ from histoflow.data.pipeline import as_made
 from histoflow.data.problems import Problem
 from histoflow.data.transforms import PatchTransform
 from histoflow.inference.fold_models import FoldModel, encoder_groups
-from histoflow.inference.voting import spread_columns
+from histoflow.inference.voting import spread_columns, value_columns
 from histoflow.training.checkpoints import CheckpointError
 from histoflow.training.losses import task_value
 
@@ -179,11 +179,8 @@ def value_rows(pred: BagPredictions, models: Sequence[FoldModel]) -> list[dict[s
     """predictions.csv's rows of a survival or regression head: image, risk or value (the fold models' mean), its sd
     (ddof=0), patches, and each fold model's (risk_fold<k>). A Cox risk is known up to a constant per fold model:
     compare the folds' own columns, or ranks, where the models' scales differ."""
-    name = "risk" if models[0].task.name == "survival" else "value"
     rows = []
     for i in pred.ok:
-        per_model = pred.probs[i][:, 0]
-        rows.append({"image": pred.paths[i], name: round(float(per_model.mean()), 6),
-                     f"{name}_sd": round(float(per_model.std()), 6), "patches": int(pred.tiles[i]),
-                     **{f"{name}_fold{m.fold}": round(float(v), 6) for m, v in zip(models, per_model)}})
+        mean, sd, *folds = value_columns(pred.probs[i], models).items()
+        rows.append({"image": pred.paths[i], **dict([mean, sd]), "patches": int(pred.tiles[i]), **dict(folds)})
     return rows

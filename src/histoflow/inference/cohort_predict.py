@@ -56,7 +56,7 @@ from histoflow.inference.attention_maps import (
     attention_gallery,
     write_attention_maps,
 )
-from histoflow.inference.bag_heads import FoldPredictions, fold_columns, predict_bags, value_columns
+from histoflow.inference.bag_heads import FoldPredictions, fold_columns, predict_bags
 from histoflow.inference.external_report import EXTERNAL, external_validation
 from histoflow.inference.fold_models import BagHeadModel, is_slide_bag_checkpoint, load_bag_heads
 from histoflow.inference.image_report import write_csv
@@ -64,7 +64,7 @@ from histoflow.inference.model_settings import check_settings, model_encoder, mo
 from histoflow.inference.predict import SLIDE_SUFFIXES, files_matching, output_names
 from histoflow.inference.slide_outputs import write_bag_folder, write_slide_outputs
 from histoflow.inference.target_report import external_task_report
-from histoflow.inference.voting import prediction_columns
+from histoflow.inference.voting import prediction_columns, value_columns
 
 log = logging.getLogger(__name__)
 UNLABELLED = "unlabelled"  # the label column of cohort.csv where the new slides carry none

@@ -270,6 +270,29 @@ def prediction_columns(per_model: np.ndarray, classes: Sequence[str]) -> dict[st
             **{f"prob_{c}": round(float(p), 6) for c, p in zip(classes, mean)}, **spread_columns(per_model, classes)}
 
 
+def fold_labels(models: Sequence[object]) -> list[str]:
+    """Each model's column label: its training fold (`fold`), or, where an ensemble repeats a fold, the fold and
+    its place among that fold's models ("2.1", "2.2"): no model's column overwrites another's."""
+    folds = [str(getattr(m, "fold")) for m in models]
+    if len(set(folds)) == len(folds):
+        return folds
+    seen: dict[str, int] = {}
+    labels = []
+    for fold in folds:
+        seen[fold] = seen.get(fold, 0) + 1
+        labels.append(f"{fold}.{seen[fold]}")
+    return labels
+
+
+def value_columns(per_model: np.ndarray, models: Sequence[object]) -> dict[str, object]:
+    """One bag's columns from its (models, 1) survival risks or regression values: risk|value (the fold models'
+    mean), its sd (ddof=0), and each fold model's (risk_fold<k>, fold_labels)."""
+    name = "risk" if getattr(models[0], "task").name == "survival" else "value"
+    v = np.asarray(per_model)[:, 0]
+    return {name: round(float(v.mean()), 6), f"{name}_sd": round(float(v.std()), 6),
+            **{f"{name}_fold{k}": round(float(x), 6) for k, x in zip(fold_labels(models), v)}}
+
+
 def mean_probabilities(nets: Sequence[EncoderGroup | nn.Module], x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Class probabilities (B, C) of patches x (G, B, V, 3, c, c): softmax per view, averaged over views and models."""
     return model_probabilities(nets, x, device).mean(0)
