@@ -6,9 +6,9 @@
 On the real lymphoma patches with experiment=lymphoma_frozen_squeezenet (ImageNet SqueezeNet 1.1 features of
 ../shared/weights, 32-px crops upsampled to 64 px, a linear head), prints
 (a) the encoder's pure forward rate (patches/s) on N prepared patches, transformed and held in memory;
-(b) the embedding of the same N patches, written as one shard, as histoflow.features.embeddings embeds a shard
-    (read, decode, transform, forward, write atomically), patches/s; floor (b) >= 0.8 (a): reading and
-    writing cost little beside the encoder;
+(b) the embedding of the same N patches, written as --shards shards (default 8), as histoflow.features.embeddings
+    embeds prepared shards (read and decoded by the data config's loader workers, transform, forward, write
+    atomically), patches/s; floor (b) >= 0.8 (a): reading and writing cost little beside the encoder;
 (c) the wall time of `python train.py -m experiment=... fold=1,2,3,4,5` on the cached embeddings (every job's
     head, checkpoints, CSV logs and the fold summary; the k-fold image report, which runs encoder + head on every
     image again, timed apart as (d)); floor (c) < 120 s on the project's 2-core CPU.
@@ -37,6 +37,7 @@ that side, and prints
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -51,7 +52,7 @@ from common import add_common_args, describe, device_of, sync, write_figures
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from histoflow.common.machine import cpu_count
+from histoflow.common.machine import cpu_count, resolve_workers
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.shards import (
     add_sample,
@@ -63,7 +64,7 @@ from histoflow.data.shards import (
 from histoflow.features.cohort import embed_cohort
 from histoflow.features.cohort_job import encoder_input
 from histoflow.features.embeddings import (
-    embed_shard,
+    embed_shards,
     encoder_datamodule,
     fold_free_transform,
 )
@@ -96,6 +97,7 @@ def main() -> int:
                         default=Path(os.environ.get("HISTOFLOW_DATA", REPO.parent / "shared" / "data")))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--patches", type=int, default=1024, help="prepared patches timed in (a) and (b)")
+    parser.add_argument("--shards", type=int, default=8, help="shards the patches of (b) are written into")
     parser.add_argument("--experiment", default="lymphoma_frozen_squeezenet")
     parser.add_argument("--no-sweep", action="store_true", help="skip (c) and (d)")
     parser.add_argument("--check", action="store_true")
@@ -130,36 +132,40 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="bench-embed-shards-"))
     urls = [{"url": str(prepared.path / "shards" / shard["file"])} for shard in prepared.record["shards"]]
     samples = list(islice(tar_samples(urls), args.patches))
-    source = scratch / "patches.tar"
-    with atomic_shard(source) as tar:
-        for sample in samples:
-            add_sample(tar, sample["__key__"], int(sample["cls"]), decode_npy(sample["npy"]))
-    n = len(samples)
+    n, per_shard = len(samples), math.ceil(len(samples) / args.shards)
+    sources = [scratch / f"patches-{i:02d}.tar" for i in range(math.ceil(n / per_shard))]
+    for i, source in enumerate(sources):  # as prepare writes them: several shards, which loader workers share
+        with atomic_shard(source) as tar:
+            for sample in samples[i * per_shard:(i + 1) * per_shard]:
+                add_sample(tar, sample["__key__"], int(sample["cls"]), decode_npy(sample["npy"]))
+    workers = resolve_workers(loader["num_workers"], "data.loader.num_workers", device.type)
     patches = torch.from_numpy(stack_npy([s["npy"] for s in samples]))
     inputs = [transform(patches[i:i + batch].to(device)) for i in range(0, n, batch)]
     torch.set_grad_enabled(False)
 
     def forward() -> None:
         for x in inputs:
-            encoder(x).float().cpu()  # as embed_shard takes the features off the device
+            encoder(x).float().cpu()  # as embed_shards takes the features off the device
         sync(device)
 
     def embed() -> None:
-        embed_shard(source, scratch / "features.tar", encoder, transform, batch, device)
+        embed_shards([(src, scratch / f"features-{src.name}") for src in sources], encoder, transform, batch, device,
+                     workers)
 
     forward()  # warm-up
     t_forward, t_embed = float("inf"), float("inf")
     for _ in range(3):
         t_forward, t_embed = min(t_forward, _timed(forward)), min(t_embed, _timed(embed))
     print(f"machine: {cpu_count()} CPUs, timed on {describe(device)}")
-    print(f"encoder {cfg.encoder.name}: {transform.out_side}-px inputs, {dim} features; {n} patches, "
-          f"batches of {batch}")
+    print(f"encoder {cfg.encoder.name}: {transform.out_side}-px inputs, {dim} features; {n} patches in "
+          f"{len(sources)} shards, batches of {batch}, {workers} loader workers")
     print(f"(a) encoder forward alone:  {n / t_forward:8.0f} patches/s")
     print(f"(b) embedding (read, transform, forward, write): {n / t_embed:8.0f} patches/s  "
           f"(b)/(a) = {t_forward / t_embed:.2f} (floor {FLOOR_EMBED_VS_FORWARD})")
 
     figures = {"device": describe(device), "encoder": cfg.encoder.name, "input_px": transform.out_side,
-               "features": dim, "patches": n, "batch_size": batch, "forward_patches_per_s": n / t_forward,
+               "features": dim, "patches": n, "shards": len(sources), "workers": workers, "batch_size": batch,
+               "forward_patches_per_s": n / t_forward,
                "embed_patches_per_s": n / t_embed, "embed_over_forward": t_forward / t_embed}
     write_figures(args.json, figures)
     if args.no_sweep:

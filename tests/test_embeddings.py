@@ -63,15 +63,19 @@ def shard_samples(path: Path) -> list[dict]:
     return list(tar_samples([{"url": str(path)}]))
 
 
-def test_embeddings_equal_the_encoders_forward_pass(images: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2], ids=["read-by-a-thread", "two-loader-workers"])
+def test_embeddings_equal_the_encoders_forward_pass(images: Path, tmp_path: Path, workers: int) -> None:
     encoder_cfg = with_weights(tmp_path, 0)
-    datamodule = module_for(images, tmp_path / "work", encoder_cfg)
+    data = data_config(images, tmp_path / "work")
+    data["loader"]["num_workers"] = workers  # two workers each read whole shards, their batches interleaved here
+    datamodule = embeddings.encoder_datamodule(encoder_cfg, **data)
     prepared = prepare_dataset(datamodule.data, quiet=True)
     features = datamodule.embeddings(prepared)
     encoder, dim = build_encoder(encoder_cfg, 40)
     assert features.dim == dim == 512
     transform = embeddings.fold_free_transform(prepared, asdict(datamodule.loader))
-    for shard in prepared.record["shards"][:2]:
+    assert len(prepared.record["shards"]) > 2 and features.record["samples"] == prepared.record["samples"]
+    for shard in prepared.record["shards"]:
         patches = shard_samples(prepared.path / "shards" / shard["file"])
         vectors = shard_samples(features.path / shard["file"])
         assert [p["__key__"] for p in patches] == [v["__key__"] for v in vectors]
@@ -96,7 +100,7 @@ def test_embeddings_are_keyed_by_encoder_and_weights_and_reused(images: Path, tm
     assert {v["sha256"] for v in hashes.values()} >= {a.record["weights_sha256"],
                                                       other_weights.record["weights_sha256"]}
     # the same encoder again: found, nothing embedded (a moved weights file with the same bytes too)
-    monkeypatch.setattr(embeddings, "embed_shard", lambda *a, **k: pytest.fail("embedded again"))
+    monkeypatch.setattr(embeddings, "embed_shards", lambda *a, **k: pytest.fail("embedded again"))
     moved = tmp_path / "moved"
     moved.mkdir()
     (moved / "squeezenet-0.pth").write_bytes(Path(with_weights(tmp_path, 0)["weights"]).read_bytes())
@@ -108,30 +112,62 @@ def test_an_interrupted_embedding_resumes_without_duplicates(images: Path, tmp_p
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     datamodule = module_for(images, tmp_path / "work", with_weights(tmp_path, 0))
     prepared = prepare_dataset(datamodule.data, quiet=True)
-    real, written = embeddings.embed_shard, []
+    real, written = embeddings.atomic_shard, []
 
-    def dies_after_two(src, dst, *args, **kwargs):
+    def dies_on_the_third(path: Path):  # killed as the third shard starts: two whole ones and a half one left
         if len(written) == 2:
-            (dst.parent / f".{dst.name}.999.tmp").write_bytes(b"half a shard")  # what kill -9 leaves
+            (path.parent / f".{path.name}.999.tmp").write_bytes(b"half a shard")  # what kill -9 leaves
             raise KeyboardInterrupt
-        written.append(dst.name)
-        return real(src, dst, *args, **kwargs)
+        written.append(path.name)
+        return real(path)
 
-    monkeypatch.setattr(embeddings, "embed_shard", dies_after_two)
+    monkeypatch.setattr(embeddings, "atomic_shard", dies_on_the_third)
     with pytest.raises(KeyboardInterrupt):
         datamodule.embeddings(prepared)
     (out,) = [p for p in (prepared.path / "embeddings").iterdir() if p.is_dir()]
     assert not (out / RECORD).exists() and sorted(p.name for p in out.glob("*.tar")) == sorted(written)
     before = {name: (out / name).stat().st_mtime_ns for name in written}
     again: list[str] = []
-    monkeypatch.setattr(embeddings, "embed_shard", lambda src, dst, *a, **k: again.append(dst.name) or real(
-        src, dst, *a, **k))
+    monkeypatch.setattr(embeddings, "atomic_shard", lambda path: again.append(path.name) or real(path))
     features = datamodule.embeddings(prepared)
     assert not set(again) & set(written) and len(again) + len(written) == len(prepared.record["shards"])
     assert {name: (out / name).stat().st_mtime_ns for name in written} == before
     assert not list(out.glob(".*.tmp"))
     keys = [s["__key__"] for shard in prepared.record["shards"] for s in shard_samples(features.path / shard["file"])]
     assert len(keys) == len(set(keys)) == prepared.record["samples"]
+
+
+def test_a_run_stopped_mid_shard_leaves_whole_shards_only(images: Path, tmp_path: Path) -> None:
+    """Stopped while two workers' shards are half written: both temporary files go, the shards written stay whole,
+    and an empty patch shard gives an empty feature shard."""
+    datamodule = module_for(images, tmp_path / "work", with_weights(tmp_path, 0))
+    prepared = prepare_dataset(datamodule.data, quiet=True)
+    sources = [prepared.path / "shards" / s["file"] for s in prepared.record["shards"]]
+    empty = tmp_path / "empty.tar"
+    with embeddings.atomic_shard(empty):
+        pass
+    out = tmp_path / "features"
+    out.mkdir()
+    pairs = [(src, out / src.name) for src in [empty, *sources]]
+    calls = []
+
+    def stops_on_the_fifth(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return x.flatten(1)[:, :8]
+
+    transform = embeddings.fold_free_transform(prepared, asdict(datamodule.loader))
+    with pytest.raises(KeyboardInterrupt):
+        embeddings.embed_shards(pairs, stops_on_the_fifth, transform, 16, torch.device("cpu"), workers=2)
+    assert not list(out.glob(".*.tmp"))
+    for path in out.glob("*.tar"):  # complete, or absent
+        source = next(src for src, dst in pairs if dst == path)
+        assert len(shard_samples(path)) == len(shard_samples(source))
+    count = embeddings.embed_shards(pairs, lambda x: x.flatten(1)[:, :8], transform, 16, torch.device("cpu"),
+                                    workers=2)
+    assert count == prepared.record["samples"] and shard_samples(out / "empty.tar") == []
+    assert all(len(shard_samples(dst)) == len(shard_samples(src)) for src, dst in pairs)
 
 
 def test_fold_dependent_normalisation_is_refused(images: Path, tmp_path: Path) -> None:

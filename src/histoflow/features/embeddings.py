@@ -20,22 +20,25 @@ import logging
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from histoflow.common.config import to_builtin
 from histoflow.common.errors import ConfigError, MissingInputError
-from histoflow.common.machine import resolve_device
+from histoflow.common.machine import AUTO, resolve_device, resolve_workers
 from histoflow.common.progress import progress_bar
 from histoflow.data.datamodule import ShardDataModule
 from histoflow.data.dataset import PreparedDataset, Split
 from histoflow.data.fingerprint import content_hashes
 from histoflow.data.loader_config import LoaderConfig
 from histoflow.data.locks import only_writer, writable
+from histoflow.data.pipeline import as_made
 from histoflow.data.shards import add_sample, atomic_shard, stack_npy, tar_samples
 from histoflow.data.transforms import PatchTransform, build_transform
 from histoflow.models import build_encoder, input_preprocess
@@ -142,66 +145,126 @@ def prefetched(items: Iterator[T]) -> Iterator[T]:
             yield item
 
 
-def patch_batches(src: str | Path, batch_size: int, pin: bool) -> Iterator[tuple[list[str], list[int], torch.Tensor]]:
-    """(keys, classes, uint8 patches) of a patch shard, batch by batch; pinned for a fast copy to a GPU."""
-    batch: list[dict] = []
-    for sample in tar_samples([{"url": str(src)}]):
-        batch.append(sample)
-        if len(batch) == batch_size:
-            yield _decoded(batch, pin)
-            batch = []
-    if batch:
-        yield _decoded(batch, pin)
+class ShardBatches(IterableDataset):
+    """(shard index, keys, classes, uint8 patches, last) of patch shards, batch by batch. Each loader worker reads
+    whole shards (every n-th), so a shard's batches arrive in order; `last` marks a shard's final batch (an empty
+    shard gives one empty batch, and an empty feature shard)."""
+
+    def __init__(self, shards: Sequence[str | Path], batch_size: int) -> None:
+        self.shards, self.batch_size = [str(s) for s in shards], batch_size
+
+    def __iter__(self) -> Iterator[ShardBatch]:
+        worker = get_worker_info()
+        mine = range(len(self.shards))
+        if worker is not None:
+            mine = mine[worker.id::worker.num_workers]
+        for index in mine:
+            yield from self._batches(index)
+
+    def _batches(self, index: int) -> Iterator[ShardBatch]:
+        batch: list[dict] = []
+        ready: ShardBatch | None = None  # held back one batch, to know which one is last
+        for sample in tar_samples([{"url": self.shards[index]}]):
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                if ready is not None:
+                    yield ready
+                ready, batch = _decoded(index, batch, last=False), []
+        if batch:
+            if ready is not None:
+                yield ready
+            ready = _decoded(index, batch, last=False)
+        yield (index, [], [], torch.empty(0, dtype=torch.uint8), True) if ready is None else (*ready[:4], True)
 
 
-def _decoded(batch: list[dict], pin: bool) -> tuple[list[str], list[int], torch.Tensor]:
+ShardBatch = tuple[int, list[str], list[int], torch.Tensor, bool]
+
+
+def _decoded(index: int, batch: list[dict], last: bool) -> ShardBatch:
     patches = torch.from_numpy(stack_npy([s["npy"] for s in batch]))
-    return [s["__key__"] for s in batch], [int(s["cls"]) for s in batch], patches.pin_memory() if pin else patches
+    return index, [s["__key__"] for s in batch], [int(s["cls"]) for s in batch], patches, last
+
+
+class ShardWriters:
+    """The feature shards being written, each under its temporary name until its last batch (shards.atomic_shard):
+    as many open at once as loader workers deliver in turn. Leaving the block on an error removes every open one."""
+
+    def __init__(self, destinations: Sequence[Path], done: Callable[[int], None] | None) -> None:
+        self.destinations, self.done = destinations, done
+        self.open: dict[int, tuple[ExitStack, Any]] = {}
+        self.count = 0
+
+    def write(self, index: int, keys: list[str], classes: list[int], vectors: torch.Tensor,
+              ready: torch.cuda.Event | None, last: bool) -> None:
+        if index not in self.open:
+            stack = ExitStack()
+            self.open[index] = stack, stack.enter_context(atomic_shard(self.destinations[index]))
+        stack, tar = self.open[index]
+        if ready is not None:
+            ready.synchronize()  # the copy off the device has landed
+        for key, cls, vector in zip(keys, classes, vectors.numpy()):
+            add_sample(tar, key, cls, np.ascontiguousarray(vector))
+        self.count += len(keys)
+        if last:
+            del self.open[index]
+            stack.close()  # renamed to its name: complete
+        if self.done is not None:
+            self.done(len(keys))
+
+    def __enter__(self) -> "ShardWriters":
+        return self
+
+    def __exit__(self, *error: Any) -> None:
+        unfinished = None
+        if error[0] is None and self.open:  # never, unless a reader lost a shard's end: no shard may look complete
+            unfinished = RuntimeError(f"shards {sorted(self.open)} ended without their last batch")
+            error = (RuntimeError, unfinished, None)
+        for stack, _ in self.open.values():
+            stack.__exit__(*error)  # its temporary file removed
+        if unfinished is not None:
+            raise unfinished
 
 
 @torch.inference_mode()
-def embed_shard(src: str | Path, dst: Path, encoder: torch.nn.Module, transform: PatchTransform, batch_size: int,
-                device: torch.device, done: Callable[[int], None] | None = None) -> int:
-    """Embed one shard of patches into a shard of feature vectors with the same keys and classes; its sample count.
-    done: called with each batch's size (a progress bar).
+def embed_shards(shards: Sequence[tuple[Path, Path]], encoder: torch.nn.Module, transform: PatchTransform,
+                 batch_size: int, device: torch.device, workers: int = 0,
+                 done: Callable[[int], None] | None = None) -> int:
+    """Embed shards of patches, each (source, destination) into a shard of feature vectors with the same keys and
+    classes; the sample count. done: called with each batch's size (a progress bar).
 
-    Three things overlap: a thread reads and decodes the next batch, the device embeds this one, and this thread
-    writes the previous batch's vectors while it waits (on a GPU the copies are asynchronous). Done one after
-    another, they made the embedding 0.22 of the encoder's forward rate on an H200 (benchmarks/gpu_check.py).
+    Four things overlap: `workers` loader processes read and decode shards (pinned for the copy to a GPU; with
+    none, a thread reads the next batch), the device embeds this batch (its copy there asynchronous), and this
+    thread writes the previous batch's vectors while it waits. Done one after another, they made the embedding
+    0.22 of the encoder's forward rate on an H200 (benchmarks/gpu_check.py).
     """
     gpu = device.type == "cuda"
-    count, pending = 0, None
-    with atomic_shard(dst) as tar:
-        for keys, classes, patches in prefetched(patch_batches(src, batch_size, pin=gpu)):
-            features = encoder(transform(patches.to(device, non_blocking=gpu))).float()
-            vectors = features.to("cpu", non_blocking=gpu)
-            ready = torch.cuda.Event() if gpu else None
-            if ready is not None:
-                ready.record()
+    workers = min(workers, len(shards))
+    loader = DataLoader(ShardBatches([src for src, _ in shards], batch_size), batch_size=None, collate_fn=as_made,
+                        num_workers=workers, pin_memory=gpu, prefetch_factor=2 if workers else None)
+    with ShardWriters([dst for _, dst in shards], done) as writers:
+        pending = None
+        for index, keys, classes, patches, last in prefetched(iter(loader)):
+            vectors, ready = patches.new_empty(0), None
+            if keys:
+                features = encoder(transform(patches.to(device, non_blocking=gpu))).float()
+                vectors = features.to("cpu", non_blocking=gpu)
+                ready = torch.cuda.Event() if gpu else None
+                if ready is not None:
+                    ready.record()
             if pending is not None:
-                count += _write(tar, *pending, done)
-            pending = keys, classes, vectors, ready
+                writers.write(*pending)
+            pending = index, keys, classes, vectors, ready, last
         if pending is not None:
-            count += _write(tar, *pending, done)
-    return count
-
-
-def _write(tar: Any, keys: list[str], classes: list[int], vectors: torch.Tensor, ready: torch.cuda.Event | None,
-           done: Callable[[int], None] | None) -> int:
-    if ready is not None:
-        ready.synchronize()  # the copy off the device has landed
-    for key, cls, vector in zip(keys, classes, vectors.numpy()):
-        add_sample(tar, key, cls, np.ascontiguousarray(vector))
-    if done is not None:
-        done(len(keys))
-    return len(keys)
+            writers.write(*pending)
+    return writers.count
 
 
 def embed_dataset(prepared: PreparedDataset, encoder_cfg: Mapping[str, Any], loader: Mapping[str, Any],
                   batch_size: int = 256, device: str = "auto", progress: bool = True) -> EmbeddedDataset:
     """The embeddings of a prepared data set by a frozen encoder: found when done, else made (or finished).
 
-    One process at a time writes a folder; the others wait for its lock and then find it done.
+    The patches are read by the loader's `num_workers` processes (auto: none on a CPU, the CPUs less one beside a
+    GPU). One process at a time writes a folder; the others wait for its lock and then find it done.
     """
     loader = dict(loader)
     settings = encoder_settings(encoder_cfg, loader, prepared.path / "embeddings")
@@ -216,11 +279,13 @@ def embed_dataset(prepared: PreparedDataset, encoder_cfg: Mapping[str, Any], loa
     with only_writer(out / ".embed.lock", f"embeds into {out}"):
         if (out / RECORD).is_file():  # another process finished it while this one waited
             return EmbeddedDataset(out, prepared)
-        return _embed(prepared, (encoder, dim), settings, transform, out, batch_size, device, progress)
+        return _embed(prepared, (encoder, dim), settings, transform, out, batch_size, device, progress,
+                      loader.get("num_workers", AUTO))
 
 
 def _embed(prepared: PreparedDataset, built: tuple[torch.nn.Module, int], settings: Mapping[str, Any],
-           transform: PatchTransform, out: Path, batch_size: int, device: str, progress: bool) -> EmbeddedDataset:
+           transform: PatchTransform, out: Path, batch_size: int, device: str, progress: bool,
+           workers: int | str) -> EmbeddedDataset:
     for leftover in out.glob(".*.tmp"):  # half-written by a killed run
         leftover.unlink()
     dev = resolve_device(device)
@@ -240,9 +305,8 @@ def _embed(prepared: PreparedDataset, built: tuple[torch.nn.Module, int], settin
             done += n
             bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - t0):.0f} patches/s")
 
-        for shard in todo:
-            embed_shard(prepared.path / "shards" / shard["file"], out / shard["file"], encoder, transform, batch_size,
-                        dev, advance)
+        embed_shards([(prepared.path / "shards" / s["file"], out / s["file"]) for s in todo], encoder, transform,
+                     batch_size, dev, resolve_workers(workers, "data.loader.num_workers", dev.type), advance)
     record = {**settings, "dim": dim, "prepared": str(prepared.path), "samples": prepared.record["samples"],
               "shards": [s["file"] for s in shards], "seconds": round(time.perf_counter() - t0, 2),
               "device": str(dev)}
