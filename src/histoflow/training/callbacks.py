@@ -1,8 +1,9 @@
 """Lightning callbacks and plugins that the library does not ship: per-epoch seeding, channels_last weights,
-flushed logs, and checkpoints written atomically."""
+flushed logs, and checkpoints written atomically; and the checkpoint callbacks of a run without a redundant one."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,12 @@ import pytorch_lightning as pl
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning_fabric.utilities.cloud_io import get_filesystem
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from histoflow.common.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class EpochSeed(Callback):
@@ -87,3 +92,45 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(folder)  # the rename itself reaches the disk
         finally:
             os.close(folder)
+
+
+def _schedule(checkpoint: ModelCheckpoint) -> tuple[object, ...]:
+    """When a checkpoint callback saves: every n epochs, every n training steps, every time interval."""
+    return checkpoint._every_n_epochs, checkpoint._every_n_train_steps, checkpoint._train_time_interval
+
+
+def without_unranked_best(callbacks: dict[str, Callback]) -> dict[str, Callback]:
+    """The run's callbacks (by config key) less a best-epoch checkpoint that ranks nothing.
+
+    The first ModelCheckpoint is the one tested after fit (Lightning's trainer.checkpoint_callback; the best epoch by
+    `monitor`: callbacks.model_checkpoint). With its monitor null it ranks no epochs and keeps the latest, as
+    callbacks.last_checkpoint (last.ckpt, monitor null) does already: the same weights written twice an epoch, and
+    two callbacks that Lightning refuses when their modes are equal (one state_key). It is left out, so the last
+    checkpoint is the one tested and the one test_metrics.json names (what predict.py loads). Kept where nothing else
+    keeps the latest epoch on its schedule, or where it keeps more than one (save_top_k other than 1)."""
+    checkpoints = [(name, c) for name, c in callbacks.items() if isinstance(c, ModelCheckpoint)]
+    if not checkpoints or checkpoints[0][1].monitor is not None or checkpoints[0][1].save_top_k != 1:
+        return callbacks
+    best_name, best = checkpoints[0]
+    keeper = next((name for name, c in checkpoints[1:]
+                   if c.monitor is None and c.save_top_k != 0 and _schedule(c) == _schedule(best)), None)
+    if keeper is None:
+        return callbacks
+    log.info("callbacks.%s.monitor is null: no metric ranks the epochs, so the last epoch is tested, as "
+             "callbacks.%s saves it (test_metrics.json names it best_checkpoint)", best_name, keeper)
+    return {name: c for name, c in callbacks.items() if name != best_name}
+
+
+def refuse_shared_state(callbacks: dict[str, Callback]) -> None:
+    """Refuse, naming both config keys, two callbacks whose saved state Lightning could not tell apart (one
+    state_key: e.g. two checkpoints with the same monitor, mode and schedule), which the Trainer would refuse
+    without naming them."""
+    seen: dict[str, str] = {}
+    for name, callback in callbacks.items():
+        if type(callback).state_dict is Callback.state_dict:  # no state saved: Lightning does not compare it
+            continue
+        other = seen.setdefault(callback.state_key, name)
+        if other != name:
+            raise ConfigError(f"callbacks.{other} and callbacks.{name} would save their state under one key "
+                              f"({callback.state_key}), which Lightning refuses. Fix: give one of them another "
+                              f"monitor, mode or schedule (every_n_epochs), or remove one (~callbacks.{name})")

@@ -21,7 +21,7 @@ from histoflow.features.embeddings import Embedder
 from histoflow.models import input_preprocess, is_bag_head
 from histoflow.models.build import build_net, require_head
 from histoflow.training.bag_outputs import write_bag_outputs
-from histoflow.training.callbacks import FlushLogs
+from histoflow.training.callbacks import FlushLogs, refuse_shared_state, without_unranked_best
 from histoflow.training.module import BagClassifier, PatchClassifier
 from histoflow.training.outputs import METRICS_FILE, merge_csv_metrics
 from histoflow.training.resume import ddp_children_rerun_this_job, resume_checkpoint
@@ -78,7 +78,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     localize_weights(cfg)  # weights files by absolute path: the checkpoint works from any folder
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [FlushLogs()]
+    named = {name: hydra.utils.instantiate(c) for name, c in (cfg.get("callbacks") or {}).items()}
+    named = without_unranked_best(named)  # monitor null: the last checkpoint is the one tested
+    refuse_shared_state(named)  # before Lightning's error, which names no config key
+    callbacks = [*named.values(), FlushLogs()]
     resume = resume_checkpoint(cfg, callbacks)  # before the data are prepared: a wrong ckpt_path fails at once
     ddp_children_rerun_this_job(resume)
     pl.seed_everything(cfg.seed, workers=True)
@@ -122,7 +125,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         checkpoint = trainer.checkpoint_callback
         best_path = getattr(checkpoint, "best_model_path", "") or None
         best_score = getattr(checkpoint, "best_model_score", None)
-        metrics[f"{cfg.monitor}_best"] = float(best_score) if best_score is not None else metrics.get(cfg.monitor)
+        if cfg.monitor:  # monitor=null: no score to name (the last epoch is tested)
+            metrics[f"{cfg.monitor}_best"] = float(best_score) if best_score is not None else metrics.get(cfg.monitor)
         if trainer.is_global_zero:
             _write_reports(trainer, output_dir)
         if cfg.get("test"):
