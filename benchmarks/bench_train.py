@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train.py [--data DIR] [--out DIR] [--batches N] [--workers W] [--batch-size B]
                                      [--device auto|cpu|cuda] [--precision 32-true|bf16-mixed] [--no-png]
-                                     [--json FILE] [--check]
+                                     [--device-prefetch auto|true|false] [--json FILE] [--check]
 
 Prints (a) the training loader alone, streaming shards; (b) the net's pure training step (forward,
 cross-entropy, backward, Adagrad step) on real batches held in memory; (c) end-to-end training with
@@ -12,7 +12,9 @@ layer does, with the same batch transform. The loaders run with 0 workers and wi
 the data config's), and each is compared at its best. Floors: (c) >= 0.85 (b), so loading and
 bookkeeping cost little on top of the maths; (a) >= 5 (d). On a GPU (--device, default auto) the step and
 the end-to-end run use the device with --precision (bf16-mixed: autocast) and channels_last weights, as
-trainer=gpu does, and each timed step waits for the device; --batch-size sets the batch (default the recipe's).
+trainer=gpu does, and each timed step waits for the device (in (c) for the step's stream: the next batch's copy
+runs beside it on a side stream, data.loader.device_prefetch, auto: on a GPU; --device-prefetch false for the
+serial copy); --batch-size sets the batch (default the recipe's).
 
 On a machine shared with other work, timings only ever get slower: loaders report their best of 3
 passes after a warm-up pass, training its fastest 10 consecutive steps (waits for data included).
@@ -55,13 +57,16 @@ FLOOR_END_TO_END = 0.85  # (c) / (b)
 FLOOR_SHARDS_VS_PNG = 5.0  # (a) / (d)
 
 
-def recipe(lymphoma: Path, out: Path, batches: int, workers: int, batch_size: int | None = None) -> Any:
+def recipe(lymphoma: Path, out: Path, batches: int, workers: int, batch_size: int | None = None,
+           device_prefetch: str | None = None) -> Any:
     """train.yaml with experiment=janowczyk_lymphoma, reading lymphoma and writing under out."""
     overrides = ["experiment=janowczyk_lymphoma", f"data.root={lymphoma}", f"paths.data_dir={out}",
                  f"paths.cache_dir={out / 'cache'}", f"data.loader.num_workers={workers}",
                  f"data.loader.epoch_batches={batches}"]
     if batch_size:
         overrides.append(f"data.loader.batch_size={batch_size}")
+    if device_prefetch:
+        overrides.append(f"data.loader.device_prefetch={device_prefetch}")
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     OmegaConf.set_struct(cfg, False)
@@ -114,6 +119,13 @@ def train_step_rate(cfg: Any, dm: ShardDataModule, batches: list[tuple[torch.Ten
     return step_rate(seconds[5:], len(batches[0][1]))
 
 
+def sync_step(device: torch.device) -> None:
+    """Wait for the step's stream only. A wait for the whole device would also wait for the next batch's copy, which
+    data.loader.device_prefetch queues on a side stream, and so take away the overlap (c) is meant to measure."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 class StepTimer(pl.Callback):
     """Wall time of every training step of the last epoch, from one batch's end to the next (so data
     loading, transfer, logging and metrics are all in it), and of the whole epoch; split into the time from a
@@ -128,13 +140,13 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        sync(pl_module.device)
+        sync_step(pl_module.device)
         self.begun = time.perf_counter()
         self.data.append(self.begun - self.last)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        sync(pl_module.device)
+        sync_step(pl_module.device)
         now = time.perf_counter()
         self.seconds.append(now - self.last)
         self.last, self.n = now, self.n + len(batch[1])
@@ -230,6 +242,8 @@ def main() -> int:
                         help="loader workers (default: the recipe's data.loader.num_workers, auto resolved here)")
     parser.add_argument("--batch-size", type=int, default=None, help="training batch (default: the recipe's, 128)")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--device-prefetch", default=None, choices=["auto", "true", "false"],
+                        help="(c): data.loader.device_prefetch (default: the recipe's, auto: on a CUDA device)")
     parser.add_argument("--no-png", action="store_true", help="skip the one-PNG-per-patch loader (d)")
     parser.add_argument("--passes", type=int, default=3, help="timed loader passes (after a warm-up one)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a floor is missed")
@@ -245,7 +259,7 @@ def main() -> int:
     workers = resolve_workers(setting, "data.loader.num_workers", device.type)
     print(f"device: {describe(device)}, precision {args.precision}; loader workers: {setting} -> {workers} "
           f"({cpu_count()} CPUs)")
-    cfg = recipe(lymphoma, args.out, args.batches, workers, args.batch_size)
+    cfg = recipe(lymphoma, args.out, args.batches, workers, args.batch_size, args.device_prefetch)
     dm: ShardDataModule = instantiate(cfg.data, fold=cfg.fold)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         dm.prepare_data()
@@ -284,9 +298,10 @@ def main() -> int:
     print(f"(b) training step, in memory:       {step:9,.0f} patches/s (best 10 steps)")
     print(f"    the training transform alone:   {transform:9,.0f} patches/s (crop, flips, normalisation)")
     e2e, e2e_epoch, data_ms, rest_ms = end_to_end_rate(cfg, dm, args.out, device, args.precision)
+    prefetch = "on" if dm.loader.prefetches(device.type) else "off"  # the next batch copied during the step
     print(f"(c) end-to-end training, shards:    {e2e:9,.0f} patches/s (best 10 steps; {e2e_epoch:,.0f} over "
-          f"the whole epoch with its start-up), {workers} worker(s); a step's median: {data_ms:.1f} ms fetch, "
-          f"transfer and transform, {rest_ms:.1f} ms step, metrics, logging and progress bar")
+          f"the whole epoch with its start-up), {workers} worker(s), device_prefetch {prefetch}; a step's median: "
+          f"{data_ms:.1f} ms fetch, transfer and transform, {rest_ms:.1f} ms step, metrics, logging and progress bar")
 
     floors = [(f"(c)/(b) = {e2e / step:.2f}", e2e / step, FLOOR_END_TO_END)]
     if png:
@@ -297,7 +312,8 @@ def main() -> int:
         missed |= not ok
         print(f"{text:24s} floor {floor:g}: {'ok' if ok else 'MISSED'}")
     write_figures(args.json, {"device": describe(device), "precision": args.precision, "batch_size": batch,
-                              "workers": workers, "loader_patches_per_s": shards, "step_patches_per_s": step,
+                              "workers": workers, "device_prefetch": prefetch, "loader_patches_per_s": shards,
+                              "step_patches_per_s": step,
                               "end_to_end_patches_per_s": e2e, "end_to_end_epoch_patches_per_s": e2e_epoch,
                               "end_to_end_over_step": e2e / step, "transform_patches_per_s": transform,
                               "step_data_ms": data_ms, "step_rest_ms": rest_ms,

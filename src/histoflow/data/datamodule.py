@@ -4,7 +4,9 @@ An epoch is `epoch_batches` batches of a rank's workers together, the same numbe
 unequal batch counts hang DDP). Evaluation under DDP: each rank takes its share of the shards (ranks then see
 different numbers of batches: log metrics with torchmetrics objects, which sync once at epoch end, never with
 per-step sync_dist); with fewer shards than ranks every rank evaluates all of them, which repeats samples but
-leaves no rank empty. The batches themselves come from data/pipeline.py.
+leaves no rank empty. The batches themselves come from data/pipeline.py; with data.loader.device_prefetch (auto: on
+a CUDA device, each rank's own) they reach Lightning already on the device, each copied while the step before it
+runs (data/device_prefetch.py).
 
 The data know no model: a pretrained net's input settings arrive as `preprocess`, and a frozen encoder as `embed`,
 a callable that turns the prepared patches into feature shards (histoflow.features.embeddings.Embedder).
@@ -25,6 +27,7 @@ from histoflow.common.config import to_builtin
 from histoflow.common.errors import ConfigError
 from histoflow.common.machine import resolve_workers
 from histoflow.data.dataset import PreparedDataset, Split
+from histoflow.data.device_prefetch import DevicePrefetcher
 from histoflow.data.loader_config import LoaderConfig
 from histoflow.data.pipeline import shard_pipeline
 from histoflow.data.prepare import prepare_dataset
@@ -112,7 +115,9 @@ class ShardDataModule(L.LightningDataModule):
         vectors (with an encoder) pass as they are.
 
         Loader workers ship uint8 patches: a third of the bytes of float crops, and passing batches
-        between processes, not reading the shards, was what capped a loader with workers.
+        between processes, not reading the shards, was what capped a loader with workers. With device_prefetch the
+        batch was copied on a side stream; the transform still runs here, on the step's stream, so its random draws
+        keep their order on the device.
         """
         if batch[0].dtype != torch.uint8:
             return batch
@@ -131,8 +136,15 @@ class ShardDataModule(L.LightningDataModule):
                              pin_memory=self.loader.pin_memory and torch.cuda.is_available(),
                              persistent_workers=self.loader.persistent_workers and workers > 0)
 
-    def train_dataloader(self) -> wds.WebLoader:
-        """Endless shuffled training batches (x, y), cut into epochs of epoch_batches()."""
+    def _on_device(self, loader: wds.WebLoader) -> wds.WebLoader | DevicePrefetcher:
+        """The loader, its batches copied to this rank's device one step ahead where data.loader.device_prefetch
+        says so (auto: on a CUDA device). Without a trainer the device is the CPU."""
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        return DevicePrefetcher(loader, device) if self.loader.prefetches(device.type) else loader
+
+    def train_dataloader(self) -> wds.WebLoader | DevicePrefetcher:
+        """Endless shuffled training batches (x, y), cut into epochs of epoch_batches() (on the device one step
+        ahead with device_prefetch)."""
         rank, world = self._world()
         workers = self.num_workers()
         urls = self.split.train
@@ -145,10 +157,11 @@ class ShardDataModule(L.LightningDataModule):
         # epoch restarts the workers' streams: a fresh shard order and buffer, drawn from RNG states that
         # a per-epoch reseed sets (workers=0 or non-persistent workers), so a resumed run repeats an
         # unbroken one. The length lets Lightning show progress and count steps.
-        return self._webloader(stream, workers).with_epoch(n).with_length(n, silent=True)
+        return self._on_device(self._webloader(stream, workers).with_epoch(n).with_length(n, silent=True))
 
-    def eval_dataloader(self, role: str, with_keys: bool = False) -> wds.WebLoader | list:
-        """Every patch of a role's shards once, centre-cropped, in a fixed order: (x, y) or (x, y, keys)."""
+    def eval_dataloader(self, role: str, with_keys: bool = False) -> wds.WebLoader | DevicePrefetcher | list:
+        """Every patch of a role's shards once, centre-cropped, in a fixed order: (x, y) or (x, y, keys) (on the
+        device one step ahead with device_prefetch)."""
         # keys: long (B, 4) of KEY_FIELDS, for per-image voting. A role without shards gives [], which
         # Lightning takes as no loader.
         if role not in ROLES:
@@ -164,15 +177,15 @@ class ShardDataModule(L.LightningDataModule):
         dataset = shard_pipeline(urls, None,
                                  self.loader.eval_batch_size or self.loader.batch_size, train=False,
                                  rank=rank, world_size=world, with_keys=with_keys)
-        return self._webloader(dataset, workers)
+        return self._on_device(self._webloader(dataset, workers))
 
-    def val_dataloader(self) -> wds.WebLoader | list:
+    def val_dataloader(self) -> wds.WebLoader | DevicePrefetcher | list:
         return self.eval_dataloader("val")
 
-    def test_dataloader(self) -> wds.WebLoader | list:
+    def test_dataloader(self) -> wds.WebLoader | DevicePrefetcher | list:
         return self.eval_dataloader("test")
 
-    def predict_dataloader(self) -> wds.WebLoader | list:
+    def predict_dataloader(self) -> wds.WebLoader | DevicePrefetcher | list:
         """The held-out fold with sample keys: (x, y, keys) for per-image voting."""
         return self.eval_dataloader("test", with_keys=True)
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from histoflow.common.config import at_least, read_section
-from histoflow.common.machine import resolve_workers
+from histoflow.common.errors import ConfigError
+from histoflow.common.machine import AUTO, resolve_workers
 
 
 @dataclass
@@ -33,6 +34,8 @@ class LoaderConfig:
     pin_memory: bool = True  # only takes effect when CUDA is available
     persistent_workers: bool = False
     epoch_batches: int | None = None  # training batches per epoch and rank; None: training samples / (batch * ranks)
+    device_prefetch: bool | str = "auto"  # copy the next batch to the device while this one trains (a side CUDA
+    #                                      stream: data/device_prefetch.py); auto: where the model runs on CUDA
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> "LoaderConfig":
@@ -43,3 +46,13 @@ class LoaderConfig:
                                    ("shuffle_buffer", 0, False), ("crop", 1, True), ("epoch_batches", 1, True)):
             at_least(getattr(self, key), low, f"data.loader.{key}", optional)
         resolve_workers(self.num_workers, "data.loader.num_workers", "cpu")
+        self.prefetches("cpu")
+
+    def prefetches(self, device_type: str) -> bool:
+        """Whether batches go to a `device_type` device one step ahead: device_prefetch, `auto` on CUDA only."""
+        if self.device_prefetch == AUTO:
+            return device_type == "cuda"
+        if not isinstance(self.device_prefetch, bool):
+            raise ConfigError(f"data.loader.device_prefetch={self.device_prefetch!r}: expected auto, true or false. "
+                              "Fix: data.loader.device_prefetch=auto (on where the model runs on a CUDA GPU)")
+        return self.device_prefetch
