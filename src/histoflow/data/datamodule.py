@@ -116,8 +116,7 @@ class ShardDataModule(L.LightningDataModule):
 
         Loader workers ship uint8 patches: a third of the bytes of float crops, and passing batches
         between processes, not reading the shards, was what capped a loader with workers. With device_prefetch the
-        batch was copied on a side stream; the transform still runs here, on the step's stream, so its random draws
-        keep their order on the device.
+        batch was copied on a side stream; the transform still runs here, on the step's stream.
         """
         if batch[0].dtype != torch.uint8:
             return batch
