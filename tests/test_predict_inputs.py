@@ -50,6 +50,18 @@ def test_prediction_inputs_are_named_right(tmp_path: Path) -> None:
         predict_models(cfg)
 
 
+@pytest.mark.parametrize("given", [["images=b"], ["slides=a.svs"]])
+def test_the_kfold_reports_run_refuses_new_images_or_slides(given: list[str]) -> None:
+    """inference.held_out.predict (a multirun's end writes its report with it) predicts each fold's held-out images
+    only: new images or slides given to it are deployment's, refused by name before any checkpoint is read (ckpt_path=x
+    is not there)."""
+    from conftest import compose_config
+
+    from histoflow.inference.held_out import predict
+
+    with pytest.raises(ConfigError, match=f"{given[0]}.*held-out images, no others.*histoflow predict"):
+        predict(compose_config("predict", ["ckpt_path=x", *given]))
+
 
 def test_user_errors_of_predict_and_embed_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 29: predict without ckpt_path, device=cuda without CUDA, embedding into a read-only prepared folder:
