@@ -26,7 +26,7 @@ from common import add_common_args, describe, device_of
 
 from histoflow.data.images import IMAGE_SUFFIXES
 from histoflow.data.transforms import PatchTransform
-from histoflow.inference.bag_predict import predict_bags
+from histoflow.deployment.bag_predict import predict_bags
 from histoflow.inference.fold_models import FoldModel, encoder_groups
 from histoflow.inference.voting import grid_config, predict_images
 from histoflow.models import ABMIL, MLPHead, build_encoder

@@ -40,7 +40,7 @@ import torchvision
 from common import add_common_args, describe, device_of, sync, write_figures
 
 from histoflow.data.transforms import PatchTransform
-from histoflow.inference.slide_map import SlideConfig, predict_slide
+from histoflow.deployment.slide_map import SlideConfig, predict_slide
 from histoflow.slides.backend import open_slide
 from histoflow.slides.tiles import SlideTiles, TileGeometry, tile_loader, tissue_tiles
 from histoflow.testing.slide_shards import write_slide_shards

@@ -254,7 +254,7 @@ def environment(stage: Stage, cuda: bool) -> None:
                              bf16=torch.cuda.is_bf16_supported())
     failed = []
     for module in ("hydra", "omegaconf", "webdataset", "wandb", "imagecodecs", "tifffile", "torchstain", "cachetools",
-                   "histoflow.training.run", "histoflow.inference.predict", "histoflow.inference.slide_map",
+                   "histoflow.training.run", "histoflow.deployment.deploy", "histoflow.deployment.slide_map",
                    "histoflow.features.embeddings"):
         try:
             importlib.import_module(module)

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from histoflow.data.transforms import PatchTransform
-from histoflow.inference.slide_map import SlideConfig, predict_slide
+from histoflow.deployment.slide_map import SlideConfig, predict_slide
 from histoflow.models import AlexNet32
 
 

@@ -157,7 +157,7 @@ def test_a_tables_mpp_tiles_the_slide_and_keys_its_feature_file(slides: Path, we
 
 
 def test_predict_takes_the_tables_mpp_per_slide(slides: Path, tmp_path: Path) -> None:
-    from histoflow.inference.predict import _slide_files
+    from histoflow.deployment.slide_predict import _slide_files
 
     table = write_table(tmp_path / "t.csv", slides, ["@a.tif,P1,x,0.5", "@b.tif,P2,y,"], "slide,patient,label,mpp")
     paths, _, mpps = _slide_files(str(table))

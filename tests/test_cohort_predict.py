@@ -1,5 +1,5 @@
 """A slide- or patient-bag multirun put to work on new slides (`histoflow predict ckpt_path=<multirun> slides=...`,
-inference/cohort_predict.py), on the generated-tissue cohort of conftest: a held-out patient gets from its
+deployment/cohort_predict.py), on the generated-tissue cohort of conftest: a held-out patient gets from its
 fold model the probability the k-fold run recorded, from the very features training made; settings that would change
 what the model sees are refused before any work; no labels, no report; the GeoJSON's squares are the tile grid; a
 deployment killed mid-cohort resumes to what a clean one writes."""
@@ -21,8 +21,8 @@ import torch
 from conftest import REPO, compose_train
 from test_slide_bags import overrides, table_rows
 
+from histoflow.deployment.deploy import predict
 from histoflow.features.slide_features import read_slide_features
-from histoflow.inference.deploy import predict
 from histoflow.inference.sweep_report import predict_config
 from histoflow.models import build_encoder
 from histoflow.training.checkpoints import CheckpointError

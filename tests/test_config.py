@@ -20,8 +20,8 @@ from histoflow.data.loader_config import LoaderConfig
 from histoflow.data.patches import PatchConfig
 from histoflow.data.prepare import DataConfig
 from histoflow.data.stain import StainConfig
+from histoflow.deployment.slide_map import SlideConfig
 from histoflow.features.cohort_job import CohortRunConfig, CohortSlideConfig
-from histoflow.inference.slide_map import SlideConfig
 from histoflow.slides.tiling import TILING_KEYS, TilingConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -200,7 +200,7 @@ def test_a_mistyped_top_level_key_is_refused(tmp_path: Path, leave_no_trace: Non
     from conftest import compose_config, compose_train
 
     from histoflow.common.config import refuse_unknown_top_keys
-    from histoflow.inference.predict import predict
+    from histoflow.deployment.deploy import predict
     from histoflow.training.run import train
 
     with pytest.raises(ConfigError, match="seeed: unknown top-level key"):

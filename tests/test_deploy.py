@@ -17,10 +17,11 @@ import torch
 from conftest import compose_train, make_images
 
 from histoflow.common.errors import ConfigError
-from histoflow.inference import predict as predict_module
-from histoflow.inference.bag_predict import predict_bags
+from histoflow.deployment import predict as image_predict
+from histoflow.deployment.bag_predict import predict_bags
+from histoflow.deployment.deploy import predict
+from histoflow.inference import held_out
 from histoflow.inference.fold_models import encoder_groups, find_checkpoints, load_fold_model
-from histoflow.inference.predict import predict
 from histoflow.inference.sweep_report import predict_config
 from histoflow.inference.voting import grid_config, predict_images
 from histoflow.models import build_encoder
@@ -81,8 +82,8 @@ def test_a_frozen_encoder_runs_once_per_window_for_every_fold_model(head_sweep: 
 def test_histoflow_predict_embeds_each_window_once_for_five_fold_models(
         head_sweep: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = [0]
-    loaded = predict_module.load_fold_model
-    monkeypatch.setattr(predict_module, "load_fold_model", lambda *a, **k: counting([loaded(*a, **k)], calls)[0])
+    loaded = held_out.load_fold_model
+    monkeypatch.setattr(held_out, "load_fold_model", lambda *a, **k: counting([loaded(*a, **k)], calls)[0])
     checkpoints = [str(p) for p in find_checkpoints(head_sweep)]
     five = [checkpoints[i % 2] for i in range(5)]  # an ensemble of five fold models on one encoder
     out = tmp_path / "out"
@@ -160,7 +161,7 @@ def test_labels_unknown_to_the_model_are_named_and_no_labels_means_predictions_o
 def test_a_setting_that_changes_what_a_bag_model_sees_is_refused_naming_both(
         bag_sweep: Path, images: Path, tmp_path: Path, override: str, said: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(predict_module, "predict_bags", lambda *a, **k: pytest.fail("work began"))
+    monkeypatch.setattr(image_predict, "predict_bags", lambda *a, **k: pytest.fail("work began"))
     with pytest.raises(CheckpointError, match=said):
         predict(predict_config([f"ckpt_path={bag_sweep}", f"images={images}", override, "progress=false"], tmp_path))
 
@@ -168,11 +169,11 @@ def test_a_setting_that_changes_what_a_bag_model_sees_is_refused_naming_both(
 def test_the_kfold_report_reads_the_embeddings_training_cached(head_sweep: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     calls = [0]
-    loaded = predict_module.load_fold_model
-    monkeypatch.setattr(predict_module, "load_fold_model", lambda *a, **k: counting([loaded(*a, **k)], calls)[0])
+    loaded = held_out.load_fold_model
+    monkeypatch.setattr(held_out, "load_fold_model", lambda *a, **k: counting([loaded(*a, **k)], calls)[0])
     predict(predict_config([f"ckpt_path={head_sweep}", "progress=false"], tmp_path / "cached"))
     assert calls[0] == 0  # no window through the encoder
-    monkeypatch.setattr(predict_module, "cached_features", lambda *a, **k: None)  # the path before
+    monkeypatch.setattr(held_out, "cached_features", lambda *a, **k: None)  # the path before
     predict(predict_config([f"ckpt_path={head_sweep}", "progress=false"], tmp_path / "embedded"))
     assert calls[0] == 12 * 4  # each held-out image's 4 windows, once
     cached, embedded = (read_rows(tmp_path / d / "predictions.csv") for d in ("cached", "embedded"))

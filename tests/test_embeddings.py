@@ -17,10 +17,10 @@ from histoflow.common.errors import ConfigError
 from histoflow.data.datamodule import ShardDataModule
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.shards import stack_npy, tar_samples
+from histoflow.deployment.deploy import predict
 from histoflow.features import embeddings
 from histoflow.features.embeddings import RECORD
 from histoflow.inference.fold_models import load_fold_model
-from histoflow.inference.predict import predict
 from histoflow.inference.sweep_report import predict_config
 from histoflow.models import build_encoder
 from histoflow.training.checkpoints import CheckpointError

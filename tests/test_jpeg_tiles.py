@@ -20,7 +20,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from histoflow.common.errors import ConfigError
 from histoflow.data.transforms import PatchTransform
-from histoflow.inference.slide_map import SlideConfig, predict_slide
+from histoflow.deployment.slide_map import SlideConfig, predict_slide
 from histoflow.slides.backend import open_slide
 from histoflow.slides.jpeg_tiles import JpegLevel, box_weights, resize_tiles
 from histoflow.slides.tiles import SlideTiles, TileGeometry, tile_loader

@@ -14,9 +14,9 @@ from conftest import compose_train
 from omegaconf import OmegaConf
 
 from histoflow.data.prepare import prepare_dataset
+from histoflow.deployment.slide_map import SlideConfig, predict_slide
 from histoflow.evaluation.tables import read_confusion_csv
 from histoflow.inference.fold_models import load_fold_model
-from histoflow.inference.slide_map import SlideConfig, predict_slide
 from histoflow.training.run import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,8 +25,10 @@ BELOW = {
     "features": {"common", "data", "models", "slides"},
     "training": {"common", "data", "models", "features", "evaluation"},
     "inference": {"common", "data", "models", "features", "evaluation", "slides", "training"},
-    "viewer": {"common", "data", "models", "features", "evaluation", "slides", "training", "inference"},
-    "commands": {"common", "data", "models", "features", "evaluation", "slides", "training", "inference", "viewer"},
+    "deployment": {"common", "data", "models", "features", "evaluation", "slides", "training", "inference"},
+    "viewer": {"common", "data", "models", "features", "evaluation", "slides", "training", "inference", "deployment"},
+    "commands": {"common", "data", "models", "features", "evaluation", "slides", "training", "inference", "deployment",
+                 "viewer"},
 }
 # Test-only helpers (tests, benchmarks, tools share them): above everything, they may import any stage; no stage
 # imports them.

@@ -17,11 +17,11 @@ from conftest import compose_train, wandb_run_summary
 from histoflow.common.errors import ConfigError
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.shards import parse_key, stack_npy, tar_samples
+from histoflow.deployment.deploy import predict
 from histoflow.features import embeddings
 from histoflow.features.bags import Bag, BagDataModule, cohort_bags, image_bags, pad_bags, patient_bags
 from histoflow.features.slide_features import write_slide_features
 from histoflow.inference.fold_models import load_fold_model
-from histoflow.inference.predict import predict
 from histoflow.inference.sweep_report import predict_config, write_image_report
 from histoflow.models import ABMIL, MaxPool, MeanPool, build_encoder
 from histoflow.training.checkpoints import CheckpointError

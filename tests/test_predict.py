@@ -27,6 +27,7 @@ from histoflow.data.dataset import PreparedDataset
 from histoflow.data.manifest import read_manifest
 from histoflow.data.patches import PatchConfig
 from histoflow.data.transforms import PatchTransform
+from histoflow.deployment.deploy import predict
 from histoflow.evaluation.tables import read_confusion_csv
 from histoflow.inference.fold_models import (
     check_compatible,
@@ -34,7 +35,7 @@ from histoflow.inference.fold_models import (
     load_fold_model,
     preprocessing_of,
 )
-from histoflow.inference.predict import BadImagesError, predict
+from histoflow.inference.held_out import BadImagesError
 from histoflow.inference.sweep_report import ImageReport, headline, write_image_report
 from histoflow.inference.sweep_report import predict_config as sweep_predict_config
 from histoflow.inference.voting import (

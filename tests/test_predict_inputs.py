@@ -18,7 +18,7 @@ def test_a_prediction_grid_below_one_pixel_is_refused(key: str, value: int) -> N
     """Issue 29.6: grid.stride=-5 ran (4,312 patches an image) and grid.stride=0 silently became 32."""
     from types import SimpleNamespace
 
-    from histoflow.inference.predict import prediction_grid
+    from histoflow.inference.held_out import prediction_grid
 
     model = SimpleNamespace(config={"data": {"patches": {"size": 36, "stride": 32}}})
     with pytest.raises(ConfigError, match=f"grid.{key}={value}: must be at least 1"):
@@ -32,7 +32,8 @@ def test_prediction_inputs_are_named_right(tmp_path: Path) -> None:
     `slides=/missing` spoke of images=; slides and images together left the images out in silence."""
     from conftest import compose_config
 
-    from histoflow.inference.predict import files_matching, predict
+    from histoflow.deployment.deploy import predict_models
+    from histoflow.deployment.predict import files_matching
     from histoflow.inference.voting import tta_views
 
     with pytest.raises(ConfigError, match="tta='maybe': expected true, false or a list"):
@@ -46,8 +47,20 @@ def test_prediction_inputs_are_named_right(tmp_path: Path) -> None:
         files_matching(str(tmp_path / "empty"), (".svs",), key="slides")
     cfg = compose_config("predict", ["ckpt_path=x", "slides=a.svs", "images=b"])
     with pytest.raises(ConfigError, match="one run predicts slides or images"):
-        predict(cfg)
+        predict_models(cfg)
 
+
+@pytest.mark.parametrize("given", [["images=b"], ["slides=a.svs"]])
+def test_the_kfold_reports_run_refuses_new_images_or_slides(given: list[str]) -> None:
+    """inference.held_out.predict (a multirun's end writes its report with it) predicts each fold's held-out images
+    only: new images or slides given to it are deployment's, refused by name before any checkpoint is read (ckpt_path=x
+    is not there)."""
+    from conftest import compose_config
+
+    from histoflow.inference.held_out import predict
+
+    with pytest.raises(ConfigError, match=f"{given[0]}.*held-out images, no others.*histoflow predict"):
+        predict(compose_config("predict", ["ckpt_path=x", *given]))
 
 
 def test_user_errors_of_predict_and_embed_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -57,8 +70,8 @@ def test_user_errors_of_predict_and_embed_are_one_line(tmp_path: Path, monkeypat
 
     from histoflow.common.errors import NotWritableError
     from histoflow.common.machine import resolve_device
+    from histoflow.deployment.deploy import predict
     from histoflow.features.embeddings import embed_dataset
-    from histoflow.inference.predict import predict
 
     with pytest.raises(ConfigError, match="ckpt_path is needed"):
         predict(compose_config("predict", ["images=somewhere"]))

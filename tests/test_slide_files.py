@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from histoflow.inference import predict as predict_module
+from histoflow.deployment import predict as predict_module
 
 
 def touch(folder: Path, *names: str) -> None:

@@ -19,13 +19,14 @@ from PIL import Image
 from test_slide import write_jpeg_slide, zero_stored_tile
 
 from histoflow.data.shards import decode_npy, parse_key, tar_samples
-from histoflow.inference import predict as predict_module
-from histoflow.inference.fold_models import FoldModel, load_fold_model
-from histoflow.inference.slide_map import (
+from histoflow.deployment import slide_predict
+from histoflow.deployment.slide_map import (
     SlideConfig,
     default_heatmap_class,
     predict_slide,
 )
+from histoflow.inference.fold_models import FoldModel, load_fold_model
+from histoflow.inference.heatmap import output_names
 from histoflow.slides.backend import open_slide
 from histoflow.slides.slide import (
     DamagedTile,
@@ -403,18 +404,18 @@ def test_predict_command_line_goes_on_past_damaged_and_truncated_slides(model: F
 def test_slide_tables_are_written_when_a_run_breaks(model: FoldModel, wsi_dir: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """An unexpected error on the second slide propagates, but slides.csv and problems.csv say what was done."""
-    real = predict_module.predict_slide
+    real = slide_predict.predict_slide
 
     def second_breaks(path: Path, *args, **kwargs):
         if Path(path).name == TCGA:
             raise RuntimeError("out of device memory")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "predict_slide", second_breaks)
+    monkeypatch.setattr(slide_predict, "predict_slide", second_breaks)
     cfg = OmegaConf.create({"slides": [str(wsi_dir / CMU), str(wsi_dir / TCGA), str(wsi_dir / CMU)],
                             "slide": {"tile_size": 256, "num_workers": 0, "progress": False}, "on_bad_image": "error"})
     with pytest.raises(RuntimeError, match="out of device memory"):
-        predict_module._slides(cfg, [[model]], None, tmp_path, {})
+        slide_predict.predict_slides(cfg, [[model]], None, tmp_path, {})
     assert [Path(r["slide"]).name for r in read_csv(tmp_path / "slides.csv")] == [CMU]
     problems = read_csv(tmp_path / "problems.csv")
     assert [(Path(r["path"]).name, r["kind"], r["action"]) for r in problems] == [(TCGA, "run-stopped", "stopped")]
@@ -426,16 +427,16 @@ def test_output_names_follow_one_stated_rule() -> None:
     and names that differ in case only are one name (one file on macOS and Windows). The former rule put the folder
     in front (a/b-s1.tif -> b-s1) and then clashed with a slide of that very name (b/s1.tif -> b-s1-1)."""
     paths = [Path("a/b-s1.tif"), Path("b/s1.tif"), Path("c/s1.tif"), Path("d/S1.tif"), Path("e/s1-2.tif")]
-    assert predict_module.output_names(paths) == {
+    assert output_names(paths) == {
         Path("a/b-s1.tif"): "b-s1", Path("b/s1.tif"): "s1", Path("c/s1.tif"): "s1-3", Path("d/S1.tif"): "S1-4",
         Path("e/s1-2.tif"): "s1-2"}
-    assert predict_module.output_names(paths[:2]) == {paths[0]: "b-s1", paths[1]: "s1"}  # unique: the stem alone
+    assert output_names(paths[:2]) == {paths[0]: "b-s1", paths[1]: "s1"}  # unique: the stem alone
 
 
 def test_slides_of_one_file_name_in_two_folders_keep_their_own_outputs(model: FoldModel, wsi_dir: Path,
                                                                        tmp_path: Path) -> None:
     """Outputs are named by the slide's file: a/s1.svs and b/s1.svs once wrote over each other's map and heatmap."""
-    assert predict_module.output_names([Path("a/s1.svs"), Path("b/s1.svs"), Path("c/s2.svs")]) == {
+    assert output_names([Path("a/s1.svs"), Path("b/s1.svs"), Path("c/s2.svs")]) == {
         Path("a/s1.svs"): "s1", Path("b/s1.svs"): "s1-2", Path("c/s2.svs"): "s2"}
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()

@@ -18,7 +18,7 @@ from test_slide_predict import CMU, REPO, TCGA, read_csv
 
 from histoflow.common.errors import MissingInputError
 from histoflow.data.folds import SplitConfig
-from histoflow.inference import predict as predict_module
+from histoflow.deployment import slide_predict
 from histoflow.inference.fold_models import FoldModel
 from histoflow.inference.voting import by_votes
 from histoflow.slides.table import SlideRecord, SlideTableError, read_slide_table, slide_folds
@@ -168,8 +168,8 @@ def test_a_labelled_table_gets_a_verdict_per_slide_and_labels_outside_the_classe
                                                  f"b/{CMU},P2,tumour\n")
     cfg = OmegaConf.create({"slides": str(table), "aggregate": "vote", "on_bad_image": "error",
                             "slide": {"tile_size": 256, "thumbnail_size": 512, "num_workers": 0, "progress": False}})
-    with caplog.at_level(logging.WARNING, logger="histoflow.inference.predict"):
-        predict_module._slides(cfg, [[model]], None, tmp_path / "run", {})
+    with caplog.at_level(logging.WARNING, logger="histoflow.deployment.slide_predict"):
+        slide_predict.predict_slides(cfg, [[model]], None, tmp_path / "run", {})
     said = [r.getMessage() for r in caplog.records if "not among the model's classes" in r.getMessage()]
     assert len(said) == 1 and "'tumour' (1 slides)" in said[0] and model.classes[0] not in said[0].split("(")[0]
     rows = read_csv(tmp_path / "run" / "slides.csv")

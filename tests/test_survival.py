@@ -27,12 +27,12 @@ from histoflow.common.errors import ConfigError
 from histoflow.data.folds import SplitConfig
 from histoflow.data.prepare import prepare_dataset
 from histoflow.data.targets import TargetTableError, TaskConfig, read_targets
+from histoflow.deployment.deploy import predict
 from histoflow.evaluation.regression import regression_intervals, regression_scores
 from histoflow.evaluation.survival import cindex_interval, harrell_c
 from histoflow.features import embeddings
 from histoflow.features.bag_targets import attach_targets, task_folds
 from histoflow.features.bags import BagDataModule, pad_bags, patient_bags
-from histoflow.inference.deploy import predict
 from histoflow.inference.fold_models import find_checkpoints
 from histoflow.inference.sweep_report import predict_config, write_image_report
 from histoflow.models import ABMIL, MaxPool, MeanPool, build_encoder

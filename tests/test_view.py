@@ -17,8 +17,8 @@ from view_run import CLASSES, HEIGHT, TILE, WIDTH, make_run, slide_pixels
 
 from histoflow.commands.view import hydra_arguments
 from histoflow.common.errors import ConfigError, MissingInputError
-from histoflow.inference.geojson import tiles_feature_collection, write_tiles_geojson
-from histoflow.inference.slide_map import SlideConfig
+from histoflow.deployment.geojson import tiles_feature_collection, write_tiles_geojson
+from histoflow.deployment.slide_map import SlideConfig
 from histoflow.slides.backend import open_slide
 from histoflow.viewer.deepzoom import DeepZoom
 from histoflow.viewer.run_folder import read_run

@@ -1,5 +1,5 @@
 """histoflow view opens the runs of bag heads, as they are written: a slide-bag multirun (its k-fold report and its
-held-out slides' attention maps) and its deployment on new slides (inference/cohort_predict.py: slides.csv with the
+held-out slides' attention maps) and its deployment on new slides (deployment/cohort_predict.py: slides.csv with the
 `output` column, patients.csv, slides/ and attention_maps/). The pages list the slides and offer the attention
 overlay, drawn from the run's own map. The deployment's table holds two slides of one file name and a name with dots,
 listed so that the patient bags take them in another order than the table: each slide's probability map, attention
@@ -19,7 +19,7 @@ from PIL import Image
 from test_cohort_predict import config, read, slide_cohort, sweep  # noqa: F401 (fixtures)
 from test_slide_bags import table_rows
 
-from histoflow.inference.deploy import predict
+from histoflow.deployment.deploy import predict
 from histoflow.inference.sweep_report import write_image_report
 from histoflow.viewer.overlays import colour
 from histoflow.viewer.run_folder import read_run

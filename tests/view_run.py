@@ -1,5 +1,5 @@
 """A small run for the viewer's tests: a synthetic pyramidal TIFF slide (tissue on its left half, glass on its right)
-and a prediction's output over it as inference/slide_map.py writes it, with a map whose tumour probability is high
+and a prediction's output over it as deployment/slide_map.py writes it, with a map whose tumour probability is high
 on the tissue's top half and low on its bottom half."""
 
 from __future__ import annotations

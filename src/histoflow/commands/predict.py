@@ -7,7 +7,7 @@
     histoflow predict ckpt_path=<slides_abmil multirun> slides=new.csv      # a bag model on a new cohort
 
 `python predict.py ...` at the checkout's root is the same command. Everything is in conf/predict.yaml; the work
-is done in histoflow.inference.deploy.predict.
+is done in histoflow.deployment.deploy.predict.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from histoflow.common.errors import report_errors
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
 @report_errors
 def main(cfg: DictConfig) -> None:
-    from histoflow.inference.deploy import (
+    from histoflow.deployment.deploy import (
         predict,  # torch and Lightning after the config: --help answers at once
     )
 

@@ -1,7 +1,7 @@
-"""Trained fold models put to use: whole images by patch votes, whole slides as maps, the k-fold image report, and
-bag models deployed on new cohorts (external validation where labels exist).
+"""Trained fold models and what a training sweep's k-fold report makes of them: the models loaded with their
+preprocessing, whole images by patch votes, each fold's held-out images predicted (a prediction run's frame, which
+deployment shares), the k-fold image, bag and survival/regression reports, attention maps, sweeps side by side.
 
-Modules: attention_maps, bag_heads, bag_predict, bag_report, cached_votes, cohort_predict, deploy, external_report,
-fold_models, geojson, heatmap, image_report, model_settings, predict, recipes, report_run, slide_map, slide_outputs,
-sweep_report, target_report, task_report, voting, window_inputs.
+Modules: attention_maps, bag_report, cached_votes, fold_models, heatmap, held_out, image_report, model_settings,
+recipes, report_run, sweep_report, target_report, task_report, voting, window_inputs.
 """

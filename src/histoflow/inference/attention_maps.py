@@ -1,5 +1,5 @@
 """Where a bag head looked: its attention over each held-out image or slide, in the format of the slide maps
-(inference/slide_map.py), and the tiles it attended to most and least (the report's gallery).
+(deployment/slide_map.py), and the tiles it attended to most and least (the report's gallery).
 
     <report>/attention_maps/<stem>.tiles.csv    x, y (level-0 tile origin), row, col (grid cell), attention (the
                                                 tile's weight in its bag, summed over a window's rotations),
@@ -32,8 +32,7 @@ from matplotlib.figure import Figure
 from histoflow.data.images import read_rgb
 from histoflow.evaluation.survival import risk_halves
 from histoflow.features.slide_features import slide_features_meta
-from histoflow.inference.heatmap import save_heatmap
-from histoflow.inference.predict import output_names
+from histoflow.inference.heatmap import output_names, save_heatmap
 from histoflow.slides.backend import open_slide
 from histoflow.slides.tiles import TileGeometry
 from histoflow.training.bag_outputs import ATTENTION, read_bag_predictions
@@ -144,7 +143,7 @@ def _by_source(tiles: Sequence[AttendedTile]) -> dict[str, list[AttendedTile]]:
 def write_attention_maps(runs: Sequence[Path], out: Path, names: Mapping[Path, str] | None = None) -> list[Path]:
     """A map of attention over every held-out image or slide of the runs in out/attention_maps/<name>.*; the PNGs.
     `names`: each source's outputs' name where the caller named them already (a deployment's slides.csv `output`:
-    a slide's probability and attention maps must share it); by default inference.predict.output_names in the
+    a slide's probability and attention maps must share it); by default inference.heatmap.output_names in the
     order the runs list their sources."""
     tiles, sources = attended_tiles(runs)
     largest: dict[str, float] = {}

@@ -1,9 +1,11 @@
-"""A class-probability heatmap over a slide thumbnail, as a PNG."""
+"""What a slide's maps share, whoever draws them (deployment/slide_map.py: class probabilities; attention_maps:
+a bag head's attention): the name of each slide's outputs, and the heatmap over its thumbnail, as a PNG."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -11,6 +13,24 @@ from matplotlib.figure import Figure
 from histoflow.slides.tiles import TileGeometry
 
 DPI = 120
+
+
+def output_names(paths: Sequence[Path]) -> dict[Path, str]:
+    """The name of each slide's outputs (slides/<name>.tiles.csv ..., slides.csv's `output`): its file's name without
+    suffix; in the order listed, a slide whose name an earlier slide took (a/s1.svs, b/s1.svs; or S1.svs and s1.svs,
+    one file on a disk blind to case) gets `-2` after it, `-3`..., the first that no other slide has as its own: a/s1,
+    b/s1, c/s1-2.svs are named s1, s1-3, s1-2. docs/prediction.md states the rule."""
+    own = {p.stem.casefold() for p in paths}
+    taken: set[str] = set()
+    names: dict[Path, str] = {}
+    for path in paths:
+        name, n = path.stem, 1
+        while name.casefold() in taken or (n > 1 and name.casefold() in own):
+            n += 1
+            name = f"{path.stem}-{n}"
+        taken.add(name.casefold())
+        names[path] = name
+    return names
 
 
 def save_heatmap(thumbnail: np.ndarray, probability: np.ndarray, geometry: TileGeometry, level0_size: tuple[int, int],

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, open_dict
 from histoflow.common.config import CONF_DIR
 from histoflow.common.errors import HistoflowError, message
 from histoflow.inference.bag_report import bag_runs, logged_maps, write_bag_report
+from histoflow.inference.held_out import predict
 from histoflow.inference.image_report import absent_warning
-from histoflow.inference.predict import predict
 from histoflow.inference.report_run import publish_report
 from histoflow.inference.target_report import task_headline
 from histoflow.inference.task_report import is_task_sweep, write_task_report

@@ -1,6 +1,7 @@
 """The report of survival or regression heads' rows at the level of the target (one row per patient, slide or image,
 task.key), per fold and pooled, with 95% intervals from resampling patients: the k-fold report's body
-(inference/task_report.py) and the external validation of new images or slides with targets (one fold, `external`).
+(inference/task_report.py), and the body of the external validation of new images or slides with targets (one fold,
+`external`: deployment/external_report.py).
 
     survival    Harrell's C-index (lifelines) per fold, mean ± sd, pooled; Kaplan-Meier curves of the predicted
                 low- and high-risk halves (cut at each fold's median risk) with the log-rank p, pooled and per fold.
@@ -11,15 +12,12 @@ task.key), per fold and pooled, with 95% intervals from resampling patients: the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
 
-from histoflow.common.errors import ConfigError
-from histoflow.data.targets import TaskConfig, read_targets
 from histoflow.evaluation.regression import METRICS, regression_intervals, regression_scores, scatter_figure
 from histoflow.evaluation.survival import cindex_interval, harrell_c, kaplan_meier_figure, risk_halves
 
@@ -148,44 +146,3 @@ def markdown(report: Mapping[str, Any]) -> str:
                                      "high or low targets"), ""]
     lines += [f"![{png}]({png})" for png in report["figures"]]
     return "\n".join(lines) + "\n"
-
-
-def external_task_report(rows: list[dict[str, Any]], task: str, out: Path, settings: Mapping[str, Any],
-                         resamples: int = 2000) -> dict[str, Any]:
-    """report.json, report.md and the figures of new bags with targets, scored as the k-fold report scores a fold:
-    rows (one per patient, slide or image) with name, patient, fold (`external`), risk or predicted (the fold
-    models' mean), time and event or target. Returns the report."""
-    body = (survival_report if task == "survival" else regression_report)(rows, out, resamples)
-    unit = str(settings.get("unit") or settings.get("bag_level") or "image")
-    report = {"task": task, "external": True, "unit": unit, "n": len(rows),
-              "patients": len({r["patient"] for r in rows}), "bag_level": settings.get("bag_level"), **body,
-              "settings": dict(settings)}
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "report.md").write_text(markdown(report).replace(f"# k-fold {task} report", f"# external {task} report")
-                                   + f"\nEvery {unit} of the new data scored by all {settings.get('models', '?')} fold "
-                                   "models together (their mean; the sd beside it in the predictions): the figures are "
-                                   "one external \"fold\", its interval over the new patients.\n")
-    return report
-
-
-def new_image_targets(rows: Sequence[Mapping[str, Any]], table: str, task: TaskConfig, root: Path | None,
-                      groups: Sequence[str | None]) -> list[dict[str, Any]]:
-    """predict's rows of new images joined to their targets (predict's `targets=`: a CSV image,<the checkpoint's
-    task columns>, paths relative to the images folder), in external_task_report's form; an image without a row is
-    a ConfigError naming it."""
-    targets = read_targets(table, TaskConfig(**{**vars(task), "key": "image"}))
-    value = "risk" if task.name == "survival" else "value"
-    out = []
-    for r, group in zip(rows, groups):
-        path = Path(r["image"])
-        rel = path.absolute().relative_to(root.absolute()).as_posix() if root else str(path)
-        target = targets.get(rel, targets.get(str(path)))
-        if target is None:
-            raise ConfigError(f"targets={table}: no row for image {rel}. Fix: give every new image a row (image, "
-                              f"{', '.join(task.columns)}), or leave targets=null (predictions only)")
-        row = {"name": str(path), "patient": group or str(path), "fold": "external", "bags": 1,
-               ("risk" if task.name == "survival" else "predicted"): float(r[value])}
-        row.update(dict(zip(("time", "event") if task.name == "survival" else ("target",), map(float, target))))
-        out.append(row)
-    return out
-

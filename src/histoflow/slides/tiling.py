@@ -4,7 +4,7 @@ the same way for embedding, training and prediction unless a key says otherwise 
 
 Each command reads its `slide` section into a dataclass that adds, to these keys, only its own keys of pace and
 display (batch_size, num_workers, progress; predict's device and heatmap_class):
-features.cohort_job.CohortSlideConfig and inference.slide_map.SlideConfig.
+features.cohort_job.CohortSlideConfig and deployment.slide_map.SlideConfig.
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 """What a run wrote, found where it wrote it, for the viewer: nothing is recomputed.
 
     a prediction's output   <folder>/slides.csv, <folder>/slides/<stem>.{tiles.csv,map.npy,heatmap.png,json}
-                            (inference/slide_map.py, inference/predict.py)
+                            (deployment/slide_map.py, deployment/slide_predict.py)
     a multirun              <folder>/image_report/report.md (+ .json, PNGs) and its held-out slides' attention maps,
                             <folder>/image_report/attention_maps/<stem>.{tiles.csv,map.npy,json}
                             (inference/image_report.py, inference/attention_maps.py)
     a report folder itself  <folder>/report.md (and attention_maps/)
     a bag model's deployment  both: slides.csv, slides/<stem>.* (each tile's probabilities) and attention_maps/
-                            (inference/cohort_predict.py), report.md where the new slides carried labels
+                            (deployment/cohort_predict.py), report.md where the new slides carried labels
 
-A slide's maps are joined by their stem (both writers name outputs with inference.predict.output_names). A slide
+A slide's maps are joined by their stem (both writers name outputs with inference.heatmap.output_names). A slide
 file that is no longer where the run read it is looked for under `view.slides_root`.
 """
 
@@ -25,8 +25,8 @@ import numpy as np
 
 from histoflow.common.errors import MissingInputError
 from histoflow.inference.attention_maps import MAPS
-from histoflow.inference.predict import SLIDE_SUFFIXES
 from histoflow.inference.sweep_report import REPORT_DIR
+from histoflow.slides.backend import SLIDE_SUFFIXES
 
 EXPECTED = (f"a prediction's output (slides.csv and slides/<stem>.json from `histoflow predict slides=...`), a "
             f"multirun ({REPORT_DIR}/report.md, {REPORT_DIR}/{MAPS}/) or a report folder (report.md)")

@@ -7,7 +7,7 @@
     slides/<name>.dzi                    the DZI description (for other deep-zoom clients)
     slides/<name>_files/<L>/<c>_<r>.jpeg its deep-zoom tiles
     slides/<name>.<overlay>.png          an overlay: prob_<class> or attention, one pixel per tile
-    slides/<name>.geojson                its tiles for QuPath (inference/geojson.py)
+    slides/<name>.geojson                its tiles for QuPath (deployment/geojson.py)
     static/...                           OpenSeadragon (its licence in static/openseadragon/LICENSE.txt), scripts
 
 Nothing else is served: report files only from the report's folder, never from above it.
@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from histoflow.inference.geojson import tiles_feature_collection
+from histoflow.deployment.geojson import tiles_feature_collection
 from histoflow.slides.backend import DEFAULT_BACKEND, open_slide
 from histoflow.viewer.deepzoom import DeepZoom
 from histoflow.viewer.overlays import overlay_png, overlays, slide_data, slide_script

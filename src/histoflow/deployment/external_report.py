@@ -8,6 +8,10 @@ Labels: an image's folder names its class (`new/CLL/a.tif`). Where no image's fo
 model, the images carry no labels: predictions only. Where some are, every folder must be: a folder named like no
 class is an error naming it. Patients: `groups=<table image,group>` (paths relative to the images folder, as
 data.groups); without it each image is its own patient, and the report says so.
+
+Survival and regression heads (task=survival|regression): new bags with targets (a cohort's table, or predict's
+`targets=` for new images) scored as the k-fold report scores a fold (inference/target_report.py): C-index,
+Kaplan-Meier and log-rank; MAE, R², r; the one fold `external`, its interval over the new patients.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from typing import Any, Mapping, Sequence
 from histoflow.common.errors import ConfigError
 from histoflow.data.problems import Problem
 from histoflow.data.sources import read_groups
+from histoflow.data.targets import TaskConfig, read_targets
 from histoflow.inference.image_report import fold_report
+from histoflow.inference.target_report import markdown, regression_report, survival_report
 
 log = logging.getLogger(__name__)
 EXTERNAL = "external"  # the one "fold" of the rows: every image predicted by every fold model
@@ -103,3 +109,43 @@ def external_report(rows: list[dict[str, Any]], paths: Sequence[Path], labels: S
         r.update(label=label, group=group if group is not None else "", fold=EXTERNAL,
                  correct=r["predicted"] == label)
     return external_validation(rows, classes, out, settings, problems)
+
+
+def external_task_report(rows: list[dict[str, Any]], task: str, out: Path, settings: Mapping[str, Any],
+                         resamples: int = 2000) -> dict[str, Any]:
+    """report.json, report.md and the figures of new bags with targets, scored as the k-fold report scores a fold:
+    rows (one per patient, slide or image) with name, patient, fold (`external`), risk or predicted (the fold
+    models' mean), time and event or target. Returns the report."""
+    body = (survival_report if task == "survival" else regression_report)(rows, out, resamples)
+    unit = str(settings.get("unit") or settings.get("bag_level") or "image")
+    report = {"task": task, "external": True, "unit": unit, "n": len(rows),
+              "patients": len({r["patient"] for r in rows}), "bag_level": settings.get("bag_level"), **body,
+              "settings": dict(settings)}
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "report.md").write_text(markdown(report).replace(f"# k-fold {task} report", f"# external {task} report")
+                                   + f"\nEvery {unit} of the new data scored by all {settings.get('models', '?')} fold "
+                                   "models together (their mean; the sd beside it in the predictions): the figures are "
+                                   "one external \"fold\", its interval over the new patients.\n")
+    return report
+
+
+def new_image_targets(rows: Sequence[Mapping[str, Any]], table: str, task: TaskConfig, root: Path | None,
+                      groups: Sequence[str | None]) -> list[dict[str, Any]]:
+    """predict's rows of new images joined to their targets (predict's `targets=`: a CSV image,<the checkpoint's
+    task columns>, paths relative to the images folder), in external_task_report's form; an image without a row is
+    a ConfigError naming it."""
+    targets = read_targets(table, TaskConfig(**{**vars(task), "key": "image"}))
+    value = "risk" if task.name == "survival" else "value"
+    out = []
+    for r, group in zip(rows, groups):
+        path = Path(r["image"])
+        rel = path.absolute().relative_to(root.absolute()).as_posix() if root else str(path)
+        target = targets.get(rel, targets.get(str(path)))
+        if target is None:
+            raise ConfigError(f"targets={table}: no row for image {rel}. Fix: give every new image a row (image, "
+                              f"{', '.join(task.columns)}), or leave targets=null (predictions only)")
+        row = {"name": str(path), "patient": group or str(path), "fold": "external", "bags": 1,
+               ("risk" if task.name == "survival" else "predicted"): float(r[value])}
+        row.update(dict(zip(("time", "event") if task.name == "survival" else ("target",), map(float, target))))
+        out.append(row)
+    return out

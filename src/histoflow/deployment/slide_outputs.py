@@ -5,11 +5,11 @@
                                       maps and the gallery of new slides as it draws the k-fold report's
     <out>/slides/<stem>.tiles.csv     x, y (level-0 tile origin), row, col, predicted, prob_<class>: each tile's own
                                       class probabilities (the head's verdict on the tile alone, fold models' mean)
-    <out>/slides/<stem>.map.npy       float32 (rows, cols, classes) of those, NaN without a tile (inference/slide_map's
+    <out>/slides/<stem>.map.npy       float32 (rows, cols, classes) of those, NaN without a tile (deployment/slide_map's
                                       format: the viewer's probability overlay)
     <out>/slides/<stem>.json          geometry, classes, tiles, the slide's bag and its probabilities
     <out>/slides/<stem>.geojson       slide.export=[geojson]: the tiles as QuPath objects with prob_<class> and
-                                      attention as measurements (inference/geojson.py)
+                                      attention as measurements (deployment/geojson.py)
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from histoflow.common.files import atomic_path
+from histoflow.deployment.bag_heads import FoldPredictions
+from histoflow.deployment.geojson import tiles_feature_collection
 from histoflow.features.bags import Bag
 from histoflow.features.slide_features import slide_features_meta
 from histoflow.inference.attention_maps import MAPS
-from histoflow.inference.bag_heads import FoldPredictions
-from histoflow.inference.geojson import tiles_feature_collection
-from histoflow.inference.predict import output_names
+from histoflow.inference.heatmap import output_names
 from histoflow.slides.tiles import TileGeometry
 from histoflow.training.bag_outputs import ATTENTION, PREDICTIONS, RECORD
 
@@ -57,7 +57,7 @@ def write_slide_outputs(out: Path, bags: Sequence[Bag], pred: FoldPredictions,
                         classes: Sequence[str], geojson: bool, names: Mapping[Path, str] | None = None) -> list[Path]:
     """Each slide's tile probabilities (CSV, map, JSON) in out/slides/<name>.* and, geojson: its QuPath objects with
     the attention map's measurements beside; the JSON paths. `names`: each slide's outputs' name (slides.csv's
-    `output`, the attention maps' names); by default inference.predict.output_names in `found`'s order."""
+    `output`, the attention maps' names); by default inference.heatmap.output_names in `found`'s order."""
     folder = out / "slides"
     folder.mkdir(parents=True, exist_ok=True)
     names = names if names is not None else output_names([Path(s) for s in found])

@@ -2,7 +2,7 @@
 in level-0 pixels, its predicted class as the classification, its class probabilities and attention as measurements.
 
 QuPath reads `properties.objectType` ("tile", "detection" or "annotation"), `properties.classification.name` and
-`properties.measurements` (a name -> number dict). Written from the tiles CSVs a run left (inference/slide_map.py's
+`properties.measurements` (a name -> number dict). Written from the tiles CSVs a run left (deployment/slide_map.py's
 probabilities, inference/attention_maps.py's attention): nothing is recomputed.
 """
 

@@ -18,7 +18,7 @@ fold's head on each bag (a slide, or a patient's slides pooled as in training), 
     <out>/slides/<stem>.tiles.csv, .map.npy, .json    each tile's own class probabilities (the fold models' mean),
                                 the viewer's probability overlay; .geojson with slide.export=[geojson]: QuPath objects
     <out>/report.md, report.json, ...   where the table has a label column: the external validation
-                                (inference/external_report.py)
+                                (deployment/external_report.py)
 
 A survival or regression head (task=survival|regression in its checkpoint) gives instead a `risk` or `value` per
 slide and patient (the fold models' mean, `risk_sd` their sd, `risk_fold<k>` each fold model's; no tile verdicts,
@@ -45,6 +45,10 @@ from histoflow.common.config import to_builtin
 from histoflow.common.errors import ConfigError, MissingInputError
 from histoflow.common.files import atomic_path
 from histoflow.data.problems import Problem
+from histoflow.deployment.bag_heads import FoldPredictions, fold_columns, predict_bags
+from histoflow.deployment.external_report import EXTERNAL, external_task_report, external_validation
+from histoflow.deployment.predict import files_matching
+from histoflow.deployment.slide_outputs import write_bag_folder, write_slide_outputs
 from histoflow.features.bags import Bag
 from histoflow.features.cohort import embed_cohort, prepare_job
 from histoflow.features.cohort_job import ENCODER_SIDE
@@ -56,15 +60,12 @@ from histoflow.inference.attention_maps import (
     attention_gallery,
     write_attention_maps,
 )
-from histoflow.inference.bag_heads import FoldPredictions, fold_columns, predict_bags
-from histoflow.inference.external_report import EXTERNAL, external_validation
 from histoflow.inference.fold_models import BagHeadModel, is_slide_bag_checkpoint, load_bag_heads
+from histoflow.inference.heatmap import output_names
 from histoflow.inference.image_report import write_csv
 from histoflow.inference.model_settings import check_settings, model_encoder, model_tiling, refuse_slide_changes
-from histoflow.inference.predict import SLIDE_SUFFIXES, files_matching, output_names
-from histoflow.inference.slide_outputs import write_bag_folder, write_slide_outputs
-from histoflow.inference.target_report import external_task_report
 from histoflow.inference.voting import prediction_columns, value_columns
+from histoflow.slides.backend import SLIDE_SUFFIXES
 
 log = logging.getLogger(__name__)
 UNLABELLED = "unlabelled"  # the label column of cohort.csv where the new slides carry none
