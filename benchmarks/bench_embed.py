@@ -4,11 +4,12 @@
                                      [--device auto|cpu|cuda] [--json FILE] [--check] [OVERRIDE ...]
 
 On the real lymphoma patches with experiment=lymphoma_frozen_squeezenet (ImageNet SqueezeNet 1.1 features of
-../shared/weights, 32-px crops upsampled to 64 px, a linear head), prints
+../shared/weights, 128-px windows at 224 px, a linear head), prints
 (a) the encoder's pure forward rate (patches/s) on N prepared patches, transformed and held in memory;
-(b) the embedding of the same N patches, written as --shards shards (default 8), as histoflow.features.embeddings
-    embeds prepared shards (read and decoded by the data config's loader workers, transform, forward, write
-    atomically), patches/s; floor (b) >= 0.8 (a): reading and writing cost little beside the encoder;
+(b) the embedding of the same N patches, written as up to --shards shards (default 8) of whole batches, as
+    histoflow.features.embeddings embeds prepared shards (read and decoded by the data config's loader workers,
+    transform, forward, write atomically), patches/s; floor (b) >= 0.8 (a): reading and writing cost little
+    beside the encoder;
 (c) the wall time of `python train.py -m experiment=... fold=1,2,3,4,5` on the cached embeddings (every job's
     head, checkpoints, CSV logs and the fold summary; the k-fold image report, which runs encoder + head on every
     image again, timed apart as (d)); floor (c) < 120 s on the project's 2-core CPU.
@@ -132,7 +133,9 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="bench-embed-shards-"))
     urls = [{"url": str(prepared.path / "shards" / shard["file"])} for shard in prepared.record["shards"]]
     samples = list(islice(tar_samples(urls), args.patches))
-    n, per_shard = len(samples), math.ceil(len(samples) / args.shards)
+    # whole batches in every shard, as in (a): a shard's last batch is short, and short batches time otherwise
+    n = len(samples)
+    per_shard = batch * math.ceil(n / batch / args.shards)
     sources = [scratch / f"patches-{i:02d}.tar" for i in range(math.ceil(n / per_shard))]
     for i, source in enumerate(sources):  # as prepare writes them: several shards, which loader workers share
         with atomic_shard(source) as tar:
