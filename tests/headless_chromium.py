@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -121,18 +124,29 @@ def open_page(url: str, ready: str, values: dict[str, str] | None = None, size: 
     twice in a row), evaluate `values`, take a screenshot; then each of `steps` (PageResult.steps)."""
     if CHROMIUM is None:
         raise RuntimeError(MISSING)
-    with tempfile.TemporaryDirectory(prefix="histoflow-chromium-") as profile:
+    # Chromium's helper processes may still write the profile as the browser ends: its process group is ended
+    # whole, and a file they leave behind does not fail the test
+    with tempfile.TemporaryDirectory(prefix="histoflow-chromium-", ignore_cleanup_errors=True) as profile:
         process = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                                     "--no-first-run", "--remote-debugging-port=0", f"--user-data-dir={profile}",
                                     f"--window-size={size[0]},{size[1]}", "about:blank"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         try:
             port = _devtools_port(Path(profile), process)
             return asyncio.run(_session(port, url, ready, values or {}, size, timeout, steps))
         finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            _end_group(process)
+
+
+def _end_group(process: subprocess.Popen) -> None:
+    """The browser asked to end (killed after 10 s), then every helper process it started (its session's process
+    group) killed."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

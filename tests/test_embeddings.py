@@ -192,6 +192,20 @@ def two_folds(overrides: list[str], sweep: Path) -> Path:
     return sweep
 
 
+def test_a_run_that_embeds_ends_where_one_that_finds_the_embeddings_ends(images: Path, tmp_path: Path) -> None:
+    """The first run (which prepares the data and embeds them, building the encoder with random weights before its
+    file's are loaded) and a second one (which finds both cached) train the same head: a figure does not depend on
+    whether the cache was there."""
+    overrides = [*head_overrides(images, tmp_path, with_weights(tmp_path, 0)["weights"]), "trainer.max_epochs=2",
+                 "fold=1"]
+    ends = []
+    for run in ("embeds", "finds"):
+        metrics = train(compose_train(overrides, tmp_path / run))
+        ends.append(torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"])
+    assert ends[0].keys() == ends[1].keys()
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+
+
 @pytest.fixture(scope="module")
 def head_sweep(images: Path, tmp_path_factory: pytest.TempPathFactory, leave_no_trace_module: None) -> Path:
     """Two folds of a linear head on frozen (random, seeded) SqueezeNet features, as a multirun's job folders."""

@@ -103,6 +103,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                          embed=Embedder(encoder) if encoder else None, **extra)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    # again: making the data draws random numbers (a frozen encoder's initial weights, before its file's are loaded),
+    # finding them cached draws none; the net, its loaders and its training start from the seed either way
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     classify = task.name == "classification"
     net = build_net(cfg.model, datamodule.num_classes if classify else task.outputs, datamodule.input_size,
                     datamodule.feature_dim)
