@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import tifffile
-from PIL import Image
+
+from histoflow.testing.cohort_fixture import write_slide_tiff
 
 WIDTH, HEIGHT, TILE = 2048, 1536, 256
 TISSUE = np.array([214, 120, 170])  # H&E-like pink
@@ -24,17 +24,6 @@ def slide_pixels() -> np.ndarray:
     texture = rng.integers(-12, 13, (HEIGHT, WIDTH // 2, 3))
     image[:, : WIDTH // 2] = np.clip(TISSUE + texture, 0, 255)
     return image
-
-
-def write_pyramid(path: Path, base: np.ndarray) -> Path:
-    """A tiled TIFF with two reduced levels in SubIFDs (as tifffile, QuPath and OME-TIFF write them)."""
-    levels = [base] + [np.asarray(Image.fromarray(base).reduce(f)) for f in (2, 4)]
-    common = {"photometric": "rgb", "compression": "zlib", "tile": (256, 256)}
-    with tifffile.TiffWriter(path) as tif:
-        tif.write(levels[0], subifds=2, resolution=(40000, 40000), resolutionunit="CENTIMETER", **common)
-        for level in levels[1:]:
-            tif.write(level, subfiletype=1, **common)
-    return path
 
 
 def tumour_probability() -> np.ndarray:
@@ -80,5 +69,5 @@ def write_prediction(folder: Path, slide: Path) -> Path:
 def make_run(root: Path) -> tuple[Path, Path]:
     """(the run folder, its slide) under `root`."""
     (root / "slides_in").mkdir(parents=True)
-    slide = write_pyramid(root / "slides_in" / "synthetic.tif", slide_pixels())
+    slide = write_slide_tiff(root / "slides_in" / "synthetic.tif", slide_pixels(), mpp=0.25, compression="zlib")
     return write_prediction(root / "run", slide), slide

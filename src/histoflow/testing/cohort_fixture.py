@@ -30,9 +30,11 @@ STORED_TILE = 256  # px of the stored JPEG tiles
 CANDIDATES = 24  # random region places weighed per slide; the one with most tissue among a seeded few is taken
 
 
-def write_slide_tiff(path: str | os.PathLike[str], image: np.ndarray, mpp: float | None, quality: int = 90) -> Path:
-    """An (H, W, 3) uint8 image as a JPEG-tiled pyramidal BigTIFF: level 0 and SubIFDs halving down to one tile,
-    `mpp` microns per pixel in the resolution tags (none when None). Written to a temporary name, then renamed."""
+def write_slide_tiff(path: str | os.PathLike[str], image: np.ndarray, mpp: float | None, quality: int = 90,
+                     compression: str = "jpeg") -> Path:
+    """An (H, W, 3) uint8 image as a tiled pyramidal BigTIFF: level 0 and SubIFDs halving down to one tile, `mpp`
+    microns per pixel in the resolution tags (none when None); JPEG tiles at `quality`, or lossless ones
+    (compression="zlib"). Written to a temporary name, then renamed."""
     path = Path(path)
     levels = [np.ascontiguousarray(image)]
     while max(levels[-1].shape[:2]) > STORED_TILE:
@@ -40,8 +42,8 @@ def write_slide_tiff(path: str | os.PathLike[str], image: np.ndarray, mpp: float
         cut = levels[-1][:h // 2 * 2, :w // 2 * 2].astype(np.float32)
         levels.append(((cut[0::2, 0::2] + cut[1::2, 0::2] + cut[0::2, 1::2] + cut[1::2, 1::2]) / 4 + 0.5)
                       .astype(np.uint8))
-    common = {"tile": (STORED_TILE, STORED_TILE), "photometric": "rgb", "compression": "jpeg",
-              "compressionargs": {"level": quality}}
+    common = {"tile": (STORED_TILE, STORED_TILE), "photometric": "rgb", "compression": compression,
+              "compressionargs": {"level": quality} if compression == "jpeg" else None}
     resolution = {} if mpp is None else {"resolution": (10_000 / mpp, 10_000 / mpp), "resolutionunit": "CENTIMETER"}
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
         tif.write(levels[0], subifds=len(levels) - 1, **resolution, **common)
