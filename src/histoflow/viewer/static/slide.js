@@ -9,7 +9,8 @@
   var width = Number(image.Size.Width);
   var viewer = OpenSeadragon({
     id: "viewer", prefixUrl: "../static/openseadragon/images/", drawer: "canvas", tileSources: {Image: image},
-    showNavigator: true, imageSmoothingEnabled: false, animationTime: 0.3, crossOriginPolicy: false,
+    showNavigator: true, navigatorOpacity: 1,  // opaque: the view behind it does not show through the slide
+    imageSmoothingEnabled: false, animationTime: 0.3, crossOriginPolicy: false,
   });
   var select = document.getElementById("overlay"), opacity = document.getElementById("opacity");
   var readout = document.getElementById("readout"), shown = null, slideItem = null, adding = false;
