@@ -137,6 +137,20 @@ def test_an_interrupted_embedding_resumes_without_duplicates(images: Path, tmp_p
     assert len(keys) == len(set(keys)) == prepared.record["samples"]
 
 
+def test_shard_batches_mark_each_shards_last_batch(tmp_path: Path) -> None:
+    """Whole batches, then the rest; the last one marked, also when it is full; an empty shard gives one empty batch."""
+    shards = []
+    for name, count in (("full.tar", 24), ("empty.tar", 0), ("rest.tar", 20)):
+        with embeddings.atomic_shard(tmp_path / name) as tar:
+            for i in range(count):
+                embeddings.add_sample(tar, f"{name[:-4]}-{i}", i % 3, np.full((4, 4, 3), i, np.uint8))
+        shards.append(tmp_path / name)
+    got = [(index, len(keys), len(patches), last)
+           for index, keys, _, patches, last in embeddings.ShardBatches(shards, batch_size=8)]
+    assert got == [(0, 8, 8, False), (0, 8, 8, False), (0, 8, 8, True), (1, 0, 0, True),
+                   (2, 8, 8, False), (2, 8, 8, False), (2, 4, 4, True)]
+
+
 def test_a_run_stopped_mid_shard_leaves_whole_shards_only(images: Path, tmp_path: Path) -> None:
     """Stopped while two workers' shards are half written: both temporary files go, the shards written stay whole,
     and an empty patch shard gives an empty feature shard."""

@@ -162,26 +162,30 @@ class ShardBatches(IterableDataset):
             yield from self._batches(index)
 
     def _batches(self, index: int) -> Iterator[ShardBatch]:
-        batch: list[dict] = []
-        ready: ShardBatch | None = None  # held back one batch, to know which one is last
-        for sample in tar_samples([{"url": self.shards[index]}]):
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                if ready is not None:
-                    yield ready
-                ready, batch = _decoded(index, batch, last=False), []
-        if batch:
-            if ready is not None:
-                yield ready
-            ready = _decoded(index, batch, last=False)
-        yield (index, [], [], torch.empty(0, dtype=torch.uint8), True) if ready is None else (*ready[:4], True)
+        batches = _chunks(tar_samples([{"url": self.shards[index]}]), self.batch_size)
+        batch = next(batches, [])
+        for following in batches:  # one held back, to know which is last
+            yield _decoded(index, batch, last=False)
+            batch = following
+        yield _decoded(index, batch, last=True)
 
 
 ShardBatch = tuple[int, list[str], list[int], torch.Tensor, bool]
 
 
+def _chunks(items: Iterator[T], size: int) -> Iterator[list[T]]:
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def _decoded(index: int, batch: list[dict], last: bool) -> ShardBatch:
-    patches = torch.from_numpy(stack_npy([s["npy"] for s in batch]))
+    patches = torch.from_numpy(stack_npy([s["npy"] for s in batch])) if batch else torch.empty(0, dtype=torch.uint8)
     return index, [s["__key__"] for s in batch], [int(s["cls"]) for s in batch], patches, last
 
 
