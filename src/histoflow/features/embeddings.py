@@ -243,11 +243,8 @@ def embed_shards(shards: Sequence[tuple[Path, Path]], encoder: torch.nn.Module, 
     """
     gpu = device.type == "cuda"
     workers = min(workers, len(shards))
-    # a generator of its own: a loader draws its workers' base seed when iterated, and from the global generator
-    # that would shift a seeded training by whether its embeddings were cached
     loader = DataLoader(ShardBatches([src for src, _ in shards], batch_size), batch_size=None, collate_fn=as_made,
-                        num_workers=workers, pin_memory=gpu, prefetch_factor=2 if workers else None,
-                        generator=torch.Generator())
+                        num_workers=workers, pin_memory=gpu, prefetch_factor=2 if workers else None)
     with ShardWriters([dst for _, dst in shards], done) as writers:
         pending = None
         for index, keys, classes, patches, last in prefetched(iter(loader)):
